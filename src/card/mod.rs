@@ -1,0 +1,318 @@
+//! The card side of cardbridge, free of I/O: ATR parsing, BER-TLV, the PIV and GIDS applets,
+//! certificate details, and [`read_card`], which turns a [`Transport`] into a [`Card`] snapshot.
+//!
+//! A card is untrusted input. Everything here works on bounded byte slices and returns a typed
+//! [`ReadError`] for anything unexpected; nothing panics on card bytes.
+
+pub mod apdu;
+pub mod atr;
+pub mod cert;
+pub mod compress;
+pub mod gids;
+pub mod names;
+pub mod piv;
+pub mod tlv;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use thiserror::Error;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+pub use apdu::{Channel, Transport, TransportError};
+pub use atr::AtrInfo;
+pub use cert::CertificateInfo;
+
+/// Why a card could not be read. Each variant has a stable [`code`](ReadError::code) for the
+/// JSON output and for metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("the card answered {sw:04X} ({}) to {command}", apdu::describe_sw(*sw))]
+    Status { command: &'static str, sw: u16 },
+    #[error("malformed card data: {0}")]
+    Malformed(String),
+    #[error("an object on the card is larger than the {limit}-byte limit")]
+    TooLarge { limit: usize },
+    #[error("the card did not finish answering before the read deadline")]
+    Deadline,
+}
+
+impl ReadError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            ReadError::Transport(TransportError::CardRemoved) => "card_removed",
+            ReadError::Transport(TransportError::ServiceUnavailable(_)) => "pcsc_unavailable",
+            ReadError::Transport(TransportError::Failed(_)) => "reader_error",
+            ReadError::Status { .. } => "unexpected_status",
+            ReadError::Malformed(_) => "malformed",
+            ReadError::TooLarge { .. } => "too_large",
+            ReadError::Deadline => "timeout",
+        }
+    }
+}
+
+/// The error part of a [`Card`] that failed to read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CardError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl From<&ReadError> for CardError {
+    fn from(e: &ReadError) -> Self {
+        CardError {
+            code: e.code(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Which applet answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CardKind {
+    Piv,
+    Gids,
+    Unknown,
+}
+
+/// A snapshot of one card, exactly as `scan --json`, the API and events show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Card {
+    pub reader: String,
+    pub atr: String,
+    pub atr_info: AtrInfo,
+    pub kind: CardKind,
+    /// Hex of the 16-byte minidriver card identifier (PIV CHUID GUID, GIDS `cardid`).
+    pub card_id: Option<String>,
+    /// The same 16 bytes as a GUID string, in RFC 4122 byte order.
+    pub card_guid: Option<String>,
+    /// Vendor serial number when the card exposes one (YubiKey), decimal.
+    pub serial_number: Option<String>,
+    pub piv: Option<piv::PivDetails>,
+    pub gids: Option<gids::GidsDetails>,
+    pub certificates: Vec<CertificateInfo>,
+    pub read_at: String,
+    pub read_ms: u64,
+    pub apdu_count: u32,
+    /// Set when the read failed; the applet details and certificates are then left empty,
+    /// because a partial read must never pass for the card's content.
+    pub error: Option<CardError>,
+}
+
+impl Card {
+    /// A card entry for a reader whose card could not even be connected to.
+    pub fn failed(reader: &str, atr: &[u8], error: &ReadError) -> Card {
+        let mut card = Card::empty(reader, atr);
+        card.error = Some(error.into());
+        card
+    }
+
+    fn empty(reader: &str, atr: &[u8]) -> Card {
+        Card {
+            reader: reader.to_string(),
+            atr: hex::encode_upper(atr),
+            atr_info: atr::parse(atr),
+            kind: CardKind::Unknown,
+            card_id: None,
+            card_guid: None,
+            serial_number: None,
+            piv: None,
+            gids: None,
+            certificates: Vec::new(),
+            read_at: now_rfc3339(),
+            read_ms: 0,
+            apdu_count: 0,
+            error: None,
+        }
+    }
+}
+
+/// How to read a card.
+#[derive(Debug, Clone)]
+pub struct ReadOptions {
+    /// The whole read must finish within this time, or it fails with `timeout`.
+    pub timeout: Duration,
+    /// Whether the reader accepts extended-length APDUs; they are used only when the ATR
+    /// announces them too.
+    pub reader_extended_length: bool,
+    /// Where to look up card names; `None` disables the lookup.
+    pub smartcard_list: Option<PathBuf>,
+}
+
+impl Default for ReadOptions {
+    fn default() -> Self {
+        ReadOptions {
+            timeout: Duration::from_secs(10),
+            reader_extended_length: true,
+            smartcard_list: Some(PathBuf::from(names::SYSTEM_LIST)),
+        }
+    }
+}
+
+/// What an applet reader found: the parts of [`Card`] that depend on the applet.
+#[derive(Debug, Default)]
+pub struct AppletData {
+    pub card_id: Option<[u8; 16]>,
+    pub serial_number: Option<String>,
+    pub certificates: Vec<CertificateInfo>,
+}
+
+/// Reads the card behind `transport`: identifies the applet (PIV, then GIDS, or GIDS first when
+/// the ATR names it) and reads its identity and certificates. Never fails: errors are recorded
+/// in the returned card.
+pub fn read_card(
+    transport: &mut dyn Transport,
+    reader: &str,
+    atr: &[u8],
+    options: &ReadOptions,
+) -> Card {
+    let started = Instant::now();
+    let mut card = Card::empty(reader, atr);
+    if let Some(list) = &options.smartcard_list {
+        card.atr_info.name = names::lookup(list, atr);
+    }
+    let extended = card.atr_info.extended_length && options.reader_extended_length;
+    let mut channel = Channel::new(transport, extended, started + options.timeout);
+    let gids_first = card
+        .atr_info
+        .application_id
+        .as_deref()
+        .is_some_and(|aid| aid.starts_with(gids::AID_HEX));
+
+    let result = identify_and_read(&mut channel, &mut card, gids_first);
+    card.apdu_count = channel.apdu_count();
+    match result {
+        Ok(data) => {
+            card.card_id = data.card_id.map(hex::encode_upper);
+            card.card_guid = data.card_id.map(|id| guid_string(&id));
+            card.serial_number = data.serial_number;
+            card.certificates = data.certificates;
+        }
+        Err(e) => {
+            card.piv = None;
+            card.gids = None;
+            card.error = Some((&e).into());
+        }
+    }
+    card.read_ms = started.elapsed().as_millis() as u64;
+    card
+}
+
+fn identify_and_read(
+    channel: &mut Channel<'_>,
+    card: &mut Card,
+    gids_first: bool,
+) -> Result<AppletData, ReadError> {
+    for kind in if gids_first {
+        [CardKind::Gids, CardKind::Piv]
+    } else {
+        [CardKind::Piv, CardKind::Gids]
+    } {
+        match kind {
+            CardKind::Piv if piv::select(channel)? => {
+                card.kind = CardKind::Piv;
+                let (details, data) = piv::read(channel)?;
+                card.piv = Some(details);
+                return Ok(data);
+            }
+            CardKind::Gids => {
+                if let Some(version) = gids::select(channel)? {
+                    card.kind = CardKind::Gids;
+                    let (details, data) = gids::read(channel, version)?;
+                    card.gids = Some(details);
+                    return Ok(data);
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(AppletData::default())
+}
+
+/// Formats 16 bytes as a GUID string in RFC 4122 (big-endian) order, lower case like MIM CM.
+pub fn guid_string(bytes: &[u8; 16]) -> String {
+    let h = hex::encode(bytes);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+fn now_rfc3339() -> String {
+    OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_default()
+}
+
+/// A [`Transport`] that replays recorded responses, for the protocol unit tests.
+#[cfg(test)]
+pub(crate) mod replay {
+    use super::{Transport, TransportError};
+    use std::collections::HashMap;
+
+    /// Answers each command from a table (command hex → response hex); unknown commands get
+    /// `6D00`. Records what was sent.
+    pub struct Replay {
+        pub answers: HashMap<Vec<u8>, Vec<u8>>,
+        pub sent: Vec<Vec<u8>>,
+    }
+
+    impl Replay {
+        pub fn new<S: AsRef<str>>(pairs: &[(S, Vec<u8>)]) -> Self {
+            Replay {
+                answers: pairs
+                    .iter()
+                    .map(|(c, r)| (hex::decode(c.as_ref().replace(' ', "")).unwrap(), r.clone()))
+                    .collect(),
+                sent: Vec::new(),
+            }
+        }
+    }
+
+    impl Transport for Replay {
+        fn transmit(&mut self, command: &[u8]) -> Result<Vec<u8>, TransportError> {
+            self.sent.push(command.to_vec());
+            Ok(self
+                .answers
+                .get(command)
+                .cloned()
+                .unwrap_or_else(|| vec![0x6D, 0x00]))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guid_string_is_rfc4122_order() {
+        let bytes = [
+            0xd1, 0xef, 0x68, 0x69, 0x55, 0x17, 0x42, 0xa0, 0x8f, 0x05, 0x16, 0xca, 0x1a, 0x0b,
+            0x83, 0x4d,
+        ];
+        assert_eq!(guid_string(&bytes), "d1ef6869-5517-42a0-8f05-16ca1a0b834d");
+    }
+
+    #[test]
+    fn a_card_with_neither_applet_is_unknown_and_not_an_error() {
+        let mut t = replay::Replay::new::<&str>(&[]);
+        let options = ReadOptions {
+            smartcard_list: None,
+            ..ReadOptions::default()
+        };
+        let card = read_card(&mut t, "r", &[0x3B, 0x02, 0x14, 0x50], &options);
+        assert_eq!(card.kind, CardKind::Unknown);
+        assert_eq!(card.error, None);
+        assert_eq!(card.apdu_count, 2);
+    }
+}

@@ -1,0 +1,13 @@
+//! cardbridge: a smart-card bridge agent.
+//!
+//! It reads every attached smart card over PC/SC (ATR, card identity, certificates and their
+//! SHA-1 thumbprints) so that kiosk and helpdesk applications can match a physical card to its
+//! server-side profile. See `ARCHITECTURE.md` for where things live.
+//!
+//! - [`card`]: the card protocols (ATR, BER-TLV, PIV, GIDS, certificates), free of I/O.
+//! - [`pcsc`]: the PC/SC side: the monitor thread, reading one reader, the APDU transport.
+//! - [`scan`]: the `cardbridge scan` command.
+
+pub mod card;
+pub mod pcsc;
+pub mod scan;

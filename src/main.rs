@@ -1,0 +1,89 @@
+//! Command-line entry point: parses arguments and hands over to the library.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use cardbridge::card::ReadOptions;
+use cardbridge::scan;
+
+#[derive(Parser)]
+#[command(name = "cardbridge", version, about = "Smart-card bridge agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Read every card present now, print what was found, and exit.
+    Scan {
+        /// Print a JSON array of Card objects instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Read only this reader (exact name, else a case-insensitive part of it).
+        #[arg(long, value_name = "NAME")]
+        reader: Option<String>,
+        /// Give up on a card that has not finished answering after this many seconds.
+        #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+        card_timeout: f64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Scan {
+            json,
+            reader,
+            card_timeout,
+        } => {
+            let Ok(timeout) = Duration::try_from_secs_f64(card_timeout) else {
+                eprintln!("cardbridge: --card-timeout must be a positive number of seconds");
+                return ExitCode::from(2);
+            };
+            let options = ReadOptions {
+                timeout,
+                ..ReadOptions::default()
+            };
+            run_scan(json, reader.as_deref(), &options)
+        }
+    }
+}
+
+fn run_scan(json: bool, reader: Option<&str>, options: &ReadOptions) -> ExitCode {
+    let result = match scan::scan(reader, options) {
+        Ok(result) => result,
+        Err(e) => {
+            eprintln!("cardbridge: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if result.cards.is_empty() {
+        if result.empty_readers.is_empty() {
+            eprintln!("cardbridge: no smart card readers found");
+        } else {
+            eprintln!(
+                "cardbridge: no card in any of {} readers",
+                result.empty_readers.len()
+            );
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    let written = if json {
+        serde_json::to_writer_pretty(&mut out, &result.cards)
+            .map_err(std::io::Error::from)
+            .and_then(|()| writeln!(out))
+    } else {
+        scan::print_table(&result, &mut out)
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cardbridge: cannot write the output: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,405 @@
+//! The PC/SC monitor: one thread that turns pcscd's reader and card state into typed events.
+//!
+//! It owns its own PC/SC context (pcsc-lite wants one context per thread) and waits in
+//! `SCardGetStatusChange` on `\\?PnP?\Notification` plus every reader, with a short timeout so
+//! that a stop request is honoured promptly. After every wait it builds a snapshot of all readers
+//! and emits the difference from the previous one ([`diff`], a pure function).
+//!
+//! pcscd is unreliable by nature: it exits when idle, restarts on upgrade, and after a restart an
+//! old context answers `NoService` forever while still looking valid. On NoService,
+//! ServiceStopped or InvalidHandle (or any error other than a timeout or an unknown reader) the
+//! monitor drops the context, emits [`MonitorEvent::Unavailable`] once, re-establishes with
+//! backoff, re-lists the readers and emits [`MonitorEvent::Restored`] followed by only what
+//! changed meanwhile, so a client's picture of the readers stays consistent.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ::pcsc::{Context, Error, ReaderState, Scope, State, PNP_NOTIFICATION};
+
+/// How long one `SCardGetStatusChange` may block: the monitor's reaction time to a stop request.
+const WAIT: Duration = Duration::from_millis(250);
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// What happened to the readers and cards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MonitorEvent {
+    ReaderAdded {
+        reader: String,
+    },
+    ReaderRemoved {
+        reader: String,
+    },
+    CardInserted {
+        reader: String,
+        atr: Vec<u8>,
+    },
+    CardRemoved {
+        reader: String,
+    },
+    /// pcscd cannot be reached; the monitor keeps trying.
+    Unavailable {
+        reason: String,
+    },
+    /// pcscd is back; the events that follow bring the picture up to date.
+    Restored,
+}
+
+/// What the monitor knows about one reader.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReaderView {
+    /// The ATR of the card in the reader, `None` when empty.
+    pub card: Option<Vec<u8>>,
+    /// pcsc-lite's insert/remove counter (upper 16 bits of the event state).
+    pub event_count: u32,
+}
+
+/// All readers by name.
+pub type Snapshot = BTreeMap<String, ReaderView>;
+
+/// The events that turn `old` into `new`. Counters are only compared when both snapshots come
+/// from the same pcscd instance (`same_service`): they restart at zero with pcscd.
+pub fn diff(old: &Snapshot, new: &Snapshot, same_service: bool) -> Vec<MonitorEvent> {
+    let mut events = Vec::new();
+    for (reader, view) in old {
+        if !new.contains_key(reader) {
+            if view.card.is_some() {
+                events.push(MonitorEvent::CardRemoved {
+                    reader: reader.clone(),
+                });
+            }
+            events.push(MonitorEvent::ReaderRemoved {
+                reader: reader.clone(),
+            });
+        }
+    }
+    for (reader, view) in new {
+        let before = old.get(reader);
+        if before.is_none() {
+            events.push(MonitorEvent::ReaderAdded {
+                reader: reader.clone(),
+            });
+        }
+        let had = before.and_then(|b| b.card.as_ref());
+        // The card changed in between two waits (a fast remove + insert) when the counter moved
+        // although a card is present both times, or when the ATR differs.
+        let swapped = match (had, &view.card) {
+            (Some(old_atr), Some(new_atr)) => {
+                old_atr != new_atr
+                    || (same_service && before.is_some_and(|b| b.event_count != view.event_count))
+            }
+            _ => false,
+        };
+        if had.is_some() && (view.card.is_none() || swapped) {
+            events.push(MonitorEvent::CardRemoved {
+                reader: reader.clone(),
+            });
+        }
+        if let Some(atr) = &view.card {
+            if had.is_none() || swapped {
+                events.push(MonitorEvent::CardInserted {
+                    reader: reader.clone(),
+                    atr: atr.clone(),
+                });
+            }
+        }
+    }
+    events
+}
+
+/// A running monitor thread; stopping (or dropping) it joins the thread.
+pub struct Monitor {
+    stop: Arc<AtomicBool>,
+    heartbeat: Arc<AtomicU64>,
+    started: Instant,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Monitor {
+    /// Starts the monitor; events go to `events` until it is stopped or the receiver is dropped.
+    pub fn spawn(events: Sender<MonitorEvent>) -> std::io::Result<Monitor> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let heartbeat = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let worker = Worker {
+            events,
+            stop: stop.clone(),
+            heartbeat: heartbeat.clone(),
+            started,
+            known: Snapshot::new(),
+            unavailable: false,
+        };
+        let thread = std::thread::Builder::new()
+            .name("pcsc-monitor".into())
+            .spawn(move || worker.run())?;
+        Ok(Monitor {
+            stop,
+            heartbeat,
+            started,
+            thread: Some(thread),
+        })
+    }
+
+    /// Time since the monitor loop last went round: a watchdog can tell a stuck monitor by it.
+    pub fn since_last_heartbeat(&self) -> Duration {
+        let beat = Duration::from_millis(self.heartbeat.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(beat)
+    }
+
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            // A panicking monitor has already reported itself on stderr.
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+struct Worker {
+    events: Sender<MonitorEvent>,
+    stop: Arc<AtomicBool>,
+    heartbeat: Arc<AtomicU64>,
+    started: Instant,
+    known: Snapshot,
+    unavailable: bool,
+}
+
+/// Why the watch loop ended.
+enum Exit {
+    Stopped,
+    Lost(Error),
+}
+
+impl Worker {
+    fn run(mut self) {
+        let mut backoff = BACKOFF_START;
+        let mut same_service = true;
+        while !self.stopped() {
+            let exit = match Context::establish(Scope::User) {
+                Ok(ctx) => {
+                    let exit = self.watch(&ctx, same_service);
+                    // Dropping the context releases it; after a pcscd restart it is useless.
+                    drop(ctx);
+                    exit
+                }
+                Err(e) => Exit::Lost(e),
+            };
+            match exit {
+                Exit::Stopped => return,
+                Exit::Lost(e) => {
+                    same_service = false;
+                    if !self.unavailable {
+                        self.unavailable = true;
+                        if !self.emit(MonitorEvent::Unavailable {
+                            reason: e.to_string(),
+                        }) {
+                            return;
+                        }
+                    }
+                    self.sleep(backoff);
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    /// Watches with one context until stopped or the context is lost.
+    fn watch(&mut self, ctx: &Context, mut same_service: bool) -> Exit {
+        let mut states = vec![ReaderState::new(PNP_NOTIFICATION(), State::UNAWARE)];
+        let mut relist = true;
+        loop {
+            self.beat();
+            if self.stopped() {
+                return Exit::Stopped;
+            }
+            if relist {
+                match ctx.list_readers_owned() {
+                    Ok(names) => sync_reader_states(&mut states, names),
+                    Err(e) => return Exit::Lost(e),
+                }
+                relist = false;
+                if self.unavailable {
+                    self.unavailable = false;
+                    if !self.emit(MonitorEvent::Restored) {
+                        return Exit::Stopped;
+                    }
+                }
+            }
+            match ctx.get_status_change(WAIT, &mut states) {
+                Ok(()) | Err(Error::Timeout) => {}
+                Err(Error::UnknownReader) => {
+                    relist = true;
+                    continue;
+                }
+                Err(e) => return Exit::Lost(e),
+            }
+            if states[0].event_state().contains(State::CHANGED) {
+                relist = true;
+            }
+            let mut snapshot = Snapshot::new();
+            for state in &states[1..] {
+                let event = state.event_state();
+                if event.intersects(State::UNKNOWN | State::IGNORE) {
+                    // The reader is gone; the next listing drops it.
+                    relist = true;
+                    continue;
+                }
+                let present = event.contains(State::PRESENT);
+                snapshot.insert(
+                    state.name().to_string_lossy().into_owned(),
+                    ReaderView {
+                        card: present.then(|| state.atr().to_vec()),
+                        event_count: state.event_count(),
+                    },
+                );
+            }
+            for event in diff(&self.known, &snapshot, same_service) {
+                if !self.emit(event) {
+                    return Exit::Stopped;
+                }
+            }
+            self.known = snapshot;
+            same_service = true;
+            for state in &mut states {
+                state.sync_current_state();
+            }
+        }
+    }
+
+    fn emit(&self, event: MonitorEvent) -> bool {
+        self.events.send(event).is_ok()
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    fn beat(&self) {
+        self.heartbeat
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Sleeps for `d`, waking early when asked to stop.
+    fn sleep(&self, d: Duration) {
+        let until = Instant::now() + d;
+        while !self.stopped() && Instant::now() < until {
+            self.beat();
+            std::thread::sleep(Duration::from_millis(20).min(until - Instant::now()));
+        }
+    }
+}
+
+/// Keeps the state of readers that are still there (their current state and counter), adds new
+/// readers as UNAWARE and drops the ones that disappeared. Entry 0 is the PnP notification.
+fn sync_reader_states(states: &mut Vec<ReaderState>, names: Vec<CString>) {
+    states.retain(|s| {
+        s.name() == PNP_NOTIFICATION() || names.iter().any(|n| n.as_c_str() == s.name())
+    });
+    for name in names {
+        if !states.iter().any(|s| s.name() == name.as_c_str()) {
+            states.push(ReaderState::new(name, State::UNAWARE));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(entries: &[(&str, Option<&[u8]>, u32)]) -> Snapshot {
+        entries
+            .iter()
+            .map(|(r, atr, count)| {
+                (
+                    r.to_string(),
+                    ReaderView {
+                        card: atr.map(<[u8]>::to_vec),
+                        event_count: *count,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn inserted(r: &str, atr: &[u8]) -> MonitorEvent {
+        MonitorEvent::CardInserted {
+            reader: r.into(),
+            atr: atr.to_vec(),
+        }
+    }
+    fn removed(r: &str) -> MonitorEvent {
+        MonitorEvent::CardRemoved { reader: r.into() }
+    }
+
+    #[test]
+    fn new_reader_with_card() {
+        let events = diff(&snap(&[]), &snap(&[("A", Some(&[1]), 1)]), true);
+        assert_eq!(
+            events,
+            [
+                MonitorEvent::ReaderAdded { reader: "A".into() },
+                inserted("A", &[1])
+            ]
+        );
+    }
+
+    #[test]
+    fn reader_unplugged_with_card_removes_the_card_first() {
+        let events = diff(&snap(&[("A", Some(&[1]), 1)]), &snap(&[]), true);
+        assert_eq!(
+            events,
+            [
+                removed("A"),
+                MonitorEvent::ReaderRemoved { reader: "A".into() }
+            ]
+        );
+    }
+
+    #[test]
+    fn fast_remove_and_insert_is_caught_by_the_counter() {
+        let events = diff(
+            &snap(&[("A", Some(&[1]), 1)]),
+            &snap(&[("A", Some(&[1]), 3)]),
+            true,
+        );
+        assert_eq!(events, [removed("A"), inserted("A", &[1])]);
+    }
+
+    #[test]
+    fn after_a_pcscd_restart_only_real_differences_are_emitted() {
+        let before = snap(&[("A", Some(&[1]), 7), ("B", None, 2), ("C", Some(&[3]), 1)]);
+        let after = snap(&[("A", Some(&[1]), 0), ("B", Some(&[2]), 0), ("D", None, 0)]);
+        let events = diff(&before, &after, false);
+        assert_eq!(
+            events,
+            [
+                removed("C"),
+                MonitorEvent::ReaderRemoved { reader: "C".into() },
+                inserted("B", &[2]),
+                MonitorEvent::ReaderAdded { reader: "D".into() },
+            ]
+        );
+    }
+
+    #[test]
+    fn nothing_changed_nothing_emitted() {
+        let s = snap(&[("A", Some(&[1]), 1), ("B", None, 0)]);
+        assert!(diff(&s, &s, true).is_empty());
+    }
+}

@@ -1,0 +1,78 @@
+//! Reading the card in one reader: connect SHARED, one short transaction, leave the card as it
+//! was.
+//!
+//! Other applications (the browser's PKCS#11 module, a minidriver) may be using the same card, so
+//! cardbridge never takes it exclusively, never resets it, and holds the transaction only for the
+//! duration of the read. Dropping a `pcsc::Card` would reset the card and wipe other
+//! applications' PIN state, so the card is always disconnected explicitly with `LeaveCard`.
+
+use std::ffi::CStr;
+use std::time::Instant;
+
+use ::pcsc::{Attribute, Context, Disposition, Protocols, ShareMode};
+
+use super::transport::{map_error, PcscTransport};
+use crate::card::{read_card, Card, ReadError, ReadOptions};
+
+/// Reads the card in `reader`. Never fails: a card that cannot be read comes back with `error`.
+pub fn read_reader(ctx: &Context, reader: &CStr, options: &ReadOptions) -> Card {
+    let started = Instant::now();
+    let name = reader.to_string_lossy();
+    let mut card = match ctx.connect(reader, ShareMode::Shared, Protocols::ANY) {
+        Ok(card) => card,
+        Err(e) => return Card::failed(&name, &[], &ReadError::Transport(map_error(e))),
+    };
+    let atr = card
+        .get_attribute_owned(Attribute::AtrString)
+        .unwrap_or_default();
+    let options = ReadOptions {
+        reader_extended_length: options.reader_extended_length && reader_takes_extended(&card),
+        ..options.clone()
+    };
+
+    let mut result = read_in_transaction(&mut card, &name, &atr, &options);
+    if matches!(&result, Err(::pcsc::Error::ResetCard)) {
+        // Another application reset the card since we connected: reconnect without resetting
+        // it again, and try once more.
+        result = card
+            .reconnect(ShareMode::Shared, Protocols::ANY, Disposition::LeaveCard)
+            .and_then(|()| read_in_transaction(&mut card, &name, &atr, &options));
+    }
+    let mut snapshot = match result {
+        Ok(snapshot) => snapshot,
+        Err(e) => Card::failed(&name, &atr, &ReadError::Transport(map_error(e))),
+    };
+    // A failed disconnect leaves nothing to do: the handle is gone either way.
+    if let Err((card, _)) = card.disconnect(Disposition::LeaveCard) {
+        std::mem::forget(card);
+    }
+    snapshot.read_ms = started.elapsed().as_millis() as u64;
+    snapshot
+}
+
+fn read_in_transaction(
+    card: &mut ::pcsc::Card,
+    name: &str,
+    atr: &[u8],
+    options: &ReadOptions,
+) -> Result<Card, ::pcsc::Error> {
+    let tx = card.transaction()?;
+    let snapshot = {
+        let mut transport = PcscTransport::new(&tx);
+        read_card(&mut transport, name, atr, options)
+    };
+    // Ending can only fail when the card is already gone, which the snapshot reports.
+    let _ = tx.end(Disposition::LeaveCard);
+    Ok(snapshot)
+}
+
+/// Whether the reader accepts extended APDUs. Readers that report their maximum message size
+/// (CCID) are asked; readers that do not (vpcd, some PC/SC drivers) are given the benefit of the
+/// doubt, and the APDU channel falls back to short APDUs if the first extended one fails.
+fn reader_takes_extended(card: &::pcsc::Card) -> bool {
+    let mut buf = [0u8; 4];
+    match card.get_attribute(Attribute::Maxinput, &mut buf) {
+        Ok(&[a, b, c, d]) => u32::from_le_bytes([a, b, c, d]) > 261,
+        _ => true,
+    }
+}

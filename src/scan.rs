@@ -1,0 +1,144 @@
+//! `cardbridge scan`: read every card present now, print it, exit.
+//!
+//! Each reader is read on its own thread with its own PC/SC context (pcsc-lite wants one context
+//! per thread), so one slow or broken card does not hold up the others.
+
+use std::io::Write;
+
+use crate::card::{Card, ReadOptions};
+use crate::pcsc::{self, PcscError};
+
+/// What `scan` found: the cards read, and the readers that held none.
+#[derive(Debug)]
+pub struct ScanResult {
+    pub cards: Vec<Card>,
+    pub empty_readers: Vec<String>,
+}
+
+/// Reads the card in every reader (or only in `only_reader`, matched exactly, else as a
+/// case-insensitive substring). Cards come back in reader order.
+pub fn scan(only_reader: Option<&str>, options: &ReadOptions) -> Result<ScanResult, ScanError> {
+    let ctx = pcsc::connect()?;
+    let mut readers = pcsc::readers(&ctx)?;
+    if let Some(wanted) = only_reader {
+        let exact: Vec<_> = readers
+            .iter()
+            .filter(|r| r.name.to_string_lossy() == wanted)
+            .cloned()
+            .collect();
+        readers = if exact.is_empty() {
+            let wanted = wanted.to_lowercase();
+            readers
+                .into_iter()
+                .filter(|r| r.name.to_string_lossy().to_lowercase().contains(&wanted))
+                .collect()
+        } else {
+            exact
+        };
+        if readers.is_empty() {
+            return Err(ScanError::NoSuchReader(
+                only_reader.unwrap_or_default().to_string(),
+            ));
+        }
+    }
+    let empty_readers = readers
+        .iter()
+        .filter(|r| !r.card_present)
+        .map(|r| r.name.to_string_lossy().into_owned())
+        .collect();
+    let cards = std::thread::scope(|s| {
+        let handles: Vec<_> = readers
+            .iter()
+            .filter(|r| r.card_present)
+            .map(|r| {
+                s.spawn(move || match pcsc::connect() {
+                    Ok(ctx) => pcsc::read_reader(&ctx, &r.name, options),
+                    Err(e) => Card::failed(
+                        &r.name.to_string_lossy(),
+                        &[],
+                        &crate::card::ReadError::Transport(
+                            crate::card::TransportError::ServiceUnavailable(e.to_string()),
+                        ),
+                    ),
+                })
+            })
+            .collect();
+        handles.into_iter().filter_map(|h| h.join().ok()).collect()
+    });
+    Ok(ScanResult {
+        cards,
+        empty_readers,
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error(transparent)]
+    Pcsc(#[from] PcscError),
+    #[error("no reader matches {0:?}; `cardbridge scan` without --reader lists them all")]
+    NoSuchReader(String),
+}
+
+/// Prints cards as a human-readable table.
+pub fn print_table(result: &ScanResult, out: &mut dyn Write) -> std::io::Result<()> {
+    for card in &result.cards {
+        writeln!(out, "Reader:   {}", card.reader)?;
+        writeln!(
+            out,
+            "ATR:      {}{}",
+            card.atr,
+            card.atr_info
+                .name
+                .as_deref()
+                .map(|n| format!("  ({n})"))
+                .unwrap_or_default()
+        )?;
+        if let Some(e) = &card.error {
+            writeln!(out, "Error:    {} ({})", e.message, e.code)?;
+            writeln!(out)?;
+            continue;
+        }
+        let kind = serde_json::to_value(card.kind).ok();
+        writeln!(
+            out,
+            "Card:     {}  id {}{}",
+            kind.as_ref().and_then(|k| k.as_str()).unwrap_or("unknown"),
+            card.card_id.as_deref().unwrap_or("-"),
+            card.serial_number
+                .as_deref()
+                .map(|s| format!("  serial {s}"))
+                .unwrap_or_default()
+        )?;
+        writeln!(
+            out,
+            "Read:     {} ms, {} APDUs, {} certificates",
+            card.read_ms,
+            card.apdu_count,
+            card.certificates.len()
+        )?;
+        for c in &card.certificates {
+            writeln!(
+                out,
+                "  {:<8} {}  {}  until {}{}",
+                short_slot(&c.slot),
+                c.thumbprint,
+                c.subject.as_deref().unwrap_or("?"),
+                c.not_after.as_deref().unwrap_or("?"),
+                c.error
+                    .as_deref()
+                    .map(|e| format!("  [{e}]"))
+                    .unwrap_or_default()
+            )?;
+        }
+        writeln!(out)?;
+    }
+    for reader in &result.empty_readers {
+        writeln!(out, "Reader:   {reader}\n          (no card)\n")?;
+    }
+    Ok(())
+}
+
+/// GIDS container names are `{GUID}`s; the table shows their first characters only.
+fn short_slot(slot: &str) -> String {
+    slot.chars().take(8).collect()
+}
