@@ -1,0 +1,229 @@
+//! The test rig: a real pcscd with vpcd reader slots of its own, shared by all tests.
+//!
+//! The rig writes a reader configuration with [`SLOTS`] vpcd slots (four vpcd entries of two slots
+//! each, named `cardbridge rig N 00 0S`) and starts `pcscd --foreground --config DIR`. Only one
+//! pcscd can run on a machine, so:
+//! - if a pcscd is already running with the rig's readers, it is reused;
+//! - if a pcscd without them is running, the rig fails loudly and says how to stop it;
+//! - a pcscd the rig started keeps running after the tests (the next test binary reuses it).
+//!
+//! Tests lease reader slots from a pool, so they can run in parallel; a test that restarts pcscd
+//! takes the rig exclusively.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Condvar, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+
+/// Reader slots the rig provides.
+pub const SLOTS: usize = 8;
+/// vpcd's default port; the rig's slots use `BASE_PORT..BASE_PORT + SLOTS`.
+pub const BASE_PORT: u16 = 35963;
+const CONFIG_DIR: &str = "/tmp/cardbridge-rig/reader.conf.d";
+const VPCD_DRIVERS: [&str; 2] = [
+    "/usr/lib/pcsc/drivers/serial/libifdvpcd.so",
+    "/usr/lib64/pcsc/drivers/serial/libifdvpcd.so",
+];
+
+/// One leased reader slot: the vpcd port a virtual card connects to and the reader's name.
+pub struct Slot {
+    pub port: u16,
+    pub reader: String,
+    index: usize,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let pool = &rig_static().pool;
+        let mut free = pool.0.lock().unwrap_or_else(|p| p.into_inner());
+        free.push(self.index);
+        pool.1.notify_one();
+    }
+}
+
+pub struct Rig {
+    pool: (Mutex<Vec<usize>>, Condvar),
+    exclusive: RwLock<()>,
+}
+
+fn rig_static() -> &'static Rig {
+    static RIG: OnceLock<Rig> = OnceLock::new();
+    RIG.get_or_init(|| Rig {
+        pool: (Mutex::new((0..SLOTS).rev().collect()), Condvar::new()),
+        exclusive: RwLock::new(()),
+    })
+}
+
+/// The reader name pcscd gives slot `index`.
+pub fn reader_name(index: usize) -> String {
+    format!("cardbridge rig {} 00 {:02}", index / 2, index % 2)
+}
+
+impl Rig {
+    /// The rig, with pcscd running and its readers visible. Panics with instructions when that
+    /// cannot be arranged: end-to-end tests must never be skipped silently.
+    pub fn get() -> &'static Rig {
+        static READY: OnceLock<Result<(), String>> = OnceLock::new();
+        let ready = READY.get_or_init(|| ensure_pcscd().map_err(|e| format!("{e:#}")));
+        if let Err(e) = ready {
+            panic!("the test rig cannot run: {e}");
+        }
+        rig_static()
+    }
+
+    /// Shared use of pcscd (most tests).
+    pub fn shared(&self) -> RwLockReadGuard<'_, ()> {
+        self.exclusive.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sole use of pcscd, for a test that stops and restarts it.
+    pub fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        self.exclusive.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Leases a free reader slot, waiting for one if all are in use.
+    pub fn slot(&self) -> Slot {
+        let mut free = self.pool.0.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(index) = free.pop() {
+                return Slot {
+                    port: BASE_PORT + index as u16,
+                    reader: reader_name(index),
+                    index,
+                };
+            }
+            free = self.pool.1.wait(free).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Kills pcscd with SIGKILL, and starts it again after `down` has passed.
+    pub fn kill_pcscd(&self) -> Result<()> {
+        let pid = running_pcscd().context("pcscd is not running")?;
+        let status = Command::new("kill").args(["-9", &pid.to_string()]).status()?;
+        if !status.success() {
+            bail!("kill -9 {pid} failed");
+        }
+        let until = Instant::now() + Duration::from_secs(5);
+        while running_pcscd().is_some() {
+            if Instant::now() > until {
+                bail!("pcscd {pid} did not exit after SIGKILL");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Starts pcscd again after [`Rig::kill_pcscd`].
+    pub fn start_pcscd(&self) -> Result<()> {
+        start_pcscd()
+    }
+}
+
+/// Path of the cardbridge binary built for these tests (`target/<profile>/cardbridge`).
+pub fn cardbridge_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // Test executables live in target/<profile>/deps, binaries in target/<profile>.
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join("cardbridge");
+    assert!(
+        bin.exists(),
+        "{} does not exist: build it first (`cargo build --workspace`, which `cargo test --workspace` does)",
+        bin.display()
+    );
+    bin
+}
+
+fn ensure_pcscd() -> Result<()> {
+    for tool in ["pcscd"] {
+        if Command::new(tool).arg("--version").stdout(Stdio::null()).status().is_err() {
+            bail!("`{tool}` is not installed: run `sudo apt-get install pcscd vsmartcard-vpcd` (or `bash .ci/run`)");
+        }
+    }
+    if !VPCD_DRIVERS.iter().any(|d| Path::new(d).exists()) {
+        bail!("the vpcd reader driver is not installed: run `sudo apt-get install vsmartcard-vpcd`");
+    }
+    if running_pcscd().is_some() {
+        if rig_readers_visible()? {
+            return Ok(());
+        }
+        bail!(
+            "a pcscd without the rig's virtual readers is running; stop it \
+             (`sudo systemctl stop pcscd.socket pcscd.service; sudo pkill pcscd`) and run the tests again"
+        );
+    }
+    start_pcscd()
+}
+
+fn write_config() -> Result<()> {
+    let driver = VPCD_DRIVERS
+        .iter()
+        .find(|d| Path::new(d).exists())
+        .context("vpcd driver not found")?;
+    std::fs::create_dir_all(CONFIG_DIR)?;
+    for entry in 0..SLOTS / 2 {
+        let port = BASE_PORT + 2 * entry as u16;
+        let text = format!(
+            "FRIENDLYNAME \"cardbridge rig {entry}\"\nDEVICENAME /dev/null:{port}\nLIBPATH {driver}\nCHANNELID {port}\n"
+        );
+        std::fs::write(Path::new(CONFIG_DIR).join(format!("rig{entry}")), text)?;
+    }
+    Ok(())
+}
+
+fn start_pcscd() -> Result<()> {
+    if !is_root() {
+        bail!("starting pcscd needs root: run the tests as root (CI does), or start the rig's pcscd yourself with `sudo pcscd --config {CONFIG_DIR}` after a first run wrote it");
+    }
+    write_config()?;
+    let log = std::fs::File::create("/tmp/cardbridge-rig/pcscd.log")?;
+    Command::new("pcscd")
+        .args(["--foreground", "--config", CONFIG_DIR])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("cannot start pcscd")?;
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        if rig_readers_visible().unwrap_or(false) {
+            return Ok(());
+        }
+        if Instant::now() > until {
+            bail!("pcscd started but the rig's readers did not appear within 10 s; see /tmp/cardbridge-rig/pcscd.log");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn rig_readers_visible() -> Result<bool> {
+    let Ok(ctx) = pcsc::Context::establish(pcsc::Scope::User) else {
+        return Ok(false);
+    };
+    let names = ctx.list_readers_owned().unwrap_or_default();
+    Ok((0..SLOTS).all(|i| names.iter().any(|n| n.to_string_lossy() == reader_name(i))))
+}
+
+/// The pid of the running pcscd, from its pid file, if that process is alive.
+fn running_pcscd() -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string("/run/pcscd/pcscd.pid").ok()?.trim().parse().ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // A killed child we spawned stays a zombie until reaped; it is not running.
+    let state = stat.rsplit(')').next()?.split_whitespace().next()?;
+    (state != "Z").then_some(pid)
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}

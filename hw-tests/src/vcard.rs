@@ -1,0 +1,576 @@
+//! The virtual card: a PIV or GIDS applet as an APDU state machine, built from a [`CardSpec`].
+//!
+//! It answers exactly what cardbridge (and OpenSC, for the cross-check) sends: SELECT, GET DATA,
+//! GET RESPONSE, Yubico's GET VERSION / GET SERIAL. Answers longer than the command's Le are
+//! chained with `61xx`; extended-length commands are accepted only when the spec says so (else
+//! `6700`, as a card without extended length would answer). Faults are injected on demand.
+
+use std::collections::HashMap;
+use std::io::Write;
+
+use anyhow::Result;
+use cardbridge::card::tlv;
+use flate2::write::{GzEncoder, ZlibEncoder};
+use flate2::Compression;
+use serde::{Deserialize, Serialize};
+use sha1::{Digest, Sha1};
+
+use crate::certs::Issuer;
+
+/// Which applet the card carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Applet {
+    Piv,
+    Gids,
+}
+
+/// How a certificate is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compress {
+    None,
+    Gzip,
+    Zlib,
+}
+
+/// Faults the card can be told to commit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Faults {
+    /// Close the connection when the first GET RESPONSE arrives: the card is pulled in the middle
+    /// of a chained read.
+    pub drop_mid_chain: bool,
+    /// The CHUID's outer `53` length is larger than the data that follows.
+    pub wrong_tlv_length: bool,
+    /// The 9A certificate object claims a length of about two gigabytes.
+    pub huge_length: bool,
+    /// Slot 9A holds random bytes instead of a certificate.
+    pub garbage_certificate: bool,
+    /// Wait this long before every answer.
+    pub slow_ms: u64,
+}
+
+/// What the card should contain.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CardSpec {
+    pub applet: Applet,
+    /// PIV: active slots to fill (`9A`, `9C`, `9D`, `9E`) with their compression.
+    pub slots: Vec<(u8, Compress)>,
+    /// PIV: number of retired key-management certificates (slots 82 upward).
+    pub retired: u8,
+    /// PIV: whether the key-history object exists (announcing `retired`).
+    pub key_history: bool,
+    /// PIV: answer Yubico's GET VERSION (5.4.3) and GET SERIAL with this serial.
+    pub yubikey_serial: Option<u32>,
+    /// GIDS: number of containers, each with one key-exchange certificate.
+    pub gids_containers: u8,
+    /// Announce and accept extended-length APDUs.
+    pub extended_length: bool,
+    /// The 16-byte card id (PIV CHUID GUID or GIDS cardid); random when absent.
+    pub card_id: Option<[u8; 16]>,
+    /// Slots whose certificate is already expired (e.g. `9D`), to exercise validity checks.
+    pub expired_slots: Vec<u8>,
+    pub faults: Faults,
+}
+
+impl CardSpec {
+    /// A PIV card with 9A, 9C (gzip), 9D and one retired slot announced by the key history,
+    /// YubiKey-style version and serial, extended length on: the benchmark card.
+    pub fn piv_four_certs() -> CardSpec {
+        CardSpec {
+            applet: Applet::Piv,
+            slots: vec![(0x9A, Compress::None), (0x9C, Compress::Gzip), (0x9D, Compress::None)],
+            retired: 1,
+            key_history: true,
+            yubikey_serial: Some(11_409_355),
+            gids_containers: 0,
+            extended_length: true,
+            card_id: None,
+            expired_slots: Vec::new(),
+            faults: Faults::default(),
+        }
+    }
+
+    /// A GIDS card with two containers.
+    pub fn gids_two_containers() -> CardSpec {
+        CardSpec {
+            applet: Applet::Gids,
+            slots: Vec::new(),
+            retired: 0,
+            key_history: false,
+            yubikey_serial: None,
+            gids_containers: 2,
+            extended_length: false,
+            card_id: None,
+            expired_slots: Vec::new(),
+            faults: Faults::default(),
+        }
+    }
+}
+
+/// What the card holds, for tests to compare against (the truth file).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Truth {
+    pub atr: String,
+    pub card_id: Option<String>,
+    pub serial_number: Option<String>,
+    pub certificates: Vec<TruthCert>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TruthCert {
+    /// PIV key reference (`9A`…) or GIDS container name.
+    pub slot: String,
+    pub thumbprint: String,
+    pub compressed: bool,
+    pub der: String,
+}
+
+const PIV_AID_PREFIX: [u8; 5] = [0xA0, 0x00, 0x00, 0x03, 0x08];
+const GIDS_AID: [u8; 9] = [0xA0, 0x00, 0x00, 0x03, 0x97, 0x42, 0x54, 0x46, 0x59];
+const YUBICO_OTP_AID: [u8; 8] = [0xA0, 0x00, 0x00, 0x05, 0x27, 0x20, 0x01, 0x01];
+
+/// Where a GET DATA finds its answer: PIV objects by tag, GIDS data objects by (EF, DO).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Key {
+    Piv(u32),
+    Gids(u16, u16),
+}
+
+/// The card's content and its APDU state.
+pub struct VirtualCard {
+    pub atr: Vec<u8>,
+    pub truth: Truth,
+    spec: CardSpec,
+    objects: HashMap<Key, Vec<u8>>,
+    selected: Option<Applet>,
+    /// The rest of a chained answer, handed out by GET RESPONSE.
+    pending: Vec<u8>,
+    /// APDUs received, for benchmarks.
+    pub apdus: u64,
+}
+
+/// What the card does with one APDU.
+pub enum Answer {
+    Reply(Vec<u8>),
+    /// Close the connection without answering (a pulled card).
+    Drop,
+}
+
+impl VirtualCard {
+    pub fn new(spec: CardSpec) -> Result<VirtualCard> {
+        let card_id = match spec.card_id {
+            Some(id) => id,
+            None => random16()?,
+        };
+        let issuer = Issuer::new("Contoso Issuing CA 1")?;
+        let mut objects = HashMap::new();
+        let mut certs = Vec::new();
+        let atr = atr_for(&spec);
+        match spec.applet {
+            Applet::Piv => build_piv(&spec, &issuer, &card_id, &mut objects, &mut certs)?,
+            Applet::Gids => build_gids(&spec, &issuer, &card_id, &mut objects, &mut certs)?,
+        }
+        let truth = Truth {
+            atr: hex::encode_upper(&atr),
+            card_id: Some(hex::encode_upper(card_id)),
+            serial_number: match spec.applet {
+                Applet::Piv => spec.yubikey_serial.map(|s| s.to_string()),
+                Applet::Gids => None,
+            },
+            certificates: certs,
+        };
+        Ok(VirtualCard {
+            atr,
+            truth,
+            spec,
+            objects,
+            selected: None,
+            pending: Vec::new(),
+            apdus: 0,
+        })
+    }
+
+    pub fn slow_ms(&self) -> u64 {
+        self.spec.faults.slow_ms
+    }
+
+    /// Power-on or reset: back to nothing selected.
+    pub fn reset(&mut self) {
+        self.selected = None;
+        self.pending.clear();
+    }
+
+    /// Processes one command APDU.
+    pub fn process(&mut self, apdu: &[u8]) -> Answer {
+        self.apdus += 1;
+        let Some(cmd) = Command::parse(apdu) else {
+            return Answer::Reply(vec![0x67, 0x00]);
+        };
+        if cmd.extended && !self.spec.extended_length {
+            return Answer::Reply(vec![0x67, 0x00]);
+        }
+        if cmd.ins != 0xC0 {
+            self.pending.clear();
+        }
+        let (body, sw) = match (cmd.ins, cmd.p1, cmd.p2) {
+            (0xC0, 0, 0) => {
+                if self.spec.faults.drop_mid_chain {
+                    return Answer::Drop;
+                }
+                let rest = std::mem::take(&mut self.pending);
+                return Answer::Reply(self.chunk(rest, cmd.ne));
+            }
+            (0xA4, 0x04, _) => self.select(&cmd.data),
+            (0xCB, p1, p2) => self.get_data(u16::from_be_bytes([p1, p2]), &cmd.data),
+            (0xFD, 0, 0) if self.is_yubikey() => (vec![5, 4, 3], 0x9000),
+            (0xF8, 0, 0) if self.is_yubikey() => {
+                (self.spec.yubikey_serial.unwrap_or(0).to_be_bytes().to_vec(), 0x9000)
+            }
+            _ => (Vec::new(), 0x6D00),
+        };
+        if sw != 0x9000 {
+            return Answer::Reply(sw.to_be_bytes().to_vec());
+        }
+        Answer::Reply(self.chunk(body, cmd.ne))
+    }
+
+    fn is_yubikey(&self) -> bool {
+        self.selected == Some(Applet::Piv) && self.spec.yubikey_serial.is_some()
+    }
+
+    /// Sends at most `ne` bytes and keeps the rest for GET RESPONSE.
+    fn chunk(&mut self, mut body: Vec<u8>, ne: usize) -> Vec<u8> {
+        let ne = ne.max(1);
+        if body.len() <= ne {
+            body.extend([0x90, 0x00]);
+            return body;
+        }
+        self.pending = body.split_off(ne);
+        let remaining = self.pending.len().min(256) as u8; // 256 is written as 00
+        body.extend([0x61, remaining]);
+        body
+    }
+
+    fn select(&mut self, aid: &[u8]) -> (Vec<u8>, u16) {
+        match self.spec.applet {
+            Applet::Piv if aid.len() >= 5 && aid.starts_with(&PIV_AID_PREFIX) => {
+                self.selected = Some(Applet::Piv);
+                // Application property template: PIX + coexistent tag allocation authority.
+                let mut apt = tlv::encode(0x4F, &[0x00, 0x00, 0x10, 0x00, 0x01, 0x00]);
+                apt.extend(tlv::encode(0x79, &tlv::encode(0x4F, &PIV_AID_PREFIX)));
+                (tlv::encode(0x61, &apt), 0x9000)
+            }
+            Applet::Gids if aid.starts_with(&GIDS_AID) => {
+                self.selected = Some(Applet::Gids);
+                let mut full = GIDS_AID.to_vec();
+                full.extend([0x02, 0x01]);
+                (tlv::encode(0x61, &tlv::encode(0x4F, &full)), 0x9000)
+            }
+            Applet::Piv if aid == YUBICO_OTP_AID && self.spec.yubikey_serial.is_some() => {
+                self.selected = None;
+                (Vec::new(), 0x9000)
+            }
+            _ => (Vec::new(), 0x6A82),
+        }
+    }
+
+    fn get_data(&self, p1p2: u16, data: &[u8]) -> (Vec<u8>, u16) {
+        let Ok(Some(tag)) = tlv::find(data, 0x5C) else {
+            return (Vec::new(), 0x6A80);
+        };
+        let key = match (self.selected, p1p2) {
+            (Some(Applet::Piv), 0x3FFF) => Key::Piv(tag.iter().fold(0u32, |a, &b| (a << 8) | u32::from(b))),
+            (Some(Applet::Gids), ef) if tag.len() == 2 => Key::Gids(ef, u16::from_be_bytes([tag[0], tag[1]])),
+            _ => return (Vec::new(), 0x6985),
+        };
+        match self.objects.get(&key) {
+            Some(object) => (object.clone(), 0x9000),
+            None => (Vec::new(), 0x6A82),
+        }
+    }
+}
+
+/// A parsed command APDU: header, data, and the number of response bytes it accepts.
+struct Command {
+    ins: u8,
+    p1: u8,
+    p2: u8,
+    data: Vec<u8>,
+    ne: usize,
+    extended: bool,
+}
+
+impl Command {
+    fn parse(apdu: &[u8]) -> Option<Command> {
+        let [_cla, ins, p1, p2] = *apdu.first_chunk::<4>()?;
+        let body = &apdu[4..];
+        let short_ne = |b: u8| if b == 0 { 256 } else { usize::from(b) };
+        let ext_ne = |hi: u8, lo: u8| match u16::from_be_bytes([hi, lo]) {
+            0 => 65536,
+            n => usize::from(n),
+        };
+        let (data, ne, extended) = match *body {
+            [] => (Vec::new(), 0, false),
+            [le] => (Vec::new(), short_ne(le), false),
+            [0, hi, lo] => (Vec::new(), ext_ne(hi, lo), true),
+            [0, hi, lo, ref rest @ ..] => {
+                let lc = usize::from(u16::from_be_bytes([hi, lo]));
+                match rest.len().checked_sub(lc)? {
+                    0 => (rest.to_vec(), 0, true),
+                    2 => (rest[..lc].to_vec(), ext_ne(rest[lc], rest[lc + 1]), true),
+                    _ => return None,
+                }
+            }
+            [lc, ref rest @ ..] => {
+                let lc = usize::from(lc);
+                match rest.len().checked_sub(lc)? {
+                    0 => (rest.to_vec(), 0, false),
+                    1 => (rest[..lc].to_vec(), short_ne(rest[lc]), false),
+                    _ => return None,
+                }
+            }
+        };
+        Some(Command { ins, p1, p2, data, ne, extended })
+    }
+}
+
+fn atr_for(spec: &CardSpec) -> Vec<u8> {
+    // 3B 8x 80 01 | 80 (COMPACT-TLV) 73 (card capabilities) 00 00 yy | 5x 'vcard…' | TCK
+    let caps = if spec.extended_length { 0xC0 } else { 0x80 };
+    let mut historical = vec![0x80, 0x73, 0x00, 0x00, caps];
+    match spec.applet {
+        Applet::Piv => historical.extend(b"\x56vcPIV"),
+        Applet::Gids => {
+            // Announce the GIDS AID in the historical bytes, as Microsoft's virtual cards do.
+            historical.push(0xF0 | (GIDS_AID.len() as u8 + 2));
+            historical.extend(GIDS_AID);
+            historical.extend([0x02, 0x01]);
+        }
+    }
+    let mut atr = vec![0x3B, 0x80 | historical.len() as u8, 0x80, 0x01];
+    atr.extend(historical);
+    let tck = atr[1..].iter().fold(0u8, |a, b| a ^ b);
+    atr.push(tck);
+    atr
+}
+
+fn build_piv(
+    spec: &CardSpec,
+    issuer: &Issuer,
+    card_id: &[u8; 16],
+    objects: &mut HashMap<Key, Vec<u8>>,
+    truth: &mut Vec<TruthCert>,
+) -> Result<()> {
+    // CHUID: FASC-N of a non-federal issuer (as yubico-piv-tool writes it), GUID, expiry.
+    let mut chuid = tlv::encode(
+        0x30,
+        &hex::decode("D4E739DA739CED39CE739D836858210842108421C84210C3EB")?,
+    );
+    chuid.extend(tlv::encode(0x34, card_id));
+    chuid.extend(tlv::encode(0x35, b"20300101"));
+    chuid.extend(tlv::encode(0x3E, &[]));
+    chuid.extend(tlv::encode(0xFE, &[]));
+    let mut chuid_object = tlv::encode(0x53, &chuid);
+    if spec.faults.wrong_tlv_length {
+        // Claim 40 bytes more than there are.
+        let declared = chuid.len() + 40;
+        chuid_object = vec![0x53, 0x82, (declared >> 8) as u8, declared as u8];
+        chuid_object.extend(&chuid);
+    }
+    objects.insert(Key::Piv(0x5FC102), chuid_object);
+
+    let slot_tag = |slot: u8| -> u32 {
+        match slot {
+            0x9A => 0x5FC105,
+            0x9C => 0x5FC10A,
+            0x9D => 0x5FC10B,
+            0x9E => 0x5FC101,
+            retired => 0x5FC10D + u32::from(retired - 0x82),
+        }
+    };
+    let mut slots = spec.slots.clone();
+    slots.extend((0..spec.retired.min(20)).map(|n| (0x82 + n, Compress::None)));
+    for (slot, compress) in slots {
+        let label = format!("Contoso user, slot {slot:02X}");
+        let expired = spec.expired_slots.contains(&slot);
+        let der = if spec.faults.garbage_certificate && slot == 0x9A {
+            random_bytes(300)?
+        } else {
+            issuer.issue(&label, Some("ContosoSmartcardUser"), expired)?
+        };
+        let stored = compressed(&der, compress)?;
+        let mut container = tlv::encode(0x70, &stored);
+        let cert_info = if compress == Compress::None { 0x00 } else { 0x01 };
+        container.extend(tlv::encode(0x71, &[cert_info]));
+        container.extend(tlv::encode(0xFE, &[]));
+        let object = if spec.faults.huge_length && slot == 0x9A {
+            let mut o = vec![0x53, 0x84, 0x7F, 0xFF, 0xFF, 0xF0];
+            o.extend(&container);
+            o
+        } else {
+            tlv::encode(0x53, &container)
+        };
+        objects.insert(Key::Piv(slot_tag(slot)), object);
+        truth.push(truth_cert(format!("{slot:02X}"), &der, compress != Compress::None));
+    }
+    if spec.key_history {
+        let mut history = tlv::encode(0xC1, &[spec.retired]);
+        history.extend(tlv::encode(0xC2, &[0]));
+        history.extend(tlv::encode(0xFE, &[]));
+        objects.insert(Key::Piv(0x5FC10C), tlv::encode(0x53, &history));
+    }
+    Ok(())
+}
+
+fn build_gids(
+    spec: &CardSpec,
+    issuer: &Issuer,
+    card_id: &[u8; 16],
+    objects: &mut HashMap<Key, Vec<u8>>,
+    truth: &mut Vec<TruthCert>,
+) -> Result<()> {
+    const EF_MSCP: u16 = 0xA010;
+    let mut masterfile = vec![0x01];
+    let mut record = |dir: &str, name: &str, data_object: u16, ef: u16| {
+        let mut r = [0u8; 28];
+        r[..dir.len()].copy_from_slice(dir.as_bytes());
+        r[9..9 + name.len()].copy_from_slice(name.as_bytes());
+        r[20..24].copy_from_slice(&u32::from(data_object).to_le_bytes());
+        r[24..28].copy_from_slice(&u32::from(ef).to_le_bytes());
+        masterfile.extend(r);
+    };
+    record("mscp", "", 0, 0xA000);
+    record("", "cardid", 0xDF20, 0xA012);
+    record("", "cardapps", 0xDF21, EF_MSCP);
+    record("", "cardcf", 0xDF22, EF_MSCP);
+    record("mscp", "cmapfile", 0xDF23, EF_MSCP);
+
+    let mut cmapfile = Vec::new();
+    for n in 0..spec.gids_containers {
+        let name = format!("{{{}}}", guid_text(&random16()?));
+        let der = issuer.issue(&format!("Contoso user, container {n}"), Some("ContosoGidsUser"), false)?;
+        let mut stored = vec![0x01, 0x00];
+        stored.extend((der.len() as u16).to_le_bytes());
+        stored.extend(compressed(&der, Compress::Zlib)?);
+        let data_object = 0xDF24 + u16::from(n);
+        record("mscp", &format!("kxc{n:02x}"), data_object, EF_MSCP);
+        objects.insert(Key::Gids(EF_MSCP, data_object), tlv::encode(u32::from(data_object), &stored));
+
+        let mut entry = [0u8; 86];
+        for (i, unit) in name.encode_utf16().take(39).enumerate() {
+            entry[i * 2..i * 2 + 2].copy_from_slice(&unit.to_le_bytes());
+        }
+        entry[80] = if n == 0 { 0x03 } else { 0x01 };
+        entry[84..86].copy_from_slice(&256u16.to_le_bytes());
+        cmapfile.extend(entry);
+        truth.push(truth_cert(name, &der, true));
+    }
+    objects.insert(Key::Gids(0xA000, 0xDF1F), tlv::encode(0xDF1F, &masterfile));
+    objects.insert(Key::Gids(EF_MSCP, 0xDF23), tlv::encode(0xDF23, &cmapfile));
+    objects.insert(Key::Gids(0xA012, 0xDF20), tlv::encode(0xDF20, card_id));
+    objects.insert(Key::Gids(EF_MSCP, 0xDF21), tlv::encode(0xDF21, b"mscp\0\0\0\0"));
+    Ok(())
+}
+
+fn truth_cert(slot: String, der: &[u8], compressed: bool) -> TruthCert {
+    TruthCert {
+        slot,
+        thumbprint: hex::encode_upper(Sha1::digest(der)),
+        compressed,
+        der: hex::encode_upper(der),
+    }
+}
+
+fn compressed(der: &[u8], how: Compress) -> Result<Vec<u8>> {
+    Ok(match how {
+        Compress::None => der.to_vec(),
+        Compress::Gzip => {
+            let mut e = GzEncoder::new(Vec::new(), Compression::best());
+            e.write_all(der)?;
+            e.finish()?
+        }
+        Compress::Zlib => {
+            let mut e = ZlibEncoder::new(Vec::new(), Compression::best());
+            e.write_all(der)?;
+            e.finish()?
+        }
+    })
+}
+
+fn guid_text(b: &[u8; 16]) -> String {
+    cardbridge::card::guid_string(b).to_uppercase()
+}
+
+fn random16() -> Result<[u8; 16]> {
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&random_bytes(16)?);
+    Ok(out)
+}
+
+fn random_bytes(n: usize) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut out = vec![0u8; n];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut out)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cardbridge::card::{read_card, CardKind, ReadOptions, Transport, TransportError};
+
+    /// Lets cardbridge's card reader talk to the virtual card directly, without pcscd, to check
+    /// the card model itself.
+    struct Direct<'a>(&'a mut VirtualCard);
+
+    impl Transport for Direct<'_> {
+        fn transmit(&mut self, command: &[u8]) -> Result<Vec<u8>, TransportError> {
+            match self.0.process(command) {
+                Answer::Reply(r) => Ok(r),
+                Answer::Drop => Err(TransportError::CardRemoved),
+            }
+        }
+    }
+
+    fn read(spec: CardSpec) -> (cardbridge::card::Card, Truth) {
+        let mut card = VirtualCard::new(spec).unwrap();
+        let atr = card.atr.clone();
+        let options = ReadOptions { smartcard_list: None, ..ReadOptions::default() };
+        (read_card(&mut Direct(&mut card), "direct", &atr, &options), card.truth.clone())
+    }
+
+    #[test]
+    fn model_piv_card_reads_back_its_truth() {
+        let (card, truth) = read(CardSpec::piv_four_certs());
+        assert_eq!(card.error, None);
+        assert_eq!(card.kind, CardKind::Piv);
+        assert_eq!(card.card_id, truth.card_id);
+        let got: Vec<_> = card.certificates.iter().map(|c| (c.slot.clone(), c.thumbprint.clone())).collect();
+        let want: Vec<_> = truth.certificates.iter().map(|c| (c.slot.clone(), c.thumbprint.clone())).collect();
+        assert_eq!(got, want);
+        assert!(card.apdu_count <= 12, "{} APDUs", card.apdu_count);
+    }
+
+    #[test]
+    fn model_gids_card_reads_back_its_truth() {
+        let (card, truth) = read(CardSpec::gids_two_containers());
+        assert_eq!(card.error, None);
+        assert_eq!(card.kind, CardKind::Gids);
+        assert_eq!(card.card_id, truth.card_id);
+        assert_eq!(card.certificates.len(), 2);
+        assert_eq!(card.certificates[1].thumbprint, truth.certificates[1].thumbprint);
+    }
+
+    #[test]
+    fn command_parsing_covers_all_cases() {
+        let c = Command::parse(&[0, 0xCB, 0x3F, 0xFF, 0x03, 0x5C, 0x01, 0x7E, 0x00]).unwrap();
+        assert_eq!((c.data.len(), c.ne, c.extended), (3, 256, false));
+        let c = Command::parse(&[0, 0xCB, 0x3F, 0xFF, 0x00, 0x00, 0x03, 0x5C, 0x01, 0x7E, 0x00, 0x00]).unwrap();
+        assert_eq!((c.data.len(), c.ne, c.extended), (3, 65536, true));
+        let c = Command::parse(&[0, 0xFD, 0, 0, 0x00]).unwrap();
+        assert_eq!((c.data.len(), c.ne), (0, 256));
+        assert!(Command::parse(&[0, 0xCB, 0x3F]).is_none());
+        assert!(Command::parse(&[0, 0xCB, 0x3F, 0xFF, 0x09, 0x01]).is_none());
+    }
+}
