@@ -5,8 +5,8 @@
 
 use anyhow::Result;
 use rcgen::{
-    BasicConstraints, CertificateParams, CustomExtension, DnType, IsCa, KeyPair, PKCS_ECDSA_P256_SHA256,
-    PKCS_ECDSA_P384_SHA384,
+    BasicConstraints, CertificateParams, CustomExtension, DnType, IsCa, KeyPair,
+    PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384,
 };
 
 /// An issuing CA, kept for signing the card's certificates.
@@ -20,7 +20,9 @@ impl Issuer {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P384_SHA384)?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name.push(DnType::CommonName, name);
-        params.distinguished_name.push(DnType::OrganizationName, "Contoso");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "Contoso");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let cert = params.self_signed(&key)?;
         Ok(Issuer { cert, key })
@@ -29,11 +31,20 @@ impl Issuer {
     /// Issues a user certificate. `template` adds the Microsoft template-name extension
     /// (1.3.6.1.4.1.311.20.2, a BMPString), as a Windows CA does for v1 templates.
     /// `expired` puts the validity period in the past.
-    pub fn issue(&self, common_name: &str, template: Option<&str>, expired: bool) -> Result<Vec<u8>> {
+    pub fn issue(
+        &self,
+        common_name: &str,
+        template: Option<&str>,
+        expired: bool,
+    ) -> Result<Vec<u8>> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(DnType::CommonName, common_name);
-        params.distinguished_name.push(DnType::OrganizationName, "Contoso");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "Contoso");
         let now = time::OffsetDateTime::now_utc();
         if expired {
             params.not_before = now - time::Duration::days(800);
@@ -48,8 +59,14 @@ impl Issuer {
             bmp.extend(units);
             params
                 .custom_extensions
-                .push(CustomExtension::from_oid_content(&[1, 3, 6, 1, 4, 1, 311, 20, 2], bmp));
+                .push(CustomExtension::from_oid_content(
+                    &[1, 3, 6, 1, 4, 1, 311, 20, 2],
+                    bmp,
+                ));
         }
-        Ok(params.signed_by(&key, &self.cert, &self.key)?.der().to_vec())
+        Ok(params
+            .signed_by(&key, &self.cert, &self.key)?
+            .der()
+            .to_vec())
     }
 }

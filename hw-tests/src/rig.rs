@@ -1,8 +1,10 @@
 //! The test rig: a real pcscd with vpcd reader slots of its own, shared by all tests.
 //!
-//! The rig writes a reader configuration with [`SLOTS`] vpcd slots (four vpcd entries of two slots
-//! each, named `cardbridge rig N 00 0S`) and starts `pcscd --foreground --config DIR`. Only one
-//! pcscd can run on a machine, so:
+//! The rig writes a reader configuration with one vpcd entry, as Debian's `vsmartcard-vpcd`
+//! package does (two slots, `Virtual PCD 00 00` on port 35963 and `Virtual PCD 00 01` on 35964),
+//! and starts `pcscd --foreground --config DIR`. Several vpcd entries in one pcscd do not work
+//! (vpcd 0.8 mixes up their slots: a card in one shows up in all, and powering it fails), so the
+//! rig has two slots. Only one pcscd can run on a machine, so:
 //! - if a pcscd is already running with the rig's readers, it is reused;
 //! - if a pcscd without them is running, the rig fails loudly and says how to stop it;
 //! - a pcscd the rig started keeps running after the tests (the next test binary reuses it).
@@ -11,14 +13,14 @@
 //! takes the rig exclusively.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Condvar, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 
 /// Reader slots the rig provides.
-pub const SLOTS: usize = 8;
+pub const SLOTS: usize = 2;
 /// vpcd's default port; the rig's slots use `BASE_PORT..BASE_PORT + SLOTS`.
 pub const BASE_PORT: u16 = 35963;
 const CONFIG_DIR: &str = "/tmp/cardbridge-rig/reader.conf.d";
@@ -58,7 +60,7 @@ fn rig_static() -> &'static Rig {
 
 /// The reader name pcscd gives slot `index`.
 pub fn reader_name(index: usize) -> String {
-    format!("cardbridge rig {} 00 {:02}", index / 2, index % 2)
+    format!("Virtual PCD 00 {index:02}")
 }
 
 impl Rig {
@@ -101,9 +103,14 @@ impl Rig {
     /// Kills pcscd with SIGKILL, and starts it again after `down` has passed.
     pub fn kill_pcscd(&self) -> Result<()> {
         let pid = running_pcscd().context("pcscd is not running")?;
-        let status = Command::new("kill").args(["-9", &pid.to_string()]).status()?;
+        let status = Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()?;
         if !status.success() {
             bail!("kill -9 {pid} failed");
+        }
+        if let Some(mut child) = CHILD.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = child.wait();
         }
         let until = Instant::now() + Duration::from_secs(5);
         while running_pcscd().is_some() {
@@ -140,12 +147,19 @@ pub fn cardbridge_bin() -> PathBuf {
 
 fn ensure_pcscd() -> Result<()> {
     for tool in ["pcscd"] {
-        if Command::new(tool).arg("--version").stdout(Stdio::null()).status().is_err() {
+        if Command::new(tool)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_err()
+        {
             bail!("`{tool}` is not installed: run `sudo apt-get install pcscd vsmartcard-vpcd` (or `bash .ci/run`)");
         }
     }
     if !VPCD_DRIVERS.iter().any(|d| Path::new(d).exists()) {
-        bail!("the vpcd reader driver is not installed: run `sudo apt-get install vsmartcard-vpcd`");
+        bail!(
+            "the vpcd reader driver is not installed: run `sudo apt-get install vsmartcard-vpcd`"
+        );
     }
     if running_pcscd().is_some() {
         if rig_readers_visible()? {
@@ -164,30 +178,39 @@ fn write_config() -> Result<()> {
         .iter()
         .find(|d| Path::new(d).exists())
         .context("vpcd driver not found")?;
+    // Start from an empty folder: a stale entry on the same port would break the rig's readers.
+    let _ = std::fs::remove_dir_all(CONFIG_DIR);
     std::fs::create_dir_all(CONFIG_DIR)?;
-    for entry in 0..SLOTS / 2 {
-        let port = BASE_PORT + 2 * entry as u16;
-        let text = format!(
-            "FRIENDLYNAME \"cardbridge rig {entry}\"\nDEVICENAME /dev/null:{port}\nLIBPATH {driver}\nCHANNELID {port}\n"
-        );
-        std::fs::write(Path::new(CONFIG_DIR).join(format!("rig{entry}")), text)?;
-    }
+    let text = format!(
+        "FRIENDLYNAME \"Virtual PCD\"\nDEVICENAME /dev/null:{BASE_PORT}\nLIBPATH {driver}\nCHANNELID {BASE_PORT}\n"
+    );
+    std::fs::write(Path::new(CONFIG_DIR).join("vpcd"), text)?;
     Ok(())
 }
+
+/// The pcscd this process started, kept so that it can be reaped after a kill.
+static CHILD: Mutex<Option<Child>> = Mutex::new(None);
 
 fn start_pcscd() -> Result<()> {
     if !is_root() {
         bail!("starting pcscd needs root: run the tests as root (CI does), or start the rig's pcscd yourself with `sudo pcscd --config {CONFIG_DIR}` after a first run wrote it");
     }
     write_config()?;
+    // A pcscd killed with SIGKILL leaves its socket and pid file behind, and a new one refuses
+    // to start while they exist.
+    if running_pcscd().is_none() {
+        let _ = std::fs::remove_file("/run/pcscd/pcscd.comm");
+        let _ = std::fs::remove_file("/run/pcscd/pcscd.pid");
+    }
     let log = std::fs::File::create("/tmp/cardbridge-rig/pcscd.log")?;
-    Command::new("pcscd")
+    let child = Command::new("pcscd")
         .args(["--foreground", "--config", CONFIG_DIR])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()
         .context("cannot start pcscd")?;
+    *CHILD.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
     let until = Instant::now() + Duration::from_secs(10);
     loop {
         if rig_readers_visible().unwrap_or(false) {
@@ -210,7 +233,12 @@ fn rig_readers_visible() -> Result<bool> {
 
 /// The pid of the running pcscd, from its pid file, if that process is alive.
 fn running_pcscd() -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string("/run/pcscd/pcscd.pid").ok()?.trim().parse().ok()?;
+    // pcscd writes the pid followed by a newline and a NUL byte.
+    let text = std::fs::read_to_string("/run/pcscd/pcscd.pid").ok()?;
+    let pid: u32 = text
+        .trim_matches(|c: char| c.is_whitespace() || c == '\0')
+        .parse()
+        .ok()?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // A killed child we spawned stays a zombie until reaped; it is not running.
     let state = stat.rsplit(')').next()?.split_whitespace().next()?;

@@ -79,7 +79,11 @@ impl CardSpec {
     pub fn piv_four_certs() -> CardSpec {
         CardSpec {
             applet: Applet::Piv,
-            slots: vec![(0x9A, Compress::None), (0x9C, Compress::Gzip), (0x9D, Compress::None)],
+            slots: vec![
+                (0x9A, Compress::None),
+                (0x9C, Compress::Gzip),
+                (0x9D, Compress::None),
+            ],
             retired: 1,
             key_history: true,
             yubikey_serial: Some(11_409_355),
@@ -224,9 +228,10 @@ impl VirtualCard {
             (0xA4, 0x04, _) => self.select(&cmd.data),
             (0xCB, p1, p2) => self.get_data(u16::from_be_bytes([p1, p2]), &cmd.data),
             (0xFD, 0, 0) if self.is_yubikey() => (vec![5, 4, 3], 0x9000),
-            (0xF8, 0, 0) if self.is_yubikey() => {
-                (self.spec.yubikey_serial.unwrap_or(0).to_be_bytes().to_vec(), 0x9000)
-            }
+            (0xF8, 0, 0) if self.is_yubikey() => (
+                self.spec.yubikey_serial.unwrap_or(0).to_be_bytes().to_vec(),
+                0x9000,
+            ),
             _ => (Vec::new(), 0x6D00),
         };
         if sw != 0x9000 {
@@ -280,8 +285,12 @@ impl VirtualCard {
             return (Vec::new(), 0x6A80);
         };
         let key = match (self.selected, p1p2) {
-            (Some(Applet::Piv), 0x3FFF) => Key::Piv(tag.iter().fold(0u32, |a, &b| (a << 8) | u32::from(b))),
-            (Some(Applet::Gids), ef) if tag.len() == 2 => Key::Gids(ef, u16::from_be_bytes([tag[0], tag[1]])),
+            (Some(Applet::Piv), 0x3FFF) => {
+                Key::Piv(tag.iter().fold(0u32, |a, &b| (a << 8) | u32::from(b)))
+            }
+            (Some(Applet::Gids), ef) if tag.len() == 2 => {
+                Key::Gids(ef, u16::from_be_bytes([tag[0], tag[1]]))
+            }
             _ => return (Vec::new(), 0x6985),
         };
         match self.objects.get(&key) {
@@ -331,7 +340,14 @@ impl Command {
                 }
             }
         };
-        Some(Command { ins, p1, p2, data, ne, extended })
+        Some(Command {
+            ins,
+            p1,
+            p2,
+            data,
+            ne,
+            extended,
+        })
     }
 }
 
@@ -340,7 +356,7 @@ fn atr_for(spec: &CardSpec) -> Vec<u8> {
     let caps = if spec.extended_length { 0xC0 } else { 0x80 };
     let mut historical = vec![0x80, 0x73, 0x00, 0x00, caps];
     match spec.applet {
-        Applet::Piv => historical.extend(b"\x56vcPIV"),
+        Applet::Piv => historical.extend(b"\x55vcPIV"),
         Applet::Gids => {
             // Announce the GIDS AID in the historical bytes, as Microsoft's virtual cards do.
             historical.push(0xF0 | (GIDS_AID.len() as u8 + 2));
@@ -401,7 +417,11 @@ fn build_piv(
         };
         let stored = compressed(&der, compress)?;
         let mut container = tlv::encode(0x70, &stored);
-        let cert_info = if compress == Compress::None { 0x00 } else { 0x01 };
+        let cert_info = if compress == Compress::None {
+            0x00
+        } else {
+            0x01
+        };
         container.extend(tlv::encode(0x71, &[cert_info]));
         container.extend(tlv::encode(0xFE, &[]));
         let object = if spec.faults.huge_length && slot == 0x9A {
@@ -412,7 +432,11 @@ fn build_piv(
             tlv::encode(0x53, &container)
         };
         objects.insert(Key::Piv(slot_tag(slot)), object);
-        truth.push(truth_cert(format!("{slot:02X}"), &der, compress != Compress::None));
+        truth.push(truth_cert(
+            format!("{slot:02X}"),
+            &der,
+            compress != Compress::None,
+        ));
     }
     if spec.key_history {
         let mut history = tlv::encode(0xC1, &[spec.retired]);
@@ -449,13 +473,20 @@ fn build_gids(
     let mut cmapfile = Vec::new();
     for n in 0..spec.gids_containers {
         let name = format!("{{{}}}", guid_text(&random16()?));
-        let der = issuer.issue(&format!("Contoso user, container {n}"), Some("ContosoGidsUser"), false)?;
+        let der = issuer.issue(
+            &format!("Contoso user, container {n}"),
+            Some("ContosoGidsUser"),
+            false,
+        )?;
         let mut stored = vec![0x01, 0x00];
         stored.extend((der.len() as u16).to_le_bytes());
         stored.extend(compressed(&der, Compress::Zlib)?);
         let data_object = 0xDF24 + u16::from(n);
         record("mscp", &format!("kxc{n:02x}"), data_object, EF_MSCP);
-        objects.insert(Key::Gids(EF_MSCP, data_object), tlv::encode(u32::from(data_object), &stored));
+        objects.insert(
+            Key::Gids(EF_MSCP, data_object),
+            tlv::encode(u32::from(data_object), &stored),
+        );
 
         let mut entry = [0u8; 86];
         for (i, unit) in name.encode_utf16().take(39).enumerate() {
@@ -469,7 +500,10 @@ fn build_gids(
     objects.insert(Key::Gids(0xA000, 0xDF1F), tlv::encode(0xDF1F, &masterfile));
     objects.insert(Key::Gids(EF_MSCP, 0xDF23), tlv::encode(0xDF23, &cmapfile));
     objects.insert(Key::Gids(0xA012, 0xDF20), tlv::encode(0xDF20, card_id));
-    objects.insert(Key::Gids(EF_MSCP, 0xDF21), tlv::encode(0xDF21, b"mscp\0\0\0\0"));
+    objects.insert(
+        Key::Gids(EF_MSCP, 0xDF21),
+        tlv::encode(0xDF21, b"mscp\0\0\0\0"),
+    );
     Ok(())
 }
 
@@ -536,8 +570,14 @@ mod tests {
     fn read(spec: CardSpec) -> (cardbridge::card::Card, Truth) {
         let mut card = VirtualCard::new(spec).unwrap();
         let atr = card.atr.clone();
-        let options = ReadOptions { smartcard_list: None, ..ReadOptions::default() };
-        (read_card(&mut Direct(&mut card), "direct", &atr, &options), card.truth.clone())
+        let options = ReadOptions {
+            smartcard_list: None,
+            ..ReadOptions::default()
+        };
+        (
+            read_card(&mut Direct(&mut card), "direct", &atr, &options),
+            card.truth.clone(),
+        )
     }
 
     #[test]
@@ -546,8 +586,16 @@ mod tests {
         assert_eq!(card.error, None);
         assert_eq!(card.kind, CardKind::Piv);
         assert_eq!(card.card_id, truth.card_id);
-        let got: Vec<_> = card.certificates.iter().map(|c| (c.slot.clone(), c.thumbprint.clone())).collect();
-        let want: Vec<_> = truth.certificates.iter().map(|c| (c.slot.clone(), c.thumbprint.clone())).collect();
+        let got: Vec<_> = card
+            .certificates
+            .iter()
+            .map(|c| (c.slot.clone(), c.thumbprint.clone()))
+            .collect();
+        let want: Vec<_> = truth
+            .certificates
+            .iter()
+            .map(|c| (c.slot.clone(), c.thumbprint.clone()))
+            .collect();
         assert_eq!(got, want);
         assert!(card.apdu_count <= 12, "{} APDUs", card.apdu_count);
     }
@@ -559,14 +607,20 @@ mod tests {
         assert_eq!(card.kind, CardKind::Gids);
         assert_eq!(card.card_id, truth.card_id);
         assert_eq!(card.certificates.len(), 2);
-        assert_eq!(card.certificates[1].thumbprint, truth.certificates[1].thumbprint);
+        assert_eq!(
+            card.certificates[1].thumbprint,
+            truth.certificates[1].thumbprint
+        );
     }
 
     #[test]
     fn command_parsing_covers_all_cases() {
         let c = Command::parse(&[0, 0xCB, 0x3F, 0xFF, 0x03, 0x5C, 0x01, 0x7E, 0x00]).unwrap();
         assert_eq!((c.data.len(), c.ne, c.extended), (3, 256, false));
-        let c = Command::parse(&[0, 0xCB, 0x3F, 0xFF, 0x00, 0x00, 0x03, 0x5C, 0x01, 0x7E, 0x00, 0x00]).unwrap();
+        let c = Command::parse(&[
+            0, 0xCB, 0x3F, 0xFF, 0x00, 0x00, 0x03, 0x5C, 0x01, 0x7E, 0x00, 0x00,
+        ])
+        .unwrap();
         assert_eq!((c.data.len(), c.ne, c.extended), (3, 65536, true));
         let c = Command::parse(&[0, 0xFD, 0, 0, 0x00]).unwrap();
         assert_eq!((c.data.len(), c.ne), (0, 256));

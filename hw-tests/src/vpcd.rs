@@ -112,6 +112,10 @@ fn connect(port: u16, stop: &AtomicBool, patience: Duration) -> Result<TcpStream
     }
 }
 
+fn quickack(stream: &TcpStream) -> std::io::Result<()> {
+    SockRef::from(stream).set_quickack(true)
+}
+
 /// Answers vpcd until the connection closes.
 fn serve(stream: &TcpStream, card: &Mutex<VirtualCard>) -> Result<()> {
     let mut reader = stream;
@@ -119,9 +123,12 @@ fn serve(stream: &TcpStream, card: &Mutex<VirtualCard>) -> Result<()> {
     loop {
         let mut len = [0u8; 2];
         reader.read_exact(&mut len)?;
+        // The kernel leaves quick-ACK mode on its own; re-arm it after every read, so the ACK
+        // for the length goes out at once and vpcd's Nagle-delayed payload follows.
+        quickack(stream)?;
         let mut payload = vec![0u8; usize::from(u16::from_be_bytes(len))];
         reader.read_exact(&mut payload)?;
-        SockRef::from(stream).set_quickack(true)?;
+        quickack(stream)?;
         let reply = {
             let mut card = lock(card);
             match payload[..] {

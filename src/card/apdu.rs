@@ -28,9 +28,13 @@ pub trait Transport {
 /// Why a command did not reach the card or its answer did not come back.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum TransportError {
-    /// The card was pulled, reset by another application, or powered down mid-read.
-    #[error("the card was removed or reset during the read")]
+    /// The card was pulled or powered down mid-read.
+    #[error("the card was removed during the read")]
     CardRemoved,
+    /// Another application (or pcscd) reset the card since it was connected; a reconnect without
+    /// reset and a fresh read usually succeed.
+    #[error("the card was reset by another application during the read")]
+    CardReset,
     /// The PC/SC service went away (pcscd stopped or restarted).
     #[error("the PC/SC service is unavailable: {0}")]
     ServiceUnavailable(String),

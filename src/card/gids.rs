@@ -267,7 +267,7 @@ mod tests {
         assert!(parse_masterfile(&mf[..20]).is_err());
         assert!(parse_masterfile(&[2]).is_err());
         let mut huge = vec![1u8];
-        huge.extend(record("", "x", 0x1_0000_0, 0xA010));
+        huge.extend(record("", "x", 0x0010_0000, 0xA010));
         assert!(parse_masterfile(&huge).is_err());
     }
 

@@ -45,6 +45,7 @@ impl ReadError {
     pub fn code(&self) -> &'static str {
         match self {
             ReadError::Transport(TransportError::CardRemoved) => "card_removed",
+            ReadError::Transport(TransportError::CardReset) => "card_reset",
             ReadError::Transport(TransportError::ServiceUnavailable(_)) => "pcsc_unavailable",
             ReadError::Transport(TransportError::Failed(_)) => "reader_error",
             ReadError::Status { .. } => "unexpected_status",

@@ -22,18 +22,16 @@ pub fn read_reader(ctx: &Context, reader: &CStr, options: &ReadOptions) -> Card 
         Ok(card) => card,
         Err(e) => return Card::failed(&name, &[], &ReadError::Transport(map_error(e))),
     };
-    let atr = card
-        .get_attribute_owned(Attribute::AtrString)
-        .unwrap_or_default();
+    let atr = card_atr(&card);
     let options = ReadOptions {
         reader_extended_length: options.reader_extended_length && reader_takes_extended(&card),
         ..options.clone()
     };
 
     let mut result = read_in_transaction(&mut card, &name, &atr, &options);
-    if matches!(&result, Err(::pcsc::Error::ResetCard)) {
-        // Another application reset the card since we connected: reconnect without resetting
-        // it again, and try once more.
+    if was_reset(&result) {
+        // pcscd or another application reset the card since we connected (pcscd does so right
+        // after an insertion): reconnect without resetting it again, and read once more.
         result = card
             .reconnect(ShareMode::Shared, Protocols::ANY, Disposition::LeaveCard)
             .and_then(|()| read_in_transaction(&mut card, &name, &atr, &options));
@@ -50,6 +48,13 @@ pub fn read_reader(ctx: &Context, reader: &CStr, options: &ReadOptions) -> Card 
     snapshot
 }
 
+fn was_reset(result: &Result<Card, ::pcsc::Error>) -> bool {
+    match result {
+        Err(e) => *e == ::pcsc::Error::ResetCard,
+        Ok(card) => card.error.as_ref().is_some_and(|e| e.code == "card_reset"),
+    }
+}
+
 fn read_in_transaction(
     card: &mut ::pcsc::Card,
     name: &str,
@@ -64,6 +69,16 @@ fn read_in_transaction(
     // Ending can only fail when the card is already gone, which the snapshot reports.
     let _ = tx.end(Disposition::LeaveCard);
     Ok(snapshot)
+}
+
+/// The ATR from SCardStatus with fixed buffers: not every driver (vpcd, for one) implements the
+/// ATR attribute, and pcsc-lite reports no ATR length when asked for the sizes first.
+fn card_atr(card: &::pcsc::Card) -> Vec<u8> {
+    let mut names = [0u8; 4096];
+    let mut atr = [0u8; ::pcsc::MAX_ATR_SIZE];
+    card.status2(&mut names, &mut atr)
+        .map(|status| status.atr().to_vec())
+        .unwrap_or_default()
 }
 
 /// Whether the reader accepts extended APDUs. Readers that report their maximum message size

@@ -21,10 +21,13 @@ impl<'a> PcscTransport<'a> {
 
 impl Transport for PcscTransport<'_> {
     fn transmit(&mut self, command: &[u8]) -> Result<Vec<u8>, TransportError> {
-        self.card
-            .transmit(command, &mut self.buffer)
-            .map(<[u8]>::to_vec)
-            .map_err(map_error)
+        match self.card.transmit(command, &mut self.buffer) {
+            // vpcd (and some other drivers) report a card that vanished mid-exchange as an empty
+            // answer rather than an error; no card answers a command with nothing at all.
+            Ok([]) => Err(TransportError::CardRemoved),
+            Ok(response) => Ok(response.to_vec()),
+            Err(e) => Err(map_error(e)),
+        }
     }
 }
 
@@ -32,7 +35,9 @@ impl Transport for PcscTransport<'_> {
 pub fn map_error(e: ::pcsc::Error) -> TransportError {
     use ::pcsc::Error::*;
     match e {
-        RemovedCard | ResetCard | NoSmartcard | UnpoweredCard | UnresponsiveCard => {
+        ResetCard => TransportError::CardReset,
+        // pcsc-lite answers NotTransacted when the card vanished under an open transaction.
+        RemovedCard | NoSmartcard | UnpoweredCard | UnresponsiveCard | NotTransacted => {
             TransportError::CardRemoved
         }
         NoService | ServiceStopped | InvalidHandle => {

@@ -68,7 +68,10 @@ fn main() -> Result<()> {
         None => println!("{json}"),
     }
     let _inserted = Inserted::insert(card, args.port, true)?;
-    eprintln!("vcard: inserted into the vpcd slot on port {}; Ctrl-C removes it", args.port);
+    eprintln!(
+        "vcard: inserted into the vpcd slot on port {}; Ctrl-C removes it",
+        args.port
+    );
     loop {
         std::thread::park();
     }

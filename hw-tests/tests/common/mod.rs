@@ -1,0 +1,113 @@
+//! Helpers shared by the end-to-end tests: running the real `cardbridge` binary with a deadline,
+//! and waiting for pcscd to notice a card.
+
+#![allow(dead_code)] // Each test binary uses its own subset.
+
+use std::ffi::CString;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use hw_tests::rig::{cardbridge_bin, Slot};
+use hw_tests::vcard::{CardSpec, VirtualCard};
+use hw_tests::vpcd::Inserted;
+use serde_json::Value;
+
+/// Puts a card built from `spec` into `slot` and waits until pcscd sees it.
+pub fn insert(spec: CardSpec, slot: &Slot) -> Inserted {
+    // The slot's previous card may still be registered by pcscd (it polls vpcd).
+    wait_for_card(&slot.reader, false);
+    let card = VirtualCard::new(spec).expect("build virtual card");
+    let inserted = Inserted::insert(card, slot.port, false).expect("insert virtual card");
+    wait_for_card(&slot.reader, true);
+    inserted
+}
+
+/// Runs `cardbridge` with `args`; panics if it does not finish within `limit` (a hang is a bug).
+pub fn run_cardbridge(args: &[&str], envs: &[(&str, &str)], limit: Duration) -> Output {
+    let mut child = Command::new(cardbridge_bin())
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start cardbridge");
+    let until = Instant::now() + limit;
+    loop {
+        if child.try_wait().expect("wait for cardbridge").is_some() {
+            return child.wait_with_output().expect("collect cardbridge output");
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            panic!("cardbridge {args:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `cardbridge scan --json [--reader R] [extra…]`, parsed.
+pub fn scan_json(reader: Option<&str>, extra: &[&str]) -> Vec<Value> {
+    let mut args = vec!["scan", "--json"];
+    if let Some(r) = reader {
+        args.extend(["--reader", r]);
+    }
+    args.extend(extra);
+    let out = run_cardbridge(&args, &[], Duration::from_secs(30));
+    assert!(
+        out.status.success(),
+        "scan failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("scan --json prints JSON")
+}
+
+/// The one card `scan --json --reader R` reports.
+pub fn scan_one(reader: &str, extra: &[&str]) -> Value {
+    let cards = scan_json(Some(reader), extra);
+    assert_eq!(cards.len(), 1, "expected one card in {reader}: {cards:#?}");
+    cards.into_iter().next().unwrap_or_default()
+}
+
+/// Waits until pcscd reports `reader` with (or without) a card.
+pub fn wait_for_card(reader: &str, present: bool) {
+    let ctx = pcsc::Context::establish(pcsc::Scope::User).expect("pcscd reachable");
+    let name = CString::new(reader).expect("reader name");
+    let mut states = [pcsc::ReaderState::new(name, pcsc::State::UNAWARE)];
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let _ = ctx.get_status_change(Duration::from_millis(200), &mut states);
+        let is_present = states[0].event_state().contains(pcsc::State::PRESENT);
+        if is_present == present {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "pcscd did not see the card {} {reader}",
+            if present { "appear in" } else { "leave" }
+        );
+        states[0].sync_current_state();
+    }
+}
+
+/// Slot, thumbprint and compression of every certificate, in order.
+pub fn cert_summary(card: &Value) -> Vec<(String, String, bool)> {
+    card["certificates"]
+        .as_array()
+        .expect("certificates array")
+        .iter()
+        .map(|c| {
+            (
+                c["slot"].as_str().unwrap_or_default().to_string(),
+                c["thumbprint"].as_str().unwrap_or_default().to_string(),
+                c["compressed"].as_bool().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+pub fn truth_summary(truth: &hw_tests::vcard::Truth) -> Vec<(String, String, bool)> {
+    truth
+        .certificates
+        .iter()
+        .map(|c| (c.slot.clone(), c.thumbprint.clone(), c.compressed))
+        .collect()
+}
