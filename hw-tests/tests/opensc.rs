@@ -23,13 +23,7 @@ fn thumbprints_equal_openscs_certificates() {
     let rig = Rig::get();
     let _shared = rig.shared();
     let slot = rig.slot();
-    let card = Inserted::insert(
-        VirtualCard::new(CardSpec::piv_four_certs()).expect("card"),
-        slot.port,
-        false,
-    )
-    .expect("insert");
-    wait_for_card(&slot.reader, true);
+    let card = insert(CardSpec::piv_four_certs(), &slot);
     let json = scan_one(&slot.reader, &[]);
 
     // pkcs15-tool takes the reader's position in pcscd's list.
