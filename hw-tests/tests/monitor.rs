@@ -41,6 +41,7 @@ fn monitor_reports_cards_and_survives_a_pcscd_restart() {
     let rig = Rig::get();
     let _exclusive = rig.exclusive();
     let slot = rig.slot();
+    wait_for_card(&slot.reader, false);
     let (tx, events) = channel();
     let monitor = Monitor::spawn(tx).expect("start monitor");
     expect(
