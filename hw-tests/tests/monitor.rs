@@ -54,9 +54,11 @@ fn monitor_reports_cards_and_survives_a_pcscd_restart() {
     let card = VirtualCard::new(CardSpec::piv_four_certs()).expect("card");
     let atr = card.atr.clone();
     let first = Inserted::insert(card, slot.port, true).expect("insert");
-    let inserted = expect(&events, "card.inserted", |e| {
-        matches!(e, MonitorEvent::CardInserted { .. })
-    });
+    let inserted = expect(
+        &events,
+        "card.inserted",
+        |e| matches!(e, MonitorEvent::CardInserted { reader, .. } if *reader == slot.reader),
+    );
     assert_eq!(
         inserted,
         MonitorEvent::CardInserted {
