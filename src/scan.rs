@@ -5,7 +5,7 @@
 
 use std::io::Write;
 
-use crate::card::{Card, ReadOptions};
+use crate::card::{Card, ReadError, ReadOptions, TransportError};
 use crate::pcsc::{self, PcscError};
 
 /// What `scan` found: the cards read, and the readers that held none.
@@ -46,29 +46,34 @@ pub fn scan(only_reader: Option<&str>, options: &ReadOptions) -> Result<ScanResu
         .filter(|r| !r.card_present)
         .map(|r| r.name.to_string_lossy().into_owned())
         .collect();
-    let cards = std::thread::scope(|s| {
-        let handles: Vec<_> = readers
-            .iter()
-            .filter(|r| r.card_present)
-            .map(|r| {
-                s.spawn(move || match pcsc::connect() {
-                    Ok(ctx) => pcsc::read_reader(&ctx, &r.name, options),
-                    Err(e) => Card::failed(
-                        &r.name.to_string_lossy(),
-                        &[],
-                        &crate::card::ReadError::Transport(
-                            crate::card::TransportError::ServiceUnavailable(e.to_string()),
-                        ),
-                    ),
-                })
-            })
-            .collect();
-        handles.into_iter().filter_map(|h| h.join().ok()).collect()
-    });
+    let present: Vec<_> = readers.iter().filter(|r| r.card_present).collect();
+    let cards = match present[..] {
+        // One card (the usual case at a kiosk): read it with the context we have.
+        [only] => vec![pcsc::read_reader(&ctx, &only.name, options)],
+        _ => std::thread::scope(|s| {
+            let handles: Vec<_> = present
+                .iter()
+                .map(|r| s.spawn(move || read_on_own_context(&r.name, options)))
+                .collect();
+            handles.into_iter().filter_map(|h| h.join().ok()).collect()
+        }),
+    };
     Ok(ScanResult {
         cards,
         empty_readers,
     })
+}
+
+/// Reads one reader from a thread of its own, which needs a PC/SC context of its own.
+fn read_on_own_context(reader: &std::ffi::CStr, options: &ReadOptions) -> Card {
+    match pcsc::connect() {
+        Ok(ctx) => pcsc::read_reader(&ctx, reader, options),
+        Err(e) => Card::failed(
+            &reader.to_string_lossy(),
+            &[],
+            &ReadError::Transport(TransportError::ServiceUnavailable(e.to_string())),
+        ),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

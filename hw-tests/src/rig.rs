@@ -12,6 +12,7 @@
 //! Tests lease reader slots from a pool, so they can run in parallel; a test that restarts pcscd
 //! takes the rig exclusively.
 
+use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Condvar, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -126,6 +127,36 @@ impl Rig {
     pub fn start_pcscd(&self) -> Result<()> {
         start_pcscd()
     }
+}
+
+/// Waits until pcscd reports `reader` with (or without) a card, for at most 10 s.
+pub fn wait_for_card(reader: &str, present: bool) -> Result<()> {
+    let ctx = pcsc::Context::establish(pcsc::Scope::User).context("pcscd is not reachable")?;
+    let mut states = [pcsc::ReaderState::new(
+        CString::new(reader)?,
+        pcsc::State::UNAWARE,
+    )];
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let _ = ctx.get_status_change(Duration::from_millis(200), &mut states);
+        if states[0].event_state().contains(pcsc::State::PRESENT) == present {
+            return Ok(());
+        }
+        if Instant::now() > until {
+            let change = if present { "appear in" } else { "leave" };
+            bail!("pcscd did not see the card {change} {reader} within 10 s");
+        }
+        states[0].sync_current_state();
+    }
+}
+
+/// The position of `reader` in pcscd's list (OpenSC's tools take readers by index).
+pub fn reader_index(reader: &str) -> Result<usize> {
+    let ctx = pcsc::Context::establish(pcsc::Scope::User).context("pcscd is not reachable")?;
+    ctx.list_readers_owned()?
+        .iter()
+        .position(|r| r.to_string_lossy() == reader)
+        .with_context(|| format!("reader {reader} is not listed"))
 }
 
 /// Path of the cardbridge binary built for these tests (`target/<profile>/cardbridge`).

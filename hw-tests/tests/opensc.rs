@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 
 use common::{insert, scan_one};
-use hw_tests::rig::Rig;
+use hw_tests::rig::{reader_index, Rig};
 use hw_tests::vcard::CardSpec;
 use sha1::{Digest, Sha1};
 
@@ -27,12 +27,7 @@ fn thumbprints_equal_openscs_certificates() {
     let json = scan_one(&slot.reader, &[]);
 
     // pkcs15-tool takes the reader's position in pcscd's list.
-    let ctx = pcsc::Context::establish(pcsc::Scope::User).expect("pcscd");
-    let readers = ctx.list_readers_owned().expect("readers");
-    let index = readers
-        .iter()
-        .position(|r| r.to_string_lossy() == slot.reader)
-        .expect("rig reader listed");
+    let index = reader_index(&slot.reader).expect("rig reader listed");
     // OpenSC caches certificates under $HOME; give it an empty one.
     let home = std::env::temp_dir().join(format!("cardbridge-opensc-{}", std::process::id()));
     std::fs::create_dir_all(&home).expect("temp home");

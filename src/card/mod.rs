@@ -141,7 +141,8 @@ pub struct ReadOptions {
     /// Whether the reader accepts extended-length APDUs; they are used only when the ATR
     /// announces them too.
     pub reader_extended_length: bool,
-    /// Where to look up card names; `None` disables the lookup.
+    /// Where to look up card names (see [`names`]); `None` disables the lookup. The lookup reads
+    /// a local file, so the PC/SC layer does it after releasing the card.
     pub smartcard_list: Option<PathBuf>,
 }
 
@@ -174,9 +175,6 @@ pub fn read_card(
 ) -> Card {
     let started = Instant::now();
     let mut card = Card::empty(reader, atr);
-    if let Some(list) = &options.smartcard_list {
-        card.atr_info.name = names::lookup(list, atr);
-    }
     let extended = card.atr_info.extended_length && options.reader_extended_length;
     let mut channel = Channel::new(transport, extended, started + options.timeout);
     let gids_first = card

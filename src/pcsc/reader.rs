@@ -12,7 +12,7 @@ use std::time::Instant;
 use ::pcsc::{Attribute, Context, Disposition, Protocols, ShareMode};
 
 use super::transport::{map_error, PcscTransport};
-use crate::card::{read_card, Card, ReadError, ReadOptions};
+use crate::card::{names, read_card, Card, ReadError, ReadOptions};
 
 /// Reads the card in `reader`. Never fails: a card that cannot be read comes back with `error`.
 pub fn read_reader(ctx: &Context, reader: &CStr, options: &ReadOptions) -> Card {
@@ -45,6 +45,9 @@ pub fn read_reader(ctx: &Context, reader: &CStr, options: &ReadOptions) -> Card 
         std::mem::forget(card);
     }
     snapshot.read_ms = started.elapsed().as_millis() as u64;
+    if let Some(list) = &options.smartcard_list {
+        snapshot.atr_info.name = names::lookup(list, &atr);
+    }
     snapshot
 }
 

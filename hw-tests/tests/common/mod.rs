@@ -3,7 +3,6 @@
 
 #![allow(dead_code)] // Each test binary uses its own subset.
 
-use std::ffi::CString;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -69,22 +68,8 @@ pub fn scan_one(reader: &str, extra: &[&str]) -> Value {
 
 /// Waits until pcscd reports `reader` with (or without) a card.
 pub fn wait_for_card(reader: &str, present: bool) {
-    let ctx = pcsc::Context::establish(pcsc::Scope::User).expect("pcscd reachable");
-    let name = CString::new(reader).expect("reader name");
-    let mut states = [pcsc::ReaderState::new(name, pcsc::State::UNAWARE)];
-    let until = Instant::now() + Duration::from_secs(10);
-    loop {
-        let _ = ctx.get_status_change(Duration::from_millis(200), &mut states);
-        let is_present = states[0].event_state().contains(pcsc::State::PRESENT);
-        if is_present == present {
-            return;
-        }
-        assert!(
-            Instant::now() < until,
-            "pcscd did not see the card {} {reader}",
-            if present { "appear in" } else { "leave" }
-        );
-        states[0].sync_current_state();
+    if let Err(e) = hw_tests::rig::wait_for_card(reader, present) {
+        panic!("{e:#}");
     }
 }
 

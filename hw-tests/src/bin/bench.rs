@@ -1,0 +1,115 @@
+//! Card-read benchmark: inserts the 4-certificate PIV card N times into a vpcd reader and reads it
+//! with `cardbridge scan --json` and with OpenSC's `pkcs15-tool --list-certificates`, printing the
+//! median and p95 of each and the APDUs each needed (counted by the virtual card itself).
+//!
+//! Run it with `hw-tests/bench` (release build); it prints numbers and asserts nothing, because
+//! timings on shared machines are for reading, not for failing builds.
+
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context as _, Result};
+use clap::Parser;
+use hw_tests::rig::{cardbridge_bin, reader_index, wait_for_card, Rig};
+use hw_tests::vcard::{CardSpec, VirtualCard};
+use hw_tests::vpcd::Inserted;
+
+#[derive(Parser)]
+#[command(about = "Benchmark cardbridge's card reads against OpenSC on the same virtual card")]
+struct Args {
+    /// Number of insertions.
+    #[arg(long, default_value_t = 30)]
+    runs: usize,
+}
+
+#[derive(Default)]
+struct Series {
+    millis: Vec<f64>,
+    apdus: Vec<u64>,
+}
+
+impl Series {
+    fn report(&mut self, name: &str) {
+        self.millis.sort_by(f64::total_cmp);
+        self.apdus.sort_unstable();
+        let pick = |q: f64| self.millis[((self.millis.len() - 1) as f64 * q).round() as usize];
+        println!(
+            "{name:<44} median {:>7.1} ms   p95 {:>7.1} ms   APDUs/read {}",
+            pick(0.5),
+            pick(0.95),
+            self.apdus[self.apdus.len() / 2]
+        );
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let rig = Rig::get();
+    let _shared = rig.shared();
+    let slot = rig.slot();
+    let bin = cardbridge_bin();
+    let home = std::env::temp_dir().join("cardbridge-bench-home");
+    std::fs::create_dir_all(&home)?;
+
+    let mut read_ms = Series::default();
+    let mut scan_wall = Series::default();
+    let mut opensc_wall = Series::default();
+    for _ in 0..args.runs {
+        wait_for_card(&slot.reader, false)?;
+        let card = Inserted::insert(
+            VirtualCard::new(CardSpec::piv_four_certs())?,
+            slot.port,
+            false,
+        )?;
+        wait_for_card(&slot.reader, true)?;
+
+        let before = card.apdu_count();
+        let started = Instant::now();
+        let out = Command::new(&bin)
+            .args(["scan", "--json", "--reader", &slot.reader])
+            .output()
+            .context("run cardbridge")?;
+        scan_wall
+            .millis
+            .push(started.elapsed().as_secs_f64() * 1000.0);
+        let cards: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("scan output")?;
+        let reported = &cards[0];
+        if !reported["error"].is_null() {
+            bail!("cardbridge failed to read the card: {}", reported["error"]);
+        }
+        read_ms
+            .millis
+            .push(reported["read_ms"].as_f64().unwrap_or_default());
+        let apdus = card.apdu_count() - before;
+        read_ms.apdus.push(apdus);
+        scan_wall.apdus.push(apdus);
+
+        let index = reader_index(&slot.reader)?;
+        let before = card.apdu_count();
+        let started = Instant::now();
+        let status = Command::new("pkcs15-tool")
+            .args(["--reader", &index.to_string(), "--list-certificates"])
+            .env("HOME", &home)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .context("run pkcs15-tool (apt-get install opensc)")?;
+        opensc_wall
+            .millis
+            .push(started.elapsed().as_secs_f64() * 1000.0);
+        if !status.success() {
+            bail!("pkcs15-tool failed: {status}");
+        }
+        opensc_wall.apdus.push(card.apdu_count() - before);
+        card.remove();
+    }
+    println!("{} insertions of the 4-certificate PIV card (9A, 9C gzip, 9D, retired 82; extended length)", args.runs);
+    read_ms.report("cardbridge read (read_ms, in-process)");
+    scan_wall.report("cardbridge scan --json (whole process)");
+    opensc_wall.report("pkcs15-tool --list-certificates (whole process)");
+    Ok(())
+}
