@@ -195,6 +195,65 @@ mod tests {
         assert_eq!(directory_string(&[0x1E, 0x05, 0, 1]), None);
     }
 
+    fn certificate_with(extensions: Vec<rcgen::CustomExtension>) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Alice");
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x1B, 0x00, 0xB0, 0x10]));
+        params.custom_extensions = extensions;
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    /// CertificateTemplate { templateID 1.3.6.1.4.1.311.21.8.1234.5, major 100, minor 3 }.
+    const TEMPLATE_INFO: [u8; 22] = [
+        0x30, 0x14, 0x06, 0x0C, 0x2B, 0x06, 0x01, 0x04, 0x01, 0x82, 0x37, 0x15, 0x08, 0x89, 0x52,
+        0x05, 0x02, 0x01, 0x64, 0x02, 0x01, 0x03,
+    ];
+    const TEMPLATE_INFO_OID: [u64; 9] = [1, 3, 6, 1, 4, 1, 311, 21, 7];
+    const TEMPLATE_NAME_OID: [u64; 9] = [1, 3, 6, 1, 4, 1, 311, 20, 2];
+
+    #[test]
+    fn reads_the_fields_of_a_real_certificate() {
+        let der = certificate_with(vec![rcgen::CustomExtension::from_oid_content(
+            &TEMPLATE_INFO_OID,
+            TEMPLATE_INFO.to_vec(),
+        )]);
+        let info = CertificateInfo::from_der("9A".into(), "PIV Authentication".into(), der, false);
+        assert_eq!(info.error, None);
+        assert_eq!(info.subject.as_deref(), Some("CN=Alice"));
+        assert_eq!(info.issuer.as_deref(), Some("CN=Alice"));
+        assert_eq!(info.serial_number.as_deref(), Some("1B00B010"));
+        assert_eq!(info.key_algorithm.as_deref(), Some("EC P-256"));
+        assert_eq!(
+            info.template.as_deref(),
+            Some("1.3.6.1.4.1.311.21.8.1234.5")
+        );
+        let not_after = info.not_after.unwrap();
+        assert!(
+            time::OffsetDateTime::parse(&not_after, &Rfc3339).is_ok(),
+            "{not_after}"
+        );
+        assert_eq!(info.thumbprint.len(), 40);
+        assert_eq!(info.thumbprint, info.thumbprint.to_uppercase());
+    }
+
+    #[test]
+    fn the_template_name_wins_over_the_template_oid() {
+        let name: Vec<u8> = [0x1E, 0x08]
+            .into_iter()
+            .chain("User".encode_utf16().flat_map(u16::to_be_bytes))
+            .collect();
+        let der = certificate_with(vec![
+            rcgen::CustomExtension::from_oid_content(&TEMPLATE_INFO_OID, TEMPLATE_INFO.to_vec()),
+            rcgen::CustomExtension::from_oid_content(&TEMPLATE_NAME_OID, name),
+        ]);
+        let info = CertificateInfo::from_der("9C".into(), "x".into(), der, true);
+        assert_eq!(info.template.as_deref(), Some("User"));
+        assert!(info.compressed);
+    }
+
     #[test]
     fn garbage_is_reported_with_hashes_and_an_error() {
         let info = CertificateInfo::from_der("9A".into(), "x".into(), b"garbage".to_vec(), false);

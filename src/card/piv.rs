@@ -437,6 +437,25 @@ mod tests {
     }
 
     #[test]
+    fn an_older_yubikey_gives_its_serial_through_the_otp_applet() {
+        let mut t = Replay::new(&[
+            ("00FD000000", ok(vec![4, 3, 7])),
+            ("00A4040008A00000052720010100", ok(vec![])),
+            ("00011000", ok(vec![0x00, 0x12, 0xD6, 0x87])),
+            ("00A4040009A0000003080000100000", ok(vec![])),
+        ]);
+        let mut ch = Channel::new(&mut t, false, Instant::now() + Duration::from_secs(5));
+        let mut details = PivDetails::default();
+        let mut data = AppletData::default();
+        read_yubikey(&mut ch, &mut details, &mut data).unwrap();
+        assert_eq!(details.yubikey_version.as_deref(), Some("4.3.7"));
+        assert_eq!(data.serial_number.as_deref(), Some("1234567"));
+        // PIV is selected again afterwards; GET SERIAL (F8) is never sent to firmware 4.
+        assert_eq!(t.sent.last().map(|c| c[1]), Some(0xA4));
+        assert!(!t.sent.iter().any(|c| c[1] == 0xF8));
+    }
+
+    #[test]
     fn a_wrong_outer_tag_is_malformed() {
         let mut t = Replay::new(&[("00CB3FFF055C035FC10200", ok(tlv::encode(0x54, &[1])))]);
         let mut ch = Channel::new(&mut t, false, Instant::now() + Duration::from_secs(5));
