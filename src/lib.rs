@@ -6,8 +6,16 @@
 //!
 //! - [`card`]: the card protocols (ATR, BER-TLV, PIV, GIDS, certificates), free of I/O.
 //! - [`pcsc`]: the PC/SC side: the monitor thread, reading one reader, the APDU transport.
+//! - [`cm`]: the MIM CM REST client.
+//! - [`reconcile`]: the rules that compare a card with the server's record, and the lookup.
+//! - [`store`]: the SQLite state database.
+//! - [`config`]: the TOML configuration.
 //! - [`scan`]: the `cardbridge scan` command.
 
 pub mod card;
+pub mod cm;
+pub mod config;
 pub mod pcsc;
+pub mod reconcile;
 pub mod scan;
+pub mod store;

@@ -1,12 +1,14 @@
 //! Command-line entry point: parses arguments and hands over to the library.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
 use cardbridge::card::ReadOptions;
+use cardbridge::config::Config;
 use cardbridge::scan;
 
 #[derive(Parser)]
@@ -29,6 +31,12 @@ enum Command {
         /// Give up on a card that has not finished answering after this many seconds.
         #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
         card_timeout: f64,
+        /// Also compare every card with the MIM CM server of the configuration.
+        #[arg(long)]
+        reconcile: bool,
+        /// Configuration file (default /etc/cardbridge/config.toml).
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
     },
 }
 
@@ -39,21 +47,42 @@ fn main() -> ExitCode {
             json,
             reader,
             card_timeout,
+            reconcile,
+            config,
         } => {
             let Ok(timeout) = Duration::try_from_secs_f64(card_timeout) else {
                 eprintln!("cardbridge: --card-timeout must be a positive number of seconds");
                 return ExitCode::from(2);
             };
+            let config = if reconcile {
+                let explicit = config.is_some();
+                let path =
+                    config.unwrap_or_else(|| PathBuf::from(cardbridge::config::DEFAULT_PATH));
+                match Config::load(&path, explicit) {
+                    Ok(config) => Some(config),
+                    Err(e) => {
+                        eprintln!("cardbridge: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+            } else {
+                None
+            };
             let options = ReadOptions {
                 timeout,
                 ..ReadOptions::default()
             };
-            run_scan(json, reader.as_deref(), &options)
+            run_scan(json, reader.as_deref(), &options, config.as_ref())
         }
     }
 }
 
-fn run_scan(json: bool, reader: Option<&str>, options: &ReadOptions) -> ExitCode {
+fn run_scan(
+    json: bool,
+    reader: Option<&str>,
+    options: &ReadOptions,
+    config: Option<&Config>,
+) -> ExitCode {
     let result = match scan::scan(reader, options) {
         Ok(result) => result,
         Err(e) => {
@@ -72,12 +101,27 @@ fn run_scan(json: bool, reader: Option<&str>, options: &ReadOptions) -> ExitCode
         }
     }
     let mut out = std::io::stdout().lock();
-    let written = if json {
-        serde_json::to_writer_pretty(&mut out, &result.cards)
-            .map_err(std::io::Error::from)
-            .and_then(|()| writeln!(out))
-    } else {
-        scan::print_table(&result, &mut out)
+    let written = match config {
+        Some(config) => match scan::reconcile_all(result.cards, config) {
+            Ok(cards) if json => write_json(&mut out, &cards),
+            Ok(cards) => scan::print_table(&cards, &result.empty_readers, &mut out),
+            Err(e) => {
+                eprintln!("cardbridge: {e}");
+                return ExitCode::from(1);
+            }
+        },
+        None if json => write_json(&mut out, &result.cards),
+        None => {
+            let cards: Vec<_> = result
+                .cards
+                .into_iter()
+                .map(|card| scan::Reconciled {
+                    card,
+                    reconciliation: None,
+                })
+                .collect();
+            scan::print_table(&cards, &result.empty_readers, &mut out)
+        }
     };
     match written {
         Ok(()) => ExitCode::SUCCESS,
@@ -86,4 +130,9 @@ fn run_scan(json: bool, reader: Option<&str>, options: &ReadOptions) -> ExitCode
             ExitCode::from(1)
         }
     }
+}
+
+fn write_json<T: serde::Serialize>(out: &mut impl Write, value: &T) -> std::io::Result<()> {
+    serde_json::to_writer_pretty(&mut *out, value).map_err(std::io::Error::from)?;
+    writeln!(out)
 }

@@ -5,8 +5,17 @@
 
 use std::io::Write;
 
+use serde::Serialize;
+
 use crate::card::{Card, ReadError, ReadOptions, TransportError};
+use crate::cm::{CmClient, CmError};
+use crate::config::Config;
 use crate::pcsc::{self, PcscError};
+use crate::reconcile::{Reconciler, Reconciliation};
+use crate::store::{Store, StoreError};
+
+/// The store key of the card-id form the server answered to.
+const CARD_ID_FORM: &str = "cm.card_id_form";
 
 /// What `scan` found: the cards read, and the readers that held none.
 #[derive(Debug)]
@@ -76,6 +85,75 @@ fn read_on_own_context(reader: &std::ffi::CStr, options: &ReadOptions) -> Card {
     }
 }
 
+/// A card with its reconciliation, as `scan --reconcile --json` prints it.
+#[derive(Debug, Serialize)]
+pub struct Reconciled {
+    #[serde(flatten)]
+    pub card: Card,
+    /// Null for a card that could not be read: a partial read is not compared with anything.
+    pub reconciliation: Option<Reconciliation>,
+}
+
+/// Why `scan --reconcile` could not start comparing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileSetupError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Cm(#[from] CmError),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Reconciles every successfully read card with the configured server, one after the other,
+/// recording sightings and results in the state database. Card reading is already finished when
+/// this runs, so a slow server never delays it.
+pub fn reconcile_all(
+    cards: Vec<Card>,
+    config: &Config,
+) -> Result<Vec<Reconciled>, ReconcileSetupError> {
+    let store = Store::open(&config.state_dir())?;
+    let (client, order) = match &config.cm {
+        Some(cm) => (Some(CmClient::new(cm)?), cm.card_id_order),
+        None => (None, Default::default()),
+    };
+    let reconciler = Reconciler::new(client, order);
+    if let Some(form) = store.setting(CARD_ID_FORM)? {
+        reconciler.prefer_form(&form);
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ReconcileSetupError::Runtime)?;
+    let mut out = Vec::with_capacity(cards.len());
+    for card in cards {
+        store.record_sighting(&card)?;
+        let reconciliation = if card.error.is_none() {
+            let r = runtime.block_on(reconciler.reconcile(&card));
+            store.save_reconciliation(&r)?;
+            Some(r)
+        } else {
+            None
+        };
+        out.push(Reconciled {
+            card,
+            reconciliation,
+        });
+    }
+    if let Some(form) = reconciler.preferred_form() {
+        store.set_setting(CARD_ID_FORM, form)?;
+    }
+    Ok(out)
+}
+
+/// The JSON name of a serialisable enum value, for the table.
+fn json_name<T: Serialize>(value: &T) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ScanError {
     #[error(transparent)]
@@ -84,35 +162,34 @@ pub enum ScanError {
     NoSuchReader(String),
 }
 
-/// Prints cards as a human-readable table.
-pub fn print_table(result: &ScanResult, out: &mut dyn Write) -> std::io::Result<()> {
-    for card in &result.cards {
+/// Prints cards (with their reconciliation, when there is one) as a human-readable table.
+pub fn print_table(
+    cards: &[Reconciled],
+    empty_readers: &[String],
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
+    for Reconciled {
+        card,
+        reconciliation,
+    } in cards
+    {
         writeln!(out, "Reader:   {}", card.reader)?;
-        writeln!(
-            out,
-            "ATR:      {}{}",
-            card.atr,
-            card.atr_info
-                .name
-                .as_deref()
-                .map(|n| format!("  ({n})"))
-                .unwrap_or_default()
-        )?;
+        let name = card.atr_info.name.as_deref().map(|n| format!("  ({n})"));
+        writeln!(out, "ATR:      {}{}", card.atr, name.unwrap_or_default())?;
         if let Some(e) = &card.error {
-            writeln!(out, "Error:    {} ({})", e.message, e.code)?;
-            writeln!(out)?;
+            writeln!(out, "Error:    {} ({})\n", e.message, e.code)?;
             continue;
         }
-        let kind = serde_json::to_value(card.kind).ok();
+        let serial = card
+            .serial_number
+            .as_deref()
+            .map(|s| format!("  serial {s}"));
         writeln!(
             out,
             "Card:     {}  id {}{}",
-            kind.as_ref().and_then(|k| k.as_str()).unwrap_or("unknown"),
+            json_name(&card.kind),
             card.card_id.as_deref().unwrap_or("-"),
-            card.serial_number
-                .as_deref()
-                .map(|s| format!("  serial {s}"))
-                .unwrap_or_default()
+            serial.unwrap_or_default()
         )?;
         writeln!(
             out,
@@ -135,9 +212,28 @@ pub fn print_table(result: &ScanResult, out: &mut dyn Write) -> std::io::Result<
                     .unwrap_or_default()
             )?;
         }
+        if let Some(r) = reconciliation {
+            let reason = r.reason.as_deref().map(|x| format!("  ({x})"));
+            writeln!(
+                out,
+                "Server:   {}  verdict {}{}",
+                json_name(&r.state),
+                json_name(&r.verdict),
+                reason.unwrap_or_default()
+            )?;
+            for f in &r.findings {
+                writeln!(
+                    out,
+                    "  [{}] {}: {}",
+                    json_name(&f.severity),
+                    f.code,
+                    f.message
+                )?;
+            }
+        }
         writeln!(out)?;
     }
-    for reader in &result.empty_readers {
+    for reader in empty_readers {
         writeln!(out, "Reader:   {reader}\n          (no card)\n")?;
     }
     Ok(())

@@ -1,0 +1,195 @@
+//! Configuration: TOML, every key optional unless a feature needs it, unknown keys rejected.
+//!
+//! Errors name the file and the key (toml's messages carry the key path and position), because
+//! an administrator editing `/etc/cardbridge/config.toml` on a kiosk needs to know exactly what to
+//! fix. Secrets are never inline: the bearer token and the basic-auth password are read from
+//! files, so the configuration itself can be world-readable.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+/// Where `run` and `scan --reconcile` look when no `--config` is given.
+pub const DEFAULT_PATH: &str = "/etc/cardbridge/config.toml";
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// SQLite database and other state; `/var/lib/cardbridge` by default.
+    pub state_dir: Option<PathBuf>,
+    /// Absent: reconciliation reports `not_configured`.
+    pub cm: Option<CmConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CmConfig {
+    /// e.g. `https://cm.contoso.com/CertificateManagement/`
+    pub base_url: String,
+    #[serde(default)]
+    pub auth: CmAuth,
+    /// File holding the bearer token (`auth = "bearer"`).
+    pub token_file: Option<PathBuf>,
+    /// User name for `auth = "basic"`.
+    pub username: Option<String>,
+    /// File holding the password for `auth = "basic"`.
+    pub password_file: Option<PathBuf>,
+    /// PEM file with extra CA certificates to trust (an internal PKI).
+    pub ca_bundle: Option<PathBuf>,
+    /// PEM file with a client certificate and its private key, for mutual TLS.
+    pub client_certificate: Option<PathBuf>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u64,
+    /// Extra attempts for GET requests after a transient failure.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Byte order of the PIV card id as the server knows it; `auto` tries both.
+    #[serde(default)]
+    pub card_id_order: CardIdOrder,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CmAuth {
+    #[default]
+    None,
+    Bearer,
+    Basic,
+}
+
+/// How the 16 card-id bytes are written as the GUID string the server is asked about.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CardIdOrder {
+    /// RFC 4122 order first, Windows order second; the form that answered is remembered.
+    #[default]
+    Auto,
+    Rfc4122,
+    Windows,
+}
+
+fn default_connect_timeout() -> u64 {
+    3_000
+}
+fn default_timeout() -> u64 {
+    10_000
+}
+fn default_retries() -> u32 {
+    2
+}
+
+impl CmConfig {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Config {
+    /// Loads `path`. A missing file at the default path means "all defaults"; a missing file
+    /// that was asked for explicitly is an error.
+    pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                return Ok(Config::default())
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        Config::parse(&text).map_err(|message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    /// Parses and validates configuration text.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| e.to_string().trim().replace('\n', " "))?;
+        if let Some(cm) = &config.cm {
+            let url = reqwest::Url::parse(&cm.base_url).map_err(|e| format!("cm.base_url: {e}"))?;
+            if !matches!(url.scheme(), "https" | "http") {
+                return Err("cm.base_url: must be an http or https URL".into());
+            }
+            match cm.auth {
+                CmAuth::Bearer if cm.token_file.is_none() => {
+                    return Err("cm.token_file: required when cm.auth = \"bearer\"".into())
+                }
+                CmAuth::Basic if cm.username.is_none() || cm.password_file.is_none() => {
+                    return Err(
+                        "cm.username and cm.password_file: required when cm.auth = \"basic\""
+                            .into(),
+                    )
+                }
+                _ => {}
+            }
+            if cm.timeout_ms == 0 || cm.connect_timeout_ms == 0 {
+                return Err(
+                    "cm.timeout_ms and cm.connect_timeout_ms: must be greater than 0".into(),
+                );
+            }
+        }
+        Ok(config)
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/var/lib/cardbridge"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_full_cm_section() {
+        let c = Config::parse("").unwrap();
+        assert!(c.cm.is_none());
+        let c = Config::parse(
+            "state_dir = \"/tmp/x\"\n[cm]\nbase_url = \"https://cm.contoso.com/CertificateManagement/\"\n\
+             auth = \"basic\"\nusername = \"svc\"\npassword_file = \"/etc/cardbridge/cm.pw\"\ncard_id_order = \"windows\"\n",
+        )
+        .unwrap();
+        let cm = c.cm.unwrap();
+        assert_eq!(cm.auth, CmAuth::Basic);
+        assert_eq!(cm.card_id_order, CardIdOrder::Windows);
+        assert_eq!(cm.retries, 2);
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_bad_values_naming_the_key() {
+        let e = Config::parse("[cm]\nbase_url = \"https://x/\"\nretry = 3\n").unwrap_err();
+        assert!(e.contains("retry"), "{e}");
+        let e = Config::parse("[cm]\nbase_url = \"not a url\"\n").unwrap_err();
+        assert!(e.contains("cm.base_url"), "{e}");
+        let e = Config::parse("[cm]\nbase_url = \"https://x/\"\nauth = \"bearer\"\n").unwrap_err();
+        assert!(e.contains("cm.token_file"), "{e}");
+        let e =
+            Config::parse("[cm]\nbase_url = \"https://x/\"\nauth = \"kerberos\"\n").unwrap_err();
+        assert!(e.contains("kerberos"), "{e}");
+    }
+}

@@ -1,0 +1,280 @@
+//! The state database (SQLite in the state directory): the last reconciliation per card, the
+//! history of card sightings, and small learnt settings such as the card-id byte order the server
+//! answers to.
+//!
+//! Migrations are numbered and recorded in `PRAGMA user_version`; each runs in a transaction, so
+//! a crash mid-migration leaves the previous version intact. A file that is not a SQLite database,
+//! fails its integrity check, or comes from a newer cardbridge is a clear startup error rather
+//! than something to overwrite.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use thiserror::Error;
+
+use crate::card::Card;
+use crate::reconcile::Reconciliation;
+
+/// Schema migrations; entry `n` brings the database from version `n` to `n + 1`.
+const MIGRATIONS: &[&str] = &["CREATE TABLE reconciliations (
+        card_id     TEXT PRIMARY KEY,
+        verdict     TEXT NOT NULL,
+        state       TEXT NOT NULL,
+        checked_at  TEXT NOT NULL,
+        json        TEXT NOT NULL
+     );
+     CREATE TABLE sightings (
+        id          INTEGER PRIMARY KEY,
+        card_id     TEXT,
+        reader      TEXT NOT NULL,
+        atr         TEXT NOT NULL,
+        thumbprints TEXT NOT NULL,
+        seen_at     TEXT NOT NULL
+     );
+     CREATE INDEX sightings_card ON sightings (card_id, seen_at);
+     CREATE TABLE settings (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+     );"];
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("cannot create the state directory {path}: {source}")]
+    Directory {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open the state database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("the state database {path} is corrupt or not a cardbridge database ({detail}); move it aside to start afresh")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("the state database {path} has schema version {found}, newer than this cardbridge understands ({known})")]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
+    #[error("state database error: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("cannot encode a reconciliation: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    /// Opens (creating if needed) `cardbridge.db` in `state_dir` and brings its schema up to date.
+    pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::Directory {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        Store::open_file(&state_dir.join("cardbridge.db"))
+    }
+
+    pub fn open_file(path: &Path) -> Result<Store, StoreError> {
+        let open_err = |source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let corrupt = |e: rusqlite::Error| StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        };
+        let mut conn = Connection::open(path).map_err(open_err)?;
+        // The first real read tells a non-database file apart.
+        let check: String = conn
+            .query_row("PRAGMA quick_check", [], |row| row.get(0))
+            .map_err(corrupt)?;
+        if check != "ok" {
+            return Err(StoreError::Corrupt {
+                path: path.to_path_buf(),
+                detail: check,
+            });
+        }
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+        )
+        .map_err(open_err)?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+        let known = MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(StoreError::TooNew {
+                path: path.to_path_buf(),
+                found: version,
+                known,
+            });
+        }
+        for (n, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+            let tx = conn.transaction()?;
+            tx.execute_batch(sql).map_err(open_err)?;
+            tx.pragma_update(None, "user_version", n as i64 + 1)?;
+            tx.commit()?;
+        }
+        Ok(Store { conn })
+    }
+
+    /// Records that `card` was seen (a sighting), whatever its read outcome.
+    pub fn record_sighting(&self, card: &Card) -> Result<(), StoreError> {
+        let thumbprints: Vec<&str> = card
+            .certificates
+            .iter()
+            .map(|c| c.thumbprint.as_str())
+            .collect();
+        self.conn.execute(
+            "INSERT INTO sightings (card_id, reader, atr, thumbprints, seen_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![card.card_id, card.reader, card.atr, thumbprints.join(","), card.read_at],
+        )?;
+        Ok(())
+    }
+
+    /// Keeps `r` as the card's last reconciliation.
+    pub fn save_reconciliation(&self, r: &Reconciliation) -> Result<(), StoreError> {
+        let Some(card_id) = &r.card_id else {
+            return Ok(());
+        };
+        let json = serde_json::to_string(r)?;
+        self.conn.execute(
+            "INSERT INTO reconciliations (card_id, verdict, state, checked_at, json) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (card_id) DO UPDATE SET verdict = ?2, state = ?3, checked_at = ?4, json = ?5",
+            params![
+                card_id,
+                serde_json::to_value(r.verdict)?.as_str().unwrap_or_default(),
+                serde_json::to_value(r.state)?.as_str().unwrap_or_default(),
+                r.checked_at,
+                json
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn last_reconciliation(&self, card_id: &str) -> Result<Option<Reconciliation>, StoreError> {
+        let json: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT json FROM reconciliations WHERE card_id = ?1",
+                [card_id],
+                |row| row.get(0),
+            )
+            .optional()?;
+        Ok(json.map(|j| serde_json::from_str(&j)).transpose()?)
+    }
+
+    pub fn sighting_count(&self, card_id: &str) -> Result<i64, StoreError> {
+        Ok(self.conn.query_row(
+            "SELECT count(*) FROM sightings WHERE card_id = ?1",
+            [card_id],
+            |row| row.get(0),
+        )?)
+    }
+
+    pub fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |row| {
+                row.get(0)
+            })
+            .optional()?)
+    }
+
+    pub fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = ?2",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconcile::{reconcile, Lookup};
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("cardbridge-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn sample_card() -> Card {
+        Card::failed(
+            "reader",
+            &[0x3B, 0x80, 0x80, 0x01, 0x01],
+            &crate::card::ReadError::Deadline,
+        )
+    }
+
+    #[test]
+    fn keeps_reconciliations_sightings_and_settings_across_opens() {
+        let dir = temp_dir("roundtrip");
+        let mut card = sample_card();
+        card.card_id = Some("00112233445566778899AABBCCDDEEFF".into());
+        let r = reconcile(&card, &Lookup::NotFound, time::OffsetDateTime::now_utc());
+        {
+            let store = Store::open(&dir).unwrap();
+            store.record_sighting(&card).unwrap();
+            store.record_sighting(&card).unwrap();
+            store.save_reconciliation(&r).unwrap();
+            store.save_reconciliation(&r).unwrap();
+            store.set_setting("cm.card_id_form", "windows").unwrap();
+        }
+        let store = Store::open(&dir).unwrap();
+        assert_eq!(
+            store
+                .sighting_count("00112233445566778899AABBCCDDEEFF")
+                .unwrap(),
+            2
+        );
+        assert_eq!(
+            store
+                .last_reconciliation("00112233445566778899AABBCCDDEEFF")
+                .unwrap(),
+            Some(r)
+        );
+        assert_eq!(
+            store.setting("cm.card_id_form").unwrap().as_deref(),
+            Some("windows")
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_database_is_a_clear_error() {
+        let dir = temp_dir("corrupt");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("cardbridge.db"), vec![0x42; 8192]).unwrap();
+        let err = Store::open(&dir).err().expect("must fail");
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("move it aside"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = temp_dir("newer");
+        std::fs::create_dir_all(&dir).unwrap();
+        let conn = Connection::open(dir.join("cardbridge.db")).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        assert!(matches!(
+            Store::open(&dir),
+            Err(StoreError::TooNew { found: 99, .. })
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_unwritable_directory_is_a_clear_error() {
+        let err = Store::open(Path::new("/proc/cardbridge-state"))
+            .err()
+            .expect("must fail");
+        assert!(err.to_string().contains("/proc/cardbridge-state"), "{err}");
+    }
+}
