@@ -417,11 +417,17 @@ impl Reconciler {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()) = Some(form);
             let uuid = normalize_guid(&smartcard.uuid);
-            let (certificates, operations) =
-                match tokio::try_join!(client.certificates(&uuid), client.operations(&uuid)) {
-                    Ok(both) => both,
-                    Err(e) => return Lookup::Unavailable(e),
-                };
+            // One after the other on the same kept-alive connection: fetching both at once
+            // would open a second connection, and a TLS handshake to a remote CM costs more than
+            // the round trip it saves.
+            let certificates = match client.certificates(&uuid).await {
+                Ok(certificates) => certificates,
+                Err(e) => return Lookup::Unavailable(e),
+            };
+            let operations = match client.operations(&uuid).await {
+                Ok(operations) => operations,
+                Err(e) => return Lookup::Unavailable(e),
+            };
             return Lookup::Found(Box::new(ServerData {
                 smartcard,
                 certificates,
@@ -511,7 +517,14 @@ mod tests {
     }
 
     /// Name, card, what the server said, expected state, finding codes and verdict.
-    type Case = (&'static str, Card, Lookup, State, Vec<&'static str>, Verdict);
+    type Case = (
+        &'static str,
+        Card,
+        Lookup,
+        State,
+        Vec<&'static str>,
+        Verdict,
+    );
 
     #[test]
     fn rules_table() {

@@ -3,11 +3,13 @@
 //! - [`vcard`]: a virtual PIV or GIDS card (real X.509 certificates from rcgen, faults on demand);
 //! - [`vpcd`]: puts a virtual card into a vpcd reader slot of a real pcscd;
 //! - [`rig`]: starts and shares that pcscd and hands out reader slots to tests;
-//! - [`certs`]: the certificates' issuing CA.
+//! - [`certs`]: the certificates' issuing CA;
+//! - [`sim`]: the MIM CM / SCEPman simulator, a real HTTP server on loopback.
 //!
 //! The end-to-end tests in `tests/` and the benchmark in `src/bin/bench.rs` are built on these.
 
 pub mod certs;
 pub mod rig;
+pub mod sim;
 pub mod vcard;
 pub mod vpcd;

@@ -1,0 +1,438 @@
+//! A simulator of the MIM CM REST API and the SCEPman Management API, a real HTTP server on
+//! loopback.
+//!
+//! MIM CM is a Windows product that cannot run here, so this stands in for it, following the
+//! documented behaviour and quirks rather than an idealised API: case-insensitive routes under
+//! `/CertificateManagement/api/v1.0/`, PascalCase JSON, 204 when nothing is found, a single object
+//! (not an array) for `smartcards?cardid=`, `SerialNumber` as a braced GUID, lower-case ATRs,
+//! `POST requests` answering a bare JSON string URI, RequestStatus numbers of the SQL API; SCEPman
+//! search with paging and revoke with its 404/7012 and 409/5013 answers.
+//!
+//! Faults are set per route: latency, a 500 with a correlation id, a garbage body, a dropped
+//! connection. Every request is logged (method, path, query, body, client port) for tests.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::serve::ListenerExt;
+use axum::Router;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// The simulator's data.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Fixture {
+    #[serde(default)]
+    pub smartcards: Vec<SimCard>,
+    /// Certificates known to SCEPman (search and revoke).
+    #[serde(default)]
+    pub scepman: Vec<ScepmanCert>,
+}
+
+/// A smart card record with what hangs off it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SimCard {
+    /// The Smartcard object as the server sends it (PascalCase fields).
+    pub smartcard: Value,
+    #[serde(default)]
+    pub certificates: Vec<Value>,
+    #[serde(default)]
+    pub operations: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ScepmanCert {
+    pub serial_number: String,
+    pub subject: String,
+    #[serde(default)]
+    pub revocation_date: Option<String>,
+    #[serde(default)]
+    pub revocation_reason: Option<i64>,
+    #[serde(default)]
+    pub revoked_by: Option<String>,
+}
+
+/// A fault injected on one route (`smartcards`, `certificates`, `operations`, `requests`,
+/// `search`, `revoke`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fault {
+    #[serde(default)]
+    pub latency_ms: u64,
+    /// Answer 500 with a correlation id in the message.
+    #[serde(default)]
+    pub error_500: bool,
+    /// Answer 200 with a body that is not JSON.
+    #[serde(default)]
+    pub garbage: bool,
+    /// Close the connection without answering.
+    #[serde(default)]
+    pub drop: bool,
+}
+
+/// One request as the simulator received it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Logged {
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub body: String,
+    pub client: SocketAddr,
+    pub route: String,
+}
+
+#[derive(Default)]
+struct Inner {
+    fixture: Fixture,
+    requests: Vec<Value>,
+    faults: HashMap<String, Fault>,
+    log: Vec<Logged>,
+}
+
+type Shared = Arc<Mutex<Inner>>;
+
+/// A running simulator; dropping it stops the server.
+pub struct Simulator {
+    pub addr: SocketAddr,
+    inner: Shared,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Simulator {
+    /// Starts on `127.0.0.1:port` (0 = any free port) on a thread of its own.
+    pub fn start(fixture: Fixture, port: u16) -> Result<Simulator> {
+        let inner: Shared = Arc::new(Mutex::new(Inner {
+            fixture,
+            ..Inner::default()
+        }));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
+            .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
+        let addr = listener.local_addr()?;
+        // Like IIS, answer without Nagle's delay on the body after the headers.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let app = Router::new().fallback(dispatch).with_state(inner.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("cm-sim".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let serve = axum::serve(
+                        listener,
+                        app.into_make_service_with_connect_info::<SocketAddr>(),
+                    )
+                    .with_graceful_shutdown(async {
+                        let _ = rx.await;
+                    });
+                    if let Err(e) = serve.await {
+                        eprintln!("cm-sim: {e}");
+                    }
+                });
+            })?;
+        Ok(Simulator {
+            addr,
+            inner,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// The MIM CM base URL to configure in cardbridge.
+    pub fn cm_base_url(&self) -> String {
+        format!("http://{}/CertificateManagement/", self.addr)
+    }
+
+    pub fn set_fault(&self, route: &str, fault: Fault) {
+        lock(&self.inner).faults.insert(route.to_string(), fault);
+    }
+
+    pub fn log(&self) -> Vec<Logged> {
+        lock(&self.inner).log.clone()
+    }
+
+    pub fn clear_log(&self) {
+        lock(&self.inner).log.clear();
+    }
+}
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn norm_guid(text: &str) -> String {
+    text.trim()
+        .trim_matches(|c| c == '{' || c == '}')
+        .to_ascii_lowercase()
+}
+
+fn field<'a>(v: &'a Value, name: &str) -> Option<&'a str> {
+    v.get(name).and_then(Value::as_str)
+}
+
+/// The route name used for faults and the log, from the lower-cased path segments.
+fn route_of(segments: &[&str]) -> &'static str {
+    match segments {
+        ["certificatemanagement", "api", "v1.0", "smartcards", ..] => match segments.get(5) {
+            Some(&"certificates") => "certificates",
+            Some(&"operations") => "operations",
+            _ => "smartcards",
+        },
+        ["certificatemanagement", "api", "v1.0", "requests", ..] => "requests",
+        ["api", "manage", "search"] => "search",
+        ["api", "manage", "revoke", _] => "revoke",
+        _ => "unknown",
+    }
+}
+
+async fn dispatch(
+    State(inner): State<Shared>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    method: Method,
+    uri: Uri,
+    Query(params): Query<Vec<(String, String)>>,
+    body: Bytes,
+) -> Response {
+    let path = uri.path().to_ascii_lowercase();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let route = route_of(&segments);
+    let fault = {
+        let mut state = lock(&inner);
+        state.log.push(Logged {
+            method: method.to_string(),
+            path: uri.path().to_string(),
+            query: uri.query().map(str::to_string),
+            body: String::from_utf8_lossy(&body).into_owned(),
+            client,
+            route: route.to_string(),
+        });
+        state.faults.get(route).cloned().unwrap_or_default()
+    };
+    if fault.latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(fault.latency_ms)).await;
+    }
+    if fault.drop {
+        // Unwinding out of the connection's task makes hyper close it without an answer;
+        // resume_unwind skips the panic hook, so nothing is printed.
+        std::panic::resume_unwind(Box::new("cm-sim: dropping the connection"));
+    }
+    if fault.error_500 {
+        let id = "6f9619ff-8b86-d011-b42d-00c04fc964ff";
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            axum::Json(json!({"Message": format!("An error has occurred. Please contact your administrator. Correlation ID: {id}")})),
+        )
+            .into_response();
+    }
+    if fault.garbage {
+        return (
+            StatusCode::OK,
+            [("content-type", "application/json")],
+            "<html>Service Unavailable</html>",
+        )
+            .into_response();
+    }
+    // ASP.NET binds query parameters case-insensitively.
+    let query: HashMap<String, String> = params
+        .into_iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v))
+        .collect();
+    let mut state = lock(&inner);
+    handle(&mut state, &method, &segments, &query, &body)
+}
+
+fn handle(
+    state: &mut Inner,
+    method: &Method,
+    segments: &[&str],
+    query: &HashMap<String, String>,
+    body: &[u8],
+) -> Response {
+    let no_content = || StatusCode::NO_CONTENT.into_response();
+    let ok = |v: Value| (StatusCode::OK, axum::Json(v)).into_response();
+    let find_uuid = |state: &Inner, uuid: &str| {
+        state
+            .fixture
+            .smartcards
+            .iter()
+            .find(|c| {
+                field(&c.smartcard, "Uuid").map(norm_guid).as_deref() == Some(&norm_guid(uuid))
+            })
+            .cloned()
+    };
+    match (method.as_str(), segments) {
+        ("GET", ["certificatemanagement", "api", "v1.0", "smartcards"]) => {
+            let Some(card_id) = query.get("cardid") else {
+                return ok(Value::Array(
+                    state
+                        .fixture
+                        .smartcards
+                        .iter()
+                        .map(|c| c.smartcard.clone())
+                        .collect(),
+                ));
+            };
+            match state.fixture.smartcards.iter().find(|c| {
+                field(&c.smartcard, "SerialNumber")
+                    .map(norm_guid)
+                    .as_deref()
+                    == Some(&norm_guid(card_id))
+            }) {
+                // A single object, as the documentation's example shows.
+                Some(card) => ok(card.smartcard.clone()),
+                None => no_content(),
+            }
+        }
+        ("GET", ["certificatemanagement", "api", "v1.0", "smartcards", uuid]) => {
+            match find_uuid(state, uuid) {
+                Some(card) => ok(card.smartcard),
+                None => no_content(),
+            }
+        }
+        ("GET", ["certificatemanagement", "api", "v1.0", "smartcards", uuid, "certificates"]) => {
+            match find_uuid(state, uuid) {
+                Some(card) if !card.certificates.is_empty() => ok(Value::Array(card.certificates)),
+                _ => no_content(),
+            }
+        }
+        ("GET", ["certificatemanagement", "api", "v1.0", "smartcards", uuid, "operations"]) => {
+            match find_uuid(state, uuid) {
+                Some(card) => ok(json!(card.operations)),
+                None => no_content(),
+            }
+        }
+        ("GET", ["certificatemanagement", "api", "v1.0", "requests", id]) => {
+            match state
+                .requests
+                .iter()
+                .find(|r| field(r, "Uuid") == Some(&norm_guid(id)))
+            {
+                Some(r) => ok(r.clone()),
+                None => no_content(),
+            }
+        }
+        ("POST", ["certificatemanagement", "api", "v1.0", "requests"]) => {
+            let Ok(request) = serde_json::from_slice::<Value>(body) else {
+                return StatusCode::BAD_REQUEST.into_response();
+            };
+            let uuid = format!(
+                "{:08x}-0000-4000-8000-{:012x}",
+                state.requests.len() + 1,
+                fastrand::u64(..1 << 48)
+            );
+            let request_type = match request
+                .get("type")
+                .and_then(Value::as_str)
+                .map(str::to_ascii_lowercase)
+                .as_deref()
+            {
+                Some("enroll") => 1,
+                Some("unblock") => 5,
+                Some("retire") => 9,
+                Some("revoke") => 3,
+                _ => 0,
+            };
+            state.requests.push(json!({
+                "Uuid": uuid,
+                "RequestType": request_type,
+                "Status": 16,
+                "Comment": request.get("comment").cloned().unwrap_or(Value::Null),
+                "OldSmartcardUuid": request.get("smartcard").cloned().unwrap_or(Value::Null),
+                "NewSmartcardUuid": request.get("smartcard").cloned().unwrap_or(Value::Null),
+                "Submitted": "2026-11-22T12:00:00",
+                "Completed": "0001-01-01T00:00:00",
+            }));
+            (
+                StatusCode::CREATED,
+                axum::Json(json!(format!("api/v1.0/requests/{uuid}"))),
+            )
+                .into_response()
+        }
+        ("GET", ["api", "manage", "search"]) => {
+            let text = query
+                .get("searchtext")
+                .cloned()
+                .unwrap_or_default()
+                .to_ascii_lowercase();
+            let page_size: usize = query
+                .get("pagesize")
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(50)
+                .clamp(1, 500);
+            let start: usize = query
+                .get("continuationtoken")
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0);
+            let hits: Vec<&ScepmanCert> = state
+                .fixture
+                .scepman
+                .iter()
+                .filter(|c| {
+                    text.is_empty()
+                        || c.serial_number.to_ascii_lowercase().contains(&text)
+                        || c.subject.to_ascii_lowercase().contains(&text)
+                })
+                .collect();
+            let page: Vec<Value> = hits
+                .iter()
+                .skip(start)
+                .take(page_size)
+                .map(|c| scepman_item(c))
+                .collect();
+            let next = (start + page_size < hits.len()).then(|| (start + page_size).to_string());
+            ok(json!({"items": page, "continuationToken": next}))
+        }
+        ("PATCH", ["api", "manage", "revoke", serial]) => {
+            let reason = serde_json::from_slice::<Value>(body)
+                .ok()
+                .and_then(|b| b.get("revocationReason").and_then(Value::as_i64));
+            match state.fixture.scepman.iter_mut().find(|c| c.serial_number.eq_ignore_ascii_case(serial)) {
+                None => (StatusCode::NOT_FOUND, axum::Json(json!({"errorMessage": "Certificate not found.", "errorCode": 7012}))).into_response(),
+                Some(c) if c.revocation_date.is_some() => {
+                    (StatusCode::CONFLICT, axum::Json(json!({"errorMessage": "The certificate is already revoked.", "errorCode": 5013}))).into_response()
+                }
+                Some(c) => {
+                    c.revocation_date = Some("2026-11-22T12:00:00Z".into());
+                    c.revocation_reason = reason;
+                    StatusCode::OK.into_response()
+                }
+            }
+        }
+        // With the API disabled or on an unknown route, IIS answers 404.
+        _ => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+fn scepman_item(c: &ScepmanCert) -> Value {
+    json!({
+        "serialNumber": c.serial_number, "subject": c.subject, "sans": null, "upn": null,
+        "issuanceDate": "2026-01-01T00:00:00Z", "expirationDate": "2028-01-01T00:00:00Z",
+        "revocationDate": c.revocation_date, "revocationReason": c.revocation_reason,
+        "revokedBy": c.revoked_by, "requester": "pkiAdmin@contoso.com",
+        "source": "CertificateMaster", "certificateType": "Static",
+    })
+}

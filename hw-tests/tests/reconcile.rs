@@ -1,0 +1,404 @@
+//! End-to-end reconciliation: a virtual card in vpcd, the CM simulator on loopback, and
+//! `cardbridge scan --reconcile --json`.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::{insert, run_cardbridge};
+use hw_tests::rig::{Rig, Slot};
+use hw_tests::sim::{Fault, Fixture, SimCard, Simulator};
+use hw_tests::vcard::{CardSpec, Truth};
+use serde_json::{json, Value};
+
+const SMARTCARD_UUID: &str = "438d1b30-f3b4-4bed-85fa-285e08605ba7";
+
+/// The card's id as a GUID string: RFC 4122 order, or Windows order (first three fields swapped).
+fn guid(truth: &Truth, windows: bool) -> String {
+    let mut id: [u8; 16] = hex::decode(truth.card_id.as_deref().unwrap_or_default())
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .expect("16-byte card id");
+    if windows {
+        id[0..4].reverse();
+        id[4..6].reverse();
+        id[6..8].reverse();
+    }
+    cardbridge::card::guid_string(&id)
+}
+
+/// A server record matching the card: Active, same ATR (lower case, as CM stores it), every
+/// certificate of the card.
+fn matching_record(truth: &Truth, windows: bool) -> SimCard {
+    SimCard {
+        smartcard: json!({
+            "Uuid": SMARTCARD_UUID, "Status": 2, "Flags": 1,
+            "AssignedUserUuid": "8f1590dc-d932-4b66-8e68-2e91c5880780",
+            "ProfileTemplateUuid": "a039b4d0-5ce8-4eff-8651-181c6576fda3", "ProfileTemplateVersion": 46,
+            "Comment": "", "SerialNumber": format!("{{{}}}", guid(truth, windows)),
+            "Middleware": "MSBaseCSP", "Atr": truth.atr.to_lowercase(),
+        }),
+        certificates: truth
+            .certificates
+            .iter()
+            .map(|c| {
+                json!({"IsKeyHistory": false, "ArchivedOnCa": false, "CertificateType": 1,
+                           "TemplateCommonName": "ContosoSmartcardUser", "SerialNumber": "1B00",
+                           "Thumbprint": c.thumbprint})
+            })
+            .collect(),
+        operations: vec!["renew".into(), "retire".into(), "revoke".into()],
+    }
+}
+
+struct Station {
+    dir: PathBuf,
+    config: PathBuf,
+}
+
+impl Station {
+    fn new(name: &str, cm_section: &str) -> Station {
+        let dir = std::env::temp_dir().join(format!(
+            "cardbridge-reconcile-{name}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let config = dir.join("config.toml");
+        let text = format!(
+            "state_dir = \"{}\"\n{cm_section}",
+            dir.join("state").display()
+        );
+        std::fs::write(&config, text).expect("write config");
+        Station { dir, config }
+    }
+
+    fn for_sim(name: &str, sim: &Simulator, extra: &str) -> Station {
+        Station::new(
+            name,
+            &format!("[cm]\nbase_url = \"{}\"\n{extra}", sim.cm_base_url()),
+        )
+    }
+
+    fn scan(&self, slot: &Slot) -> Value {
+        let config = self.config.to_string_lossy().into_owned();
+        let out = run_cardbridge(
+            &[
+                "scan",
+                "--reconcile",
+                "--json",
+                "--reader",
+                &slot.reader,
+                "--config",
+                &config,
+            ],
+            &[],
+            Duration::from_secs(60),
+        );
+        assert!(
+            out.status.success(),
+            "scan failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cards: Vec<Value> = serde_json::from_slice(&out.stdout).expect("JSON");
+        assert_eq!(cards.len(), 1, "{cards:#?}");
+        cards.into_iter().next().unwrap_or_default()
+    }
+}
+
+impl Drop for Station {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn codes(card: &Value) -> Vec<String> {
+    let mut codes: Vec<String> = card["reconciliation"]["findings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f["code"].as_str().map(str::to_string))
+        .collect();
+    codes.sort();
+    codes
+}
+
+fn cardid_lookups(sim: &Simulator) -> Vec<String> {
+    sim.log()
+        .into_iter()
+        .filter(|l| l.route == "smartcards" && l.query.is_some())
+        .filter_map(|l| l.query)
+        .collect()
+}
+
+#[test]
+fn a_matching_card_is_ok_and_both_byte_orders_are_found() {
+    let rig = Rig::get();
+    let _shared = rig.shared();
+    let slot = rig.slot();
+    let card = insert(CardSpec::piv_four_certs(), &slot);
+
+    for windows in [false, true] {
+        let sim = Simulator::start(
+            Fixture {
+                smartcards: vec![matching_record(&card.truth, windows)],
+                ..Fixture::default()
+            },
+            0,
+        )
+        .expect("simulator");
+        let station = Station::for_sim(if windows { "windows" } else { "rfc" }, &sim, "");
+        let json = station.scan(&slot);
+        let r = &json["reconciliation"];
+        assert_eq!(r["state"], "matched", "{r:#}");
+        assert_eq!(r["verdict"], "ok", "{r:#}");
+        assert_eq!(codes(&json), Vec::<String>::new());
+        assert_eq!(
+            r["card_id_form"],
+            if windows { "windows" } else { "rfc4122" }
+        );
+        assert_eq!(r["server_card"]["uuid"], SMARTCARD_UUID);
+        assert_eq!(r["server_card"]["status"], "Active");
+        assert_eq!(r["operations"], json!(["renew", "retire", "revoke"]));
+        assert_eq!(
+            r["certificates"].as_array().map(Vec::len),
+            Some(card.truth.certificates.len())
+        );
+        // RFC 4122 order is asked first; Windows order only when that finds nothing.
+        assert_eq!(cardid_lookups(&sim).len(), if windows { 2 } else { 1 });
+        // One connection serves every request of the reconciliation.
+        let ports: std::collections::BTreeSet<u16> =
+            sim.log().iter().map(|l| l.client.port()).collect();
+        assert_eq!(ports.len(), 1, "{:?}", sim.log());
+
+        // The form that answered is remembered in the state database: asked first next time.
+        sim.clear_log();
+        station.scan(&slot);
+        assert_eq!(cardid_lookups(&sim).len(), 1);
+        let state_db = station.dir.join("state").join("cardbridge.db");
+        assert!(state_db.exists());
+    }
+}
+
+#[test]
+fn every_finding_is_reported() {
+    let rig = Rig::get();
+    let _shared = rig.shared();
+    let slot = rig.slot();
+    let spec = CardSpec {
+        expired_slots: vec![0x9D],
+        ..CardSpec::piv_four_certs()
+    };
+    let card = insert(spec, &slot);
+
+    let mut record = matching_record(&card.truth, false);
+    record.smartcard["Status"] = json!(3); // Disabled
+    record.smartcard["Atr"] = json!("3b8d0180fba000000397425446590301c8");
+    record.certificates.remove(1); // the server does not know the card's 9C certificate
+    record.certificates.push(json!({"IsKeyHistory": false, "Thumbprint": "AA".repeat(20), "TemplateCommonName": "ContosoVpn"}));
+    record.certificates.push(json!({"IsKeyHistory": true, "Thumbprint": "BB".repeat(20), "TemplateCommonName": "ContosoEncryption"}));
+    let sim = Simulator::start(
+        Fixture {
+            smartcards: vec![record],
+            ..Fixture::default()
+        },
+        0,
+    )
+    .expect("simulator");
+    let station = Station::for_sim("findings", &sim, "");
+    let json = station.scan(&slot);
+    assert_eq!(
+        codes(&json),
+        [
+            "atr_mismatch",
+            "certificate_expired",
+            "certificate_missing_from_card",
+            "certificate_unknown_to_server",
+            "key_history_absent",
+            "status_not_active",
+        ]
+    );
+    let r = &json["reconciliation"];
+    assert_eq!(r["verdict"], "critical");
+    assert_eq!(r["server_card"]["status"], "Disabled");
+    let critical: Vec<_> = r["findings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|f| f["severity"] == "critical")
+        .collect();
+    assert_eq!(critical.len(), 1);
+    assert_eq!(critical[0]["code"], "status_not_active");
+}
+
+#[test]
+fn unknown_card_server_errors_and_timeouts() {
+    let rig = Rig::get();
+    let _shared = rig.shared();
+    let slot = rig.slot();
+    let card = insert(CardSpec::piv_four_certs(), &slot);
+
+    // 204 for both byte orders: not found.
+    let sim = Simulator::start(Fixture::default(), 0).expect("simulator");
+    let station = Station::for_sim("notfound", &sim, "retries = 2\n");
+    let json = station.scan(&slot);
+    assert_eq!(json["reconciliation"]["state"], "not_found");
+    assert_eq!(codes(&json), ["card_not_found"]);
+    assert_eq!(cardid_lookups(&sim).len(), 2);
+
+    // 500 with a correlation id: retried (GET), then reported with the id.
+    sim.clear_log();
+    sim.set_fault(
+        "smartcards",
+        Fault {
+            error_500: true,
+            ..Fault::default()
+        },
+    );
+    let json = station.scan(&slot);
+    let r = &json["reconciliation"];
+    assert_eq!(r["state"], "server_unavailable");
+    assert_eq!(r["verdict"], "unknown");
+    let reason = r["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("6f9619ff-8b86-d011-b42d-00c04fc964ff"),
+        "{reason}"
+    );
+    assert_eq!(sim.log().len(), 3, "one request and two retries");
+
+    // A body that is not JSON.
+    sim.set_fault(
+        "smartcards",
+        Fault {
+            garbage: true,
+            ..Fault::default()
+        },
+    );
+    let r = station.scan(&slot)["reconciliation"].clone();
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("bad_body"),
+        "{r:#}"
+    );
+
+    // A dropped connection.
+    sim.set_fault(
+        "smartcards",
+        Fault {
+            drop: true,
+            ..Fault::default()
+        },
+    );
+    let r = station.scan(&slot)["reconciliation"].clone();
+    assert_eq!(r["state"], "server_unavailable", "{r:#}");
+
+    // A server slower than the configured timeout.
+    sim.set_fault(
+        "smartcards",
+        Fault {
+            latency_ms: 1500,
+            ..Fault::default()
+        },
+    );
+    let slow = Station::for_sim("timeout", &sim, "timeout_ms = 300\nretries = 0\n");
+    let r = slow.scan(&slot)["reconciliation"].clone();
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("timeout"),
+        "{r:#}"
+    );
+    drop(card);
+}
+
+#[test]
+fn a_slow_server_does_not_delay_card_reading() {
+    let rig = Rig::get();
+    let _shared = rig.shared();
+    let slot = rig.slot();
+    let card = insert(CardSpec::piv_four_certs(), &slot);
+    let sim = Simulator::start(
+        Fixture {
+            smartcards: vec![matching_record(&card.truth, false)],
+            ..Fixture::default()
+        },
+        0,
+    )
+    .expect("simulator");
+    sim.set_fault(
+        "certificates",
+        Fault {
+            latency_ms: 1200,
+            ..Fault::default()
+        },
+    );
+    let station = Station::for_sim("slow", &sim, "");
+    let json = station.scan(&slot);
+    assert_eq!(json["reconciliation"]["state"], "matched");
+    let read_ms = json["read_ms"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        read_ms < 1000,
+        "card read took {read_ms} ms behind a slow server"
+    );
+}
+
+#[test]
+fn unreachable_or_absent_server() {
+    let rig = Rig::get();
+    let _shared = rig.shared();
+    let slot = rig.slot();
+    let _card = insert(CardSpec::piv_four_certs(), &slot);
+
+    // Nothing listens on port 9 of loopback.
+    let station = Station::new(
+        "unreachable",
+        "[cm]\nbase_url = \"http://127.0.0.1:9/CertificateManagement/\"\nretries = 0\n",
+    );
+    let r = station.scan(&slot)["reconciliation"].clone();
+    assert_eq!(r["state"], "server_unavailable");
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("connection_refused"),
+        "{r:#}"
+    );
+
+    // An unresolvable name.
+    let station = Station::new(
+        "dns",
+        "[cm]\nbase_url = \"http://cm.invalid/CertificateManagement/\"\nretries = 0\n",
+    );
+    let r = station.scan(&slot)["reconciliation"].clone();
+    assert!(
+        r["reason"].as_str().unwrap_or_default().starts_with("dns"),
+        "{r:#}"
+    );
+
+    // No [cm] section: not configured.
+    let station = Station::new("none", "");
+    let r = station.scan(&slot)["reconciliation"].clone();
+    assert_eq!(r["state"], "not_configured");
+    assert_eq!(r["verdict"], "unknown");
+}
+
+#[test]
+fn a_bad_configuration_exits_2_naming_the_key() {
+    let station = Station::new("badconfig", "[cm]\nbase_url = \"https://x/\"\nretry = 3\n");
+    let config = station.config.to_string_lossy().into_owned();
+    let out = run_cardbridge(
+        &["scan", "--reconcile", "--config", &config],
+        &[],
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("retry") && stderr.contains("config.toml"),
+        "{stderr}"
+    );
+}
