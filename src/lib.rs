@@ -10,11 +10,13 @@
 //! - [`reconcile`]: the rules that compare a card with the server's record, and the lookup.
 //! - [`store`]: the SQLite state database.
 //! - [`config`]: the TOML configuration.
+//! - [`engine`]: monitor, reader workers and reconciliation wired together, as the daemon runs them.
 //! - [`scan`]: the `cardbridge scan` command.
 
 pub mod card;
 pub mod cm;
 pub mod config;
+pub mod engine;
 pub mod pcsc;
 pub mod reconcile;
 pub mod scan;

@@ -12,10 +12,7 @@ use crate::cm::{CmClient, CmError};
 use crate::config::Config;
 use crate::pcsc::{self, PcscError};
 use crate::reconcile::{Reconciler, Reconciliation};
-use crate::store::{Store, StoreError};
-
-/// The store key of the card-id form the server answered to.
-const CARD_ID_FORM: &str = "cm.card_id_form";
+use crate::store::{Store, StoreError, CARD_ID_FORM};
 
 /// What `scan` found: the cards read, and the readers that held none.
 #[derive(Debug)]

@@ -15,6 +15,9 @@ use thiserror::Error;
 use crate::card::Card;
 use crate::reconcile::Reconciliation;
 
+/// The settings key of the card-id form (`rfc4122` or `windows`) the CM server answered to.
+pub const CARD_ID_FORM: &str = "cm.card_id_form";
+
 /// Schema migrations; entry `n` brings the database from version `n` to `n + 1`.
 const MIGRATIONS: &[&str] = &["CREATE TABLE reconciliations (
         card_id     TEXT PRIMARY KEY,

@@ -160,6 +160,11 @@ impl Simulator {
         lock(&self.inner).faults.insert(route.to_string(), fault);
     }
 
+    /// Swaps the server's data, as if an administrator changed the records.
+    pub fn replace_fixture(&self, fixture: Fixture) {
+        lock(&self.inner).fixture = fixture;
+    }
+
     pub fn log(&self) -> Vec<Logged> {
         lock(&self.inner).log.clone()
     }

@@ -182,6 +182,28 @@ fn a_matching_card_is_ok_and_both_byte_orders_are_found() {
 }
 
 #[test]
+fn a_forced_byte_order_is_the_only_one_asked() {
+    let rig = Rig::get();
+    let _shared = rig.shared();
+    let slot = rig.slot();
+    let card = insert(CardSpec::piv_four_certs(), &slot);
+    // The server knows the card in RFC 4122 order, the configuration forces Windows order.
+    let sim = Simulator::start(
+        Fixture {
+            smartcards: vec![matching_record(&card.truth, false)],
+            ..Fixture::default()
+        },
+        0,
+    )
+    .expect("simulator");
+    let station = Station::for_sim("forced", &sim, "card_id_order = \"windows\"\n");
+    let json = station.scan(&slot);
+    assert_eq!(json["reconciliation"]["state"], "not_found");
+    let lookups = cardid_lookups(&sim);
+    assert_eq!(lookups, [format!("cardid={}", guid(&card.truth, true))]);
+}
+
+#[test]
 fn every_finding_is_reported() {
     let rig = Rig::get();
     let _shared = rig.shared();

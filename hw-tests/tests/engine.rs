@@ -1,0 +1,153 @@
+//! End-to-end: the engine (monitor → reader worker → reconciliation) with a virtual card and the
+//! CM simulator. Every read triggers a reconciliation; an unavailable server is retried later
+//! without holding up card reading.
+
+mod common;
+
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+use cardbridge::card::ReadOptions;
+use cardbridge::config::{CardIdOrder, Config};
+use cardbridge::engine::{Engine, EngineConfig, Event};
+use cardbridge::reconcile::{Reconciler, State};
+use common::insert;
+use hw_tests::rig::Rig;
+use hw_tests::sim::{Fault, Fixture, SimCard, Simulator};
+use hw_tests::vcard::CardSpec;
+use serde_json::json;
+
+fn next(events: &Receiver<Event>, what: &str, want: impl Fn(&Event) -> bool) -> (Event, Instant) {
+    let until = Instant::now() + Duration::from_secs(20);
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        match events.recv_timeout(left) {
+            Ok(e) if want(&e) => return (e, Instant::now()),
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    panic!("no {what} event");
+}
+
+#[test]
+fn reads_trigger_reconciliation_and_an_unavailable_server_is_retried() {
+    let rig = Rig::get();
+    let _shared = rig.shared();
+    let slot = rig.slot();
+    common::wait_for_card(&slot.reader, false);
+
+    let sim = Simulator::start(Fixture::default(), 0).expect("simulator");
+    // The server is down (500) and slow at first.
+    sim.set_fault(
+        "smartcards",
+        Fault {
+            error_500: true,
+            latency_ms: 1500,
+            ..Fault::default()
+        },
+    );
+    let config = Config::parse(&format!(
+        "[cm]\nbase_url = \"{}\"\nretries = 0\n",
+        sim.cm_base_url()
+    ))
+    .expect("config");
+    let client = cardbridge::cm::CmClient::new(config.cm.as_ref().expect("cm")).expect("client");
+    let (tx, events) = channel();
+    let engine = Engine::start(
+        EngineConfig {
+            read: ReadOptions::default(),
+            reconciler: Reconciler::new(Some(client), CardIdOrder::Auto),
+            store: None,
+            retry_initial: Duration::from_millis(300),
+            retry_max: Duration::from_secs(2),
+        },
+        tx,
+    )
+    .expect("engine");
+
+    let card = insert(CardSpec::piv_four_certs(), &slot);
+    let in_slot = |reader: &String| *reader == slot.reader;
+    let (_, inserted_at) = next(
+        &events,
+        "card.inserted",
+        |e| matches!(e, Event::CardInserted { reader, .. } if in_slot(reader)),
+    );
+    let (read, read_at) = next(
+        &events,
+        "card.read",
+        |e| matches!(e, Event::CardRead(c) if in_slot(&c.reader)),
+    );
+    let Event::CardRead(read) = read else {
+        unreachable!()
+    };
+    assert_eq!(read.card_id, card.truth.card_id);
+    assert!(
+        read_at - inserted_at < Duration::from_millis(1000),
+        "reading waited for the server"
+    );
+
+    // The first reconciliation finds the server unavailable...
+    let (first, _) = next(&events, "card.reconciled", |e| {
+        matches!(e, Event::CardReconciled(_))
+    });
+    let Event::CardReconciled(first) = first else {
+        unreachable!()
+    };
+    assert_eq!(first.state, State::ServerUnavailable);
+    assert!(
+        first
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("6f9619ff"),
+        "{first:?}"
+    );
+
+    // ...and once the server has the card and answers, a retry matches it without a new read.
+    let truth = card.truth.clone();
+    let id = truth.card_id.clone().unwrap_or_default();
+    let guid = cardbridge::card::guid_string(
+        &hex::decode(&id).expect("hex").try_into().expect("16 bytes"),
+    );
+    sim.set_fault("smartcards", Fault::default());
+    sim.replace_fixture(Fixture {
+        smartcards: vec![SimCard {
+            smartcard: json!({"Uuid": "438d1b30-f3b4-4bed-85fa-285e08605ba7", "Status": 2,
+                              "SerialNumber": format!("{{{guid}}}"), "Atr": truth.atr.to_lowercase()}),
+            certificates: truth.certificates.iter().map(|c| json!({"IsKeyHistory": false, "Thumbprint": c.thumbprint})).collect(),
+            operations: vec!["retire".into()],
+        }],
+        ..Fixture::default()
+    });
+    let (matched, _) = next(
+        &events,
+        "matched card.reconciled",
+        |e| matches!(e, Event::CardReconciled(r) if r.state == State::Matched),
+    );
+    let Event::CardReconciled(matched) = matched else {
+        unreachable!()
+    };
+    assert_eq!(matched.card_id.as_deref(), Some(id.as_str()));
+    assert_eq!(
+        engine.reconciliation(&id).map(|r| r.state),
+        Some(State::Matched)
+    );
+    // No second card read happened: the retry used the snapshot.
+    while let Ok(e) = events.try_recv() {
+        assert!(!matches!(e, Event::CardRead(_)), "unexpected read {e:?}");
+    }
+
+    card.remove();
+    next(
+        &events,
+        "card.removed",
+        |e| matches!(e, Event::CardRemoved { reader } if in_slot(reader)),
+    );
+    let started = Instant::now();
+    engine.stop();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "engine took {:?} to stop",
+        started.elapsed()
+    );
+}
