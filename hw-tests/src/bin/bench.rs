@@ -11,8 +11,10 @@ use std::time::Instant;
 use anyhow::{bail, Context as _, Result};
 use clap::Parser;
 use hw_tests::rig::{cardbridge_bin, reader_index, wait_for_card, Rig};
+use hw_tests::sim::{Fixture, SimCard, Simulator};
 use hw_tests::vcard::{CardSpec, VirtualCard};
 use hw_tests::vpcd::Inserted;
+use serde_json::json;
 
 #[derive(Parser)]
 #[command(about = "Benchmark cardbridge's card reads against OpenSC on the same virtual card")]
@@ -111,5 +113,91 @@ fn main() -> Result<()> {
     read_ms.report("cardbridge read (read_ms, in-process)");
     scan_wall.report("cardbridge scan --json (whole process)");
     opensc_wall.report("pkcs15-tool --list-certificates (whole process)");
+    reconciliation_cost(args.runs, &slot, &bin)
+}
+
+/// What reconciling against the local CM simulator adds to a scan: the same card scanned with
+/// and without `--reconcile`, alternately.
+fn reconciliation_cost(
+    runs: usize,
+    slot: &hw_tests::rig::Slot,
+    bin: &std::path::Path,
+) -> Result<()> {
+    wait_for_card(&slot.reader, false)?;
+    let card = Inserted::insert(
+        VirtualCard::new(CardSpec::piv_four_certs())?,
+        slot.port,
+        false,
+    )?;
+    wait_for_card(&slot.reader, true)?;
+    let truth = &card.truth;
+    let id: [u8; 16] = hex::decode(truth.card_id.as_deref().unwrap_or_default())?
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("card id is not 16 bytes"))?;
+    let record = SimCard {
+        smartcard: json!({"Uuid": "438d1b30-f3b4-4bed-85fa-285e08605ba7", "Status": 2,
+                          "SerialNumber": format!("{{{}}}", cardbridge::card::guid_string(&id)),
+                          "Atr": truth.atr.to_lowercase()}),
+        certificates: truth
+            .certificates
+            .iter()
+            .map(|c| json!({"IsKeyHistory": false, "Thumbprint": c.thumbprint}))
+            .collect(),
+        operations: vec!["retire".into()],
+    };
+    let sim = Simulator::start(
+        Fixture {
+            smartcards: vec![record],
+            ..Fixture::default()
+        },
+        0,
+    )?;
+    let dir = std::env::temp_dir().join("cardbridge-bench-reconcile");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{}\"\n[cm]\nbase_url = \"{}\"\n",
+            dir.display(),
+            sim.cm_base_url()
+        ),
+    )?;
+    let config = config.to_string_lossy().into_owned();
+
+    let mut plain = Series::default();
+    let mut reconciled = Series::default();
+    for _ in 0..runs {
+        for (series, extra) in [
+            (&mut plain, &[][..]),
+            (&mut reconciled, &["--reconcile", "--config", &config][..]),
+        ] {
+            let started = Instant::now();
+            let out = Command::new(bin)
+                .args(["scan", "--json", "--reader", &slot.reader])
+                .args(extra)
+                .output()?;
+            series.millis.push(started.elapsed().as_secs_f64() * 1000.0);
+            let cards: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            if !extra.is_empty() && cards[0]["reconciliation"]["state"] != "matched" {
+                bail!(
+                    "reconciliation did not match: {}",
+                    cards[0]["reconciliation"]
+                );
+            }
+            series
+                .apdus
+                .push(cards[0]["apdu_count"].as_u64().unwrap_or_default());
+        }
+    }
+    let requests = sim.log().len() / runs;
+    plain.report("cardbridge scan --json");
+    reconciled.report("cardbridge scan --json --reconcile (CM simulator)");
+    let median = |s: &Series| s.millis[s.millis.len() / 2];
+    println!(
+        "reconciliation adds {:.1} ms (median), {requests} HTTP requests per card on one connection",
+        median(&reconciled) - median(&plain)
+    );
     Ok(())
 }
