@@ -181,6 +181,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_configuration_is_valid() {
+        let text = include_str!("../service/config.example.toml");
+        let c = Config::parse(text).unwrap();
+        assert_eq!(c.state_dir(), PathBuf::from("/var/lib/cardbridge"));
+        assert_eq!(c.cm.unwrap().card_id_order, CardIdOrder::Auto);
+    }
+
+    #[test]
     fn rejects_unknown_keys_and_bad_values_naming_the_key() {
         let e = Config::parse("[cm]\nbase_url = \"https://x/\"\nretry = 3\n").unwrap_err();
         assert!(e.contains("retry"), "{e}");
