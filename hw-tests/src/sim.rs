@@ -21,7 +21,6 @@ use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::serve::ListenerExt;
 use axum::Router;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -101,14 +100,41 @@ type Shared = Arc<Mutex<Inner>>;
 /// A running simulator; dropping it stops the server.
 pub struct Simulator {
     pub addr: SocketAddr,
+    scheme: &'static str,
     inner: Shared,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Simulator {
-    /// Starts on `127.0.0.1:port` (0 = any free port) on a thread of its own.
+    /// Starts on `127.0.0.1:port` (0 = any free port) on a thread of its own, over plain HTTP.
     pub fn start(fixture: Fixture, port: u16) -> Result<Simulator> {
+        Simulator::start_with(fixture, port, None)
+    }
+
+    /// Starts over HTTPS with the given certificate chain and PKCS#8 key (DER).
+    pub fn start_tls(
+        fixture: Fixture,
+        port: u16,
+        chain: Vec<Vec<u8>>,
+        key: Vec<u8>,
+    ) -> Result<Simulator> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(
+                chain.into_iter().map(Into::into).collect(),
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.into()),
+            )?;
+        Simulator::start_with(fixture, port, Some(Arc::new(config)))
+    }
+
+    fn start_with(
+        fixture: Fixture,
+        port: u16,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Result<Simulator> {
         let inner: Shared = Arc::new(Mutex::new(Inner {
             fixture,
             ..Inner::default()
@@ -121,30 +147,44 @@ impl Simulator {
             .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
             .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
         let addr = listener.local_addr()?;
-        // Like IIS, answer without Nagle's delay on the body after the headers.
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let app = Router::new().fallback(dispatch).with_state(inner.clone());
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let app = Router::new()
+            .fallback(dispatch)
+            .with_state(inner.clone())
+            .into_make_service_with_connect_info::<Peer>();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let stop = async {
+            let _ = rx.await;
+        };
         let thread = std::thread::Builder::new()
             .name("cm-sim".into())
             .spawn(move || {
                 runtime.block_on(async move {
-                    let serve = axum::serve(
-                        listener,
-                        app.into_make_service_with_connect_info::<SocketAddr>(),
-                    )
-                    .with_graceful_shutdown(async {
-                        let _ = rx.await;
-                    });
-                    if let Err(e) = serve.await {
+                    let served = match tls {
+                        None => {
+                            let listener = PlainListener { tcp: listener };
+                            axum::serve(listener, app)
+                                .with_graceful_shutdown(stop)
+                                .await
+                        }
+                        Some(config) => {
+                            let listener = TlsListener {
+                                tcp: listener,
+                                acceptor: tokio_rustls::TlsAcceptor::from(config),
+                            };
+                            axum::serve(listener, app)
+                                .with_graceful_shutdown(stop)
+                                .await
+                        }
+                    };
+                    if let Err(e) = served {
                         eprintln!("cm-sim: {e}");
                     }
                 });
             })?;
         Ok(Simulator {
             addr,
+            scheme,
             inner,
             shutdown: Some(tx),
             thread: Some(thread),
@@ -153,7 +193,7 @@ impl Simulator {
 
     /// The MIM CM base URL to configure in cardbridge.
     pub fn cm_base_url(&self) -> String {
-        format!("http://{}/CertificateManagement/", self.addr)
+        format!("{}://{}/CertificateManagement/", self.scheme, self.addr)
     }
 
     pub fn set_fault(&self, route: &str, fault: Fault) {
@@ -182,6 +222,76 @@ impl Drop for Simulator {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// The client's address, for plain and TLS connections alike.
+#[derive(Debug, Clone, Copy)]
+struct Peer(SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, PlainListener>>
+    for Peer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, PlainListener>) -> Self {
+        *stream.remote_addr()
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        *stream.remote_addr()
+    }
+}
+
+/// Accepts TCP connections with TCP_NODELAY set, like IIS: with Nagle, the body written after
+/// the headers would wait for the client's delayed ACK.
+struct PlainListener {
+    tcp: tokio::net::TcpListener,
+}
+
+impl axum::serve::Listener for PlainListener {
+    type Io = tokio::net::TcpStream;
+    type Addr = Peer;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            if let Ok((tcp, addr)) = self.tcp.accept().await {
+                let _ = tcp.set_nodelay(true);
+                return (tcp, Peer(addr));
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr().map(Peer)
+    }
+}
+
+/// Accepts TCP connections and completes the TLS handshake; failed handshakes (a client that
+/// does not trust the certificate) are dropped and the next connection is accepted.
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = Peer;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, addr)) = self.tcp.accept().await else {
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            if let Ok(tls) = self.acceptor.accept(tcp).await {
+                return (tls, Peer(addr));
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr().map(Peer)
     }
 }
 
@@ -216,7 +326,7 @@ fn route_of(segments: &[&str]) -> &'static str {
 
 async fn dispatch(
     State(inner): State<Shared>,
-    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    ConnectInfo(Peer(client)): ConnectInfo<Peer>,
     method: Method,
     uri: Uri,
     Query(params): Query<Vec<(String, String)>>,

@@ -22,8 +22,15 @@ fn fixture() -> Fixture {
 }
 
 fn client(sim: &Simulator) -> CmClient {
-    let config =
-        Config::parse(&format!("[cm]\nbase_url = \"{}\"\n", sim.cm_base_url())).expect("config");
+    client_with(sim, "")
+}
+
+fn client_with(sim: &Simulator, extra: &str) -> CmClient {
+    let text = format!(
+        "[cm]\nbase_url = \"{}\"\nretries = 0\n{extra}",
+        sim.cm_base_url()
+    );
+    let config = Config::parse(&text).expect("config");
     CmClient::new(config.cm.as_ref().expect("cm section")).expect("client")
 }
 
@@ -94,4 +101,60 @@ fn creates_a_request_and_reads_it_back() {
         "{}",
         posts[0].body
     );
+}
+
+#[test]
+fn https_with_the_organisations_ca_bundle() {
+    // An internal CA and a server certificate for 127.0.0.1 signed by it.
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "Contoso Internal Root");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca.self_signed(&ca_key).expect("ca");
+    let server_key = rcgen::KeyPair::generate().expect("key");
+    let server = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .expect("params")
+        .signed_by(&server_key, &ca, &ca_key)
+        .expect("server certificate");
+    let sim = Simulator::start_tls(
+        fixture(),
+        0,
+        vec![server.der().to_vec(), ca.der().to_vec()],
+        server_key.serialize_der(),
+    )
+    .expect("simulator");
+    assert!(sim.cm_base_url().starts_with("https://"));
+
+    // Without the bundle the server's certificate is not trusted: a TLS error, not a hang.
+    let err = runtime()
+        .block_on(client(&sim).find_smartcards("d1ef6869-5517-42a0-8f05-16ca1a0b834d"))
+        .expect_err("untrusted certificate");
+    assert_eq!(err.code(), "tls", "{err}");
+
+    let dir = std::env::temp_dir().join(format!("cardbridge-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let bundle = dir.join("ca.pem");
+    std::fs::write(&bundle, ca.pem()).expect("write bundle");
+    let trusted = client_with(&sim, &format!("ca_bundle = \"{}\"\n", bundle.display()));
+    let found = runtime()
+        .block_on(trusted.find_smartcards("d1ef6869-5517-42a0-8f05-16ca1a0b834d"))
+        .expect("trusted through the bundle");
+    assert_eq!(found.len(), 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn plain_http_is_refused_by_an_https_client_with_a_clear_error() {
+    let sim = Simulator::start(fixture(), 0).expect("simulator");
+    let config = Config::parse(&format!(
+        "[cm]\nbase_url = \"https://{}/CertificateManagement/\"\nretries = 0\n",
+        sim.addr
+    ))
+    .expect("config");
+    let cm = CmClient::new(config.cm.as_ref().expect("cm")).expect("client");
+    let err = runtime()
+        .block_on(cm.find_smartcards("x"))
+        .expect_err("not TLS");
+    assert_eq!(err.code(), "tls", "{err}");
 }
