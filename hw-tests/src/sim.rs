@@ -112,21 +112,35 @@ impl Simulator {
         Simulator::start_with(fixture, port, None)
     }
 
-    /// Starts over HTTPS with the given certificate chain and PKCS#8 key (DER).
+    /// Starts over HTTPS with the given certificate chain and PKCS#8 key (DER). With
+    /// `client_ca`, clients must present a certificate issued by that CA (mutual TLS).
     pub fn start_tls(
         fixture: Fixture,
         port: u16,
         chain: Vec<Vec<u8>>,
         key: Vec<u8>,
+        client_ca: Option<Vec<u8>>,
     ) -> Result<Simulator> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(
-                chain.into_iter().map(Into::into).collect(),
-                rustls::pki_types::PrivateKeyDer::Pkcs8(key.into()),
-            )?;
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?;
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                roots.add(ca.into())?;
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let config = builder.with_single_cert(
+            chain.into_iter().map(Into::into).collect(),
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.into()),
+        )?;
         Simulator::start_with(fixture, port, Some(Arc::new(config)))
     }
 

@@ -103,27 +103,35 @@ fn creates_a_request_and_reads_it_back() {
     );
 }
 
-#[test]
-fn https_with_the_organisations_ca_bundle() {
-    // An internal CA and a server certificate for 127.0.0.1 signed by it.
+/// An internal CA, and a certificate for `name` signed by it, with the keys.
+fn pki(
+    name: &str,
+) -> (
+    rcgen::Certificate,
+    rcgen::KeyPair,
+    rcgen::Certificate,
+    rcgen::KeyPair,
+) {
     let ca_key = rcgen::KeyPair::generate().expect("key");
     let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
     ca.distinguished_name
         .push(rcgen::DnType::CommonName, "Contoso Internal Root");
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let ca = ca.self_signed(&ca_key).expect("ca");
-    let server_key = rcgen::KeyPair::generate().expect("key");
-    let server = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec![name.to_string()])
         .expect("params")
-        .signed_by(&server_key, &ca, &ca_key)
-        .expect("server certificate");
-    let sim = Simulator::start_tls(
-        fixture(),
-        0,
-        vec![server.der().to_vec(), ca.der().to_vec()],
-        server_key.serialize_der(),
-    )
-    .expect("simulator");
+        .signed_by(&key, &ca, &ca_key)
+        .expect("certificate");
+    (ca, ca_key, cert, key)
+}
+
+#[test]
+fn https_with_the_organisations_ca_bundle() {
+    let (ca, _, server, server_key) = pki("127.0.0.1");
+    let chain = vec![server.der().to_vec(), ca.der().to_vec()];
+    let sim = Simulator::start_tls(fixture(), 0, chain, server_key.serialize_der(), None)
+        .expect("simulator");
     assert!(sim.cm_base_url().starts_with("https://"));
 
     // Without the bundle the server's certificate is not trusted: a TLS error, not a hang.
@@ -157,4 +165,55 @@ fn plain_http_is_refused_by_an_https_client_with_a_clear_error() {
         .block_on(cm.find_smartcards("x"))
         .expect_err("not TLS");
     assert_eq!(err.code(), "tls", "{err}");
+}
+
+#[test]
+fn mutual_tls_with_a_client_certificate() {
+    let (ca, ca_key, server, server_key) = pki("127.0.0.1");
+    let station_key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "kiosk-07");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let station = params
+        .signed_by(&station_key, &ca, &ca_key)
+        .expect("client certificate");
+    let chain = vec![server.der().to_vec()];
+    let sim = Simulator::start_tls(
+        fixture(),
+        0,
+        chain,
+        server_key.serialize_der(),
+        Some(ca.der().to_vec()),
+    )
+    .expect("simulator");
+
+    let dir = std::env::temp_dir().join(format!("cardbridge-mtls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let bundle = dir.join("ca.pem");
+    std::fs::write(&bundle, ca.pem()).expect("write bundle");
+    let identity = dir.join("station.pem");
+    std::fs::write(
+        &identity,
+        format!("{}{}", station.pem(), station_key.serialize_pem()),
+    )
+    .expect("write identity");
+
+    let anonymous = client_with(&sim, &format!("ca_bundle = \"{}\"\n", bundle.display()));
+    let err = runtime()
+        .block_on(anonymous.find_smartcards("d1ef6869-5517-42a0-8f05-16ca1a0b834d"))
+        .expect_err("a client certificate is required");
+    assert!(matches!(err.code(), "tls" | "connect"), "{err}");
+
+    let extra = format!(
+        "ca_bundle = \"{}\"\nclient_certificate = \"{}\"\n",
+        bundle.display(),
+        identity.display()
+    );
+    let found = runtime()
+        .block_on(client_with(&sim, &extra).find_smartcards("d1ef6869-5517-42a0-8f05-16ca1a0b834d"))
+        .expect("accepted with the client certificate");
+    assert_eq!(found.len(), 1);
+    let _ = std::fs::remove_dir_all(&dir);
 }
