@@ -85,6 +85,8 @@ pub struct Logged {
     pub body: String,
     pub client: SocketAddr,
     pub route: String,
+    /// The Authorization header, for tests of the client's authentication.
+    pub authorization: Option<String>,
 }
 
 #[derive(Default)]
@@ -343,6 +345,7 @@ async fn dispatch(
     ConnectInfo(Peer(client)): ConnectInfo<Peer>,
     method: Method,
     uri: Uri,
+    headers: axum::http::HeaderMap,
     Query(params): Query<Vec<(String, String)>>,
     body: Bytes,
 ) -> Response {
@@ -358,6 +361,10 @@ async fn dispatch(
             body: String::from_utf8_lossy(&body).into_owned(),
             client,
             route: route.to_string(),
+            authorization: headers
+                .get(axum::http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
         });
         state.faults.get(route).cloned().unwrap_or_default()
     };

@@ -35,8 +35,8 @@ fn client_with(sim: &Simulator, extra: &str) -> CmClient {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+    // The same kind of runtime as `scan --reconcile` and the engine's reconciliation thread.
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime")
@@ -216,4 +216,107 @@ fn mutual_tls_with_a_client_certificate() {
         .expect("accepted with the client certificate");
     assert_eq!(found.len(), 1);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bearer_and_basic_authentication_and_case_insensitive_routes() {
+    let sim = Simulator::start(fixture(), 0).expect("simulator");
+    let dir = std::env::temp_dir().join(format!("cardbridge-auth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    std::fs::write(dir.join("token"), "s3cret-token\n").expect("token");
+    std::fs::write(dir.join("password"), "pa55").expect("password");
+    // The documentation's examples use both cases of the base path; the server takes either.
+    let lower = format!("http://{}/certificatemanagement/", sim.addr);
+    for (auth, expected) in [
+        (
+            format!(
+                "auth = \"bearer\"\ntoken_file = \"{}\"\n",
+                dir.join("token").display()
+            ),
+            "Bearer s3cret-token",
+        ),
+        (
+            format!(
+                "auth = \"basic\"\nusername = \"svc\"\npassword_file = \"{}\"\n",
+                dir.join("password").display()
+            ),
+            "Basic c3ZjOnBhNTU=",
+        ),
+    ] {
+        sim.clear_log();
+        let config =
+            Config::parse(&format!("[cm]\nbase_url = \"{lower}\"\n{auth}")).expect("config");
+        let cm = CmClient::new(config.cm.as_ref().expect("cm")).expect("client");
+        let found = runtime()
+            .block_on(cm.find_smartcards("d1ef6869-5517-42a0-8f05-16ca1a0b834d"))
+            .expect("find");
+        assert_eq!(found.len(), 1);
+        assert_eq!(sim.log()[0].authorization.as_deref(), Some(expected));
+        assert!(sim.log()[0].path.starts_with("/certificatemanagement/"));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn scepman_search_pages_and_revoke_answers() {
+    use hw_tests::sim::ScepmanCert;
+    let mut fx = fixture();
+    fx.scepman = (0..5)
+        .map(|n| ScepmanCert {
+            serial_number: format!("480552CEBBE40FD5D4417532033728F35304000{n}"),
+            subject: format!("CN=device{n}.contoso.local"),
+            ..ScepmanCert::default()
+        })
+        .collect();
+    let sim = Simulator::start(fx, 0).expect("simulator");
+    let base = format!("http://{}", sim.addr);
+    runtime().block_on(async {
+        let http = reqwest::Client::new();
+        let page: serde_json::Value = http
+            .get(format!(
+                "{base}/api/manage/search?SearchText=contoso&PageSize=2"
+            ))
+            .send()
+            .await
+            .expect("search")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(page["items"].as_array().map(Vec::len), Some(2));
+        let token = page["continuationToken"]
+            .as_str()
+            .expect("more pages")
+            .to_string();
+        let last: serde_json::Value = http
+            .get(format!(
+                "{base}/api/manage/search?searchText=contoso&pageSize=2&continuationToken={token}"
+            ))
+            .send()
+            .await
+            .expect("search")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(last["items"].as_array().map(Vec::len), Some(2));
+
+        let revoke = |serial: &str| {
+            http.patch(format!("{base}/api/manage/revoke/{serial}"))
+                .json(&json!({"revocationReason": 1, "revoker": "helpdesk@contoso.com"}))
+                .send()
+        };
+        let ok = revoke("480552CEBBE40FD5D4417532033728F353040000")
+            .await
+            .expect("revoke");
+        assert_eq!(ok.status(), 200);
+        let again = revoke("480552CEBBE40FD5D4417532033728F353040000")
+            .await
+            .expect("revoke");
+        assert_eq!(again.status(), 409);
+        let body: serde_json::Value = again.json().await.expect("json");
+        assert_eq!(body["errorCode"], 5013);
+        let unknown = revoke("00").await.expect("revoke");
+        assert_eq!(unknown.status(), 404);
+        let body: serde_json::Value = unknown.json().await.expect("json");
+        assert_eq!(body["errorCode"], 7012);
+    });
 }

@@ -244,6 +244,10 @@ impl CmClient {
             .map_err(classify)?;
         let status = response.status();
         let bytes = response.bytes().await.map_err(classify)?;
+        // hyper hands an HTTP/1 connection back to the pool from a task of its own once the body
+        // is read. Yielding lets that task run before the next request of this lookup looks for
+        // an idle connection; otherwise, on a fast network, opening a new one can win the race.
+        tokio::task::yield_now().await;
         if status == StatusCode::NO_CONTENT
             || (status.is_success() && bytes.iter().all(u8::is_ascii_whitespace))
         {
