@@ -25,6 +25,8 @@ use axum::Router;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::vcard::Truth;
+
 /// The simulator's data.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Fixture {
@@ -57,6 +59,60 @@ pub struct ScepmanCert {
     pub revocation_reason: Option<i64>,
     #[serde(default)]
     pub revoked_by: Option<String>,
+}
+
+/// The MIM CM `Uuid` that [`matching_record`] gives a card: the card id's bytes reversed, so it
+/// differs from the card id (as a CM record's Uuid does) and each card of a fixture has its own.
+pub fn smartcard_uuid(truth: &Truth) -> String {
+    let mut id = card_id_bytes(truth);
+    id.reverse();
+    cardbridge::card::guid_string(&id)
+}
+
+fn card_id_bytes(truth: &Truth) -> [u8; 16] {
+    let mut id = [0u8; 16];
+    if let Some(bytes) = truth.card_id.as_deref().and_then(|h| hex::decode(h).ok()) {
+        if bytes.len() == 16 {
+            id.copy_from_slice(&bytes);
+        }
+    }
+    id
+}
+
+/// The card's id as the GUID string of its serial number: RFC 4122 order, or Windows order (the
+/// first three fields byte-swapped), as a MIM CM deployment may record it.
+pub fn card_guid(truth: &Truth, windows: bool) -> String {
+    let mut id = card_id_bytes(truth);
+    if windows {
+        id[0..4].reverse();
+        id[4..6].reverse();
+        id[6..8].reverse();
+    }
+    cardbridge::card::guid_string(&id)
+}
+
+/// A server record that matches a virtual card exactly: Active, the same ATR (lower case, as CM
+/// stores it), every certificate of the card, the usual operations.
+pub fn matching_record(truth: &Truth, windows: bool) -> SimCard {
+    SimCard {
+        smartcard: json!({
+            "Uuid": smartcard_uuid(truth), "Status": 2, "Flags": 1,
+            "AssignedUserUuid": "8f1590dc-d932-4b66-8e68-2e91c5880780",
+            "ProfileTemplateUuid": "a039b4d0-5ce8-4eff-8651-181c6576fda3", "ProfileTemplateVersion": 46,
+            "Comment": "", "SerialNumber": format!("{{{}}}", card_guid(truth, windows)),
+            "Middleware": "MSBaseCSP", "Atr": truth.atr.to_lowercase(),
+        }),
+        certificates: truth
+            .certificates
+            .iter()
+            .map(|c| {
+                json!({"IsKeyHistory": false, "ArchivedOnCa": false, "CertificateType": 1,
+                       "TemplateCommonName": "ContosoSmartcardUser", "SerialNumber": "1B00",
+                       "Thumbprint": c.thumbprint})
+            })
+            .collect(),
+        operations: vec!["renew".into(), "retire".into(), "revoke".into()],
+    }
 }
 
 /// A fault injected on one route (`smartcards`, `certificates`, `operations`, `requests`,

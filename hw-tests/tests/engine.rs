@@ -13,9 +13,8 @@ use cardbridge::engine::{Engine, EngineConfig, Event};
 use cardbridge::reconcile::{Reconciler, State};
 use common::insert;
 use hw_tests::rig::Rig;
-use hw_tests::sim::{Fault, Fixture, SimCard, Simulator};
+use hw_tests::sim::{matching_record, Fault, Fixture, Simulator};
 use hw_tests::vcard::CardSpec;
-use serde_json::json;
 
 fn next(events: &Receiver<Event>, what: &str, want: impl Fn(&Event) -> bool) -> (Event, Instant) {
     let until = Instant::now() + Duration::from_secs(20);
@@ -104,19 +103,10 @@ fn reads_trigger_reconciliation_and_an_unavailable_server_is_retried() {
     );
 
     // ...and once the server has the card and answers, a retry matches it without a new read.
-    let truth = card.truth.clone();
-    let id = truth.card_id.clone().unwrap_or_default();
-    let guid = cardbridge::card::guid_string(
-        &hex::decode(&id).expect("hex").try_into().expect("16 bytes"),
-    );
+    let id = card.truth.card_id.clone().unwrap_or_default();
     sim.set_fault("smartcards", Fault::default());
     sim.replace_fixture(Fixture {
-        smartcards: vec![SimCard {
-            smartcard: json!({"Uuid": "438d1b30-f3b4-4bed-85fa-285e08605ba7", "Status": 2,
-                              "SerialNumber": format!("{{{guid}}}"), "Atr": truth.atr.to_lowercase()}),
-            certificates: truth.certificates.iter().map(|c| json!({"IsKeyHistory": false, "Thumbprint": c.thumbprint})).collect(),
-            operations: vec!["retire".into()],
-        }],
+        smartcards: vec![matching_record(&card.truth, false)],
         ..Fixture::default()
     });
     let (matched, _) = next(

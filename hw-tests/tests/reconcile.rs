@@ -8,49 +8,11 @@ use std::time::Duration;
 
 use common::{insert, run_cardbridge};
 use hw_tests::rig::{Rig, Slot};
-use hw_tests::sim::{Fault, Fixture, SimCard, Simulator};
-use hw_tests::vcard::{CardSpec, Truth};
+use hw_tests::sim::{
+    card_guid as guid, matching_record, smartcard_uuid, Fault, Fixture, Simulator,
+};
+use hw_tests::vcard::CardSpec;
 use serde_json::{json, Value};
-
-const SMARTCARD_UUID: &str = "438d1b30-f3b4-4bed-85fa-285e08605ba7";
-
-/// The card's id as a GUID string: RFC 4122 order, or Windows order (first three fields swapped).
-fn guid(truth: &Truth, windows: bool) -> String {
-    let mut id: [u8; 16] = hex::decode(truth.card_id.as_deref().unwrap_or_default())
-        .ok()
-        .and_then(|v| v.try_into().ok())
-        .expect("16-byte card id");
-    if windows {
-        id[0..4].reverse();
-        id[4..6].reverse();
-        id[6..8].reverse();
-    }
-    cardbridge::card::guid_string(&id)
-}
-
-/// A server record matching the card: Active, same ATR (lower case, as CM stores it), every
-/// certificate of the card.
-fn matching_record(truth: &Truth, windows: bool) -> SimCard {
-    SimCard {
-        smartcard: json!({
-            "Uuid": SMARTCARD_UUID, "Status": 2, "Flags": 1,
-            "AssignedUserUuid": "8f1590dc-d932-4b66-8e68-2e91c5880780",
-            "ProfileTemplateUuid": "a039b4d0-5ce8-4eff-8651-181c6576fda3", "ProfileTemplateVersion": 46,
-            "Comment": "", "SerialNumber": format!("{{{}}}", guid(truth, windows)),
-            "Middleware": "MSBaseCSP", "Atr": truth.atr.to_lowercase(),
-        }),
-        certificates: truth
-            .certificates
-            .iter()
-            .map(|c| {
-                json!({"IsKeyHistory": false, "ArchivedOnCa": false, "CertificateType": 1,
-                           "TemplateCommonName": "ContosoSmartcardUser", "SerialNumber": "1B00",
-                           "Thumbprint": c.thumbprint})
-            })
-            .collect(),
-        operations: vec!["renew".into(), "retire".into(), "revoke".into()],
-    }
-}
 
 struct Station {
     dir: PathBuf,
@@ -158,7 +120,10 @@ fn a_matching_card_is_ok_and_both_byte_orders_are_found() {
             r["card_id_form"],
             if windows { "windows" } else { "rfc4122" }
         );
-        assert_eq!(r["server_card"]["uuid"], SMARTCARD_UUID);
+        assert_eq!(
+            r["server_card"]["uuid"],
+            smartcard_uuid(&card.truth).as_str()
+        );
         assert_eq!(r["server_card"]["status"], "Active");
         assert_eq!(r["operations"], json!(["renew", "retire", "revoke"]));
         assert_eq!(
@@ -406,6 +371,28 @@ fn unreachable_or_absent_server() {
     let r = station.scan(&slot)["reconciliation"].clone();
     assert_eq!(r["state"], "not_configured");
     assert_eq!(r["verdict"], "unknown");
+}
+
+#[test]
+fn a_card_without_an_id_is_not_looked_up() {
+    let rig = Rig::get();
+    let _shared = rig.shared();
+    let slot = rig.slot();
+    // An all-zero CHUID GUID is no identifier.
+    let _card = insert(
+        CardSpec {
+            card_id: Some([0; 16]),
+            ..CardSpec::piv_four_certs()
+        },
+        &slot,
+    );
+    let sim = Simulator::start(Fixture::default(), 0).expect("simulator");
+    let station = Station::for_sim("noid", &sim, "");
+    let json = station.scan(&slot);
+    assert_eq!(json["card_id"], Value::Null);
+    assert_eq!(json["reconciliation"]["state"], "no_card_id");
+    assert_eq!(json["reconciliation"]["verdict"], "unknown");
+    assert!(sim.log().is_empty(), "{:?}", sim.log());
 }
 
 #[test]

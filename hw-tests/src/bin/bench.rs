@@ -11,10 +11,9 @@ use std::time::Instant;
 use anyhow::{bail, Context as _, Result};
 use clap::Parser;
 use hw_tests::rig::{cardbridge_bin, reader_index, wait_for_card, Rig};
-use hw_tests::sim::{Fixture, SimCard, Simulator};
+use hw_tests::sim::{matching_record, Fixture, Simulator};
 use hw_tests::vcard::{CardSpec, VirtualCard};
 use hw_tests::vpcd::Inserted;
-use serde_json::json;
 
 #[derive(Parser)]
 #[command(about = "Benchmark cardbridge's card reads against OpenSC on the same virtual card")]
@@ -130,21 +129,7 @@ fn reconciliation_cost(
         false,
     )?;
     wait_for_card(&slot.reader, true)?;
-    let truth = &card.truth;
-    let id: [u8; 16] = hex::decode(truth.card_id.as_deref().unwrap_or_default())?
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("card id is not 16 bytes"))?;
-    let record = SimCard {
-        smartcard: json!({"Uuid": "438d1b30-f3b4-4bed-85fa-285e08605ba7", "Status": 2,
-                          "SerialNumber": format!("{{{}}}", cardbridge::card::guid_string(&id)),
-                          "Atr": truth.atr.to_lowercase()}),
-        certificates: truth
-            .certificates
-            .iter()
-            .map(|c| json!({"IsKeyHistory": false, "Thumbprint": c.thumbprint}))
-            .collect(),
-        operations: vec!["retire".into()],
-    };
+    let record = matching_record(&card.truth, false);
     let sim = Simulator::start(
         Fixture {
             smartcards: vec![record],
