@@ -14,6 +14,15 @@ use hw_tests::sim::{
 use hw_tests::vcard::CardSpec;
 use serde_json::{json, Value};
 
+/// A simulator whose only record matches the card (in RFC 4122 or Windows card-id order).
+fn sim_knowing(truth: &hw_tests::vcard::Truth, windows: bool) -> Simulator {
+    let fixture = Fixture {
+        smartcards: vec![matching_record(truth, windows)],
+        ..Fixture::default()
+    };
+    Simulator::start(fixture, 0).expect("simulator")
+}
+
 struct Station {
     dir: PathBuf,
     config: PathBuf,
@@ -102,14 +111,7 @@ fn a_matching_card_is_ok_and_both_byte_orders_are_found() {
     let card = insert(CardSpec::piv_four_certs(), &slot);
 
     for windows in [false, true] {
-        let sim = Simulator::start(
-            Fixture {
-                smartcards: vec![matching_record(&card.truth, windows)],
-                ..Fixture::default()
-            },
-            0,
-        )
-        .expect("simulator");
+        let sim = sim_knowing(&card.truth, windows);
         let station = Station::for_sim(if windows { "windows" } else { "rfc" }, &sim, "");
         let json = station.scan(&slot);
         let r = &json["reconciliation"];
@@ -153,14 +155,7 @@ fn a_forced_byte_order_is_the_only_one_asked() {
     let slot = rig.slot();
     let card = insert(CardSpec::piv_four_certs(), &slot);
     // The server knows the card in RFC 4122 order, the configuration forces Windows order.
-    let sim = Simulator::start(
-        Fixture {
-            smartcards: vec![matching_record(&card.truth, false)],
-            ..Fixture::default()
-        },
-        0,
-    )
-    .expect("simulator");
+    let sim = sim_knowing(&card.truth, false);
     let station = Station::for_sim("forced", &sim, "card_id_order = \"windows\"\n");
     let json = station.scan(&slot);
     assert_eq!(json["reconciliation"]["state"], "not_found");
@@ -308,14 +303,7 @@ fn a_slow_server_does_not_delay_card_reading() {
     let _shared = rig.shared();
     let slot = rig.slot();
     let card = insert(CardSpec::piv_four_certs(), &slot);
-    let sim = Simulator::start(
-        Fixture {
-            smartcards: vec![matching_record(&card.truth, false)],
-            ..Fixture::default()
-        },
-        0,
-    )
-    .expect("simulator");
+    let sim = sim_knowing(&card.truth, false);
     sim.set_fault(
         "certificates",
         Fault {
