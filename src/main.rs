@@ -35,7 +35,7 @@ enum Command {
         #[arg(long)]
         reconcile: bool,
         /// Configuration file (default /etc/cardbridge/config.toml).
-        #[arg(long, value_name = "PATH")]
+        #[arg(long, value_name = "PATH", requires = "reconcile")]
         config: Option<PathBuf>,
     },
 }

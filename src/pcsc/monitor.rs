@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -116,8 +116,6 @@ pub fn diff(old: &Snapshot, new: &Snapshot, same_service: bool) -> Vec<MonitorEv
 /// A running monitor thread; stopping (or dropping) it joins the thread.
 pub struct Monitor {
     stop: Arc<AtomicBool>,
-    heartbeat: Arc<AtomicU64>,
-    started: Instant,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -125,13 +123,9 @@ impl Monitor {
     /// Starts the monitor; events go to `events` until it is stopped or the receiver is dropped.
     pub fn spawn(events: Sender<MonitorEvent>) -> std::io::Result<Monitor> {
         let stop = Arc::new(AtomicBool::new(false));
-        let heartbeat = Arc::new(AtomicU64::new(0));
-        let started = Instant::now();
         let worker = Worker {
             events,
             stop: stop.clone(),
-            heartbeat: heartbeat.clone(),
-            started,
             known: Snapshot::new(),
             unavailable: false,
         };
@@ -140,16 +134,8 @@ impl Monitor {
             .spawn(move || worker.run())?;
         Ok(Monitor {
             stop,
-            heartbeat,
-            started,
             thread: Some(thread),
         })
-    }
-
-    /// Time since the monitor loop last went round: a watchdog can tell a stuck monitor by it.
-    pub fn since_last_heartbeat(&self) -> Duration {
-        let beat = Duration::from_millis(self.heartbeat.load(Ordering::Relaxed));
-        self.started.elapsed().saturating_sub(beat)
     }
 
     pub fn stop(mut self) {
@@ -174,8 +160,6 @@ impl Drop for Monitor {
 struct Worker {
     events: Sender<MonitorEvent>,
     stop: Arc<AtomicBool>,
-    heartbeat: Arc<AtomicU64>,
-    started: Instant,
     known: Snapshot,
     unavailable: bool,
 }
@@ -224,7 +208,6 @@ impl Worker {
         let mut states = vec![ReaderState::new(PNP_NOTIFICATION(), State::UNAWARE)];
         let mut relist = true;
         loop {
-            self.beat();
             if self.stopped() {
                 return Exit::Stopped;
             }
@@ -290,16 +273,10 @@ impl Worker {
         self.stop.load(Ordering::Relaxed)
     }
 
-    fn beat(&self) {
-        self.heartbeat
-            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
     /// Sleeps for `d`, waking early when asked to stop.
     fn sleep(&self, d: Duration) {
         let until = Instant::now() + d;
         while !self.stopped() && Instant::now() < until {
-            self.beat();
             std::thread::sleep(Duration::from_millis(20).min(until - Instant::now()));
         }
     }
