@@ -181,8 +181,67 @@ fn reconciliation_cost(
     reconciled.report("cardbridge scan --json --reconcile (CM simulator)");
     let median = |s: &Series| s.millis[s.millis.len() / 2];
     println!(
-        "reconciliation adds {:.1} ms (median), {requests} HTTP requests per card on one connection",
+        "scan --reconcile adds {:.1} ms (median, incl. opening the database and TLS roots), {requests} HTTP requests per card on one connection",
         median(&reconciled) - median(&plain)
     );
+    card.remove();
+    engine_latency(runs, slot, &sim)
+}
+
+/// In the engine (as the daemon runs it): the time from a card's `card.read` to its
+/// `card.reconciled`, over fresh insertions.
+fn engine_latency(runs: usize, slot: &hw_tests::rig::Slot, sim: &Simulator) -> Result<()> {
+    use cardbridge::engine::{Engine, EngineConfig, Event};
+    use std::time::Duration;
+    let config =
+        cardbridge::config::Config::parse(&format!("[cm]\nbase_url = \"{}\"\n", sim.cm_base_url()))
+            .map_err(anyhow::Error::msg)?;
+    let client = cardbridge::cm::CmClient::new(config.cm.as_ref().context("cm section")?)?;
+    let (tx, events) = std::sync::mpsc::channel();
+    let _engine = Engine::start(
+        EngineConfig {
+            read: cardbridge::card::ReadOptions::default(),
+            reconciler: cardbridge::reconcile::Reconciler::new(Some(client), Default::default()),
+            store: None,
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(5),
+        },
+        tx,
+    )?;
+    let mut latency = Series::default();
+    for _ in 0..runs {
+        wait_for_card(&slot.reader, false)?;
+        let card = Inserted::insert(
+            VirtualCard::new(CardSpec::piv_four_certs())?,
+            slot.port,
+            false,
+        )?;
+        sim.replace_fixture(Fixture {
+            smartcards: vec![matching_record(&card.truth, false)],
+            ..Fixture::default()
+        });
+        let mut read_at = None;
+        loop {
+            match events.recv_timeout(Duration::from_secs(10))? {
+                Event::CardRead(c) if c.reader == slot.reader => {
+                    read_at = Some(Instant::now());
+                    latency.apdus.push(u64::from(c.apdu_count));
+                }
+                Event::CardReconciled(r) if read_at.is_some() => {
+                    if r.state != cardbridge::reconcile::State::Matched {
+                        bail!("engine reconciliation did not match: {:?}", r.state);
+                    }
+                    let started = read_at.unwrap_or_else(Instant::now);
+                    latency
+                        .millis
+                        .push(started.elapsed().as_secs_f64() * 1000.0);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        card.remove();
+    }
+    latency.report("engine: card.read -> card.reconciled");
     Ok(())
 }
