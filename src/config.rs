@@ -21,6 +21,54 @@ pub struct Config {
     pub state_dir: Option<PathBuf>,
     /// Absent: reconciliation reports `not_configured`.
     pub cm: Option<CmConfig>,
+    #[serde(default)]
+    pub api: ApiConfig,
+}
+
+/// The local API (`cardbridge run`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// TCP addresses to listen on; loopback only (checked at load).
+    #[serde(default = "default_listen")]
+    pub listen: Vec<std::net::SocketAddr>,
+    /// One entry per calling application. Empty: a random token is generated into the state
+    /// directory (`api-token`, mode 0600) with every scope and no browser origin.
+    #[serde(default)]
+    pub clients: Vec<ApiClient>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: default_listen(),
+            clients: Vec::new(),
+        }
+    }
+}
+
+fn default_listen() -> Vec<std::net::SocketAddr> {
+    vec![std::net::SocketAddr::from(([127, 0, 0, 1], 8687))]
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiClient {
+    pub name: String,
+    /// Hex SHA-256 of the bearer token; the token itself is never stored.
+    pub token_sha256: String,
+    pub scopes: Vec<Scope>,
+    /// Exact origins (`https://kiosk.contoso.com`) a browser page of this client may call from.
+    #[serde(default)]
+    pub origins: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Read,
+    Sync,
+    Revoke,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -128,6 +176,34 @@ impl Config {
     pub fn parse(text: &str) -> Result<Config, String> {
         let config: Config =
             toml::from_str(text).map_err(|e| e.to_string().trim().replace('\n', " "))?;
+        for addr in &config.api.listen {
+            if !addr.ip().is_loopback() {
+                return Err(format!(
+                    "api.listen: {addr} is not a loopback address; the local API listens on 127.0.0.1 or ::1 only"
+                ));
+            }
+        }
+        for client in &config.api.clients {
+            let ok = client.token_sha256.len() == 64
+                && client.token_sha256.bytes().all(|b| b.is_ascii_hexdigit());
+            if !ok {
+                return Err(format!(
+                    "api.clients ({}): token_sha256 must be 64 hex digits (the SHA-256 of the token)",
+                    client.name
+                ));
+            }
+            for origin in &client.origins {
+                let valid = reqwest::Url::parse(origin)
+                    .ok()
+                    .is_some_and(|u| u.origin().ascii_serialization() == *origin);
+                if !valid {
+                    return Err(format!(
+                        "api.clients ({}): origin {origin:?} must be exactly scheme://host[:port]",
+                        client.name
+                    ));
+                }
+            }
+        }
         if let Some(cm) = &config.cm {
             let url = reqwest::Url::parse(&cm.base_url).map_err(|e| format!("cm.base_url: {e}"))?;
             if !matches!(url.scheme(), "https" | "http") {
@@ -186,6 +262,28 @@ mod tests {
         let c = Config::parse(text).unwrap();
         assert_eq!(c.state_dir(), PathBuf::from("/var/lib/cardbridge"));
         assert_eq!(c.cm.unwrap().card_id_order, CardIdOrder::Auto);
+    }
+
+    #[test]
+    fn api_listeners_are_loopback_only_and_clients_are_checked() {
+        let c = Config::parse("[api]\nlisten = [\"127.0.0.1:9000\", \"[::1]:9000\"]\n").unwrap();
+        assert_eq!(c.api.listen.len(), 2);
+        let e = Config::parse("[api]\nlisten = [\"0.0.0.0:8687\"]\n").unwrap_err();
+        assert!(e.contains("api.listen") && e.contains("loopback"), "{e}");
+        let client = |hash: &str, origin: &str| {
+            format!("[[api.clients]]\nname = \"kiosk\"\ntoken_sha256 = \"{hash}\"\nscopes = [\"read\"]\norigins = [\"{origin}\"]\n")
+        };
+        let hash = "ab".repeat(32);
+        assert!(Config::parse(&client(&hash, "https://kiosk.contoso.com")).is_ok());
+        assert!(Config::parse(&client("abc", "https://kiosk.contoso.com"))
+            .unwrap_err()
+            .contains("token_sha256"));
+        assert!(Config::parse(&client(&hash, "https://kiosk.contoso.com/"))
+            .unwrap_err()
+            .contains("origin"));
+        assert!(Config::parse(&client(&hash, "*"))
+            .unwrap_err()
+            .contains("origin"));
     }
 
     #[test]

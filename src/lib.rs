@@ -11,11 +11,15 @@
 //! - [`store`]: the SQLite state database.
 //! - [`config`]: the TOML configuration.
 //! - [`engine`]: monitor, reader workers and reconciliation wired together, as the daemon runs them.
+//! - [`api`]: the local REST + Server-Sent Events API and its security checks.
+//! - [`daemon`]: `cardbridge run`, the engine behind the local API.
 //! - [`scan`]: the `cardbridge scan` command.
 
+pub mod api;
 pub mod card;
 pub mod cm;
 pub mod config;
+pub mod daemon;
 pub mod engine;
 pub mod pcsc;
 pub mod reconcile;

@@ -20,6 +20,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the station daemon: read every inserted card, reconcile it, serve the local API.
+    Run {
+        /// Configuration file (default /etc/cardbridge/config.toml; absent: safe defaults).
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
     /// Read every card present now, print what was found, and exit.
     Scan {
         /// Print a JSON array of Card objects instead of a table.
@@ -43,6 +49,24 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Run { config } => {
+            let explicit = config.is_some();
+            let path = config.unwrap_or_else(|| PathBuf::from(cardbridge::config::DEFAULT_PATH));
+            let config = match Config::load(&path, explicit) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("cardbridge: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match cardbridge::daemon::run(&config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("cardbridge: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Scan {
             json,
             reader,

@@ -1,0 +1,270 @@
+//! End-to-end: `cardbridge run` with a virtual card and the CM simulator, through its local API.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{insert, run_cardbridge};
+use hw_tests::rig::{cardbridge_bin, Rig};
+use hw_tests::sim::{matching_record, Fixture, Simulator};
+use hw_tests::vcard::CardSpec;
+use sha2::{Digest, Sha256};
+
+const TOKEN: &str = "kiosk-token-0123456789";
+const ORIGIN: &str = "https://kiosk.contoso.com";
+
+struct Daemon {
+    child: Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Daemon {
+    fn start(name: &str, cm: &str) -> Daemon {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let dir =
+            std::env::temp_dir().join(format!("cardbridge-api-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let hash = hex::encode(Sha256::digest(TOKEN.as_bytes()));
+        let config = format!(
+            "state_dir = \"{}\"\n[api]\nlisten = [\"127.0.0.1:{port}\"]\n[[api.clients]]\nname = \"kiosk\"\n\
+             token_sha256 = \"{hash}\"\nscopes = [\"read\"]\norigins = [\"{ORIGIN}\"]\n{cm}",
+            dir.join("state").display()
+        );
+        std::fs::write(dir.join("config.toml"), config).expect("config");
+        let child = Command::new(cardbridge_bin())
+            .args(["run", "--config"])
+            .arg(dir.join("config.toml"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start cardbridge run");
+        let until = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < until, "cardbridge run did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Daemon { child, port, dir }
+    }
+
+    /// A raw HTTP/1.1 GET with the given extra headers; returns the status and body.
+    fn get(&self, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        let mut request = format!("GET {path} HTTP/1.1\r\nConnection: close\r\n");
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+            request.push_str(&format!("Host: 127.0.0.1:{}\r\n", self.port));
+        }
+        for (k, v) in headers {
+            request.push_str(&format!("{k}: {v}\r\n"));
+        }
+        request.push_str("\r\n");
+        s.write_all(request.as_bytes()).expect("send");
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).expect("read");
+        let status = answer
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = answer
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        (status, body)
+    }
+
+    /// Opens the event stream (optionally resuming after `last`).
+    fn events(&self, last: Option<u64>) -> BufReader<TcpStream> {
+        use std::io::Write;
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(15)))
+            .expect("timeout");
+        let resume = last
+            .map(|id| format!("Last-Event-ID: {id}\r\n"))
+            .unwrap_or_default();
+        write!(
+            s,
+            "GET /v1/events HTTP/1.1\r\nHost: localhost:{}\r\nAuthorization: Bearer {TOKEN}\r\n{resume}\r\n",
+            self.port
+        )
+        .expect("send");
+        BufReader::new(s)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SIGTERM: the graceful path (it must end the event streams and exit).
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let until = Instant::now() + Duration::from_secs(5);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Reads SSE frames until one whose event name satisfies `want`; returns (id, name, data).
+fn next_event(
+    stream: &mut BufReader<TcpStream>,
+    want: impl Fn(&str, &str) -> bool,
+) -> (u64, String, String) {
+    let (mut id, mut name, mut data) = (0, String::new(), String::new());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = stream.read_line(&mut line).expect("event stream open");
+        assert!(n > 0, "event stream closed");
+        let l = line.trim_end();
+        if let Some(v) = l.strip_prefix("id:") {
+            id = v.trim().parse().unwrap_or(0);
+        } else if let Some(v) = l.strip_prefix("event:") {
+            name = v.trim().to_string();
+        } else if let Some(v) = l.strip_prefix("data:") {
+            data.push_str(v.trim());
+        } else if l.is_empty() && !name.is_empty() {
+            if want(&name, &data) {
+                return (id, name, data);
+            }
+            name.clear();
+            data.clear();
+        }
+    }
+}
+
+#[test]
+fn events_in_order_resume_and_rest() {
+    let rig = Rig::get();
+    let _shared = rig.shared();
+    let slot = rig.slot();
+    common::wait_for_card(&slot.reader, false);
+    let sim = Simulator::start(Fixture::default(), 0).expect("simulator");
+    let daemon = Daemon::start(
+        "events",
+        &format!("[cm]\nbase_url = \"{}\"\n", sim.cm_base_url()),
+    );
+    let mut stream = daemon.events(None);
+    std::thread::sleep(Duration::from_millis(300));
+
+    let card = insert(CardSpec::piv_four_certs(), &slot);
+    sim.replace_fixture(Fixture {
+        smartcards: vec![matching_record(&card.truth, false)],
+        ..Fixture::default()
+    });
+    let mine = |data: &str| {
+        data.contains(&slot.reader)
+            || card
+                .truth
+                .card_id
+                .as_deref()
+                .is_some_and(|id| data.contains(id))
+    };
+    let (id1, ..) = next_event(&mut stream, |n, d| n == "card.inserted" && mine(d));
+    let (id2, _, read) = next_event(&mut stream, |n, d| n.starts_with("card.read") && mine(d));
+    let (id3, _, reconciled) = next_event(&mut stream, |n, d| n == "card.reconciled" && mine(d));
+    assert!(id1 < id2 && id2 < id3, "{id1} {id2} {id3}");
+    assert!(read.contains(card.truth.certificates[0].thumbprint.as_str()));
+    assert!(reconciled.contains("\"state\":\"matched\""), "{reconciled}");
+
+    // REST sees the same card.
+    let auth = format!("Bearer {TOKEN}");
+    let id = card.truth.card_id.clone().unwrap_or_default();
+    let (status, body) = daemon.get(&format!("/v1/cards/{id}"), &[("Authorization", &auth)]);
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = daemon.get(
+        &format!("/v1/cards/{id}/reconciliation"),
+        &[("Authorization", &auth)],
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"verdict\":\"ok\""), "{body}");
+
+    // A client that reconnects after card.inserted gets what it missed, in order.
+    let mut resumed = daemon.events(Some(id1));
+    let (r2, ..) = next_event(&mut resumed, |_, _| true);
+    assert_eq!(r2, id1 + 1);
+    let (r3, ..) = next_event(&mut resumed, |n, d| n == "card.reconciled" && mine(d));
+    assert_eq!(r3, id3);
+
+    card.remove();
+    next_event(&mut stream, |n, d| {
+        n == "card.removed" && d.contains(&slot.reader)
+    });
+}
+
+/// Name, request headers, expected status and error code.
+type Case = (&'static str, Vec<(&'static str, String)>, u16, &'static str);
+
+#[test]
+fn every_security_rule_refuses_with_the_right_status() {
+    let daemon = Daemon::start("security", "");
+    let auth = format!("Bearer {TOKEN}");
+    let port = daemon.port;
+    let cases: Vec<Case> = vec![
+        ("good", vec![("Authorization", auth.clone())], 200, ""),
+        ("missing token", vec![], 401, "missing_token"),
+        (
+            "wrong token",
+            vec![("Authorization", "Bearer wrong".into())],
+            401,
+            "bad_token",
+        ),
+        (
+            "foreign host",
+            vec![
+                ("Authorization", auth.clone()),
+                ("Host", format!("evil.example:{port}")),
+            ],
+            421,
+            "foreign_host",
+        ),
+        (
+            "foreign origin",
+            vec![
+                ("Authorization", auth.clone()),
+                ("Origin", "https://evil.example".into()),
+            ],
+            403,
+            "foreign_origin",
+        ),
+        (
+            "allowed origin",
+            vec![("Authorization", auth.clone()), ("Origin", ORIGIN.into())],
+            200,
+            "",
+        ),
+    ];
+    for (name, headers, status, code) in cases {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (got, body) = daemon.get("/v1/health", &headers);
+        assert_eq!(got, status, "{name}: {body}");
+        assert!(body.contains(code), "{name}: {body}");
+    }
+}
+
+#[test]
+fn a_non_loopback_listen_address_is_refused_at_startup() {
+    let dir = std::env::temp_dir().join(format!("cardbridge-api-listen-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let config = dir.join("config.toml");
+    std::fs::write(&config, "[api]\nlisten = [\"0.0.0.0:8687\"]\n").expect("config");
+    let out = run_cardbridge(
+        &["run", "--config", &config.to_string_lossy()],
+        &[],
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,258 @@
+//! The local API's gatekeeping. Loopback is not a security boundary: any web page can make a
+//! browser talk to 127.0.0.1, and DNS rebinding can make it do so under a foreign name. So every
+//! request must carry a known bearer token (compared as SHA-256 in constant time), must name the
+//! listener in its Host header, and, when it comes from a browser page (an Origin header), must
+//! come from an origin allowed for that token's client. CORS answers echo only such an origin,
+//! never `*`.
+
+use std::net::SocketAddr;
+
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::{ApiClient, Scope};
+
+/// Why a request is refused; each maps to a status and an error code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    MissingToken,
+    BadToken,
+    ForeignHost,
+    ForeignOrigin,
+    MissingScope,
+}
+
+impl Refusal {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Refusal::MissingToken | Refusal::BadToken => StatusCode::UNAUTHORIZED,
+            // 421 Misdirected Request: the Host names something this listener is not.
+            Refusal::ForeignHost => StatusCode::MISDIRECTED_REQUEST,
+            Refusal::ForeignOrigin | Refusal::MissingScope => StatusCode::FORBIDDEN,
+        }
+    }
+
+    pub fn code(self) -> &'static str {
+        match self {
+            Refusal::MissingToken => "missing_token",
+            Refusal::BadToken => "bad_token",
+            Refusal::ForeignHost => "foreign_host",
+            Refusal::ForeignOrigin => "foreign_origin",
+            Refusal::MissingScope => "missing_scope",
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            Refusal::MissingToken => "an Authorization: Bearer token is required",
+            Refusal::BadToken => "the bearer token is not known",
+            Refusal::ForeignHost => "the Host header does not name this listener",
+            Refusal::ForeignOrigin => "this origin is not allowed for this client",
+            Refusal::MissingScope => "the client does not have the scope this route needs",
+        }
+    }
+}
+
+/// The configured clients, with their token hashes decoded.
+#[derive(Debug, Clone)]
+pub struct Clients {
+    clients: Vec<(ApiClient, [u8; 32])>,
+}
+
+impl Clients {
+    pub fn new(clients: &[ApiClient]) -> Clients {
+        Clients {
+            clients: clients
+                .iter()
+                .filter_map(|c| {
+                    let hash: [u8; 32] = hex::decode(&c.token_sha256).ok()?.try_into().ok()?;
+                    Some((c.clone(), hash))
+                })
+                .collect(),
+        }
+    }
+
+    /// The client whose token this is. Every configured hash is compared, in constant time, so
+    /// the time taken says nothing about which one (or how much of one) matched.
+    pub fn authenticate(&self, token: &str) -> Option<&ApiClient> {
+        let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let mut found = None;
+        for (client, hash) in &self.clients {
+            if bool::from(presented.ct_eq(hash)) {
+                found = Some(client);
+            }
+        }
+        found
+    }
+}
+
+/// The Host values a request to `listener` may carry: `127.0.0.1:PORT`, `localhost:PORT`,
+/// `[::1]:PORT` for the listener's port.
+pub fn host_allowed(host: Option<&HeaderValue>, listener: SocketAddr) -> bool {
+    let Some(host) = host.and_then(|h| h.to_str().ok()) else {
+        return false;
+    };
+    let port = listener.port();
+    let host = host.to_ascii_lowercase();
+    [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+    ]
+    .contains(&host)
+}
+
+/// Checks a request's headers: Host, bearer token, Origin, scope. Returns the client.
+pub fn check<'c>(
+    clients: &'c Clients,
+    headers: &HeaderMap,
+    listener: SocketAddr,
+    scope: Scope,
+) -> Result<&'c ApiClient, Refusal> {
+    if !host_allowed(headers.get(header::HOST), listener) {
+        return Err(Refusal::ForeignHost);
+    }
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or(Refusal::MissingToken)?;
+    let client = clients
+        .authenticate(token.trim())
+        .ok_or(Refusal::BadToken)?;
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let allowed = origin
+            .to_str()
+            .is_ok_and(|o| client.origins.iter().any(|allowed| allowed == o));
+        if !allowed {
+            return Err(Refusal::ForeignOrigin);
+        }
+    }
+    if !client.scopes.contains(&scope) {
+        return Err(Refusal::MissingScope);
+    }
+    Ok(client)
+}
+
+/// A CORS preflight is answered for an origin some client allows (it carries no token, so the
+/// request itself is checked when it comes). Returns the origin to echo.
+pub fn preflight_origin(
+    clients: &Clients,
+    headers: &HeaderMap,
+    method: &Method,
+) -> Option<HeaderValue> {
+    if method != Method::OPTIONS {
+        return None;
+    }
+    let origin = headers.get(header::ORIGIN)?;
+    let text = origin.to_str().ok()?;
+    clients
+        .clients
+        .iter()
+        .any(|(c, _)| c.origins.iter().any(|o| o == text))
+        .then(|| origin.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clients() -> Clients {
+        Clients::new(&[ApiClient {
+            name: "kiosk".into(),
+            token_sha256: hex::encode(Sha256::digest(b"s3cret")),
+            scopes: vec![Scope::Read],
+            origins: vec!["https://kiosk.contoso.com".into()],
+        }])
+    }
+
+    fn headers(pairs: &[(header::HeaderName, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(k.clone(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    const LISTENER: &str = "127.0.0.1:8687";
+
+    #[test]
+    fn every_rule() {
+        let c = clients();
+        let l: SocketAddr = LISTENER.parse().unwrap();
+        let ok = [
+            (header::HOST, "localhost:8687"),
+            (header::AUTHORIZATION, "Bearer s3cret"),
+        ];
+        assert_eq!(
+            check(&c, &headers(&ok), l, Scope::Read).map(|c| c.name.as_str()),
+            Ok("kiosk")
+        );
+        let cases: [(&[(header::HeaderName, &str)], Refusal); 6] = [
+            (&[(header::HOST, "localhost:8687")], Refusal::MissingToken),
+            (
+                &[
+                    (header::HOST, "127.0.0.1:8687"),
+                    (header::AUTHORIZATION, "Bearer nope"),
+                ],
+                Refusal::BadToken,
+            ),
+            (
+                &[
+                    (header::HOST, "evil.example:8687"),
+                    (header::AUTHORIZATION, "Bearer s3cret"),
+                ],
+                Refusal::ForeignHost,
+            ),
+            (
+                &[
+                    (header::HOST, "localhost:9999"),
+                    (header::AUTHORIZATION, "Bearer s3cret"),
+                ],
+                Refusal::ForeignHost,
+            ),
+            (
+                &[
+                    (header::HOST, "[::1]:8687"),
+                    (header::AUTHORIZATION, "Bearer s3cret"),
+                    (header::ORIGIN, "https://evil.example"),
+                ],
+                Refusal::ForeignOrigin,
+            ),
+            (
+                &[(header::AUTHORIZATION, "Bearer s3cret")],
+                Refusal::ForeignHost,
+            ),
+        ];
+        for (h, refusal) in cases {
+            assert_eq!(
+                check(&c, &headers(h), l, Scope::Read).err(),
+                Some(refusal),
+                "{h:?}"
+            );
+        }
+        assert_eq!(
+            check(&c, &headers(&ok), l, Scope::Revoke).err(),
+            Some(Refusal::MissingScope)
+        );
+        let from_page = [
+            (header::HOST, "127.0.0.1:8687"),
+            (header::AUTHORIZATION, "Bearer s3cret"),
+            (header::ORIGIN, "https://kiosk.contoso.com"),
+        ];
+        assert!(check(&c, &headers(&from_page), l, Scope::Read).is_ok());
+    }
+
+    #[test]
+    fn preflight_echoes_only_allowed_origins() {
+        let c = clients();
+        let good = headers(&[(header::ORIGIN, "https://kiosk.contoso.com")]);
+        assert_eq!(
+            preflight_origin(&c, &good, &Method::OPTIONS).unwrap(),
+            "https://kiosk.contoso.com"
+        );
+        let bad = headers(&[(header::ORIGIN, "https://evil.example")]);
+        assert_eq!(preflight_origin(&c, &bad, &Method::OPTIONS), None);
+    }
+}

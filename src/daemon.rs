@@ -1,0 +1,243 @@
+//! `cardbridge run`: the engine, the station state, the event bus and the local API, until
+//! SIGINT or SIGTERM.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use crate::api::events::Bus;
+use crate::api::security::Clients;
+use crate::api::{self, Shared, Station};
+use crate::card::ReadOptions;
+use crate::cm::{CmClient, CmError};
+use crate::config::{ApiClient, Config, Scope};
+use crate::engine::{Engine, EngineConfig, Event};
+use crate::reconcile::Reconciler;
+use crate::store::{Store, StoreError, CARD_ID_FORM};
+
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Cm(#[from] CmError),
+    #[error("cannot write the API token {path}: {source}")]
+    Token {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start: {0}")]
+    Start(std::io::Error),
+}
+
+/// Runs until a stop signal.
+pub fn run(config: &Config) -> Result<(), DaemonError> {
+    let state_dir = config.state_dir();
+    let store = Store::open(&state_dir)?;
+    let clients = if config.api.clients.is_empty() {
+        vec![generated_client(&state_dir)?]
+    } else {
+        config.api.clients.clone()
+    };
+    let (client, order) = match &config.cm {
+        Some(cm) => (Some(CmClient::new(cm)?), cm.card_id_order),
+        None => (None, Default::default()),
+    };
+    let reconciler = Reconciler::new(client, order);
+    if let Some(form) = store.setting(CARD_ID_FORM)? {
+        reconciler.prefer_form(&form);
+    }
+    let shared = Arc::new(Shared {
+        clients: Clients::new(&clients),
+        bus: Bus::default(),
+        station: Mutex::new(Station::default()),
+        stopping: tokio::sync::watch::channel(false).0,
+    });
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Start)?;
+    let mut listeners = Vec::new();
+    for addr in &config.api.listen {
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(addr))
+            .map_err(|source| DaemonError::Listen {
+                addr: *addr,
+                source,
+            })?;
+        let bound = listener.local_addr().map_err(DaemonError::Start)?;
+        listeners.push((listener, bound));
+    }
+
+    let (tx, events) = std::sync::mpsc::channel();
+    let engine = Engine::start(
+        EngineConfig {
+            read: ReadOptions::default(),
+            reconciler,
+            store: Some(store),
+            retry_initial: Duration::from_secs(5),
+            retry_max: Duration::from_secs(300),
+        },
+        tx,
+    )
+    .map_err(DaemonError::Start)?;
+    let pump = {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("events".into())
+            .spawn(move || pump(events, &shared))
+            .map_err(DaemonError::Start)?
+    };
+
+    for (_, addr) in &listeners {
+        eprintln!("cardbridge: API listening on http://{addr}/v1/");
+    }
+    runtime.block_on(async {
+        let mut servers = tokio::task::JoinSet::new();
+        for (listener, addr) in listeners {
+            let app = api::router(shared.clone(), addr);
+            let stopped = shared.stopped();
+            servers.spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            });
+        }
+        {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                stop_signal().await;
+                shared.stopping.send_replace(true);
+            });
+        }
+        while let Some(done) = servers.join_next().await {
+            if let Ok(Err(e)) = done {
+                eprintln!("cardbridge: API server failed: {e}");
+            }
+        }
+    });
+    // Stopping the engine closes the event channel, which ends the pump.
+    engine.stop();
+    let _ = pump.join();
+    Ok(())
+}
+
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Applies engine events to the station state and publishes them, in order.
+fn pump(events: Receiver<Event>, shared: &Shared) {
+    for event in events {
+        let (name, data) = {
+            let mut station = shared.station.lock().unwrap_or_else(|p| p.into_inner());
+            match event {
+                Event::ReaderAdded { reader } => {
+                    station.readers.entry(reader.clone()).or_insert(None);
+                    (
+                        "reader.added",
+                        serde_json::json!({ "reader": reader }).to_string(),
+                    )
+                }
+                Event::ReaderRemoved { reader } => {
+                    station.readers.remove(&reader);
+                    (
+                        "reader.removed",
+                        serde_json::json!({ "reader": reader }).to_string(),
+                    )
+                }
+                Event::CardInserted { reader, atr } => (
+                    "card.inserted",
+                    serde_json::json!({ "reader": reader, "atr": atr }).to_string(),
+                ),
+                Event::CardRemoved { reader } => {
+                    if let Some(slot) = station.readers.get_mut(&reader) {
+                        *slot = None;
+                    }
+                    (
+                        "card.removed",
+                        serde_json::json!({ "reader": reader }).to_string(),
+                    )
+                }
+                Event::CardRead(card) | Event::CardReadFailed(card) => {
+                    let name = if card.error.is_none() {
+                        "card.read"
+                    } else {
+                        "card.read_failed"
+                    };
+                    let data = serde_json::to_string(&card).unwrap_or_default();
+                    station.readers.insert(card.reader.clone(), Some(*card));
+                    (name, data)
+                }
+                Event::CardReconciled(r) => {
+                    let data = serde_json::to_string(&r).unwrap_or_default();
+                    if let Some(id) = r.card_id.clone() {
+                        station.reconciliations.insert(id, *r);
+                    }
+                    ("card.reconciled", data)
+                }
+                Event::PcscUnavailable { reason } => (
+                    "pcsc.unavailable",
+                    serde_json::json!({ "reason": reason }).to_string(),
+                ),
+                Event::PcscRestored => ("pcsc.restored", "{}".to_string()),
+            }
+        };
+        shared.bus.publish(name, data);
+    }
+}
+
+/// With no clients configured: a random token for local tools, written readable only by the
+/// service user, with every scope and no browser origin.
+fn generated_client(state_dir: &Path) -> Result<ApiClient, DaemonError> {
+    let path = state_dir.join("api-token");
+    let err = |source| DaemonError::Token {
+        path: path.clone(),
+        source,
+    };
+    let mut bytes = [0u8; 32];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").map_err(err)?,
+        &mut bytes,
+    )
+    .map_err(err)?;
+    let token = hex::encode(bytes);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(err)?;
+    writeln!(file, "{token}").map_err(err)?;
+    Ok(ApiClient {
+        name: "local".into(),
+        token_sha256: hex::encode(Sha256::digest(token.as_bytes())),
+        scopes: vec![Scope::Read, Scope::Sync, Scope::Revoke],
+        origins: Vec::new(),
+    })
+}
