@@ -262,6 +262,7 @@ mod tests {
         let c = Config::parse(text).unwrap();
         assert_eq!(c.state_dir(), PathBuf::from("/var/lib/cardbridge"));
         assert_eq!(c.cm.unwrap().card_id_order, CardIdOrder::Auto);
+        assert_eq!(c.api.listen, default_listen());
     }
 
     #[test]
