@@ -14,9 +14,11 @@
 //! - [`api`]: the local REST + Server-Sent Events API and its security checks.
 //! - [`daemon`]: `cardbridge run`, the engine behind the local API.
 //! - [`scan`]: the `cardbridge scan` command.
+//! - [`client`]: `cardbridge cards` and `cardbridge events`, clients of a running daemon.
 
 pub mod api;
 pub mod card;
+pub mod client;
 pub mod cm;
 pub mod config;
 pub mod daemon;

@@ -18,8 +18,41 @@ struct Cli {
     command: Command,
 }
 
+/// How a client command finds the daemon.
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// The daemon's API, e.g. http://127.0.0.1:8687 (default: the first `api.listen`).
+    #[arg(long)]
+    url: Option<String>,
+    /// File holding the API token (default: $CARDBRIDGE_TOKEN, else <state_dir>/api-token).
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<PathBuf>,
+    /// Configuration file (default /etc/cardbridge/config.toml).
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Show the cards in a running daemon's readers.
+    Cards {
+        /// Print the Card objects as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print a running daemon's events as they come (`id name data`, one per line).
+    Events {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Validate a configuration file: exit 0 when it is valid, 2 with the reason when not.
+    CheckConfig {
+        /// Configuration file (default /etc/cardbridge/config.toml).
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
     /// Run the station daemon: read every inserted card, reconcile it, serve the local API.
     Run {
         /// Configuration file (default /etc/cardbridge/config.toml; absent: safe defaults).
@@ -49,6 +82,23 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Cards { json, client } => with_target(client, |target, out| {
+            cardbridge::client::cards(target, json, out)
+        }),
+        Command::Events { client } => with_target(client, cardbridge::client::events),
+        Command::CheckConfig { config } => {
+            let path = config.unwrap_or_else(|| PathBuf::from(cardbridge::config::DEFAULT_PATH));
+            match Config::load(&path, true) {
+                Ok(_) => {
+                    println!("{}: valid", path.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("cardbridge: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Run { config } => {
             let explicit = config.is_some();
             let path = config.unwrap_or_else(|| PathBuf::from(cardbridge::config::DEFAULT_PATH));
@@ -97,6 +147,36 @@ fn main() -> ExitCode {
                 ..ReadOptions::default()
             };
             run_scan(json, reader.as_deref(), &options, config.as_ref())
+        }
+    }
+}
+
+/// Resolves the daemon's address and token, then runs a client command.
+fn with_target(
+    args: ClientArgs,
+    command: impl FnOnce(
+        &cardbridge::client::Target,
+        &mut dyn Write,
+    ) -> Result<(), cardbridge::client::ClientError>,
+) -> ExitCode {
+    let explicit = args.config.is_some();
+    let path = args
+        .config
+        .unwrap_or_else(|| PathBuf::from(cardbridge::config::DEFAULT_PATH));
+    let config = match Config::load(&path, explicit) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("cardbridge: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = cardbridge::client::Target::resolve(&config, args.url, args.token_file)
+        .and_then(|target| command(&target, &mut std::io::stdout().lock()));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cardbridge: {e}");
+            ExitCode::from(1)
         }
     }
 }

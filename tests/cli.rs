@@ -37,3 +37,41 @@ fn usage_errors_exit_2() {
         .expect("run cardbridge");
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn check_config_accepts_the_example_and_names_the_bad_key() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/service/config.example.toml");
+    let out = cardbridge()
+        .args(["check-config", "--config", example])
+        .output()
+        .expect("run cardbridge");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let dir = std::env::temp_dir().join(format!("cardbridge-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[api]\nlisten = [\"127.0.0.1:8687\"]\nlistne = 1\n").expect("write");
+    let out = cardbridge()
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .expect("run cardbridge");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("bad.toml") && stderr.contains("listne"),
+        "{stderr}"
+    );
+    let out = cardbridge()
+        .args(["check-config", "--config"])
+        .arg(dir.join("missing.toml"))
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let _ = std::fs::remove_dir_all(&dir);
+}

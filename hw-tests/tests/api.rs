@@ -197,10 +197,44 @@ fn events_in_order_resume_and_rest() {
     let (r3, ..) = next_event(&mut resumed, |n, d| n == "card.reconciled" && mine(d));
     assert_eq!(r3, id3);
 
+    // The client commands: `cards` and `events`.
+    let token_file = daemon.dir.join("token");
+    std::fs::write(&token_file, TOKEN).expect("token file");
+    let url = format!("http://127.0.0.1:{}", daemon.port);
+    let token = token_file.to_string_lossy().into_owned();
+    let out = run_cardbridge(
+        &["cards", "--json", "--url", &url, "--token-file", &token],
+        &[],
+        Duration::from_secs(20),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .contains(card.truth.certificates[0].thumbprint.as_str()));
+    let mut watcher = Command::new(cardbridge_bin())
+        .args(["events", "--url", &url, "--token-file", &token])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("cardbridge events");
+    std::thread::sleep(Duration::from_millis(300));
+
     card.remove();
     next_event(&mut stream, |n, d| {
         n == "card.removed" && d.contains(&slot.reader)
     });
+    let lines = BufReader::new(watcher.stdout.take().expect("stdout")).lines();
+    let seen = lines
+        .map_while(Result::ok)
+        .find(|l| l.contains("card.removed") && l.contains(&slot.reader));
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+    assert!(
+        seen.is_some(),
+        "cardbridge events did not print the removal"
+    );
 }
 
 /// Name, request headers, expected status and error code.

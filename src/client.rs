@@ -1,0 +1,177 @@
+//! Client commands (`cardbridge cards`, `cardbridge events`): talk to a running daemon's local
+//! API, so an administrator can look at a station without touching PC/SC.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+use serde_json::Value;
+
+use crate::config::Config;
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("no API token: give --token-file, set CARDBRIDGE_TOKEN, or let the daemon write {0}")]
+    NoToken(PathBuf),
+    #[error("cannot reach cardbridge at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("cardbridge answered {status}: {body}")]
+    Refused { status: u16, body: String },
+    #[error("unexpected answer from cardbridge: {0}")]
+    BadAnswer(String),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("cannot write the output: {0}")]
+    Output(std::io::Error),
+}
+
+/// Where the daemon is and how to authenticate to it.
+pub struct Target {
+    pub url: String,
+    pub token: String,
+}
+
+impl Target {
+    /// The daemon's first listener from the configuration, unless `url` says otherwise; the token
+    /// from `token_file`, `CARDBRIDGE_TOKEN`, or the daemon's generated `api-token`.
+    pub fn resolve(
+        config: &Config,
+        url: Option<String>,
+        token_file: Option<PathBuf>,
+    ) -> Result<Target, ClientError> {
+        let url = url.unwrap_or_else(|| {
+            let addr = config
+                .api
+                .listen
+                .first()
+                .copied()
+                .unwrap_or_else(|| ([127, 0, 0, 1], 8687).into());
+            format!("http://{addr}")
+        });
+        let generated = config.state_dir().join("api-token");
+        let token = match token_file {
+            Some(path) => std::fs::read_to_string(&path).ok(),
+            None => std::env::var("CARDBRIDGE_TOKEN")
+                .ok()
+                .or_else(|| std::fs::read_to_string(&generated).ok()),
+        }
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .ok_or(ClientError::NoToken(generated))?;
+        Ok(Target {
+            url: url.trim_end_matches('/').to_string(),
+            token,
+        })
+    }
+
+    fn get(&self, client: &reqwest::Client, path: &str) -> reqwest::RequestBuilder {
+        client
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(&self.token)
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ClientError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ClientError::Runtime)
+}
+
+async fn send(
+    target: &Target,
+    request: reqwest::RequestBuilder,
+) -> Result<reqwest::Response, ClientError> {
+    let response = request.send().await.map_err(|e| ClientError::Unreachable {
+        url: target.url.clone(),
+        reason: e.to_string(),
+    })?;
+    if !response.status().is_success() {
+        let status = response.status().as_u16();
+        let body = response.text().await.unwrap_or_default();
+        return Err(ClientError::Refused { status, body });
+    }
+    Ok(response)
+}
+
+/// `cardbridge cards`: the cards in the station's readers, as the API gives them (JSON), or a
+/// short table: reader, kind, card id, then each certificate's slot, thumbprint and subject.
+pub fn cards(target: &Target, json: bool, out: &mut dyn Write) -> Result<(), ClientError> {
+    let cards: Vec<Value> = runtime()?.block_on(async {
+        let client = reqwest::Client::new();
+        let response = send(target, target.get(&client, "/v1/cards")).await?;
+        response
+            .json()
+            .await
+            .map_err(|e| ClientError::BadAnswer(e.to_string()))
+    })?;
+    let text = |v: &Value| v.as_str().unwrap_or("-").to_string();
+    let write = |out: &mut dyn Write| -> std::io::Result<()> {
+        if json {
+            serde_json::to_writer_pretty(&mut *out, &cards)?;
+            return writeln!(out);
+        }
+        if cards.is_empty() {
+            writeln!(out, "(no card in any reader)")?;
+        }
+        for card in &cards {
+            writeln!(
+                out,
+                "{}: {} {}",
+                text(&card["reader"]),
+                text(&card["kind"]),
+                text(&card["card_id"])
+            )?;
+            if card["error"].is_object() {
+                writeln!(out, "  error: {}", text(&card["error"]["message"]))?;
+            }
+            for c in card["certificates"].as_array().into_iter().flatten() {
+                writeln!(
+                    out,
+                    "  {:<8} {}  {}",
+                    text(&c["slot"]),
+                    text(&c["thumbprint"]),
+                    text(&c["subject"])
+                )?;
+            }
+        }
+        Ok(())
+    };
+    write(out).map_err(ClientError::Output)
+}
+
+/// `cardbridge events`: prints the station's events as they come, one line each
+/// (`id name data`), until the daemon stops or the command is interrupted.
+pub fn events(target: &Target, out: &mut dyn Write) -> Result<(), ClientError> {
+    runtime()?.block_on(async {
+        let client = reqwest::Client::new();
+        let mut response = send(target, target.get(&client, "/v1/events")).await?;
+        let mut pending = String::new();
+        let (mut id, mut name, mut data) = (String::new(), String::new(), String::new());
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| ClientError::BadAnswer(e.to_string()))?
+        {
+            pending.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = pending.find('\n') {
+                let line: String = pending.drain(..=end).collect();
+                let line = line.trim_end();
+                if let Some(v) = line.strip_prefix("id:") {
+                    id = v.trim().to_string();
+                } else if let Some(v) = line.strip_prefix("event:") {
+                    name = v.trim().to_string();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim_start());
+                } else if line.is_empty() && !name.is_empty() {
+                    writeln!(out, "{id} {name} {data}").map_err(ClientError::Output)?;
+                    out.flush().map_err(ClientError::Output)?;
+                    name.clear();
+                    data.clear();
+                }
+            }
+        }
+        Ok(())
+    })
+}
