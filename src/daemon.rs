@@ -58,12 +58,7 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
     if let Some(form) = store.setting(CARD_ID_FORM)? {
         reconciler.prefer_form(&form);
     }
-    let shared = Arc::new(Shared {
-        clients: Clients::new(&clients),
-        bus: Bus::default(),
-        station: Mutex::new(Station::default()),
-        stopping: tokio::sync::watch::channel(false).0,
-    });
+    let audit = Store::open(&state_dir)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -94,6 +89,14 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
         tx,
     )
     .map_err(DaemonError::Start)?;
+    let shared = Arc::new(Shared {
+        clients: Clients::new(&clients),
+        bus: Bus::default(),
+        station: Mutex::new(Station::default()),
+        stopping: tokio::sync::watch::channel(false).0,
+        reads: Mutex::new(engine.read_requester()),
+        audit: Mutex::new(Some(audit)),
+    });
     let pump = {
         let shared = shared.clone();
         std::thread::Builder::new()
@@ -129,7 +132,13 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
             }
         }
     });
-    // Stopping the engine closes the event channel, which ends the pump.
+    // The API's read requests must go before the engine can stop; stopping the engine then closes
+    // the event channel, which ends the pump. The audit database closes with `shared`.
+    shared
+        .reads
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
     engine.stop();
     let _ = pump.join();
     Ok(())

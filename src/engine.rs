@@ -51,11 +51,35 @@ pub struct EngineConfig {
 /// Last reconciliation per card id, with the time it was checked inside.
 pub type Cache = Arc<Mutex<HashMap<String, Reconciliation>>>;
 
+/// What the dispatcher acts on: the monitor's events, and reads asked for by the API.
+enum Input {
+    Monitor(MonitorEvent),
+    Read(String),
+}
+
+impl From<MonitorEvent> for Input {
+    fn from(e: MonitorEvent) -> Self {
+        Input::Monitor(e)
+    }
+}
+
+/// Asks the engine to read a reader again (and so to reconcile its card again).
+#[derive(Clone)]
+pub struct ReadRequester(Sender<Input>);
+
+impl ReadRequester {
+    /// False when the engine has stopped.
+    pub fn read(&self, reader: &str) -> bool {
+        self.0.send(Input::Read(reader.to_string())).is_ok()
+    }
+}
+
 /// A running engine; stopping (or dropping) it stops every thread.
 pub struct Engine {
     monitor: Option<Monitor>,
     threads: Vec<JoinHandle<()>>,
     cache: Cache,
+    requests: Option<Sender<Input>>,
 }
 
 impl Engine {
@@ -86,12 +110,18 @@ impl Engine {
         let dispatch_thread = std::thread::Builder::new()
             .name("dispatch".into())
             .spawn(move || dispatcher.run(monitor_rx))?;
-        let monitor = Monitor::spawn(monitor_tx)?;
+        let monitor = Monitor::spawn(monitor_tx.clone())?;
         Ok(Engine {
             monitor: Some(monitor),
             threads: vec![dispatch_thread, reconcile_thread],
             cache,
+            requests: Some(monitor_tx),
         })
+    }
+
+    /// A handle that asks for a fresh read of a reader.
+    pub fn read_requester(&self) -> Option<ReadRequester> {
+        self.requests.clone().map(ReadRequester)
     }
 
     /// The last reconciliation of a card, if any.
@@ -113,6 +143,9 @@ impl Engine {
         if let Some(monitor) = self.monitor.take() {
             monitor.stop();
         }
+        // With the monitor's and our own sender gone (and the API's requesters dropped by then),
+        // the dispatcher's channel closes.
+        self.requests = None;
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -137,8 +170,15 @@ struct Dispatcher {
 }
 
 impl Dispatcher {
-    fn run(mut self, monitor: Receiver<MonitorEvent>) {
-        for event in monitor {
+    fn run(mut self, inputs: Receiver<Input>) {
+        for input in inputs {
+            let event = match input {
+                Input::Monitor(event) => event,
+                Input::Read(reader) => {
+                    self.request_read(&reader);
+                    continue;
+                }
+            };
             let out = match event {
                 MonitorEvent::ReaderAdded { reader } => Event::ReaderAdded { reader },
                 MonitorEvent::ReaderRemoved { reader } => {

@@ -19,7 +19,8 @@ use crate::reconcile::Reconciliation;
 pub const CARD_ID_FORM: &str = "cm.card_id_form";
 
 /// Schema migrations; entry `n` brings the database from version `n` to `n + 1`.
-const MIGRATIONS: &[&str] = &["CREATE TABLE reconciliations (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE reconciliations (
         card_id     TEXT PRIMARY KEY,
         verdict     TEXT NOT NULL,
         state       TEXT NOT NULL,
@@ -38,7 +39,16 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE reconciliations (
      CREATE TABLE settings (
         key   TEXT PRIMARY KEY,
         value TEXT NOT NULL
-     );"];
+     );",
+    "CREATE TABLE audit (
+        id      INTEGER PRIMARY KEY,
+        at      TEXT NOT NULL,
+        client  TEXT NOT NULL,
+        origin  TEXT,
+        route   TEXT NOT NULL,
+        outcome INTEGER NOT NULL
+     );",
+];
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -64,6 +74,17 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("cannot encode a reconciliation: {0}")]
     Json(#[from] serde_json::Error),
+}
+
+/// One state-changing API call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub at: String,
+    pub client: String,
+    pub origin: Option<String>,
+    pub route: String,
+    /// The HTTP status of the answer.
+    pub outcome: u16,
 }
 
 pub struct Store {
@@ -176,6 +197,42 @@ impl Store {
         )?)
     }
 
+    /// Records a state-changing API call: which client, from which browser origin (if any),
+    /// which route, and the HTTP status it got.
+    pub fn record_audit(
+        &self,
+        client: &str,
+        origin: Option<&str>,
+        route: &str,
+        outcome: u16,
+    ) -> Result<(), StoreError> {
+        let at = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        self.conn.execute(
+            "INSERT INTO audit (at, client, origin, route, outcome) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![at, client, origin, route, outcome],
+        )?;
+        Ok(())
+    }
+
+    /// The audit trail, oldest first.
+    pub fn audit(&self) -> Result<Vec<AuditEntry>, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT at, client, origin, route, outcome FROM audit ORDER BY id")?;
+        let rows = statement.query_map([], |r| {
+            Ok(AuditEntry {
+                at: r.get(0)?,
+                client: r.get(1)?,
+                origin: r.get(2)?,
+                route: r.get(3)?,
+                outcome: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     pub fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
         Ok(self
             .conn
@@ -227,6 +284,14 @@ mod tests {
             store.save_reconciliation(&r).unwrap();
             store.save_reconciliation(&r).unwrap();
             store.set_setting("cm.card_id_form", "windows").unwrap();
+            store
+                .record_audit(
+                    "kiosk",
+                    Some("https://kiosk.contoso.com"),
+                    "/v1/cards/X/sync",
+                    202,
+                )
+                .unwrap();
         }
         let store = Store::open(&dir).unwrap();
         assert_eq!(

@@ -14,6 +14,8 @@ use hw_tests::vcard::CardSpec;
 use sha2::{Digest, Sha256};
 
 const TOKEN: &str = "kiosk-token-0123456789";
+/// A second client that may also ask for a sync.
+const HELPDESK: &str = "helpdesk-token-9876543210";
 const ORIGIN: &str = "https://kiosk.contoso.com";
 
 struct Daemon {
@@ -33,9 +35,11 @@ impl Daemon {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temp dir");
         let hash = hex::encode(Sha256::digest(TOKEN.as_bytes()));
+        let helpdesk = hex::encode(Sha256::digest(HELPDESK.as_bytes()));
         let config = format!(
             "state_dir = \"{}\"\n[api]\nlisten = [\"127.0.0.1:{port}\"]\n[[api.clients]]\nname = \"kiosk\"\n\
-             token_sha256 = \"{hash}\"\nscopes = [\"read\"]\norigins = [\"{ORIGIN}\"]\n{cm}",
+             token_sha256 = \"{hash}\"\nscopes = [\"read\"]\norigins = [\"{ORIGIN}\"]\n\
+             [[api.clients]]\nname = \"helpdesk\"\ntoken_sha256 = \"{helpdesk}\"\nscopes = [\"read\", \"sync\"]\n{cm}",
             dir.join("state").display()
         );
         std::fs::write(dir.join("config.toml"), config).expect("config");
@@ -56,9 +60,23 @@ impl Daemon {
 
     /// A raw HTTP/1.1 GET with the given extra headers; returns the status and body.
     fn get(&self, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+        self.request("GET", path, headers, "")
+    }
+
+    /// A raw HTTP/1.1 request (raw, so that tests control every header, Host included).
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (u16, String) {
         use std::io::{Read, Write};
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
-        let mut request = format!("GET {path} HTTP/1.1\r\nConnection: close\r\n");
+        let mut request = format!(
+            "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+            body.len()
+        );
         if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
             request.push_str(&format!("Host: 127.0.0.1:{}\r\n", self.port));
         }
@@ -66,6 +84,7 @@ impl Daemon {
             request.push_str(&format!("{k}: {v}\r\n"));
         }
         request.push_str("\r\n");
+        request.push_str(body);
         s.write_all(request.as_bytes()).expect("send");
         let mut answer = String::new();
         s.read_to_string(&mut answer).expect("read");
@@ -190,12 +209,52 @@ fn events_in_order_resume_and_rest() {
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"verdict\":\"ok\""), "{body}");
 
+    // A sync reads the card again and reconciles it again; it needs the sync scope and JSON.
+    let sync = format!("/v1/cards/{id}/sync");
+    let helpdesk = format!("Bearer {HELPDESK}");
+    let json = ("Content-Type", "application/json");
+    let (status, body) = daemon.request("POST", &sync, &[("Authorization", &auth), json], "{}");
+    assert_eq!(status, 403, "read-only client: {body}");
+    let (status, body) = daemon.request(
+        "POST",
+        &sync,
+        &[("Authorization", &helpdesk), ("Content-Type", "text/plain")],
+        "{}",
+    );
+    assert_eq!(status, 415, "{body}");
+    let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(100 * 1024));
+    let (status, _) = daemon.request("POST", &sync, &[("Authorization", &helpdesk), json], &big);
+    assert_eq!(status, 413);
+    let (status, body) = daemon.request("POST", &sync, &[("Authorization", &helpdesk), json], "{}");
+    assert_eq!(status, 202, "{body}");
+    next_event(&mut stream, |n, d| n == "card.read" && mine(d));
+    next_event(&mut stream, |n, d| n == "card.reconciled" && mine(d));
+    let store = cardbridge::store::Store::open(&daemon.dir.join("state")).expect("state database");
+    let audit = store.audit().expect("audit");
+    let outcomes: Vec<(String, u16)> = audit
+        .iter()
+        .map(|a| (a.client.clone(), a.outcome))
+        .collect();
+    // Every state-changing attempt of a known client is in the audit trail, refused ones too.
+    let expected = [
+        ("kiosk", 403),
+        ("helpdesk", 415),
+        ("helpdesk", 413),
+        ("helpdesk", 202),
+    ];
+    assert_eq!(
+        outcomes,
+        expected.map(|(c, s)| (c.to_string(), s)),
+        "{audit:?}"
+    );
+
     // A client that reconnects after card.inserted gets what it missed, in order.
     let mut resumed = daemon.events(Some(id1));
     let (r2, ..) = next_event(&mut resumed, |_, _| true);
     assert_eq!(r2, id1 + 1);
     let (r3, ..) = next_event(&mut resumed, |n, d| n == "card.reconciled" && mine(d));
     assert_eq!(r3, id3);
+    drop(resumed);
 
     // The client commands: `cards` and `events`.
     let token_file = daemon.dir.join("token");

@@ -10,21 +10,28 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 use serde_json::json;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::{Stream, StreamExt};
 
+use tower::limit::ConcurrencyLimitLayer;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
+
 use crate::card::Card;
 use crate::config::Scope;
+use crate::engine::ReadRequester;
 use crate::reconcile::Reconciliation;
+use crate::store::Store;
 use events::{Backlog, Bus, Numbered};
 use security::Clients;
 
@@ -44,6 +51,10 @@ pub struct Shared {
     /// Set to true to stop: servers stop accepting and event streams end, so a graceful
     /// shutdown does not wait forever for clients that never disconnect.
     pub stopping: tokio::sync::watch::Sender<bool>,
+    /// Asks the engine for a fresh read; taken away (None) before the engine stops.
+    pub reads: Mutex<Option<ReadRequester>>,
+    /// Where state-changing calls are recorded.
+    pub audit: Mutex<Option<Store>>,
 }
 
 impl Shared {
@@ -63,19 +74,45 @@ struct Listener {
     addr: SocketAddr,
 }
 
+/// Largest request body accepted (state-changing routes take small JSON objects).
+const BODY_LIMIT: usize = 64 * 1024;
+/// Requests handled at once; more wait (the API serves one station's applications).
+const CONCURRENCY: usize = 256;
+/// A request (other than the event stream, which is long-lived by design) must finish in this.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The routes for one listener.
 pub fn router(shared: Arc<Shared>, addr: SocketAddr) -> Router {
     let state = Listener { shared, addr };
-    Router::new()
+    let short = Router::new()
         .route("/v1/health", get(health))
         .route("/v1/readers", get(readers))
         .route("/v1/cards", get(cards))
         .route("/v1/cards/{card_id}", get(card))
         .route("/v1/cards/{card_id}/reconciliation", get(reconciliation))
-        .route("/v1/events", get(events))
+        .route("/v1/cards/{card_id}/sync", post(sync))
         .fallback(not_found)
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ));
+    // Layers wrap what comes before them: the gate runs first, then the body limit (so an
+    // oversized call is refused after the caller is known, and audited).
+    short
+        .route("/v1/events", get(events))
+        .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
         .layer(axum::middleware::from_fn_with_state(state.clone(), gate))
+        .layer(ConcurrencyLimitLayer::new(CONCURRENCY))
         .with_state(state)
+}
+
+/// The scope a request needs: reading for GETs, `sync` for the sync route.
+fn scope_for(method: &Method) -> Scope {
+    if method == Method::GET {
+        Scope::Read
+    } else {
+        Scope::Sync
+    }
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response {
@@ -117,10 +154,37 @@ async fn gate(State(l): State<Listener>, request: Request, next: Next) -> Respon
             "this origin is not allowed",
         );
     }
-    if let Err(refusal) = security::check(&l.shared.clients, &headers, l.addr, Scope::Read) {
-        return error(refusal.status(), refusal.code(), refusal.message());
+    let method = request.method().clone();
+    let client = match security::identify(&l.shared.clients, &headers, l.addr) {
+        Ok(client) => client,
+        Err(refusal) => return error(refusal.status(), refusal.code(), refusal.message()),
+    };
+    let authorized = security::authorize(client, scope_for(&method));
+    let changes_state = method != Method::GET;
+    let route = request.uri().path().to_string();
+    let mut response = match authorized {
+        Err(refusal) => error(refusal.status(), refusal.code(), refusal.message()),
+        // State-changing calls take JSON only: a page cannot send that cross-origin without a
+        // preflight, which only allowed origins pass.
+        Ok(()) if changes_state && !is_json(&headers) => error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "state-changing requests must be Content-Type: application/json",
+        ),
+        Ok(()) => next.run(request).await,
+    };
+    // Every state-changing attempt by a known client is recorded, refused ones included.
+    if changes_state {
+        let origin = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok());
+        let status = response.status().as_u16();
+        let guard = l.shared.audit.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(Err(e)) = guard
+            .as_ref()
+            .map(|s| s.record_audit(&client.name, origin, &route, status))
+        {
+            eprintln!("cardbridge: cannot write the audit trail: {e}");
+        }
     }
-    let mut response = next.run(request).await;
     if let Some(origin) = headers.get(header::ORIGIN) {
         response
             .headers_mut()
@@ -130,6 +194,14 @@ async fn gate(State(l): State<Listener>, request: Request, next: Next) -> Respon
             .insert(header::VARY, HeaderValue::from_static("Origin"));
     }
     response
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
 }
 
 async fn not_found() -> Response {
@@ -210,6 +282,46 @@ async fn reconciliation(State(l): State<Listener>, Path(card_id): Path<String>) 
             "this card has not been reconciled",
         ),
     }
+}
+
+/// `POST /v1/cards/{card_id}/sync`: read the card again (which reconciles it again). The body,
+/// if any, must be a JSON object; the answer comes at once, the results as events.
+async fn sync(State(l): State<Listener>, Path(card_id): Path<String>, body: Bytes) -> Response {
+    if !body.is_empty()
+        && !serde_json::from_slice::<serde_json::Value>(&body).is_ok_and(|v| v.is_object())
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_body",
+            "the body must be a JSON object",
+        );
+    }
+    let Some(reader) = station(&l, |s| find_card(s, &card_id)).map(|c| c.reader) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "card_not_present",
+            "no card with this id is in a reader",
+        );
+    };
+    let requested = l
+        .shared
+        .reads
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .is_some_and(|r| r.read(&reader));
+    if !requested {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stopping",
+            "cardbridge is stopping",
+        );
+    }
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({"card_id": card_id, "reader": reader, "status": "reading"})),
+    )
+        .into_response()
 }
 
 fn sse(event: &Numbered) -> SseEvent {

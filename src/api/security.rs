@@ -110,6 +110,17 @@ pub fn check<'c>(
     listener: SocketAddr,
     scope: Scope,
 ) -> Result<&'c ApiClient, Refusal> {
+    let client = identify(clients, headers, listener)?;
+    authorize(client, scope)?;
+    Ok(client)
+}
+
+/// Host, bearer token and Origin: who is calling, if they may call at all.
+pub fn identify<'c>(
+    clients: &'c Clients,
+    headers: &HeaderMap,
+    listener: SocketAddr,
+) -> Result<&'c ApiClient, Refusal> {
     if !host_allowed(headers.get(header::HOST), listener) {
         return Err(Refusal::ForeignHost);
     }
@@ -129,10 +140,16 @@ pub fn check<'c>(
             return Err(Refusal::ForeignOrigin);
         }
     }
-    if !client.scopes.contains(&scope) {
-        return Err(Refusal::MissingScope);
-    }
     Ok(client)
+}
+
+/// Whether an identified client holds `scope`.
+pub fn authorize(client: &ApiClient, scope: Scope) -> Result<(), Refusal> {
+    if client.scopes.contains(&scope) {
+        Ok(())
+    } else {
+        Err(Refusal::MissingScope)
+    }
 }
 
 /// A CORS preflight is answered for an origin some client allows (it carries no token, so the

@@ -120,8 +120,11 @@ pub struct Monitor {
 }
 
 impl Monitor {
-    /// Starts the monitor; events go to `events` until it is stopped or the receiver is dropped.
-    pub fn spawn(events: Sender<MonitorEvent>) -> std::io::Result<Monitor> {
+    /// Starts the monitor; events go to `events` (as any type made from them, so a consumer can
+    /// merge them with its own inputs) until it is stopped or the receiver is dropped.
+    pub fn spawn<T: From<MonitorEvent> + Send + 'static>(
+        events: Sender<T>,
+    ) -> std::io::Result<Monitor> {
         let stop = Arc::new(AtomicBool::new(false));
         let worker = Worker {
             events,
@@ -157,8 +160,8 @@ impl Drop for Monitor {
     }
 }
 
-struct Worker {
-    events: Sender<MonitorEvent>,
+struct Worker<T> {
+    events: Sender<T>,
     stop: Arc<AtomicBool>,
     known: Snapshot,
     unavailable: bool,
@@ -170,7 +173,7 @@ enum Exit {
     Lost(Error),
 }
 
-impl Worker {
+impl<T: From<MonitorEvent>> Worker<T> {
     fn run(mut self) {
         let mut backoff = BACKOFF_START;
         let mut same_service = true;
@@ -266,7 +269,7 @@ impl Worker {
     }
 
     fn emit(&self, event: MonitorEvent) -> bool {
-        self.events.send(event).is_ok()
+        self.events.send(event.into()).is_ok()
     }
 
     fn stopped(&self) -> bool {
