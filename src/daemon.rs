@@ -96,6 +96,7 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
         stopping: tokio::sync::watch::channel(false).0,
         reads: Mutex::new(engine.read_requester()),
         audit: Mutex::new(Some(audit)),
+        failures: Default::default(),
     });
     let pump = {
         let shared = shared.clone();

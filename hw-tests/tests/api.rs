@@ -344,6 +344,21 @@ fn every_security_rule_refuses_with_the_right_status() {
         assert_eq!(got, status, "{name}: {body}");
         assert!(body.contains(code), "{name}: {body}");
     }
+    // A page guessing tokens is throttled; the kiosk's native client is not.
+    let guessing = [
+        ("Authorization", "Bearer guess"),
+        ("Origin", "https://evil.example"),
+    ];
+    let statuses: Vec<u16> = (0..30)
+        .map(|_| daemon.get("/v1/health", &guessing).0)
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 401).count(),
+        20,
+        "{statuses:?}"
+    );
+    assert_eq!(statuses.last(), Some(&429));
+    assert_eq!(daemon.get("/v1/health", &[("Authorization", &auth)]).0, 200);
 }
 
 #[test]

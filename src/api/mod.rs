@@ -55,6 +55,7 @@ pub struct Shared {
     pub reads: Mutex<Option<ReadRequester>>,
     /// Where state-changing calls are recorded.
     pub audit: Mutex<Option<Store>>,
+    pub failures: security::FailureLimiter,
 }
 
 impl Shared {
@@ -155,9 +156,24 @@ async fn gate(State(l): State<Listener>, request: Request, next: Next) -> Respon
         );
     }
     let method = request.method().clone();
+    if !l.shared.failures.allows(&headers) {
+        return error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_failures",
+            "too many failed authentications; wait and retry",
+        );
+    }
     let client = match security::identify(&l.shared.clients, &headers, l.addr) {
         Ok(client) => client,
-        Err(refusal) => return error(refusal.status(), refusal.code(), refusal.message()),
+        Err(refusal) => {
+            if matches!(
+                refusal,
+                security::Refusal::MissingToken | security::Refusal::BadToken
+            ) {
+                l.shared.failures.failed(&headers);
+            }
+            return error(refusal.status(), refusal.code(), refusal.message());
+        }
     };
     let authorized = security::authorize(client, scope_for(&method));
     let changes_state = method != Method::GET;

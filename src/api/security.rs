@@ -87,6 +87,50 @@ impl Clients {
     }
 }
 
+/// Throttles failed authentication per caller, where a caller is the browser origin that sent
+/// the request (every loopback caller has the same address; a web page probing for tokens always
+/// has its origin). Token buckets: a burst of 20 failures, then 5 per second; a caller over the
+/// limit is answered 429 before its token is even looked at.
+#[derive(Default)]
+pub struct FailureLimiter {
+    buckets: std::sync::Mutex<std::collections::HashMap<String, (f64, std::time::Instant)>>,
+}
+
+const FAILURE_BURST: f64 = 20.0;
+const FAILURES_PER_SECOND: f64 = 5.0;
+
+impl FailureLimiter {
+    fn key(headers: &HeaderMap) -> String {
+        headers
+            .get(header::ORIGIN)
+            .and_then(|o| o.to_str().ok())
+            .unwrap_or("(no origin)")
+            .to_string()
+    }
+
+    fn with_bucket<T>(&self, headers: &HeaderMap, f: impl FnOnce(&mut f64) -> T) -> T {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        let (tokens, last) = buckets
+            .entry(Self::key(headers))
+            .or_insert((FAILURE_BURST, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * FAILURES_PER_SECOND)
+            .min(FAILURE_BURST);
+        *last = now;
+        f(tokens)
+    }
+
+    /// Whether this caller may try to authenticate now.
+    pub fn allows(&self, headers: &HeaderMap) -> bool {
+        self.with_bucket(headers, |tokens| *tokens >= 1.0)
+    }
+
+    /// Counts a failed attempt.
+    pub fn failed(&self, headers: &HeaderMap) {
+        self.with_bucket(headers, |tokens| *tokens = (*tokens - 1.0).max(0.0));
+    }
+}
+
 /// The Host values a request to `listener` may carry: `127.0.0.1:PORT`, `localhost:PORT`,
 /// `[::1]:PORT` for the listener's port.
 pub fn host_allowed(host: Option<&HeaderValue>, listener: SocketAddr) -> bool {
@@ -259,6 +303,19 @@ mod tests {
             (header::ORIGIN, "https://kiosk.contoso.com"),
         ];
         assert!(check(&c, &headers(&from_page), l, Scope::Read).is_ok());
+    }
+
+    #[test]
+    fn failed_authentication_is_throttled_per_origin() {
+        let limiter = FailureLimiter::default();
+        let page = headers(&[(header::ORIGIN, "https://evil.example")]);
+        for _ in 0..FAILURE_BURST as usize {
+            assert!(limiter.allows(&page));
+            limiter.failed(&page);
+        }
+        assert!(!limiter.allows(&page));
+        // Native callers (no origin) are not affected by a page's failures.
+        assert!(limiter.allows(&HeaderMap::new()));
     }
 
     #[test]
