@@ -352,12 +352,13 @@ fn every_security_rule_refuses_with_the_right_status() {
     let statuses: Vec<u16> = (0..30)
         .map(|_| daemon.get("/v1/health", &guessing).0)
         .collect();
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 401).count(),
-        20,
+    // A burst of 20 failures is answered normally, then 429 (the bucket refills at 5/s, so a slow
+    // machine may let one or two more through before the end).
+    assert!(statuses[..20].iter().all(|s| *s == 401), "{statuses:?}");
+    assert!(
+        statuses[20..].iter().filter(|s| **s == 429).count() >= 5,
         "{statuses:?}"
     );
-    assert_eq!(statuses.last(), Some(&429));
     assert_eq!(daemon.get("/v1/health", &[("Authorization", &auth)]).0, 200);
 }
 
