@@ -97,6 +97,7 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
         reads: Mutex::new(engine.read_requester()),
         audit: Mutex::new(Some(audit)),
         failures: Default::default(),
+        metrics: Default::default(),
     });
     let pump = {
         let shared = shared.clone();
@@ -204,6 +205,18 @@ fn pump(events: Receiver<Event>, shared: &Shared) {
                     (name, data)
                 }
                 Event::CardReconciled(r) => {
+                    let verdict = serde_json::to_value(r.verdict).ok();
+                    let server_error = r
+                        .reason
+                        .as_deref()
+                        .and_then(|reason| reason.split(':').next());
+                    shared.metrics.reconciled(
+                        verdict
+                            .as_ref()
+                            .and_then(|v| v.as_str())
+                            .unwrap_or("unknown"),
+                        server_error,
+                    );
                     let data = serde_json::to_string(&r).unwrap_or_default();
                     if let Some(id) = r.card_id.clone() {
                         station.reconciliations.insert(id, *r);

@@ -248,6 +248,17 @@ fn events_in_order_resume_and_rest() {
         "{audit:?}"
     );
 
+    // Metrics count what happened.
+    let (status, metrics) = daemon.get("/metrics", &[("Authorization", &auth)]);
+    assert_eq!(status, 200);
+    for line in [
+        "cardbridge_reconciliations_total{verdict=\"ok\"}",
+        "cardbridge_api_requests_total{route=\"/v1/cards/{card_id}/sync\",status=\"202\"} 1",
+        "cardbridge_read_duration_ms_count",
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
+    }
+
     // A client that reconnects after card.inserted gets what it missed, in order.
     let mut resumed = daemon.events(Some(id1));
     let (r2, ..) = next_event(&mut resumed, |_, _| true);

@@ -2,6 +2,7 @@
 //! applications. Every route goes through [`security`] first.
 
 pub mod events;
+pub mod metrics;
 pub mod security;
 
 use std::collections::BTreeMap;
@@ -56,6 +57,7 @@ pub struct Shared {
     /// Where state-changing calls are recorded.
     pub audit: Mutex<Option<Store>>,
     pub failures: security::FailureLimiter,
+    pub metrics: metrics::Metrics,
 }
 
 impl Shared {
@@ -92,6 +94,7 @@ pub fn router(shared: Arc<Shared>, addr: SocketAddr) -> Router {
         .route("/v1/cards/{card_id}", get(card))
         .route("/v1/cards/{card_id}/reconciliation", get(reconciliation))
         .route("/v1/cards/{card_id}/sync", post(sync))
+        .route("/metrics", get(metrics_text))
         .fallback(not_found)
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
@@ -178,6 +181,11 @@ async fn gate(State(l): State<Listener>, request: Request, next: Next) -> Respon
     let authorized = security::authorize(client, scope_for(&method));
     let changes_state = method != Method::GET;
     let route = request.uri().path().to_string();
+    let pattern = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_string();
     let mut response = match authorized {
         Err(refusal) => error(refusal.status(), refusal.code(), refusal.message()),
         // State-changing calls take JSON only: a page cannot send that cross-origin without a
@@ -189,6 +197,9 @@ async fn gate(State(l): State<Listener>, request: Request, next: Next) -> Respon
         ),
         Ok(()) => next.run(request).await,
     };
+    l.shared
+        .metrics
+        .request(&pattern, response.status().as_u16());
     // Every state-changing attempt by a known client is recorded, refused ones included.
     if changes_state {
         let origin = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok());
@@ -226,6 +237,17 @@ async fn not_found() -> Response {
 
 fn station<T>(l: &Listener, f: impl FnOnce(&Station) -> T) -> T {
     f(&l.shared.station.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+async fn metrics_text(State(l): State<Listener>) -> Response {
+    let (readers, cards) = station(&l, |s| {
+        (s.readers.len(), s.readers.values().flatten().count())
+    });
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        l.shared.metrics.render(readers, cards),
+    )
+        .into_response()
 }
 
 async fn health(State(l): State<Listener>) -> Response {
