@@ -36,6 +36,22 @@ pub struct ApiConfig {
     /// directory (`api-token`, mode 0600) with every scope and no browser origin.
     #[serde(default)]
     pub clients: Vec<ApiClient>,
+    /// A Unix socket for local programs (e.g. `/run/cardbridge/api.sock`), mode 0660. Callers
+    /// need no token: their uid/gid (SO_PEERCRED) is matched against `local_users`.
+    pub unix_socket: Option<PathBuf>,
+    /// Numeric group the socket is given (the service's own group when absent).
+    pub unix_socket_gid: Option<u32>,
+    #[serde(default)]
+    pub local_users: Vec<LocalUser>,
+}
+
+/// Scopes for processes connecting over the Unix socket, by user id or group id.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalUser {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub scopes: Vec<Scope>,
 }
 
 impl Default for ApiConfig {
@@ -43,6 +59,9 @@ impl Default for ApiConfig {
         ApiConfig {
             listen: default_listen(),
             clients: Vec::new(),
+            unix_socket: None,
+            unix_socket_gid: None,
+            local_users: Vec::new(),
         }
     }
 }
@@ -182,6 +201,14 @@ impl Config {
                     "api.listen: {addr} is not a loopback address; the local API listens on 127.0.0.1 or ::1 only"
                 ));
             }
+        }
+        if config
+            .api
+            .local_users
+            .iter()
+            .any(|u| u.uid.is_none() && u.gid.is_none())
+        {
+            return Err("api.local_users: each entry needs a uid or a gid".into());
         }
         for client in &config.api.clients {
             let ok = client.token_sha256.len() == 64

@@ -37,6 +37,11 @@ pub enum DaemonError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot set up the API socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot start: {0}")]
     Start(std::io::Error),
 }
@@ -77,6 +82,13 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
         listeners.push((listener, bound));
     }
 
+    let unix = match &config.api.unix_socket {
+        Some(path) => {
+            Some(runtime.block_on(async { bind_unix(path, config.api.unix_socket_gid) })?)
+        }
+        None => None,
+    };
+
     let (tx, events) = std::sync::mpsc::channel();
     let engine = Engine::start(
         EngineConfig {
@@ -98,6 +110,7 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
         audit: Mutex::new(Some(audit)),
         failures: Default::default(),
         metrics: Default::default(),
+        local_users: config.api.local_users.clone(),
     });
     let pump = {
         let shared = shared.clone();
@@ -113,13 +126,20 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
     runtime.block_on(async {
         let mut servers = tokio::task::JoinSet::new();
         for (listener, addr) in listeners {
-            let app = api::router(shared.clone(), addr);
+            let app = api::router(shared.clone(), api::Kind::Tcp(addr));
             let stopped = shared.stopped();
             servers.spawn(async move {
                 axum::serve(listener, app)
                     .with_graceful_shutdown(stopped)
                     .await
             });
+        }
+        if let Some(unix) = unix {
+            let app = api::router(shared.clone(), api::Kind::Unix)
+                .into_make_service_with_connect_info::<api::UnixPeer>();
+            let stopped = shared.stopped();
+            servers
+                .spawn(async move { axum::serve(unix, app).with_graceful_shutdown(stopped).await });
         }
         {
             let shared = shared.clone();
@@ -143,7 +163,31 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
         .take();
     engine.stop();
     let _ = pump.join();
+    if let Some(path) = &config.api.unix_socket {
+        let _ = std::fs::remove_file(path);
+    }
     Ok(())
+}
+
+/// Binds the Unix socket (replacing a stale one from an earlier run), mode 0660, and gives it
+/// `gid` when configured.
+fn bind_unix(path: &Path, gid: Option<u32>) -> Result<tokio::net::UnixListener, DaemonError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |source| DaemonError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(err)?;
+    }
+    Ok(listener)
 }
 
 async fn stop_signal() {

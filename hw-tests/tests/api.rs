@@ -26,6 +26,11 @@ struct Daemon {
 
 impl Daemon {
     fn start(name: &str, cm: &str) -> Daemon {
+        Daemon::start_with(name, "", cm)
+    }
+
+    /// `api` goes into the `[api]` table, `cm` at the end of the file.
+    fn start_with(name: &str, api: &str, cm: &str) -> Daemon {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
@@ -37,7 +42,7 @@ impl Daemon {
         let hash = hex::encode(Sha256::digest(TOKEN.as_bytes()));
         let helpdesk = hex::encode(Sha256::digest(HELPDESK.as_bytes()));
         let config = format!(
-            "state_dir = \"{}\"\n[api]\nlisten = [\"127.0.0.1:{port}\"]\n[[api.clients]]\nname = \"kiosk\"\n\
+            "state_dir = \"{}\"\n[api]\nlisten = [\"127.0.0.1:{port}\"]\n{api}[[api.clients]]\nname = \"kiosk\"\n\
              token_sha256 = \"{hash}\"\nscopes = [\"read\"]\norigins = [\"{ORIGIN}\"]\n\
              [[api.clients]]\nname = \"helpdesk\"\ntoken_sha256 = \"{helpdesk}\"\nscopes = [\"read\", \"sync\"]\n{cm}",
             dir.join("state").display()
@@ -387,4 +392,77 @@ fn a_non_loopback_listen_address_is_refused_at_startup() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The uid and primary gid of this test process.
+fn my_ids() -> (u32, u32) {
+    let status = std::fs::read_to_string("/proc/self/status").expect("status");
+    let id = |key: &str| -> u32 {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .expect("id")
+    };
+    (id("Uid:"), id("Gid:"))
+}
+
+fn unix_get(path: &std::path::Path, route: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(path).expect("connect to the socket");
+    write!(
+        s,
+        "GET {route} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("read");
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        answer
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .to_string(),
+    )
+}
+
+#[test]
+fn the_unix_socket_maps_the_callers_uid_to_scopes() {
+    use std::os::unix::fs::PermissionsExt;
+    let (uid, gid) = my_ids();
+    let socket = std::env::temp_dir().join(format!("cardbridge-api-{}.sock", std::process::id()));
+    let allowed = format!(
+        "unix_socket = \"{}\"\n[[api.local_users]]\nuid = {uid}\nscopes = [\"read\"]\n",
+        socket.display()
+    );
+    {
+        let _daemon = Daemon::start_with("unix-ok", &allowed, "");
+        let mode = std::fs::metadata(&socket)
+            .expect("socket exists")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o660);
+        let (status, body) = unix_get(&socket, "/v1/health");
+        assert_eq!(status, 200, "{body}");
+    }
+    assert!(!socket.exists(), "the socket file is removed at shutdown");
+
+    // Scopes for someone else only: this uid (and gid) is refused.
+    let others = format!(
+        "unix_socket = \"{}\"\n[[api.local_users]]\nuid = {}\ngid = {}\nscopes = [\"read\"]\n",
+        socket.display(),
+        uid.wrapping_add(4242),
+        gid.wrapping_add(4242)
+    );
+    let _daemon = Daemon::start_with("unix-refused", &others, "");
+    let (status, body) = unix_get(&socket, "/v1/health");
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("no_scopes"), "{body}");
 }

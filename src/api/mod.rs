@@ -58,6 +58,8 @@ pub struct Shared {
     pub audit: Mutex<Option<Store>>,
     pub failures: security::FailureLimiter,
     pub metrics: metrics::Metrics,
+    /// Scopes of local processes on the Unix socket.
+    pub local_users: Vec<crate::config::LocalUser>,
 }
 
 impl Shared {
@@ -70,11 +72,48 @@ impl Shared {
     }
 }
 
-/// One listener's view: the shared state and the address its Host header must name.
+/// How callers reach a listener, which decides how they are identified.
+#[derive(Clone, Copy, Debug)]
+pub enum Kind {
+    /// Loopback TCP: bearer token, Host must name this address, Origin checked.
+    Tcp(SocketAddr),
+    /// The Unix socket: the peer's uid/gid (SO_PEERCRED) decides its scopes.
+    Unix,
+}
+
+/// The credentials of a process on the Unix socket.
+#[derive(Clone, Copy, Debug)]
+pub struct UnixPeer {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl
+    axum::extract::connect_info::Connected<
+        axum::serve::IncomingStream<'_, tokio::net::UnixListener>,
+    > for UnixPeer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Self {
+        // Without credentials (Linux always gives them) the peer gets uid/gid u32::MAX, which
+        // no configuration names, so it has no scopes.
+        match stream.io().peer_cred() {
+            Ok(cred) => UnixPeer {
+                uid: cred.uid(),
+                gid: cred.gid(),
+            },
+            Err(_) => UnixPeer {
+                uid: u32::MAX,
+                gid: u32::MAX,
+            },
+        }
+    }
+}
+
+/// One listener's view: the shared state and how its callers are identified.
 #[derive(Clone)]
 struct Listener {
     shared: Arc<Shared>,
-    addr: SocketAddr,
+    kind: Kind,
 }
 
 /// Largest request body accepted (state-changing routes take small JSON objects).
@@ -85,8 +124,8 @@ const CONCURRENCY: usize = 256;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The routes for one listener.
-pub fn router(shared: Arc<Shared>, addr: SocketAddr) -> Router {
-    let state = Listener { shared, addr };
+pub fn router(shared: Arc<Shared>, kind: Kind) -> Router {
+    let state = Listener { shared, kind };
     let short = Router::new()
         .route("/v1/health", get(health))
         .route("/v1/readers", get(readers))
@@ -159,26 +198,11 @@ async fn gate(State(l): State<Listener>, request: Request, next: Next) -> Respon
         );
     }
     let method = request.method().clone();
-    if !l.shared.failures.allows(&headers) {
-        return error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_failures",
-            "too many failed authentications; wait and retry",
-        );
-    }
-    let client = match security::identify(&l.shared.clients, &headers, l.addr) {
-        Ok(client) => client,
-        Err(refusal) => {
-            if matches!(
-                refusal,
-                security::Refusal::MissingToken | security::Refusal::BadToken
-            ) {
-                l.shared.failures.failed(&headers);
-            }
-            return error(refusal.status(), refusal.code(), refusal.message());
-        }
+    let (caller, scopes) = match identify(&l, &request) {
+        Ok(caller) => caller,
+        Err(response) => return response,
     };
-    let authorized = security::authorize(client, scope_for(&method));
+    let authorized = security::authorize(&scopes, scope_for(&method));
     let changes_state = method != Method::GET;
     let route = request.uri().path().to_string();
     let pattern = request
@@ -207,7 +231,7 @@ async fn gate(State(l): State<Listener>, request: Request, next: Next) -> Respon
         let guard = l.shared.audit.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(Err(e)) = guard
             .as_ref()
-            .map(|s| s.record_audit(&client.name, origin, &route, status))
+            .map(|s| s.record_audit(&caller, origin, &route, status))
         {
             eprintln!("cardbridge: cannot write the audit trail: {e}");
         }
@@ -221,6 +245,56 @@ async fn gate(State(l): State<Listener>, request: Request, next: Next) -> Respon
             .insert(header::VARY, HeaderValue::from_static("Origin"));
     }
     response
+}
+
+/// Who is calling and with which scopes, or the refusal to send.
+fn identify(l: &Listener, request: &Request) -> Result<(String, Vec<Scope>), Response> {
+    let headers = request.headers();
+    match l.kind {
+        Kind::Unix => {
+            let peer = request
+                .extensions()
+                .get::<axum::extract::ConnectInfo<UnixPeer>>()
+                .map(|c| c.0);
+            let Some(UnixPeer { uid, gid }) = peer else {
+                return Err(error(
+                    StatusCode::FORBIDDEN,
+                    "no_scopes",
+                    "the caller's credentials are unknown",
+                ));
+            };
+            let scopes = security::local_scopes(&l.shared.local_users, uid, gid);
+            if scopes.is_empty() {
+                return Err(error(
+                    StatusCode::FORBIDDEN,
+                    "no_scopes",
+                    "this user has no scopes on the local API",
+                ));
+            }
+            Ok((format!("uid {uid}"), scopes))
+        }
+        Kind::Tcp(addr) => {
+            if !l.shared.failures.allows(headers) {
+                return Err(error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_failures",
+                    "too many failed authentications; wait and retry",
+                ));
+            }
+            match security::identify(&l.shared.clients, headers, addr) {
+                Ok(client) => Ok((client.name.clone(), client.scopes.clone())),
+                Err(refusal) => {
+                    if matches!(
+                        refusal,
+                        security::Refusal::MissingToken | security::Refusal::BadToken
+                    ) {
+                        l.shared.failures.failed(headers);
+                    }
+                    Err(error(refusal.status(), refusal.code(), refusal.message()))
+                }
+            }
+        }
+    }
 }
 
 fn is_json(headers: &HeaderMap) -> bool {

@@ -155,7 +155,7 @@ pub fn check<'c>(
     scope: Scope,
 ) -> Result<&'c ApiClient, Refusal> {
     let client = identify(clients, headers, listener)?;
-    authorize(client, scope)?;
+    authorize(&client.scopes, scope)?;
     Ok(client)
 }
 
@@ -187,13 +187,26 @@ pub fn identify<'c>(
     Ok(client)
 }
 
-/// Whether an identified client holds `scope`.
-pub fn authorize(client: &ApiClient, scope: Scope) -> Result<(), Refusal> {
-    if client.scopes.contains(&scope) {
+/// Whether an identified caller's scopes include `scope`.
+pub fn authorize(scopes: &[Scope], scope: Scope) -> Result<(), Refusal> {
+    if scopes.contains(&scope) {
         Ok(())
     } else {
         Err(Refusal::MissingScope)
     }
+}
+
+/// The scopes of a process on the Unix socket: every `local_users` entry that names its uid or
+/// its gid contributes. None at all: the caller is refused.
+pub fn local_scopes(users: &[crate::config::LocalUser], uid: u32, gid: u32) -> Vec<Scope> {
+    let mut scopes: Vec<Scope> = users
+        .iter()
+        .filter(|u| u.uid == Some(uid) || u.gid == Some(gid))
+        .flat_map(|u| u.scopes.iter().copied())
+        .collect();
+    scopes.sort_by_key(|s| *s as u8);
+    scopes.dedup();
+    scopes
 }
 
 /// A CORS preflight is answered for an origin some client allows (it carries no token, so the
@@ -316,6 +329,25 @@ mod tests {
         assert!(!limiter.allows(&page));
         // Native callers (no origin) are not affected by a page's failures.
         assert!(limiter.allows(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn local_users_map_to_scopes() {
+        let users = [
+            crate::config::LocalUser {
+                uid: Some(1000),
+                gid: None,
+                scopes: vec![Scope::Read],
+            },
+            crate::config::LocalUser {
+                uid: None,
+                gid: Some(50),
+                scopes: vec![Scope::Sync, Scope::Read],
+            },
+        ];
+        assert_eq!(local_scopes(&users, 1000, 1000), [Scope::Read]);
+        assert_eq!(local_scopes(&users, 1000, 50), [Scope::Read, Scope::Sync]);
+        assert!(local_scopes(&users, 1001, 1001).is_empty());
     }
 
     #[test]
