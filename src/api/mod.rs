@@ -200,7 +200,7 @@ async fn gate(State(l): State<Listener>, request: Request, next: Next) -> Respon
     let method = request.method().clone();
     let (caller, scopes) = match identify(&l, &request) {
         Ok(caller) => caller,
-        Err(response) => return response,
+        Err((status, code, message)) => return error(status, code, message),
     };
     let authorized = security::authorize(&scopes, scope_for(&method));
     let changes_state = method != Method::GET;
@@ -247,8 +247,11 @@ async fn gate(State(l): State<Listener>, request: Request, next: Next) -> Respon
     response
 }
 
-/// Who is calling and with which scopes, or the refusal to send.
-fn identify(l: &Listener, request: &Request) -> Result<(String, Vec<Scope>), Response> {
+/// A refusal: status, error code, message.
+type Refused = (StatusCode, &'static str, &'static str);
+
+/// Who is calling and with which scopes, or why not.
+fn identify(l: &Listener, request: &Request) -> Result<(String, Vec<Scope>), Refused> {
     let headers = request.headers();
     match l.kind {
         Kind::Unix => {
@@ -257,7 +260,7 @@ fn identify(l: &Listener, request: &Request) -> Result<(String, Vec<Scope>), Res
                 .get::<axum::extract::ConnectInfo<UnixPeer>>()
                 .map(|c| c.0);
             let Some(UnixPeer { uid, gid }) = peer else {
-                return Err(error(
+                return Err((
                     StatusCode::FORBIDDEN,
                     "no_scopes",
                     "the caller's credentials are unknown",
@@ -265,7 +268,7 @@ fn identify(l: &Listener, request: &Request) -> Result<(String, Vec<Scope>), Res
             };
             let scopes = security::local_scopes(&l.shared.local_users, uid, gid);
             if scopes.is_empty() {
-                return Err(error(
+                return Err((
                     StatusCode::FORBIDDEN,
                     "no_scopes",
                     "this user has no scopes on the local API",
@@ -275,7 +278,7 @@ fn identify(l: &Listener, request: &Request) -> Result<(String, Vec<Scope>), Res
         }
         Kind::Tcp(addr) => {
             if !l.shared.failures.allows(headers) {
-                return Err(error(
+                return Err((
                     StatusCode::TOO_MANY_REQUESTS,
                     "too_many_failures",
                     "too many failed authentications; wait and retry",
@@ -290,7 +293,7 @@ fn identify(l: &Listener, request: &Request) -> Result<(String, Vec<Scope>), Res
                     ) {
                         l.shared.failures.failed(headers);
                     }
-                    Err(error(refusal.status(), refusal.code(), refusal.message()))
+                    Err((refusal.status(), refusal.code(), refusal.message()))
                 }
             }
         }
