@@ -15,7 +15,7 @@ use crate::api::events::Bus;
 use crate::api::security::Clients;
 use crate::api::{self, Shared, Station};
 use crate::card::ReadOptions;
-use crate::cm::{CmClient, CmError};
+use crate::cm::CmError;
 use crate::config::{ApiClient, Config, Scope};
 use crate::engine::{Engine, EngineConfig, Event};
 use crate::reconcile::Reconciler;
@@ -55,14 +55,7 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
     } else {
         config.api.clients.clone()
     };
-    let (client, order) = match &config.cm {
-        Some(cm) => (Some(CmClient::new(cm)?), cm.card_id_order),
-        None => (None, Default::default()),
-    };
-    let reconciler = Reconciler::new(client, order);
-    if let Some(form) = store.setting(CARD_ID_FORM)? {
-        reconciler.prefer_form(&form);
-    }
+    let reconciler = Reconciler::configured(config.cm.as_ref(), store.setting(CARD_ID_FORM)?)?;
     let audit = Store::open(&state_dir)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -355,6 +355,22 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
+    /// The reconciler of a configuration: a CM client when `[cm]` is set (else every card is
+    /// `not_configured`), and the card-id form a previous run learnt, if any.
+    pub fn configured(
+        cm: Option<&crate::config::CmConfig>,
+        learnt_form: Option<String>,
+    ) -> Result<Reconciler, CmError> {
+        let reconciler = match cm {
+            Some(cm) => Reconciler::new(Some(CmClient::new(cm)?), cm.card_id_order),
+            None => Reconciler::new(None, CardIdOrder::default()),
+        };
+        if let Some(form) = learnt_form {
+            reconciler.prefer_form(&form);
+        }
+        Ok(reconciler)
+    }
+
     pub fn new(client: Option<CmClient>, order: CardIdOrder) -> Reconciler {
         Reconciler {
             client,

@@ -8,7 +8,7 @@ use std::io::Write;
 use serde::Serialize;
 
 use crate::card::{Card, ReadError, ReadOptions, TransportError};
-use crate::cm::{CmClient, CmError};
+use crate::cm::CmError;
 use crate::config::Config;
 use crate::pcsc::{self, PcscError};
 use crate::reconcile::{Reconciler, Reconciliation};
@@ -110,14 +110,7 @@ pub fn reconcile_all(
     config: &Config,
 ) -> Result<Vec<Reconciled>, ReconcileSetupError> {
     let store = Store::open(&config.state_dir())?;
-    let (client, order) = match &config.cm {
-        Some(cm) => (Some(CmClient::new(cm)?), cm.card_id_order),
-        None => (None, Default::default()),
-    };
-    let reconciler = Reconciler::new(client, order);
-    if let Some(form) = store.setting(CARD_ID_FORM)? {
-        reconciler.prefer_form(&form);
-    }
+    let reconciler = Reconciler::configured(config.cm.as_ref(), store.setting(CARD_ID_FORM)?)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

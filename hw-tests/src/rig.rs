@@ -150,6 +150,16 @@ pub fn wait_for_card(reader: &str, present: bool) -> Result<()> {
     }
 }
 
+/// Puts a card built from `spec` into `slot` once pcscd shows the slot empty (it polls vpcd, so
+/// it may still show the previous card), and waits until pcscd sees the new one.
+pub fn insert_card(spec: crate::vcard::CardSpec, slot: &Slot) -> Result<crate::vpcd::Inserted> {
+    wait_for_card(&slot.reader, false)?;
+    let inserted =
+        crate::vpcd::Inserted::insert(crate::vcard::VirtualCard::new(spec)?, slot.port, false)?;
+    wait_for_card(&slot.reader, true)?;
+    Ok(inserted)
+}
+
 /// The position of `reader` in pcscd's list (OpenSC's tools take readers by index).
 pub fn reader_index(reader: &str) -> Result<usize> {
     let ctx = pcsc::Context::establish(pcsc::Scope::User).context("pcscd is not reachable")?;

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
 use clap::Parser;
-use hw_tests::rig::{cardbridge_bin, reader_index, wait_for_card, Rig};
+use hw_tests::rig::{cardbridge_bin, insert_card, reader_index, wait_for_card, Rig};
 use hw_tests::sim::{matching_record, Fixture, Simulator};
 use hw_tests::vcard::{CardSpec, VirtualCard};
 use hw_tests::vpcd::Inserted;
@@ -59,13 +59,7 @@ fn main() -> Result<()> {
     let mut scan_wall = Series::default();
     let mut opensc_wall = Series::default();
     for _ in 0..args.runs {
-        wait_for_card(&slot.reader, false)?;
-        let card = Inserted::insert(
-            VirtualCard::new(CardSpec::piv_four_certs())?,
-            slot.port,
-            false,
-        )?;
-        wait_for_card(&slot.reader, true)?;
+        let card = insert_card(CardSpec::piv_four_certs(), &slot)?;
 
         let before = card.apdu_count();
         let started = Instant::now();
@@ -122,13 +116,7 @@ fn reconciliation_cost(
     slot: &hw_tests::rig::Slot,
     bin: &std::path::Path,
 ) -> Result<()> {
-    wait_for_card(&slot.reader, false)?;
-    let card = Inserted::insert(
-        VirtualCard::new(CardSpec::piv_four_certs())?,
-        slot.port,
-        false,
-    )?;
-    wait_for_card(&slot.reader, true)?;
+    let card = insert_card(CardSpec::piv_four_certs(), slot)?;
     let record = matching_record(&card.truth, false);
     let sim = Simulator::start(
         Fixture {

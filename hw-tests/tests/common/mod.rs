@@ -7,18 +7,16 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use hw_tests::rig::{cardbridge_bin, Slot};
-use hw_tests::vcard::{CardSpec, VirtualCard};
+use hw_tests::vcard::CardSpec;
 use hw_tests::vpcd::Inserted;
 use serde_json::Value;
 
 /// Puts a card built from `spec` into `slot` and waits until pcscd sees it.
 pub fn insert(spec: CardSpec, slot: &Slot) -> Inserted {
-    // The slot's previous card may still be registered by pcscd (it polls vpcd).
-    wait_for_card(&slot.reader, false);
-    let card = VirtualCard::new(spec).expect("build virtual card");
-    let inserted = Inserted::insert(card, slot.port, false).expect("insert virtual card");
-    wait_for_card(&slot.reader, true);
-    inserted
+    match hw_tests::rig::insert_card(spec, slot) {
+        Ok(inserted) => inserted,
+        Err(e) => panic!("cannot insert the virtual card: {e:#}"),
+    }
 }
 
 /// Runs `cardbridge` with `args`; panics if it does not finish within `limit` (a hang is a bug).
