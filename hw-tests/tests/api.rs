@@ -376,6 +376,12 @@ fn every_security_rule_refuses_with_the_right_status() {
         "{statuses:?}"
     );
     assert_eq!(daemon.get("/v1/health", &[("Authorization", &auth)]).0, 200);
+    let (status, document) = daemon.get("/openapi.json", &[("Authorization", &auth)]);
+    assert_eq!(status, 200);
+    assert!(
+        document.contains("\"/v1/cards/{card_id}/sync\""),
+        "{document}"
+    );
 }
 
 #[test]

@@ -17,7 +17,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 use serde_json::json;
@@ -27,6 +27,8 @@ use tokio_stream::{Stream, StreamExt};
 use tower::limit::ConcurrencyLimitLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::card::Card;
 use crate::config::Scope;
@@ -126,14 +128,13 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// The routes for one listener.
 pub fn router(shared: Arc<Shared>, kind: Kind) -> Router {
     let state = Listener { shared, kind };
-    let short = Router::new()
-        .route("/v1/health", get(health))
-        .route("/v1/readers", get(readers))
-        .route("/v1/cards", get(cards))
-        .route("/v1/cards/{card_id}", get(card))
-        .route("/v1/cards/{card_id}/reconciliation", get(reconciliation))
-        .route("/v1/cards/{card_id}/sync", post(sync))
-        .route("/metrics", get(metrics_text))
+    let (short, long, api) = routes();
+    let document = Arc::new(api);
+    let short = short
+        .route(
+            "/openapi.json",
+            get(move || async move { Json(document.as_ref().clone()) }),
+        )
         .fallback(not_found)
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
@@ -142,11 +143,36 @@ pub fn router(shared: Arc<Shared>, kind: Kind) -> Router {
     // Layers wrap what comes before them: the gate runs first, then the body limit (so an
     // oversized call is refused after the caller is known, and audited).
     short
-        .route("/v1/events", get(events))
+        .merge(long)
         .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
         .layer(axum::middleware::from_fn_with_state(state.clone(), gate))
         .layer(ConcurrencyLimitLayer::new(CONCURRENCY))
         .with_state(state)
+}
+
+/// The OpenAPI document of the local API, as served at `/openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes().2
+}
+
+/// The routes, from the annotated handlers, so the OpenAPI document lists exactly them: the
+/// short requests (under the request timeout) and the event stream, and the document.
+fn routes() -> (Router<Listener>, Router<Listener>, utoipa::openapi::OpenApi) {
+    let (short, mut api) = OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(readers))
+        .routes(routes!(cards))
+        .routes(routes!(card))
+        .routes(routes!(reconciliation))
+        .routes(routes!(sync))
+        .routes(routes!(metrics_text))
+        .split_for_parts();
+    let (long, events_api) = OpenApiRouter::new()
+        .routes(routes!(events))
+        .split_for_parts();
+    api.merge(events_api);
+    api.info.title = "cardbridge local API".into();
+    (short, long, api)
 }
 
 /// The scope a request needs: reading for GETs, `sync` for the sync route.
@@ -316,6 +342,7 @@ fn station<T>(l: &Listener, f: impl FnOnce(&Station) -> T) -> T {
     f(&l.shared.station.lock().unwrap_or_else(|p| p.into_inner()))
 }
 
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
 async fn metrics_text(State(l): State<Listener>) -> Response {
     let (readers, cards) = station(&l, |s| {
         (s.readers.len(), s.readers.values().flatten().count())
@@ -327,6 +354,7 @@ async fn metrics_text(State(l): State<Listener>) -> Response {
         .into_response()
 }
 
+#[utoipa::path(get, path = "/v1/health", responses((status = 200, description = "Station health: reader and card counts")))]
 async fn health(State(l): State<Listener>) -> Response {
     let (readers, cards) = station(&l, |s| {
         (s.readers.len(), s.readers.values().flatten().count())
@@ -341,6 +369,7 @@ struct ReaderView {
     card_id: Option<String>,
 }
 
+#[utoipa::path(get, path = "/v1/readers", responses((status = 200, description = "Readers and whether each holds a card")))]
 async fn readers(State(l): State<Listener>) -> Response {
     let list: Vec<ReaderView> = station(&l, |s| {
         s.readers
@@ -355,6 +384,7 @@ async fn readers(State(l): State<Listener>) -> Response {
     Json(list).into_response()
 }
 
+#[utoipa::path(get, path = "/v1/cards", responses((status = 200, description = "Every Card object in a reader")))]
 async fn cards(State(l): State<Listener>) -> Response {
     let list: Vec<Card> = station(&l, |s| s.readers.values().flatten().cloned().collect());
     Json(list).into_response()
@@ -372,6 +402,7 @@ fn find_card(s: &Station, card_id: &str) -> Option<Card> {
         .cloned()
 }
 
+#[utoipa::path(get, path = "/v1/cards/{card_id}", params(("card_id" = String, Path, description = "Hex card id")), responses((status = 200, description = "The Card"), (status = 404, description = "No such card in a reader")))]
 async fn card(State(l): State<Listener>, Path(card_id): Path<String>) -> Response {
     match station(&l, |s| find_card(s, &card_id)) {
         Some(card) => Json(card).into_response(),
@@ -383,6 +414,7 @@ async fn card(State(l): State<Listener>, Path(card_id): Path<String>) -> Respons
     }
 }
 
+#[utoipa::path(get, path = "/v1/cards/{card_id}/reconciliation", params(("card_id" = String, Path, description = "Hex card id")), responses((status = 200, description = "The card's last Reconciliation"), (status = 404, description = "Not reconciled")))]
 async fn reconciliation(State(l): State<Listener>, Path(card_id): Path<String>) -> Response {
     let found = station(&l, |s| {
         s.reconciliations
@@ -401,6 +433,7 @@ async fn reconciliation(State(l): State<Listener>, Path(card_id): Path<String>) 
 
 /// `POST /v1/cards/{card_id}/sync`: read the card again (which reconciles it again). The body,
 /// if any, must be a JSON object; the answer comes at once, the results as events.
+#[utoipa::path(post, path = "/v1/cards/{card_id}/sync", params(("card_id" = String, Path, description = "Hex card id")), request_body(content = Object, content_type = "application/json", description = "An empty JSON object, or no body"), responses((status = 202, description = "The card is being read again"), (status = 404, description = "No such card in a reader"), (status = 415, description = "Not application/json")))]
 async fn sync(State(l): State<Listener>, Path(card_id): Path<String>, body: Bytes) -> Response {
     if !body.is_empty()
         && !serde_json::from_slice::<serde_json::Value>(&body).is_ok_and(|v| v.is_object())
@@ -446,6 +479,7 @@ fn sse(event: &Numbered) -> SseEvent {
         .data(event.data.clone())
 }
 
+#[utoipa::path(get, path = "/v1/events", params(("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event")), responses((status = 200, description = "Server-Sent Events", content_type = "text/event-stream")))]
 async fn events(
     State(l): State<Listener>,
     headers: HeaderMap,
@@ -471,4 +505,77 @@ async fn events(
             .interval(Duration::from_secs(15))
             .text("keep-alive"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use sha2::Digest;
+    use tower::ServiceExt;
+
+    /// Every operation of the OpenAPI document is a route that exists (answers something other
+    /// than the fallback's `not_found`), and the document has the routes the README promises.
+    #[test]
+    fn the_openapi_document_matches_the_routes() {
+        let api = openapi();
+        let mut paths: Vec<&str> = api.paths.paths.keys().map(String::as_str).collect();
+        paths.sort_unstable();
+        assert_eq!(
+            paths,
+            [
+                "/metrics",
+                "/v1/cards",
+                "/v1/cards/{card_id}",
+                "/v1/cards/{card_id}/reconciliation",
+                "/v1/cards/{card_id}/sync",
+                "/v1/events",
+                "/v1/health",
+                "/v1/readers",
+            ]
+        );
+        let token = "t";
+        let shared = Arc::new(Shared {
+            clients: Clients::new(&[crate::config::ApiClient {
+                name: "test".into(),
+                token_sha256: hex::encode(sha2::Sha256::digest(token)),
+                scopes: vec![Scope::Read, Scope::Sync],
+                origins: Vec::new(),
+            }]),
+            bus: Bus::default(),
+            station: Mutex::new(Station::default()),
+            stopping: tokio::sync::watch::channel(true).0,
+            reads: Mutex::new(None),
+            audit: Mutex::new(None),
+            failures: Default::default(),
+            metrics: Default::default(),
+            local_users: Vec::new(),
+        });
+        let addr: SocketAddr = ([127, 0, 0, 1], 8687).into();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        for (path, item) in &api.paths.paths {
+            let method = if item.post.is_some() { "POST" } else { "GET" };
+            let request = axum::http::Request::builder()
+                .method(method)
+                .uri(path.replace("{card_id}", "00"))
+                .header("host", "127.0.0.1:8687")
+                .header("authorization", format!("Bearer {token}"))
+                .header("content-type", "application/json")
+                .body(Body::empty())
+                .unwrap();
+            let response = runtime
+                .block_on(router(shared.clone(), Kind::Tcp(addr)).oneshot(request))
+                .unwrap();
+            let body = runtime
+                .block_on(axum::body::to_bytes(response.into_body(), 1 << 20))
+                .unwrap();
+            assert!(
+                !String::from_utf8_lossy(&body).contains("no such route"),
+                "{method} {path}"
+            );
+        }
+    }
 }
