@@ -6,7 +6,6 @@ pub mod metrics;
 pub mod security;
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,7 +21,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 use serde_json::json;
 use tokio_stream::wrappers::BroadcastStream;
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::StreamExt;
 
 use tower::limit::ConcurrencyLimitLayer;
 use tower_http::limit::RequestBodyLimitLayer;
@@ -175,14 +174,9 @@ fn routes() -> (Router<Listener>, Router<Listener>, utoipa::openapi::OpenApi) {
     (short, long, api)
 }
 
-/// The scope a request needs: reading for GETs, `sync` for the sync route.
-fn scope_for(method: &Method) -> Scope {
-    if method == Method::GET {
-        Scope::Read
-    } else {
-        Scope::Sync
-    }
-}
+/// The one state-changing route; every other route (and every other method, which then gets
+/// its 405 from the router) needs the `read` scope.
+const SYNC_ROUTE: &str = "/v1/cards/{card_id}/sync";
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response {
     (
@@ -228,14 +222,19 @@ async fn gate(State(l): State<Listener>, request: Request, next: Next) -> Respon
         Ok(caller) => caller,
         Err((status, code, message)) => return error(status, code, message),
     };
-    let authorized = security::authorize(&scopes, scope_for(&method));
-    let changes_state = method != Method::GET;
-    let route = request.uri().path().to_string();
     let pattern = request
         .extensions()
         .get::<axum::extract::MatchedPath>()
         .map_or("unmatched", |p| p.as_str())
         .to_string();
+    let changes_state = method == Method::POST && pattern == SYNC_ROUTE;
+    let scope = if changes_state {
+        Scope::Sync
+    } else {
+        Scope::Read
+    };
+    let authorized = security::authorize(&scopes, scope);
+    let route = request.uri().path().to_string();
     let mut response = match authorized {
         Err(refusal) => error(refusal.status(), refusal.code(), refusal.message()),
         // State-changing calls take JSON only: a page cannot send that cross-origin without a
@@ -342,7 +341,7 @@ fn station<T>(l: &Listener, f: impl FnOnce(&Station) -> T) -> T {
     f(&l.shared.station.lock().unwrap_or_else(|p| p.into_inner()))
 }
 
-#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain"), (status = 401, description = "Missing or unknown token"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications")))]
 async fn metrics_text(State(l): State<Listener>) -> Response {
     let (readers, cards) = station(&l, |s| {
         (s.readers.len(), s.readers.values().flatten().count())
@@ -354,7 +353,7 @@ async fn metrics_text(State(l): State<Listener>) -> Response {
         .into_response()
 }
 
-#[utoipa::path(get, path = "/v1/health", responses((status = 200, description = "Station health: reader and card counts")))]
+#[utoipa::path(get, path = "/v1/health", responses((status = 200, description = "Station health: reader and card counts"), (status = 401, description = "Missing or unknown token"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications")))]
 async fn health(State(l): State<Listener>) -> Response {
     let (readers, cards) = station(&l, |s| {
         (s.readers.len(), s.readers.values().flatten().count())
@@ -369,7 +368,7 @@ struct ReaderView {
     card_id: Option<String>,
 }
 
-#[utoipa::path(get, path = "/v1/readers", responses((status = 200, description = "Readers and whether each holds a card")))]
+#[utoipa::path(get, path = "/v1/readers", responses((status = 200, description = "Readers and whether each holds a card"), (status = 401, description = "Missing or unknown token"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications")))]
 async fn readers(State(l): State<Listener>) -> Response {
     let list: Vec<ReaderView> = station(&l, |s| {
         s.readers
@@ -384,7 +383,7 @@ async fn readers(State(l): State<Listener>) -> Response {
     Json(list).into_response()
 }
 
-#[utoipa::path(get, path = "/v1/cards", responses((status = 200, description = "Every Card object in a reader")))]
+#[utoipa::path(get, path = "/v1/cards", responses((status = 200, description = "Every Card object in a reader"), (status = 401, description = "Missing or unknown token"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications")))]
 async fn cards(State(l): State<Listener>) -> Response {
     let list: Vec<Card> = station(&l, |s| s.readers.values().flatten().cloned().collect());
     Json(list).into_response()
@@ -402,7 +401,7 @@ fn find_card(s: &Station, card_id: &str) -> Option<Card> {
         .cloned()
 }
 
-#[utoipa::path(get, path = "/v1/cards/{card_id}", params(("card_id" = String, Path, description = "Hex card id")), responses((status = 200, description = "The Card"), (status = 404, description = "No such card in a reader")))]
+#[utoipa::path(get, path = "/v1/cards/{card_id}", params(("card_id" = String, Path, description = "Hex card id")), responses((status = 200, description = "The Card"), (status = 404, description = "No such card in a reader"), (status = 401, description = "Missing or unknown token"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications")))]
 async fn card(State(l): State<Listener>, Path(card_id): Path<String>) -> Response {
     match station(&l, |s| find_card(s, &card_id)) {
         Some(card) => Json(card).into_response(),
@@ -414,7 +413,7 @@ async fn card(State(l): State<Listener>, Path(card_id): Path<String>) -> Respons
     }
 }
 
-#[utoipa::path(get, path = "/v1/cards/{card_id}/reconciliation", params(("card_id" = String, Path, description = "Hex card id")), responses((status = 200, description = "The card's last Reconciliation"), (status = 404, description = "Not reconciled")))]
+#[utoipa::path(get, path = "/v1/cards/{card_id}/reconciliation", params(("card_id" = String, Path, description = "Hex card id")), responses((status = 200, description = "The card's last Reconciliation"), (status = 404, description = "Not reconciled"), (status = 401, description = "Missing or unknown token"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications")))]
 async fn reconciliation(State(l): State<Listener>, Path(card_id): Path<String>) -> Response {
     let found = station(&l, |s| {
         s.reconciliations
@@ -433,7 +432,7 @@ async fn reconciliation(State(l): State<Listener>, Path(card_id): Path<String>) 
 
 /// `POST /v1/cards/{card_id}/sync`: read the card again (which reconciles it again). The body,
 /// if any, must be a JSON object; the answer comes at once, the results as events.
-#[utoipa::path(post, path = "/v1/cards/{card_id}/sync", params(("card_id" = String, Path, description = "Hex card id")), request_body(content = Object, content_type = "application/json", description = "An empty JSON object, or no body"), responses((status = 202, description = "The card is being read again"), (status = 404, description = "No such card in a reader"), (status = 415, description = "Not application/json")))]
+#[utoipa::path(post, path = "/v1/cards/{card_id}/sync", params(("card_id" = String, Path, description = "Hex card id")), request_body(content = Object, content_type = "application/json", description = "An empty JSON object, or no body"), responses((status = 202, description = "The card is being read again"), (status = 404, description = "No such card in a reader"), (status = 415, description = "Not application/json"), (status = 401, description = "Missing or unknown token"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications")))]
 async fn sync(State(l): State<Listener>, Path(card_id): Path<String>, body: Bytes) -> Response {
     if !body.is_empty()
         && !serde_json::from_slice::<serde_json::Value>(&body).is_ok_and(|v| v.is_object())
@@ -479,15 +478,24 @@ fn sse(event: &Numbered) -> SseEvent {
         .data(event.data.clone())
 }
 
-#[utoipa::path(get, path = "/v1/events", params(("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event")), responses((status = 200, description = "Server-Sent Events", content_type = "text/event-stream")))]
-async fn events(
-    State(l): State<Listener>,
-    headers: HeaderMap,
-) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    let last = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
+#[utoipa::path(get, path = "/v1/events", params(("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event", maximum = 9223372036854775807_u64)), responses((status = 400, description = "Last-Event-ID is not an event id"), (status = 200, description = "Server-Sent Events", content_type = "text/event-stream"), (status = 401, description = "Missing or unknown token"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications")))]
+async fn events(State(l): State<Listener>, headers: HeaderMap) -> Response {
+    let last = match headers.get("last-event-id").map(|v| {
+        v.to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .and_then(|id| u64::try_from(id).ok())
+    }) {
+        None => None,
+        Some(Some(id)) => Some(id),
+        Some(None) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_last_event_id",
+                "Last-Event-ID must be an event id (a number)",
+            )
+        }
+    };
     let (backlog, live) = l.shared.bus.subscribe(last);
     let first: Vec<SseEvent> = match backlog {
         Backlog::Events(missed) => missed.iter().map(sse).collect(),
@@ -498,13 +506,17 @@ async fn events(
     let live = BroadcastStream::new(live)
         .take_while(Result::is_ok)
         .filter_map(|e| e.ok().map(|e| sse(&e)));
-    let stream = tokio_stream::iter(first).chain(live).map(Ok);
+    let stream = tokio_stream::iter(first)
+        .chain(live)
+        .map(Ok::<_, std::convert::Infallible>);
     let stream = futures_util::StreamExt::take_until(stream, l.shared.stopped());
-    Sse::new(stream).keep_alive(
-        KeepAlive::new()
-            .interval(Duration::from_secs(15))
-            .text("keep-alive"),
-    )
+    Sse::new(stream)
+        .keep_alive(
+            KeepAlive::new()
+                .interval(Duration::from_secs(15))
+                .text("keep-alive"),
+        )
+        .into_response()
 }
 
 #[cfg(test)]
