@@ -98,6 +98,7 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
         clients: Clients::new(&clients),
         bus: Bus::default(),
         station: Mutex::new(Station::default()),
+        reconciliations: engine.cache(),
         stopping: tokio::sync::watch::channel(false).0,
         reads: Mutex::new(engine.read_requester()),
         audit: Mutex::new(Some(audit)),
@@ -254,11 +255,10 @@ fn pump(events: Receiver<Event>, shared: &Shared) {
                             .unwrap_or("unknown"),
                         server_error,
                     );
-                    let data = serde_json::to_string(&r).unwrap_or_default();
-                    if let Some(id) = r.card_id.clone() {
-                        station.reconciliations.insert(id, *r);
-                    }
-                    ("card.reconciled", data)
+                    (
+                        "card.reconciled",
+                        serde_json::to_string(&r).unwrap_or_default(),
+                    )
                 }
                 Event::PcscUnavailable { reason } => (
                     "pcsc.unavailable",

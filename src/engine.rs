@@ -124,6 +124,11 @@ impl Engine {
         self.requests.clone().map(ReadRequester)
     }
 
+    /// The cache of last reconciliations, for readers such as the local API.
+    pub fn cache(&self) -> Cache {
+        self.cache.clone()
+    }
+
     /// The last reconciliation of a card, if any.
     pub fn reconciliation(&self, card_id: &str) -> Option<Reconciliation> {
         self.cache

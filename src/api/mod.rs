@@ -32,7 +32,6 @@ use utoipa_axum::routes;
 use crate::card::Card;
 use crate::config::Scope;
 use crate::engine::ReadRequester;
-use crate::reconcile::Reconciliation;
 use crate::store::Store;
 use events::{Backlog, Bus, Numbered};
 use security::Clients;
@@ -42,7 +41,6 @@ use security::Clients;
 pub struct Station {
     /// Readers by name, with the card in each (a failed read keeps its error).
     pub readers: BTreeMap<String, Option<Card>>,
-    pub reconciliations: BTreeMap<String, Reconciliation>,
 }
 
 /// Shared by all listeners.
@@ -50,6 +48,8 @@ pub struct Shared {
     pub clients: Clients,
     pub bus: Bus,
     pub station: Mutex<Station>,
+    /// The engine's last reconciliation per card id (shared, not copied from the events).
+    pub reconciliations: crate::engine::Cache,
     /// Set to true to stop: servers stop accepting and event streams end, so a graceful
     /// shutdown does not wait forever for clients that never disconnect.
     pub stopping: tokio::sync::watch::Sender<bool>,
@@ -415,11 +415,13 @@ async fn card(State(l): State<Listener>, Path(card_id): Path<String>) -> Respons
 
 #[utoipa::path(get, path = "/v1/cards/{card_id}/reconciliation", params(("card_id" = String, Path, description = "Hex card id")), responses((status = 200, description = "The card's last Reconciliation"), (status = 404, description = "Not reconciled"), (status = 401, description = "Missing or unknown token"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications")))]
 async fn reconciliation(State(l): State<Listener>, Path(card_id): Path<String>) -> Response {
-    let found = station(&l, |s| {
-        s.reconciliations
-            .get(&card_id.to_ascii_uppercase())
-            .cloned()
-    });
+    let found = l
+        .shared
+        .reconciliations
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&card_id.to_ascii_uppercase())
+        .cloned();
     match found {
         Some(r) => Json(r).into_response(),
         None => error(
@@ -556,6 +558,7 @@ mod tests {
             }]),
             bus: Bus::default(),
             station: Mutex::new(Station::default()),
+            reconciliations: Default::default(),
             stopping: tokio::sync::watch::channel(true).0,
             reads: Mutex::new(None),
             audit: Mutex::new(None),
