@@ -76,7 +76,7 @@ impl Daemon {
         headers: &[(&str, &str)],
         body: &str,
     ) -> (u16, String) {
-        use std::io::{Read, Write};
+        use std::io::Write;
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
         let mut request = format!(
             "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
@@ -91,19 +91,7 @@ impl Daemon {
         request.push_str("\r\n");
         request.push_str(body);
         s.write_all(request.as_bytes()).expect("send");
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).expect("read");
-        let status = answer
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = answer
-            .split("\r\n\r\n")
-            .nth(1)
-            .unwrap_or_default()
-            .to_string();
-        (status, body)
+        read_answer(&mut s)
     }
 
     /// Opens the event stream (optionally resuming after `last`).
@@ -400,6 +388,23 @@ fn a_non_loopback_listen_address_is_refused_at_startup() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Reads a whole `Connection: close` HTTP/1.1 answer: its status and body.
+fn read_answer(stream: &mut impl std::io::Read) -> (u16, String) {
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("read");
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = answer
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    (status, body)
+}
+
 /// The uid and primary gid of this test process.
 fn my_ids() -> (u32, u32) {
     let status = std::fs::read_to_string("/proc/self/status").expect("status");
@@ -415,28 +420,14 @@ fn my_ids() -> (u32, u32) {
 }
 
 fn unix_get(path: &std::path::Path, route: &str) -> (u16, String) {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let mut s = std::os::unix::net::UnixStream::connect(path).expect("connect to the socket");
     write!(
         s,
         "GET {route} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
     )
     .expect("send");
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).expect("read");
-    let status = answer
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (
-        status,
-        answer
-            .split("\r\n\r\n")
-            .nth(1)
-            .unwrap_or_default()
-            .to_string(),
-    )
+    read_answer(&mut s)
 }
 
 #[test]
