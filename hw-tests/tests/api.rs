@@ -372,6 +372,53 @@ fn every_security_rule_refuses_with_the_right_status() {
     );
 }
 
+/// The browser `EventSource` path: a ticket asked for with the token opens the stream once, from
+/// the client's own origin only.
+#[test]
+fn an_event_ticket_opens_the_stream_once() {
+    use std::io::Write;
+    let daemon = Daemon::start("ticket", "");
+    let auth = format!("Bearer {TOKEN}");
+    let ticket = |daemon: &Daemon| -> String {
+        let (status, body) = daemon.request(
+            "POST",
+            "/v1/events/ticket",
+            &[("Authorization", &auth), ("Origin", ORIGIN)],
+            "",
+        );
+        assert_eq!(status, 201, "{body}");
+        let answer: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        answer["ticket"].as_str().expect("ticket").to_string()
+    };
+    // The status line of a stream opened with a ticket (the stream itself stays open).
+    let open = |ticket: &str, origin: &str| -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", daemon.port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        write!(
+            s,
+            "GET /v1/events?ticket={ticket}&last_event_id=0 HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nOrigin: {origin}\r\n\r\n",
+            daemon.port
+        )
+        .expect("send");
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).expect("status line");
+        line
+    };
+    let good = ticket(&daemon);
+    assert!(open(&good, ORIGIN).contains(" 200 "));
+    assert!(
+        open(&good, ORIGIN).contains(" 401 "),
+        "a ticket is good once"
+    );
+    let stolen = ticket(&daemon);
+    assert!(open(&stolen, "https://evil.example").contains(" 403 "));
+    // A ticket is not a token for any other route.
+    let other = ticket(&daemon);
+    let (status, _) = daemon.get(&format!("/v1/cards?ticket={other}"), &[]);
+    assert_eq!(status, 401);
+}
+
 #[test]
 fn a_non_loopback_listen_address_is_refused_at_startup() {
     let dir = std::env::temp_dir().join(format!("cardbridge-api-listen-{}", std::process::id()));

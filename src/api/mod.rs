@@ -164,6 +164,7 @@ fn routes() -> (Router<Listener>, Router<Listener>, utoipa::openapi::OpenApi) {
         .routes(routes!(card))
         .routes(routes!(reconciliation))
         .routes(routes!(sync))
+        .routes(routes!(event_ticket))
         .routes(routes!(metrics_text))
         .split_for_parts();
     let (long, events_api) = OpenApiRouter::new()
@@ -177,6 +178,8 @@ fn routes() -> (Router<Listener>, Router<Listener>, utoipa::openapi::OpenApi) {
 /// The one state-changing route; every other route (and every other method, which then gets
 /// its 405 from the router) needs the `read` scope.
 const SYNC_ROUTE: &str = "/v1/cards/{card_id}/sync";
+/// The event stream, the one route that also takes a `ticket` instead of a token.
+const EVENTS_ROUTE: &str = "/v1/events";
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response {
     (
@@ -309,12 +312,18 @@ fn identify(l: &Listener, request: &Request) -> Result<(String, Vec<Scope>), Ref
                     "too many failed authentications; wait and retry",
                 ));
             }
-            match security::identify(&l.shared.clients, headers, addr) {
+            // A ticket stands in for the token only where a browser cannot send one.
+            let ticket = (request.uri().path() == EVENTS_ROUTE)
+                .then(|| query_value(request.uri().query(), "ticket"))
+                .flatten();
+            match security::identify(&l.shared.clients, headers, addr, ticket) {
                 Ok(client) => Ok((client.name.clone(), client.scopes.clone())),
                 Err(refusal) => {
                     if matches!(
                         refusal,
-                        security::Refusal::MissingToken | security::Refusal::BadToken
+                        security::Refusal::MissingToken
+                            | security::Refusal::BadToken
+                            | security::Refusal::BadTicket
                     ) {
                         l.shared.failures.failed(headers);
                     }
@@ -323,6 +332,15 @@ fn identify(l: &Listener, request: &Request) -> Result<(String, Vec<Scope>), Ref
             }
         }
     }
+}
+
+/// The value of `key` in a query string (tickets and event ids need no percent-decoding).
+fn query_value<'q>(query: Option<&'q str>, key: &str) -> Option<&'q str> {
+    query?
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
 }
 
 fn is_json(headers: &HeaderMap) -> bool {
@@ -480,12 +498,44 @@ fn sse(event: &Numbered) -> SseEvent {
         .data(event.data.clone())
 }
 
-#[utoipa::path(get, path = "/v1/events", params(("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event", maximum = 9223372036854775807_u64)), responses((status = 400, description = "Last-Event-ID is not an event id"), (status = 200, description = "Server-Sent Events", content_type = "text/event-stream"), (status = 401, description = "Missing or unknown token"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications")))]
-async fn events(State(l): State<Listener>, headers: HeaderMap) -> Response {
-    let last = match headers.get("last-event-id").map(|v| {
-        v.to_str()
-            .ok()
-            .and_then(|v| v.trim().parse::<i64>().ok())
+/// `POST /v1/events/ticket`: a one-time ticket for `GET /v1/events?ticket=…`, for browser
+/// `EventSource`, which cannot send the Authorization header. The page asks with its token
+/// (`fetch`, preflighted like any call), then opens the stream with the ticket within 30 s; the
+/// stream is checked as if the token came with it (Host, Origin, scope).
+#[utoipa::path(post, path = "/v1/events/ticket", responses((status = 201, description = "A ticket: {\"ticket\", \"expires_in_s\"}"), (status = 400, description = "The caller has no bearer token (the Unix socket needs no ticket)"), (status = 401, description = "Missing or unknown token"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications or outstanding tickets")))]
+async fn event_ticket(State(l): State<Listener>, headers: HeaderMap) -> Response {
+    match l.shared.clients.issue_ticket(&headers) {
+        Ok(ticket) => (
+            StatusCode::CREATED,
+            Json(json!({
+                "ticket": ticket,
+                "expires_in_s": security::TICKET_LIFETIME.as_secs(),
+            })),
+        )
+            .into_response(),
+        Err(e) => {
+            let (status, code) = match e {
+                security::TicketError::NoToken => (StatusCode::BAD_REQUEST, "no_token"),
+                security::TicketError::TooMany => {
+                    (StatusCode::TOO_MANY_REQUESTS, "too_many_tickets")
+                }
+                security::TicketError::NoRandomness => {
+                    (StatusCode::INTERNAL_SERVER_ERROR, "no_randomness")
+                }
+            };
+            error(status, code, &e.to_string())
+        }
+    }
+}
+
+#[utoipa::path(get, path = "/v1/events", params(("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event", maximum = 9223372036854775807_u64), ("last_event_id" = Option<u64>, Query, description = "Resume after this event, for a browser EventSource reopened with a new ticket (the header wins)", maximum = 9223372036854775807_u64), ("ticket" = Option<String>, Query, description = "A one-time ticket from POST /v1/events/ticket, instead of the Authorization header")), responses((status = 400, description = "Last-Event-ID is not an event id"), (status = 200, description = "Server-Sent Events", content_type = "text/event-stream"), (status = 401, description = "Missing or unknown token or ticket"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications")))]
+async fn events(State(l): State<Listener>, headers: HeaderMap, uri: axum::http::Uri) -> Response {
+    let given = headers
+        .get("last-event-id")
+        .map(|v| v.to_str().ok())
+        .or_else(|| query_value(uri.query(), "last_event_id").map(Some));
+    let last = match given.map(|v| {
+        v.and_then(|v| v.trim().parse::<i64>().ok())
             .and_then(|id| u64::try_from(id).ok())
     }) {
         None => None,
@@ -544,6 +594,7 @@ mod tests {
                 "/v1/cards/{card_id}/reconciliation",
                 "/v1/cards/{card_id}/sync",
                 "/v1/events",
+                "/v1/events/ticket",
                 "/v1/health",
                 "/v1/readers",
             ]

@@ -5,11 +5,15 @@
 //! come from an origin allowed for that token's client. CORS answers echo only such an origin,
 //! never `*`.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use thiserror::Error;
 
 use crate::config::{ApiClient, Scope};
 
@@ -21,12 +25,15 @@ pub enum Refusal {
     ForeignHost,
     ForeignOrigin,
     MissingScope,
+    BadTicket,
 }
 
 impl Refusal {
     pub fn status(self) -> StatusCode {
         match self {
-            Refusal::MissingToken | Refusal::BadToken => StatusCode::UNAUTHORIZED,
+            Refusal::MissingToken | Refusal::BadToken | Refusal::BadTicket => {
+                StatusCode::UNAUTHORIZED
+            }
             // 421 Misdirected Request: the Host names something this listener is not.
             Refusal::ForeignHost => StatusCode::MISDIRECTED_REQUEST,
             Refusal::ForeignOrigin | Refusal::MissingScope => StatusCode::FORBIDDEN,
@@ -40,6 +47,7 @@ impl Refusal {
             Refusal::ForeignHost => "foreign_host",
             Refusal::ForeignOrigin => "foreign_origin",
             Refusal::MissingScope => "missing_scope",
+            Refusal::BadTicket => "bad_ticket",
         }
     }
 
@@ -50,15 +58,23 @@ impl Refusal {
             Refusal::ForeignHost => "the Host header does not name this listener",
             Refusal::ForeignOrigin => "this origin is not allowed for this client",
             Refusal::MissingScope => "the client does not have the scope this route needs",
+            Refusal::BadTicket => "the event ticket is unknown, already used or expired",
         }
     }
 }
 
-/// The configured clients, with their token hashes decoded.
-#[derive(Debug, Clone)]
+/// The configured clients, with their token hashes decoded, and the event tickets issued to them.
+#[derive(Debug)]
 pub struct Clients {
     clients: Vec<(ApiClient, [u8; 32])>,
+    /// Outstanding tickets by SHA-256: the client's index and when the ticket expires.
+    tickets: Mutex<HashMap<[u8; 32], (usize, Instant)>>,
 }
+
+/// How long an event ticket may wait to be used.
+pub const TICKET_LIFETIME: Duration = Duration::from_secs(30);
+/// Tickets outstanding at once; a client asking for more gets 429 until some expire.
+const MAX_TICKETS: usize = 1024;
 
 impl Clients {
     pub fn new(clients: &[ApiClient]) -> Clients {
@@ -70,21 +86,76 @@ impl Clients {
                     Some((c.clone(), hash))
                 })
                 .collect(),
+            tickets: Mutex::default(),
         }
     }
 
     /// The client whose token this is. Every configured hash is compared, in constant time, so
     /// the time taken says nothing about which one (or how much of one) matched.
     pub fn authenticate(&self, token: &str) -> Option<&ApiClient> {
+        self.index_of(token).map(|i| &self.clients[i].0)
+    }
+
+    fn index_of(&self, token: &str) -> Option<usize> {
         let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let mut found = None;
-        for (client, hash) in &self.clients {
+        for (i, (_, hash)) in self.clients.iter().enumerate() {
             if bool::from(presented.ct_eq(hash)) {
-                found = Some(client);
+                found = Some(i);
             }
         }
         found
     }
+
+    /// A one-time ticket for the client whose bearer token `headers` carry, so that a browser
+    /// `EventSource` (which cannot send headers) can open `/v1/events?ticket=…`. The ticket is
+    /// random, kept only as a hash, good once and for [`TICKET_LIFETIME`].
+    pub fn issue_ticket(&self, headers: &HeaderMap) -> Result<String, TicketError> {
+        let index = bearer(headers)
+            .and_then(|t| self.index_of(t))
+            .ok_or(TicketError::NoToken)?;
+        let mut bytes = [0u8; 32];
+        getrandom::getrandom(&mut bytes).map_err(|_| TicketError::NoRandomness)?;
+        let ticket = hex::encode(bytes);
+        let mut tickets = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        tickets.retain(|_, (_, expires)| *expires > now);
+        if tickets.len() >= MAX_TICKETS {
+            return Err(TicketError::TooMany);
+        }
+        tickets.insert(
+            Sha256::digest(ticket.as_bytes()).into(),
+            (index, now + TICKET_LIFETIME),
+        );
+        Ok(ticket)
+    }
+
+    /// The client a ticket was issued to; the ticket is spent whether or not it was still good.
+    fn redeem(&self, ticket: &str) -> Option<&ApiClient> {
+        let key: [u8; 32] = Sha256::digest(ticket.as_bytes()).into();
+        let mut tickets = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
+        let (index, expires) = tickets.remove(&key)?;
+        (expires > Instant::now()).then(|| &self.clients[index].0)
+    }
+}
+
+/// Why no event ticket was issued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum TicketError {
+    #[error("tickets are issued to callers with a bearer token")]
+    NoToken,
+    #[error("too many outstanding tickets; use or let some expire first")]
+    TooMany,
+    #[error("the system's random source failed")]
+    NoRandomness,
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
 }
 
 /// Throttles failed authentication per caller, where a caller is the browser origin that sent
@@ -147,35 +218,22 @@ pub fn host_allowed(host: Option<&HeaderValue>, listener: SocketAddr) -> bool {
     .contains(&host)
 }
 
-/// Checks a request's headers: Host, bearer token, Origin, scope. Returns the client.
-pub fn check<'c>(
-    clients: &'c Clients,
-    headers: &HeaderMap,
-    listener: SocketAddr,
-    scope: Scope,
-) -> Result<&'c ApiClient, Refusal> {
-    let client = identify(clients, headers, listener)?;
-    authorize(&client.scopes, scope)?;
-    Ok(client)
-}
-
-/// Host, bearer token and Origin: who is calling, if they may call at all.
+/// Host, credentials and Origin: who is calling, if they may call at all. The credentials are
+/// the bearer token or, when there is none, an event `ticket` (only offered for `/v1/events`).
 pub fn identify<'c>(
     clients: &'c Clients,
     headers: &HeaderMap,
     listener: SocketAddr,
+    ticket: Option<&str>,
 ) -> Result<&'c ApiClient, Refusal> {
     if !host_allowed(headers.get(header::HOST), listener) {
         return Err(Refusal::ForeignHost);
     }
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or(Refusal::MissingToken)?;
-    let client = clients
-        .authenticate(token.trim())
-        .ok_or(Refusal::BadToken)?;
+    let client = match (bearer(headers), ticket) {
+        (Some(token), _) => clients.authenticate(token).ok_or(Refusal::BadToken)?,
+        (None, Some(ticket)) => clients.redeem(ticket).ok_or(Refusal::BadTicket)?,
+        (None, None) => return Err(Refusal::MissingToken),
+    };
     if let Some(origin) = headers.get(header::ORIGIN) {
         let allowed = origin
             .to_str()
@@ -250,6 +308,60 @@ mod tests {
     }
 
     const LISTENER: &str = "127.0.0.1:8687";
+
+    /// Checks a request's headers: Host, bearer token, Origin, scope. Returns the client.
+    fn check<'c>(
+        clients: &'c Clients,
+        headers: &HeaderMap,
+        listener: SocketAddr,
+        scope: Scope,
+    ) -> Result<&'c ApiClient, Refusal> {
+        let client = identify(clients, headers, listener, None)?;
+        authorize(&client.scopes, scope)?;
+        Ok(client)
+    }
+
+    #[test]
+    fn an_event_ticket_is_good_once_and_carries_the_client() {
+        let c = clients();
+        let l: SocketAddr = LISTENER.parse().unwrap();
+        assert_eq!(c.issue_ticket(&HeaderMap::new()), Err(TicketError::NoToken));
+        let ticket = c
+            .issue_ticket(&headers(&[(header::AUTHORIZATION, "Bearer s3cret")]))
+            .unwrap();
+        let page = headers(&[
+            (header::HOST, "127.0.0.1:8687"),
+            (header::ORIGIN, "https://kiosk.contoso.com"),
+        ]);
+        let foreign = headers(&[
+            (header::HOST, "127.0.0.1:8687"),
+            (header::ORIGIN, "https://evil.example"),
+        ]);
+        // A foreign origin spends the ticket without getting in.
+        let second = c
+            .issue_ticket(&headers(&[(header::AUTHORIZATION, "Bearer s3cret")]))
+            .unwrap();
+        assert_eq!(
+            identify(&c, &foreign, l, Some(&second)).err(),
+            Some(Refusal::ForeignOrigin)
+        );
+        assert_eq!(
+            identify(&c, &page, l, Some(&second)).err(),
+            Some(Refusal::BadTicket)
+        );
+        assert_eq!(
+            identify(&c, &page, l, Some(&ticket)).map(|c| c.name.as_str()),
+            Ok("kiosk")
+        );
+        assert_eq!(
+            identify(&c, &page, l, Some(&ticket)).err(),
+            Some(Refusal::BadTicket)
+        );
+        assert_eq!(
+            identify(&c, &page, l, Some("00")).err(),
+            Some(Refusal::BadTicket)
+        );
+    }
 
     #[test]
     fn every_rule() {
