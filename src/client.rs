@@ -29,17 +29,36 @@ pub enum ClientError {
 /// Where the daemon is and how to authenticate to it.
 pub struct Target {
     pub url: String,
-    pub token: String,
+    /// The bearer token (TCP); none over the Unix socket, where the caller's uid decides.
+    pub token: Option<String>,
+    /// The daemon's Unix socket, when the command talks through it.
+    pub socket: Option<PathBuf>,
 }
 
 impl Target {
-    /// The daemon's first listener from the configuration, unless `url` says otherwise; the token
-    /// from `token_file`, `CARDBRIDGE_TOKEN`, or the daemon's generated `api-token`.
+    /// The Unix socket when `socket` is given, or when neither `url` nor a token file is and
+    /// the configured socket exists (a local administrator needs no token there); otherwise the
+    /// daemon's first TCP listener (or `url`) with the token from `token_file`,
+    /// `CARDBRIDGE_TOKEN`, or the daemon's generated `api-token`.
     pub fn resolve(
         config: &Config,
         url: Option<String>,
         token_file: Option<PathBuf>,
+        socket: Option<PathBuf>,
     ) -> Result<Target, ClientError> {
+        let configured_socket = config
+            .api
+            .unix_socket
+            .clone()
+            .filter(|p| url.is_none() && token_file.is_none() && p.exists());
+        if let Some(socket) = socket.or(configured_socket) {
+            return Ok(Target {
+                // The host is not resolved over a socket; the daemon does not check it there.
+                url: "http://localhost".into(),
+                token: None,
+                socket: Some(socket),
+            });
+        }
         let url = url.unwrap_or_else(|| {
             let addr = config
                 .api
@@ -61,14 +80,37 @@ impl Target {
         .ok_or(ClientError::NoToken(generated))?;
         Ok(Target {
             url: url.trim_end_matches('/').to_string(),
-            token,
+            token: Some(token),
+            socket: None,
+        })
+    }
+
+    /// Where requests go, for messages.
+    fn place(&self) -> String {
+        match &self.socket {
+            Some(path) => path.display().to_string(),
+            None => self.url.clone(),
+        }
+    }
+
+    fn client(&self) -> Result<reqwest::Client, ClientError> {
+        let builder = reqwest::Client::builder();
+        let builder = match &self.socket {
+            Some(path) => builder.unix_socket(path.as_path()),
+            None => builder,
+        };
+        builder.build().map_err(|e| ClientError::Unreachable {
+            url: self.place(),
+            reason: e.to_string(),
         })
     }
 
     fn get(&self, client: &reqwest::Client, path: &str) -> reqwest::RequestBuilder {
-        client
-            .get(format!("{}{path}", self.url))
-            .bearer_auth(&self.token)
+        let request = client.get(format!("{}{path}", self.url));
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
     }
 }
 
@@ -84,7 +126,7 @@ async fn send(
     request: reqwest::RequestBuilder,
 ) -> Result<reqwest::Response, ClientError> {
     let response = request.send().await.map_err(|e| ClientError::Unreachable {
-        url: target.url.clone(),
+        url: target.place(),
         reason: e.to_string(),
     })?;
     if !response.status().is_success() {
@@ -99,7 +141,7 @@ async fn send(
 /// short table: reader, kind, card id, then each certificate's slot, thumbprint and subject.
 pub fn cards(target: &Target, json: bool, out: &mut dyn Write) -> Result<(), ClientError> {
     let cards: Vec<Value> = runtime()?.block_on(async {
-        let client = reqwest::Client::new();
+        let client = target.client()?;
         let response = send(target, target.get(&client, "/v1/cards")).await?;
         response
             .json()
@@ -145,7 +187,7 @@ pub fn cards(target: &Target, json: bool, out: &mut dyn Write) -> Result<(), Cli
 /// (`id name data`), until the daemon stops or the command is interrupted.
 pub fn events(target: &Target, out: &mut dyn Write) -> Result<(), ClientError> {
     runtime()?.block_on(async {
-        let client = reqwest::Client::new();
+        let client = target.client()?;
         let mut response = send(target, target.get(&client, "/v1/events")).await?;
         let mut pending = String::new();
         let (mut id, mut name, mut data) = (String::new(), String::new(), String::new());

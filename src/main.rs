@@ -27,6 +27,10 @@ struct ClientArgs {
     /// File holding the API token (default: $CARDBRIDGE_TOKEN, else <state_dir>/api-token).
     #[arg(long, value_name = "PATH")]
     token_file: Option<PathBuf>,
+    /// The daemon's Unix socket (default: `api.unix_socket` when it exists and neither --url
+    /// nor --token-file is given). The caller's uid and gid decide its scopes; no token.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["url", "token_file"])]
+    socket: Option<PathBuf>,
     /// Configuration file (default /etc/cardbridge/config.toml).
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
@@ -170,8 +174,9 @@ fn with_target(
             return ExitCode::from(2);
         }
     };
-    let result = cardbridge::client::Target::resolve(&config, args.url, args.token_file)
-        .and_then(|target| command(&target, &mut std::io::stdout().lock()));
+    let result =
+        cardbridge::client::Target::resolve(&config, args.url, args.token_file, args.socket)
+            .and_then(|target| command(&target, &mut std::io::stdout().lock()));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -495,6 +495,19 @@ fn the_unix_socket_maps_the_callers_uid_to_scopes() {
         assert_eq!(mode & 0o777, 0o660);
         let (status, body) = unix_get(&socket, "/v1/health");
         assert_eq!(status, 200, "{body}");
+        // The administrator's client command over the socket needs no token.
+        let out = run_cardbridge(
+            &["cards", "--json", "--socket", &socket.to_string_lossy()],
+            &[("CARDBRIDGE_TOKEN", "")],
+            Duration::from_secs(10),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cards: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON cards");
+        assert!(cards.is_array(), "{cards}");
     }
     assert!(!socket.exists(), "the socket file is removed at shutdown");
 
@@ -509,4 +522,11 @@ fn the_unix_socket_maps_the_callers_uid_to_scopes() {
     let (status, body) = unix_get(&socket, "/v1/health");
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("no_scopes"), "{body}");
+    let out = run_cardbridge(
+        &["cards", "--socket", &socket.to_string_lossy()],
+        &[],
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no_scopes"));
 }
