@@ -19,8 +19,10 @@ pub const DEFAULT_PATH: &str = "/etc/cardbridge/config.toml";
 pub struct Config {
     /// SQLite database and other state; `/var/lib/cardbridge` by default.
     pub state_dir: Option<PathBuf>,
-    /// Absent: reconciliation reports `not_configured`.
-    pub cm: Option<CmConfig>,
+    /// Absent: reconciliation reports `not_configured`, and cards cannot be revoked through CM.
+    pub cm: Option<ServerConfig>,
+    /// The SCEPman Management API. Absent: certificates cannot be revoked through SCEPman.
+    pub scepman: Option<ServerConfig>,
     #[serde(default)]
     pub api: ApiConfig,
 }
@@ -90,13 +92,14 @@ pub enum Scope {
     Revoke,
 }
 
+/// A server cardbridge calls: `[cm]` (MIM CM) or `[scepman]` (SCEPman Management API).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CmConfig {
-    /// e.g. `https://cm.contoso.com/CertificateManagement/`
+pub struct ServerConfig {
+    /// e.g. `https://cm.contoso.com/CertificateManagement/` or `https://scepman.contoso.com/`
     pub base_url: String,
     #[serde(default)]
-    pub auth: CmAuth,
+    pub auth: ServerAuth,
     /// File holding the bearer token (`auth = "bearer"`).
     pub token_file: Option<PathBuf>,
     /// User name for `auth = "basic"`.
@@ -114,14 +117,14 @@ pub struct CmConfig {
     /// Extra attempts for GET requests after a transient failure.
     #[serde(default = "default_retries")]
     pub retries: u32,
-    /// Byte order of the PIV card id as the server knows it; `auto` tries both.
-    #[serde(default)]
-    pub card_id_order: CardIdOrder,
+    /// `[cm]` only: byte order of the PIV card id as the server knows it; absent or `auto`
+    /// tries both.
+    pub card_id_order: Option<CardIdOrder>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum CmAuth {
+pub enum ServerAuth {
     #[default]
     None,
     Bearer,
@@ -149,7 +152,30 @@ fn default_retries() -> u32 {
     2
 }
 
-impl CmConfig {
+impl ServerConfig {
+    /// Checks what TOML types cannot: the URL, the secrets each auth needs, the timeouts.
+    fn check(&self, section: &str) -> Result<(), String> {
+        let url =
+            reqwest::Url::parse(&self.base_url).map_err(|e| format!("{section}.base_url: {e}"))?;
+        if !matches!(url.scheme(), "https" | "http") {
+            return Err(format!("{section}.base_url: must be an http or https URL"));
+        }
+        match self.auth {
+            ServerAuth::Bearer if self.token_file.is_none() => Err(format!(
+                "{section}.token_file: required when {section}.auth = \"bearer\""
+            )),
+            ServerAuth::Basic if self.username.is_none() || self.password_file.is_none() => {
+                Err(format!(
+                    "{section}.username and {section}.password_file: required when {section}.auth = \"basic\""
+                ))
+            }
+            _ if self.timeout_ms == 0 || self.connect_timeout_ms == 0 => Err(format!(
+                "{section}.timeout_ms and {section}.connect_timeout_ms: must be greater than 0"
+            )),
+            _ => Ok(()),
+        }
+    }
+
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
     }
@@ -231,28 +257,17 @@ impl Config {
                 }
             }
         }
-        if let Some(cm) = &config.cm {
-            let url = reqwest::Url::parse(&cm.base_url).map_err(|e| format!("cm.base_url: {e}"))?;
-            if !matches!(url.scheme(), "https" | "http") {
-                return Err("cm.base_url: must be an http or https URL".into());
+        for (section, server) in [("cm", &config.cm), ("scepman", &config.scepman)] {
+            if let Some(server) = server {
+                server.check(section)?;
             }
-            match cm.auth {
-                CmAuth::Bearer if cm.token_file.is_none() => {
-                    return Err("cm.token_file: required when cm.auth = \"bearer\"".into())
-                }
-                CmAuth::Basic if cm.username.is_none() || cm.password_file.is_none() => {
-                    return Err(
-                        "cm.username and cm.password_file: required when cm.auth = \"basic\""
-                            .into(),
-                    )
-                }
-                _ => {}
-            }
-            if cm.timeout_ms == 0 || cm.connect_timeout_ms == 0 {
-                return Err(
-                    "cm.timeout_ms and cm.connect_timeout_ms: must be greater than 0".into(),
-                );
-            }
+        }
+        if config
+            .scepman
+            .as_ref()
+            .is_some_and(|s| s.card_id_order.is_some())
+        {
+            return Err("scepman.card_id_order: only the [cm] section has a card id order".into());
         }
         Ok(config)
     }
@@ -278,8 +293,8 @@ mod tests {
         )
         .unwrap();
         let cm = c.cm.unwrap();
-        assert_eq!(cm.auth, CmAuth::Basic);
-        assert_eq!(cm.card_id_order, CardIdOrder::Windows);
+        assert_eq!(cm.auth, ServerAuth::Basic);
+        assert_eq!(cm.card_id_order, Some(CardIdOrder::Windows));
         assert_eq!(cm.retries, 2);
     }
 
@@ -288,7 +303,8 @@ mod tests {
         let text = include_str!("../service/config.example.toml");
         let c = Config::parse(text).unwrap();
         assert_eq!(c.state_dir(), PathBuf::from("/var/lib/cardbridge"));
-        assert_eq!(c.cm.unwrap().card_id_order, CardIdOrder::Auto);
+        assert_eq!(c.cm.unwrap().card_id_order, Some(CardIdOrder::Auto));
+        assert!(c.scepman.is_some());
         assert_eq!(c.api.listen, default_listen());
     }
 
@@ -325,5 +341,11 @@ mod tests {
         let e =
             Config::parse("[cm]\nbase_url = \"https://x/\"\nauth = \"kerberos\"\n").unwrap_err();
         assert!(e.contains("kerberos"), "{e}");
+        let e = Config::parse("[scepman]\nbase_url = \"ftp://x/\"\n").unwrap_err();
+        assert!(e.contains("scepman.base_url"), "{e}");
+        let e =
+            Config::parse("[scepman]\nbase_url = \"https://x/\"\ncard_id_order = \"windows\"\n")
+                .unwrap_err();
+        assert!(e.contains("scepman.card_id_order"), "{e}");
     }
 }

@@ -15,9 +15,9 @@ use crate::api::events::Bus;
 use crate::api::security::Clients;
 use crate::api::{self, Shared, Station};
 use crate::card::ReadOptions;
-use crate::cm::CmError;
 use crate::config::{ApiClient, Config, Scope};
 use crate::engine::{Engine, EngineConfig, Event};
+use crate::http::ServerError;
 use crate::reconcile::Reconciler;
 use crate::store::{Store, StoreError, CARD_ID_FORM};
 
@@ -26,7 +26,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
-    Cm(#[from] CmError),
+    Cm(#[from] ServerError),
     #[error("cannot write the API token {path}: {source}")]
     Token {
         path: PathBuf,

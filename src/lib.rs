@@ -23,6 +23,7 @@ pub mod cm;
 pub mod config;
 pub mod daemon;
 pub mod engine;
+pub mod http;
 pub mod pcsc;
 pub mod reconcile;
 pub mod scan;

@@ -14,8 +14,9 @@ use time::OffsetDateTime;
 
 use crate::card::Card;
 use crate::cm::model::{normalize_guid, normalize_hex, smartcard_status_name, STATUS_ACTIVE};
-use crate::cm::{CmClient, CmError, Smartcard, X509ClmCertificate};
+use crate::cm::{CmClient, Smartcard, X509ClmCertificate};
 use crate::config::CardIdOrder;
+use crate::http::ServerError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -108,7 +109,7 @@ pub enum Lookup {
     NotConfigured,
     NoCardId,
     NotFound,
-    Unavailable(CmError),
+    Unavailable(ServerError),
     Found(Box<ServerData>),
 }
 
@@ -358,11 +359,14 @@ impl Reconciler {
     /// The reconciler of a configuration: a CM client when `[cm]` is set (else every card is
     /// `not_configured`), and the card-id form a previous run learnt, if any.
     pub fn configured(
-        cm: Option<&crate::config::CmConfig>,
+        cm: Option<&crate::config::ServerConfig>,
         learnt_form: Option<String>,
-    ) -> Result<Reconciler, CmError> {
+    ) -> Result<Reconciler, ServerError> {
         let reconciler = match cm {
-            Some(cm) => Reconciler::new(Some(CmClient::new(cm)?), cm.card_id_order),
+            Some(cm) => Reconciler::new(
+                Some(CmClient::new(cm)?),
+                cm.card_id_order.unwrap_or_default(),
+            ),
             None => Reconciler::new(None, CardIdOrder::default()),
         };
         if let Some(form) = learnt_form {
@@ -550,7 +554,7 @@ mod tests {
                 cert("9C", "BB", VALID.0, VALID.1),
             ]
         };
-        let unavailable = Lookup::Unavailable(CmError::Timeout);
+        let unavailable = Lookup::Unavailable(ServerError::Timeout);
         let cases: Vec<Case> = vec![
             (
                 "all matches",
@@ -704,7 +708,7 @@ mod tests {
     fn server_unavailable_keeps_the_reason() {
         let r = reconcile(
             &card(vec![]),
-            &Lookup::Unavailable(CmError::Refused("x".into())),
+            &Lookup::Unavailable(ServerError::Refused("x".into())),
             now(),
         );
         assert!(r.reason.unwrap().starts_with("connection_refused"));

@@ -8,8 +8,8 @@ use std::io::Write;
 use serde::Serialize;
 
 use crate::card::{Card, ReadError, ReadOptions, TransportError};
-use crate::cm::CmError;
 use crate::config::Config;
+use crate::http::ServerError;
 use crate::pcsc::{self, PcscError};
 use crate::reconcile::{Reconciler, Reconciliation};
 use crate::store::{Store, StoreError, CARD_ID_FORM};
@@ -97,7 +97,7 @@ pub enum ReconcileSetupError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
-    Cm(#[from] CmError),
+    Cm(#[from] ServerError),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
 }
