@@ -1,5 +1,5 @@
-//! Client commands (`cardbridge cards`, `cardbridge events`): talk to a running daemon's local
-//! API, so an administrator can look at a station without touching PC/SC.
+//! Client commands (`cardbridge cards`, `events`, `revoke`, `revocations`): talk to a running
+//! daemon's local API, so an administrator can look at a station without touching PC/SC.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -106,7 +106,14 @@ impl Target {
     }
 
     fn get(&self, client: &reqwest::Client, path: &str) -> reqwest::RequestBuilder {
-        let request = client.get(format!("{}{path}", self.url));
+        self.with_token(client.get(format!("{}{path}", self.url)))
+    }
+
+    fn post(&self, client: &reqwest::Client, path: &str) -> reqwest::RequestBuilder {
+        self.with_token(client.post(format!("{}{path}", self.url)))
+    }
+
+    fn with_token(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.token {
             Some(token) => request.bearer_auth(token),
             None => request,
@@ -216,4 +223,125 @@ pub fn events(target: &Target, out: &mut dyn Write) -> Result<(), ClientError> {
         }
         Ok(())
     })
+}
+
+/// `cardbridge revoke`: submits a revocation through the daemon (which stores it before it
+/// answers) and prints the stored revocation, or the plan for a dry run, as JSON. Without an
+/// explicit key, a random Idempotency-Key is made, so each run is a new revocation.
+pub fn revoke(
+    target: &Target,
+    submission: &crate::revoke::Submission,
+    idempotency_key: Option<String>,
+    out: &mut dyn Write,
+) -> Result<(), ClientError> {
+    let key = match idempotency_key {
+        Some(key) => key,
+        None => {
+            let mut bytes = [0u8; 16];
+            getrandom::getrandom(&mut bytes)
+                .map_err(|e| ClientError::BadAnswer(format!("no random source: {e}")))?;
+            hex::encode(bytes)
+        }
+    };
+    let answer: Value = runtime()?.block_on(async {
+        let client = target.client()?;
+        let request = target
+            .post(&client, "/v1/revocations")
+            .header("idempotency-key", key)
+            .json(submission);
+        send(target, request)
+            .await?
+            .json()
+            .await
+            .map_err(|e| ClientError::BadAnswer(e.to_string()))
+    })?;
+    serde_json::to_writer_pretty(&mut *out, &answer).map_err(|e| ClientError::Output(e.into()))?;
+    writeln!(out).map_err(ClientError::Output)
+}
+
+/// `cardbridge revocations`: the audit trail of revocations: each with its status and actions
+/// (server, target, status, attempts, last answer), newest first; `--json` prints them with
+/// every delivery attempt.
+pub fn revocations(
+    target: &Target,
+    json: bool,
+    status: Option<&str>,
+    out: &mut dyn Write,
+) -> Result<(), ClientError> {
+    let list: Vec<Value> = runtime()?.block_on(async {
+        let client = target.client()?;
+        let mut request = target.get(&client, "/v1/revocations");
+        if let Some(status) = status {
+            request = request.query(&[("status", status)]);
+        }
+        let list: Vec<Value> = send(target, request)
+            .await?
+            .json()
+            .await
+            .map_err(|e| ClientError::BadAnswer(e.to_string()))?;
+        if !json {
+            return Ok(list);
+        }
+        // With --json, each revocation in full, its attempts included.
+        let mut full = Vec::with_capacity(list.len());
+        for r in &list {
+            let id = r["id"].as_i64().unwrap_or_default();
+            let one = target.get(&client, &format!("/v1/revocations/{id}"));
+            full.push(
+                send(target, one)
+                    .await?
+                    .json()
+                    .await
+                    .map_err(|e| ClientError::BadAnswer(e.to_string()))?,
+            );
+        }
+        Ok(full)
+    })?;
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let write = |out: &mut dyn Write| -> std::io::Result<()> {
+        if json {
+            serde_json::to_writer_pretty(&mut *out, &list)?;
+            return writeln!(out);
+        }
+        if list.is_empty() {
+            writeln!(out, "(no revocations)")?;
+        }
+        for r in &list {
+            writeln!(
+                out,
+                "#{} {} {} card {} {} by {} ({}) at {}",
+                text(&r["id"]),
+                text(&r["status"]),
+                text(&r["target"]),
+                text(&r["card_id"]),
+                text(&r["reason"]),
+                text(&r["client"]),
+                text(&r["revoker"]),
+                text(&r["created_at"])
+            )?;
+            for a in r["actions"].as_array().into_iter().flatten() {
+                let what = match a["kind"].as_str() {
+                    Some("cm_request") => format!(
+                        "CM {} request for {}",
+                        text(&a["request_type"]),
+                        text(&a["smartcard_uuid"])
+                    ),
+                    _ => format!("SCEPman revoke {}", text(&a["serial_number"])),
+                };
+                writeln!(
+                    out,
+                    "  {what}: {} after {} attempt(s); last answer: {}",
+                    text(&a["status"]),
+                    text(&a["attempts"]),
+                    text(&a["last_outcome"]["message"])
+                )?;
+            }
+        }
+        Ok(())
+    };
+    write(out).map_err(ClientError::Output)
 }

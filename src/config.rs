@@ -25,6 +25,44 @@ pub struct Config {
     pub scepman: Option<ServerConfig>,
     #[serde(default)]
     pub api: ApiConfig,
+    #[serde(default)]
+    pub revocation: RevocationConfig,
+}
+
+/// How the revocation outbox paces its deliveries.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationConfig {
+    /// Delay after the first transient failure (timeout, 5xx, connection error); doubled on
+    /// each further one, with jitter.
+    #[serde(default = "default_retry_initial")]
+    pub retry_initial_ms: u64,
+    /// The longest delay between two attempts.
+    #[serde(default = "default_retry_max")]
+    pub retry_max_ms: u64,
+    /// How often a MIM CM request is looked at until it is completed, failed or denied.
+    #[serde(default = "default_poll_interval")]
+    pub poll_interval_ms: u64,
+}
+
+impl Default for RevocationConfig {
+    fn default() -> Self {
+        RevocationConfig {
+            retry_initial_ms: default_retry_initial(),
+            retry_max_ms: default_retry_max(),
+            poll_interval_ms: default_poll_interval(),
+        }
+    }
+}
+
+fn default_retry_initial() -> u64 {
+    2_000
+}
+fn default_retry_max() -> u64 {
+    600_000
+}
+fn default_poll_interval() -> u64 {
+    10_000
 }
 
 /// The local API (`cardbridge run`).
@@ -262,6 +300,11 @@ impl Config {
                 server.check(section)?;
             }
         }
+        let r = &config.revocation;
+        if r.retry_initial_ms == 0 || r.poll_interval_ms == 0 || r.retry_max_ms < r.retry_initial_ms
+        {
+            return Err("revocation: retry_initial_ms and poll_interval_ms must be greater than 0, and retry_max_ms at least retry_initial_ms".into());
+        }
         if config
             .scepman
             .as_ref()
@@ -347,5 +390,9 @@ mod tests {
             Config::parse("[scepman]\nbase_url = \"https://x/\"\ncard_id_order = \"windows\"\n")
                 .unwrap_err();
         assert!(e.contains("scepman.card_id_order"), "{e}");
+        let e = Config::parse("[revocation]\nretry_initial_ms = 0\n").unwrap_err();
+        assert!(e.contains("revocation"), "{e}");
+        let e = Config::parse("[revocation]\nretries = 3\n").unwrap_err();
+        assert!(e.contains("retries"), "{e}");
     }
 }

@@ -15,10 +15,13 @@ use crate::api::events::Bus;
 use crate::api::security::Clients;
 use crate::api::{self, Shared, Station};
 use crate::card::ReadOptions;
+use crate::cm::CmClient;
 use crate::config::{ApiClient, Config, Scope};
 use crate::engine::{Engine, EngineConfig, Event};
 use crate::http::ServerError;
 use crate::reconcile::Reconciler;
+use crate::revoke::worker::{Pacing, Worker};
+use crate::scepman::ScepmanClient;
 use crate::store::{Store, StoreError, CARD_ID_FORM};
 
 #[derive(Debug, Error)]
@@ -56,7 +59,14 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
         config.api.clients.clone()
     };
     let reconciler = Reconciler::configured(config.cm.as_ref(), store.setting(CARD_ID_FORM)?)?;
-    let audit = Store::open(&state_dir)?;
+    let api_store = Store::open(&state_dir)?;
+    let outbox_store = Store::open(&state_dir)?;
+    let scepman = config
+        .scepman
+        .as_ref()
+        .map(ScepmanClient::new)
+        .transpose()?;
+    let cm = config.cm.as_ref().map(CmClient::new).transpose()?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -101,7 +111,10 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
         reconciliations: engine.cache(),
         stopping: tokio::sync::watch::channel(false).0,
         reads: Mutex::new(engine.read_requester()),
-        audit: Mutex::new(Some(audit)),
+        store: Mutex::new(Some(api_store)),
+        outbox: Default::default(),
+        scepman_configured: scepman.is_some(),
+        cm_configured: cm.is_some(),
         failures: Default::default(),
         metrics: Default::default(),
         local_users: config.api.local_users.clone(),
@@ -117,6 +130,22 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
     for (_, addr) in &listeners {
         eprintln!("cardbridge: API listening on http://{addr}/v1/");
     }
+    let worker = {
+        let shared_for_events = shared.clone();
+        let pacing = Pacing {
+            retry_initial: Duration::from_millis(config.revocation.retry_initial_ms),
+            retry_max: Duration::from_millis(config.revocation.retry_max_ms),
+            poll_interval: Duration::from_millis(config.revocation.poll_interval_ms),
+        };
+        let worker = Worker::new(
+            outbox_store,
+            scepman,
+            cm,
+            pacing,
+            Box::new(move |r| api::publish_revocation(&shared_for_events.bus, r)),
+        );
+        runtime.spawn(worker.run(shared.outbox.clone(), shared.stopped()))
+    };
     runtime.block_on(async {
         let mut servers = tokio::task::JoinSet::new();
         for (listener, addr) in listeners {
@@ -147,6 +176,8 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
                 eprintln!("cardbridge: API server failed: {e}");
             }
         }
+        // The worker stops at once (an interrupted delivery is resumed at the next start).
+        let _ = worker.await;
     });
     // The API's read requests must go before the engine can stop; stopping the engine then closes
     // the event channel, which ends the pump. The audit database closes with `shared`.

@@ -6,7 +6,10 @@
 //!
 //! - [`card`]: the card protocols (ATR, BER-TLV, PIV, GIDS, certificates), free of I/O.
 //! - [`pcsc`]: the PC/SC side: the monitor thread, reading one reader, the APDU transport.
+//! - [`http`]: what the server clients share (TLS, authentication, error classes, backoff).
 //! - [`cm`]: the MIM CM REST client.
+//! - [`scepman`]: the SCEPman Management API client (certificate revocation).
+//! - [`revoke`]: revocation requests, their planning, and the outbox worker that delivers them.
 //! - [`reconcile`]: the rules that compare a card with the server's record, and the lookup.
 //! - [`store`]: the SQLite state database.
 //! - [`config`]: the TOML configuration.
@@ -14,7 +17,8 @@
 //! - [`api`]: the local REST + Server-Sent Events API and its security checks.
 //! - [`daemon`]: `cardbridge run`, the engine behind the local API.
 //! - [`scan`]: the `cardbridge scan` command.
-//! - [`client`]: `cardbridge cards` and `cardbridge events`, clients of a running daemon.
+//! - [`client`]: `cardbridge cards`, `events`, `revoke` and `revocations`, clients of a running
+//!   daemon.
 
 pub mod api;
 pub mod card;
@@ -26,5 +30,7 @@ pub mod engine;
 pub mod http;
 pub mod pcsc;
 pub mod reconcile;
+pub mod revoke;
 pub mod scan;
+pub mod scepman;
 pub mod store;

@@ -51,6 +51,49 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Ask a running daemon to revoke a card's certificates (SCEPman) or the card (MIM CM).
+    Revoke {
+        /// The card id (hex), as `cardbridge cards` shows it.
+        #[arg(long = "card", value_name = "ID")]
+        card_id: String,
+        /// `certificates` (through SCEPman) or `card` (a MIM CM request).
+        #[arg(long, value_enum)]
+        target: cardbridge::revoke::Target,
+        /// RFC 5280 reason: keyCompromise, superseded, cessationOfOperation, affiliationChanged, …
+        #[arg(long)]
+        reason: String,
+        /// Only this certificate (SHA-1 thumbprint); repeat for several. Default: all.
+        #[arg(long = "thumbprint", value_name = "HEX")]
+        thumbprints: Vec<String>,
+        /// For `--target card`: the CM request type.
+        #[arg(long, value_enum)]
+        operation: Option<cardbridge::revoke::CardOperation>,
+        /// Who revokes (a UPN), recorded by SCEPman.
+        #[arg(long)]
+        revoker: Option<String>,
+        #[arg(long)]
+        comment: Option<String>,
+        /// Show the plan without storing or sending anything.
+        #[arg(long)]
+        dry_run: bool,
+        /// Reuse a key to make a retried submission return the first one (default: a new key).
+        #[arg(long, value_name = "KEY")]
+        idempotency_key: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List the revocations a running daemon has stored, with their actions and answers.
+    Revocations {
+        /// Print them as JSON, every delivery attempt included.
+        #[arg(long)]
+        json: bool,
+        /// Only revocations with this status (queued, in_progress, succeeded, partially_failed,
+        /// failed).
+        #[arg(long)]
+        status: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Validate a configuration file: exit 0 when it is valid, 2 with the reason when not.
     CheckConfig {
         /// Configuration file (default /etc/cardbridge/config.toml).
@@ -86,6 +129,39 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Revoke {
+            card_id,
+            target,
+            reason,
+            thumbprints,
+            operation,
+            revoker,
+            comment,
+            dry_run,
+            idempotency_key,
+            client,
+        } => {
+            let submission = cardbridge::revoke::Submission {
+                card_id,
+                target,
+                thumbprints: (!thumbprints.is_empty()).then_some(thumbprints),
+                reason,
+                operation,
+                revoker,
+                comment,
+                dry_run,
+            };
+            with_target(client, |target, out| {
+                cardbridge::client::revoke(target, &submission, idempotency_key, out)
+            })
+        }
+        Command::Revocations {
+            json,
+            status,
+            client,
+        } => with_target(client, |target, out| {
+            cardbridge::client::revocations(target, json, status.as_deref(), out)
+        }),
         Command::Cards { json, client } => with_target(client, |target, out| {
             cardbridge::client::cards(target, json, out)
         }),

@@ -3,6 +3,9 @@
 
 pub mod events;
 pub mod metrics;
+mod revocations;
+
+pub use revocations::publish as publish_revocation;
 pub mod security;
 
 use std::collections::BTreeMap;
@@ -55,8 +58,14 @@ pub struct Shared {
     pub stopping: tokio::sync::watch::Sender<bool>,
     /// Asks the engine for a fresh read; taken away (None) before the engine stops.
     pub reads: Mutex<Option<ReadRequester>>,
-    /// Where state-changing calls are recorded.
-    pub audit: Mutex<Option<Store>>,
+    /// The API's connection to the state database: the audit trail of state-changing calls
+    /// and the revocation outbox (None in unit tests).
+    pub store: Mutex<Option<Store>>,
+    /// Wakes the revocation worker when a revocation was stored.
+    pub outbox: std::sync::Arc<tokio::sync::Notify>,
+    /// Which servers revocations can go to.
+    pub scepman_configured: bool,
+    pub cm_configured: bool,
     pub failures: security::FailureLimiter,
     pub metrics: metrics::Metrics,
     /// Scopes of local processes on the Unix socket.
@@ -165,6 +174,8 @@ fn routes() -> (Router<Listener>, Router<Listener>, utoipa::openapi::OpenApi) {
         .routes(routes!(reconciliation))
         .routes(routes!(sync))
         .routes(routes!(event_ticket))
+        .routes(routes!(revocations::submit, revocations::list))
+        .routes(routes!(revocations::one))
         .routes(routes!(metrics_text))
         .split_for_parts();
     let (long, events_api) = OpenApiRouter::new()
@@ -175,9 +186,16 @@ fn routes() -> (Router<Listener>, Router<Listener>, utoipa::openapi::OpenApi) {
     (short, long, api)
 }
 
-/// The one state-changing route; every other route (and every other method, which then gets
-/// its 405 from the router) needs the `read` scope.
-const SYNC_ROUTE: &str = "/v1/cards/{card_id}/sync";
+/// The state-changing routes (POST) and the scope each needs; every other route (and every
+/// other method, which then gets its 405 from the router) needs the `read` scope.
+const STATE_CHANGING: [(&str, Scope); 2] = [
+    ("/v1/cards/{card_id}/sync", Scope::Sync),
+    ("/v1/revocations", Scope::Revoke),
+];
+
+/// Who called, for handlers that record it (the client's name, or `uid N` on the socket).
+#[derive(Debug, Clone)]
+pub struct Caller(pub String);
 /// The event stream, the one route that also takes a `ticket` instead of a token.
 const EVENTS_ROUTE: &str = "/v1/events";
 
@@ -230,12 +248,13 @@ async fn gate(State(l): State<Listener>, request: Request, next: Next) -> Respon
         .get::<axum::extract::MatchedPath>()
         .map_or("unmatched", |p| p.as_str())
         .to_string();
-    let changes_state = method == Method::POST && pattern == SYNC_ROUTE;
-    let scope = if changes_state {
-        Scope::Sync
-    } else {
-        Scope::Read
-    };
+    let changing = STATE_CHANGING
+        .iter()
+        .find(|(route, _)| method == Method::POST && pattern == *route);
+    let changes_state = changing.is_some();
+    let scope = changing.map_or(Scope::Read, |(_, scope)| *scope);
+    let mut request = request;
+    request.extensions_mut().insert(Caller(caller.clone()));
     let authorized = security::authorize(&scopes, scope);
     let route = request.uri().path().to_string();
     let mut response = match authorized {
@@ -256,7 +275,7 @@ async fn gate(State(l): State<Listener>, request: Request, next: Next) -> Respon
     if changes_state {
         let origin = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok());
         let status = response.status().as_u16();
-        let guard = l.shared.audit.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = l.shared.store.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(Err(e)) = guard
             .as_ref()
             .map(|s| s.record_audit(&caller, origin, &route, status))
@@ -597,6 +616,8 @@ mod tests {
                 "/v1/events/ticket",
                 "/v1/health",
                 "/v1/readers",
+                "/v1/revocations",
+                "/v1/revocations/{id}",
             ]
         );
         let token = "t";
@@ -612,7 +633,10 @@ mod tests {
             reconciliations: Default::default(),
             stopping: tokio::sync::watch::channel(true).0,
             reads: Mutex::new(None),
-            audit: Mutex::new(None),
+            store: Mutex::new(None),
+            outbox: Default::default(),
+            scepman_configured: false,
+            cm_configured: false,
             failures: Default::default(),
             metrics: Default::default(),
             local_users: Vec::new(),
@@ -626,7 +650,7 @@ mod tests {
             let method = if item.post.is_some() { "POST" } else { "GET" };
             let request = axum::http::Request::builder()
                 .method(method)
-                .uri(path.replace("{card_id}", "00"))
+                .uri(path.replace("{card_id}", "00").replace("{id}", "1"))
                 .header("host", "127.0.0.1:8687")
                 .header("authorization", format!("Bearer {token}"))
                 .header("content-type", "application/json")

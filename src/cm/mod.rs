@@ -68,6 +68,11 @@ impl CmClient {
             .next())
     }
 
+    /// `GET api/v1.0/requests`: the requests the service account can see, every status.
+    pub async fn requests(&self) -> Result<Vec<Request>, ServerError> {
+        self.get_list("api/v1.0/requests", &[]).await
+    }
+
     /// `POST api/v1.0/requests`; returns the new request's URI as the server gave it (a bare JSON
     /// string such as `"api/v1.0/requests/a9b4…"`). Never retried.
     pub async fn create_request(&self, body: &NewRequest) -> Result<String, ServerError> {

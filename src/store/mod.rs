@@ -1,11 +1,15 @@
 //! The state database (SQLite in the state directory): the last reconciliation per card, the
-//! history of card sightings, and small learnt settings such as the card-id byte order the server
-//! answers to.
+//! history of card sightings, small learnt settings such as the card-id byte order the server
+//! answers to, the audit trail of the local API, and the revocation outbox ([`revocations`]).
 //!
 //! Migrations are numbered and recorded in `PRAGMA user_version`; each runs in a transaction, so
 //! a crash mid-migration leaves the previous version intact. A file that is not a SQLite database,
 //! fails its integrity check, or comes from a newer cardbridge is a clear startup error rather
 //! than something to overwrite.
+
+pub mod revocations;
+
+pub use revocations::{ActionUpdate, DueAction};
 
 use std::path::{Path, PathBuf};
 
@@ -48,6 +52,7 @@ const MIGRATIONS: &[&str] = &[
         route   TEXT NOT NULL,
         outcome INTEGER NOT NULL
      );",
+    revocations::MIGRATION,
 ];
 
 #[derive(Debug, Error)]
@@ -143,8 +148,16 @@ impl Store {
         Ok(Store { conn })
     }
 
-    /// Records that `card` was seen (a sighting), whatever its read outcome.
+    /// Records that `card` was seen (a sighting), whatever its read outcome, and remembers the
+    /// certificates of a successful read.
     pub fn record_sighting(&self, card: &Card) -> Result<(), StoreError> {
+        if let (None, Some(card_id)) = (&card.error, &card.card_id) {
+            self.save_card_certificates(
+                card_id,
+                &crate::revoke::KnownCertificate::of(card),
+                &card.read_at,
+            )?;
+        }
         let thumbprints: Vec<&str> = card
             .certificates
             .iter()

@@ -1,0 +1,223 @@
+//! `POST /v1/revocations`, `GET /v1/revocations`, `GET /v1/revocations/{id}`: the local face of
+//! the revocation outbox. A revocation is planned, then stored (committed) before the 202 goes
+//! out; the worker delivers it and every change is a `revocation.updated` event.
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use serde::Deserialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use super::{error, find_card, station, Caller, Listener};
+use crate::cm::model::normalize_hex;
+use crate::revoke::{plan, Known, KnownCertificate, Revocation, RevocationStatus, Submission};
+use crate::store::Store;
+
+/// Longest accepted `Idempotency-Key`.
+const MAX_KEY: usize = 200;
+
+fn unavailable() -> Response {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no_store",
+        "the state database is not available",
+    )
+}
+
+fn store_error(e: crate::store::StoreError) -> Response {
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "store_error",
+        &e.to_string(),
+    )
+}
+
+/// Tells listeners (SSE) that a revocation changed.
+pub fn publish(bus: &super::events::Bus, revocation: &Revocation) {
+    if let Ok(data) = serde_json::to_string(revocation) {
+        bus.publish("revocation.updated", data);
+    }
+}
+
+fn random_marker() -> Result<String, getrandom::Error> {
+    let mut bytes = [0u8; 16];
+    getrandom::getrandom(&mut bytes)?;
+    Ok(hex::encode(bytes))
+}
+
+/// `POST /v1/revocations`: validates and stores a revocation (or, with `dry_run`, only shows its
+/// plan). The same `Idempotency-Key` from the same client with the same body returns the stored
+/// revocation again; with another body it is refused (409).
+#[utoipa::path(post, path = "/v1/revocations", params(("Idempotency-Key" = String, Header, description = "Unique per intended revocation (at most 200 characters); a retry with the same key and body returns the same revocation")), request_body(content = Object, content_type = "application/json", description = "{card_id, target: certificates|card, thumbprints?, reason (RFC 5280 name), operation?: revoke|retire, revoker?, comment?, dry_run?}"), responses((status = 202, description = "The stored revocation: id, status, actions"), (status = 200, description = "dry_run: the plan, nothing stored"), (status = 400, description = "Missing Idempotency-Key, malformed body, bad reason or field"), (status = 404, description = "This station never read the card"), (status = 409, description = "The Idempotency-Key was used with another body"), (status = 413, description = "The body is over 64 KiB"), (status = 415, description = "Not application/json"), (status = 422, description = "Certificate not on the card, operation not allowed, server not configured, card unknown to MIM CM"), (status = 503, description = "The state database is not available"), (status = 401, description = "Missing or unknown token"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications")))]
+pub(super) async fn submit(
+    State(l): State<Listener>,
+    Extension(Caller(client)): Extension<Caller>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .unwrap_or_default()
+        .to_string();
+    if key.is_empty() || key.len() > MAX_KEY || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "missing_idempotency_key",
+            "an Idempotency-Key header (1 to 200 visible ASCII characters) is required",
+        );
+    }
+    let submission: Submission = match serde_json::from_slice(&body) {
+        Ok(s) => s,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                &format!("the body is not a revocation request: {e}"),
+            )
+        }
+    };
+    let request_hash = hex::encode(Sha256::digest(
+        serde_json::to_vec(&submission).unwrap_or_default(),
+    ));
+    let card_id = normalize_hex(&submission.card_id);
+    let current = station(&l, |s| find_card(s, &card_id)).filter(|c| c.error.is_none());
+    let cached = l
+        .shared
+        .reconciliations
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&card_id)
+        .cloned();
+
+    let guard = l.shared.store.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(store) = guard.as_ref() else {
+        return unavailable();
+    };
+    if !submission.dry_run {
+        match store.revocation_by_key(&client, &key) {
+            Err(e) => return store_error(e),
+            Ok(Some((_, hash))) if hash != request_hash => {
+                return error(
+                    StatusCode::CONFLICT,
+                    "idempotency_key_reused",
+                    "this Idempotency-Key was already used with a different request",
+                )
+            }
+            Ok(Some((id, _))) => {
+                return match store.revocation(id, false) {
+                    Ok(Some(r)) => (StatusCode::ACCEPTED, Json(r)).into_response(),
+                    Ok(None) => unavailable(),
+                    Err(e) => store_error(e),
+                }
+            }
+            Ok(None) => {}
+        }
+    }
+    let certificates = match &current {
+        Some(card) => Some(KnownCertificate::of(card)),
+        None => match store.card_certificates(&card_id) {
+            Ok(c) => c,
+            Err(e) => return store_error(e),
+        },
+    };
+    let reconciliation = match cached {
+        Some(r) => Some(r),
+        None => match store.last_reconciliation(&card_id) {
+            Ok(r) => r,
+            Err(e) => return store_error(e),
+        },
+    };
+    let known = Known {
+        card: certificates.as_deref(),
+        reconciliation: reconciliation.as_ref(),
+        scepman_configured: l.shared.scepman_configured,
+        cm_configured: l.shared.cm_configured,
+    };
+    let plan = match plan(&submission, &known) {
+        Ok(p) => p,
+        Err(e) => {
+            let status =
+                StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNPROCESSABLE_ENTITY);
+            return error(status, e.code(), &e.to_string());
+        }
+    };
+    if submission.dry_run {
+        return Json(json!({"dry_run": true, "plan": plan})).into_response();
+    }
+    let markers: Result<Vec<String>, _> = plan.actions.iter().map(|_| random_marker()).collect();
+    let Ok(markers) = markers else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "no_randomness",
+            "the system's random source failed",
+        );
+    };
+    let stored = store
+        .insert_revocation(&client, &key, &request_hash, &plan, &markers)
+        .and_then(|id| store.revocation(id, false));
+    drop(guard);
+    match stored {
+        Ok(Some(revocation)) => {
+            publish(&l.shared.bus, &revocation);
+            l.shared.outbox.notify_one();
+            (StatusCode::ACCEPTED, Json(revocation)).into_response()
+        }
+        Ok(None) => unavailable(),
+        Err(e) => store_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+pub(super) struct ListQuery {
+    status: Option<String>,
+}
+
+/// `GET /v1/revocations[?status=…]`: the newest 500 revocations with their actions.
+#[utoipa::path(get, path = "/v1/revocations", params(("status" = Option<String>, Query, description = "queued, in_progress, succeeded, partially_failed or failed")), responses((status = 200, description = "Revocations, newest first"), (status = 400, description = "Unknown status"), (status = 503, description = "The state database is not available"), (status = 401, description = "Missing or unknown token"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications")))]
+pub(super) async fn list(State(l): State<Listener>, Query(query): Query<ListQuery>) -> Response {
+    let status = match query.status.as_deref().map(RevocationStatus::parse) {
+        None => None,
+        Some(Some(s)) => Some(s),
+        Some(None) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_status",
+                "status must be queued, in_progress, succeeded, partially_failed or failed",
+            )
+        }
+    };
+    with_store(&l, |store| {
+        store.revocations(status).map(|r| Json(r).into_response())
+    })
+}
+
+/// `GET /v1/revocations/{id}`: one revocation with its actions and every delivery attempt.
+#[utoipa::path(get, path = "/v1/revocations/{id}", params(("id" = i64, Path, description = "Revocation id")), responses((status = 200, description = "The revocation with its attempts"), (status = 404, description = "No such revocation"), (status = 503, description = "The state database is not available"), (status = 401, description = "Missing or unknown token"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications")))]
+pub(super) async fn one(State(l): State<Listener>, Path(id): Path<i64>) -> Response {
+    with_store(&l, |store| {
+        Ok(match store.revocation(id, true)? {
+            Some(r) => Json(r).into_response(),
+            None => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no revocation with this id",
+            ),
+        })
+    })
+}
+
+fn with_store(
+    l: &Listener,
+    f: impl FnOnce(&Store) -> Result<Response, crate::store::StoreError>,
+) -> Response {
+    let guard = l.shared.store.lock().unwrap_or_else(|p| p.into_inner());
+    match guard.as_ref() {
+        Some(store) => f(store).unwrap_or_else(store_error),
+        None => unavailable(),
+    }
+}
