@@ -22,6 +22,7 @@ use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use cardbridge::cm::model::request_status_name;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -35,6 +36,10 @@ pub struct Fixture {
     /// Certificates known to SCEPman (search and revoke).
     #[serde(default)]
     pub scepman: Vec<ScepmanCert>,
+    /// A created CM request completes after this many looks at it (`GET requests/{id}`), as if
+    /// approved and executed; 0 leaves requests pending until a test decides.
+    #[serde(default)]
+    pub complete_requests_after: u32,
 }
 
 /// A smart card record with what hangs off it.
@@ -91,6 +96,29 @@ pub fn card_guid(truth: &Truth, windows: bool) -> String {
     cardbridge::card::guid_string(&id)
 }
 
+/// SCEPman's records of a virtual card's certificates (serial numbers as SCEPman writes them:
+/// upper-case hex), none revoked.
+pub fn scepman_certs(truth: &Truth) -> Vec<ScepmanCert> {
+    truth
+        .certificates
+        .iter()
+        .filter_map(|c| {
+            let der = hex::decode(&c.der).ok()?;
+            let info = cardbridge::card::cert::CertificateInfo::from_der(
+                c.slot.clone(),
+                String::new(),
+                der,
+                false,
+            );
+            Some(ScepmanCert {
+                serial_number: info.serial_number?,
+                subject: info.subject.unwrap_or_default(),
+                ..ScepmanCert::default()
+            })
+        })
+        .collect()
+}
+
 /// A server record that matches a virtual card exactly: Active, the same ATR (lower case, as CM
 /// stores it), every certificate of the card, the usual operations.
 pub fn matching_record(truth: &Truth, windows: bool) -> SimCard {
@@ -130,6 +158,10 @@ pub struct Fault {
     /// Close the connection without answering.
     #[serde(default)]
     pub drop: bool,
+    /// Carry the request out, then wait this long before answering (a slow answer to a request
+    /// that has already taken effect).
+    #[serde(default)]
+    pub answer_delay_ms: u64,
 }
 
 /// One request as the simulator received it.
@@ -275,6 +307,31 @@ impl Simulator {
     /// Swaps the server's data, as if an administrator changed the records.
     pub fn replace_fixture(&self, fixture: Fixture) {
         lock(&self.inner).fixture = fixture;
+    }
+
+    /// The SCEPman Management API base URL to configure in cardbridge.
+    pub fn scepman_base_url(&self) -> String {
+        format!("{}://{}/", self.scheme, self.addr)
+    }
+
+    /// The CM requests created so far (their JSON as `GET requests/{id}` shows them).
+    pub fn requests(&self) -> Vec<Value> {
+        lock(&self.inner).requests.clone()
+    }
+
+    /// Moves a CM request to another RequestStatus (8 Completed, 9 Failed, 4 Denied…), as the
+    /// server's workflow would.
+    pub fn set_request_status(&self, uuid: &str, status: i64) {
+        for r in lock(&self.inner).requests.iter_mut() {
+            if field(r, "Uuid") == Some(&norm_guid(uuid)) {
+                r["Status"] = json!(status);
+            }
+        }
+    }
+
+    /// SCEPman's view of its certificates now (revocation date, reason, revoker).
+    pub fn scepman(&self) -> Vec<ScepmanCert> {
+        lock(&self.inner).fixture.scepman.clone()
     }
 
     pub fn log(&self) -> Vec<Logged> {
@@ -453,8 +510,11 @@ async fn dispatch(
         .into_iter()
         .map(|(k, v)| (k.to_ascii_lowercase(), v))
         .collect();
-    let mut state = lock(&inner);
-    handle(&mut state, &method, &segments, &query, &body)
+    let answer = handle(&mut lock(&inner), &method, &segments, &query, &body);
+    if fault.answer_delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(fault.answer_delay_ms)).await;
+    }
+    answer
 }
 
 fn handle(
@@ -517,15 +577,45 @@ fn handle(
                 None => no_content(),
             }
         }
-        ("GET", ["certificatemanagement", "api", "v1.0", "requests", id]) => {
-            match state
+        ("GET", ["certificatemanagement", "api", "v1.0", "requests"]) => {
+            let wanted = query.get("status").map(|s| s.to_ascii_lowercase());
+            let list: Vec<Value> = state
                 .requests
                 .iter()
-                .find(|r| field(r, "Uuid") == Some(&norm_guid(id)))
-            {
-                Some(r) => ok(r.clone()),
-                None => no_content(),
+                .filter(|r| {
+                    wanted.as_deref().map_or(true, |w| {
+                        request_status_name(r["Status"].as_i64().unwrap_or(0)).to_ascii_lowercase()
+                            == w
+                    })
+                })
+                .cloned()
+                .collect();
+            if list.is_empty() {
+                no_content()
+            } else {
+                ok(Value::Array(list))
             }
+        }
+        ("GET", ["certificatemanagement", "api", "v1.0", "requests", id]) => {
+            let complete_after = state.fixture.complete_requests_after;
+            let Some(r) = state
+                .requests
+                .iter_mut()
+                .find(|r| field(r, "Uuid") == Some(&norm_guid(id)))
+            else {
+                return no_content();
+            };
+            let looks = r["Looks"].as_u64().unwrap_or(0) + 1;
+            r["Looks"] = json!(looks);
+            if complete_after > 0 && looks >= u64::from(complete_after) && r["Status"] == 16 {
+                r["Status"] = json!(8);
+                r["Completed"] = json!("2026-11-22T12:05:00");
+            }
+            let mut answer = r.clone();
+            if let Some(o) = answer.as_object_mut() {
+                o.remove("Looks");
+            }
+            ok(answer)
         }
         ("POST", ["certificatemanagement", "api", "v1.0", "requests"]) => {
             let Ok(request) = serde_json::from_slice::<Value>(body) else {
@@ -599,9 +689,14 @@ fn handle(
             ok(json!({"items": page, "continuationToken": next}))
         }
         ("PATCH", ["api", "manage", "revoke", serial]) => {
-            let reason = serde_json::from_slice::<Value>(body)
-                .ok()
+            let request = serde_json::from_slice::<Value>(body).ok();
+            let reason = request
+                .as_ref()
                 .and_then(|b| b.get("revocationReason").and_then(Value::as_i64));
+            let revoker = request
+                .as_ref()
+                .and_then(|b| b.get("revoker").and_then(Value::as_str))
+                .map(|r| format!("{r} through API user cardbridge-sim"));
             match state.fixture.scepman.iter_mut().find(|c| c.serial_number.eq_ignore_ascii_case(serial)) {
                 None => (StatusCode::NOT_FOUND, axum::Json(json!({"errorMessage": "Certificate not found.", "errorCode": 7012}))).into_response(),
                 Some(c) if c.revocation_date.is_some() => {
@@ -610,6 +705,7 @@ fn handle(
                 Some(c) => {
                     c.revocation_date = Some("2026-11-22T12:00:00Z".into());
                     c.revocation_reason = reason;
+                    c.revoked_by = revoker;
                     StatusCode::OK.into_response()
                 }
             }

@@ -4,157 +4,14 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
+use common::daemon::{next_event, read_answer, Daemon, HELPDESK, ORIGIN, TOKEN};
 use common::{insert, run_cardbridge};
 use hw_tests::rig::{cardbridge_bin, Rig};
 use hw_tests::sim::{matching_record, Fixture, Simulator};
 use hw_tests::vcard::CardSpec;
-use sha2::{Digest, Sha256};
-
-const TOKEN: &str = "kiosk-token-0123456789";
-/// A second client that may also ask for a sync.
-const HELPDESK: &str = "helpdesk-token-9876543210";
-const ORIGIN: &str = "https://kiosk.contoso.com";
-
-struct Daemon {
-    child: Child,
-    port: u16,
-    dir: std::path::PathBuf,
-}
-
-impl Daemon {
-    fn start(name: &str, cm: &str) -> Daemon {
-        Daemon::start_with(name, "", cm)
-    }
-
-    /// `api` goes into the `[api]` table, `cm` at the end of the file.
-    fn start_with(name: &str, api: &str, cm: &str) -> Daemon {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let dir =
-            std::env::temp_dir().join(format!("cardbridge-api-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let hash = hex::encode(Sha256::digest(TOKEN.as_bytes()));
-        let helpdesk = hex::encode(Sha256::digest(HELPDESK.as_bytes()));
-        let config = format!(
-            "state_dir = \"{}\"\n[api]\nlisten = [\"127.0.0.1:{port}\"]\n{api}[[api.clients]]\nname = \"kiosk\"\n\
-             token_sha256 = \"{hash}\"\nscopes = [\"read\"]\norigins = [\"{ORIGIN}\"]\n\
-             [[api.clients]]\nname = \"helpdesk\"\ntoken_sha256 = \"{helpdesk}\"\nscopes = [\"read\", \"sync\"]\n{cm}",
-            dir.join("state").display()
-        );
-        std::fs::write(dir.join("config.toml"), config).expect("config");
-        let child = Command::new(cardbridge_bin())
-            .args(["run", "--config"])
-            .arg(dir.join("config.toml"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start cardbridge run");
-        let until = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < until, "cardbridge run did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Daemon { child, port, dir }
-    }
-
-    /// A raw HTTP/1.1 GET with the given extra headers; returns the status and body.
-    fn get(&self, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
-        self.request("GET", path, headers, "")
-    }
-
-    /// A raw HTTP/1.1 request (raw, so that tests control every header, Host included).
-    fn request(
-        &self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: &str,
-    ) -> (u16, String) {
-        use std::io::Write;
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
-        let mut request = format!(
-            "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
-            request.push_str(&format!("Host: 127.0.0.1:{}\r\n", self.port));
-        }
-        for (k, v) in headers {
-            request.push_str(&format!("{k}: {v}\r\n"));
-        }
-        request.push_str("\r\n");
-        request.push_str(body);
-        s.write_all(request.as_bytes()).expect("send");
-        read_answer(&mut s)
-    }
-
-    /// Opens the event stream (optionally resuming after `last`).
-    fn events(&self, last: Option<u64>) -> BufReader<TcpStream> {
-        use std::io::Write;
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(15)))
-            .expect("timeout");
-        let resume = last
-            .map(|id| format!("Last-Event-ID: {id}\r\n"))
-            .unwrap_or_default();
-        write!(
-            s,
-            "GET /v1/events HTTP/1.1\r\nHost: localhost:{}\r\nAuthorization: Bearer {TOKEN}\r\n{resume}\r\n",
-            self.port
-        )
-        .expect("send");
-        BufReader::new(s)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // SIGTERM: the graceful path (it must end the event streams and exit).
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let until = Instant::now() + Duration::from_secs(5);
-        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Reads SSE frames until one whose event name satisfies `want`; returns (id, name, data).
-fn next_event(
-    stream: &mut BufReader<TcpStream>,
-    want: impl Fn(&str, &str) -> bool,
-) -> (u64, String, String) {
-    let (mut id, mut name, mut data) = (0, String::new(), String::new());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        let n = stream.read_line(&mut line).expect("event stream open");
-        assert!(n > 0, "event stream closed");
-        let l = line.trim_end();
-        if let Some(v) = l.strip_prefix("id:") {
-            id = v.trim().parse().unwrap_or(0);
-        } else if let Some(v) = l.strip_prefix("event:") {
-            name = v.trim().to_string();
-        } else if let Some(v) = l.strip_prefix("data:") {
-            data.push_str(v.trim());
-        } else if l.is_empty() && !name.is_empty() {
-            if want(&name, &data) {
-                return (id, name, data);
-            }
-            name.clear();
-            data.clear();
-        }
-    }
-}
 
 #[test]
 fn events_in_order_resume_and_rest() {
@@ -435,22 +292,6 @@ fn a_non_loopback_listen_address_is_refused_at_startup() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Reads a whole `Connection: close` HTTP/1.1 answer: its status and body.
-fn read_answer(stream: &mut impl std::io::Read) -> (u16, String) {
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).expect("read");
-    let status = answer
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = answer
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_string();
-    (status, body)
-}
 
 /// The uid and primary gid of this test process.
 fn my_ids() -> (u32, u32) {

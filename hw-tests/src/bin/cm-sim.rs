@@ -1,12 +1,13 @@
 //! `cm-sim`: the MIM CM / SCEPman simulator as a command, for the demo and manual testing.
 //!
 //! `cm-sim --fixture fixture.json` serves a fixture file; `cm-sim --from-truth piv.json` serves a
-//! record that matches each virtual card exactly (from the truth files `vcard --truth` writes).
-//! Point cardbridge at `http://127.0.0.1:PORT/CertificateManagement/`.
+//! record that matches each virtual card exactly (from the truth files `vcard --truth` writes),
+//! and SCEPman records of its certificates. Point cardbridge's `[cm]` at
+//! `http://127.0.0.1:PORT/CertificateManagement/` and `[scepman]` at `http://127.0.0.1:PORT/`.
 
 use anyhow::{bail, Context as _, Result};
 use clap::Parser;
-use hw_tests::sim::{matching_record, Fixture, Simulator};
+use hw_tests::sim::{matching_record, scepman_certs, Fixture, Simulator};
 use hw_tests::vcard::Truth;
 
 #[derive(Parser)]
@@ -20,6 +21,9 @@ struct Args {
     from_truth: Vec<std::path::PathBuf>,
     #[arg(long, default_value_t = 8686)]
     port: u16,
+    /// A CM request completes after this many looks at it (0: stays pending).
+    #[arg(long, default_value_t = 2)]
+    complete_requests_after: u32,
 }
 
 fn read<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
@@ -40,6 +44,10 @@ fn main() -> Result<()> {
     for path in &args.from_truth {
         let truth: Truth = read(path)?;
         fixture.smartcards.push(matching_record(&truth, false));
+        fixture.scepman.extend(scepman_certs(&truth));
+    }
+    if args.complete_requests_after > 0 {
+        fixture.complete_requests_after = args.complete_requests_after;
     }
     let sim = Simulator::start(fixture, args.port)?;
     eprintln!(

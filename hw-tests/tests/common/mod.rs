@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // Each test binary uses its own subset.
 
+pub mod daemon;
+
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 

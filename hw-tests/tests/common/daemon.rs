@@ -1,0 +1,199 @@
+//! `cardbridge run` as the end-to-end tests drive it: a configuration with three API clients, a
+//! free loopback port, raw HTTP requests (so tests control every header), the event stream, and
+//! stopping with SIGTERM (graceful) or SIGKILL (a crash) and starting again on the same state.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hw_tests::rig::cardbridge_bin;
+use sha2::{Digest, Sha256};
+
+/// A read-only client whose pages may come from [`ORIGIN`].
+pub const TOKEN: &str = "kiosk-token-0123456789";
+/// A client that may also ask for a sync.
+pub const HELPDESK: &str = "helpdesk-token-9876543210";
+/// A client with every scope, revocation included.
+pub const ADMIN: &str = "admin-token-5555555555";
+pub const ORIGIN: &str = "https://kiosk.contoso.com";
+
+pub struct Daemon {
+    child: Child,
+    pub port: u16,
+    pub dir: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(name: &str, rest: &str) -> Daemon {
+        Daemon::start_with(name, "", rest)
+    }
+
+    /// `api` goes into the `[api]` table, `rest` (e.g. `[cm]`) at the end of the file.
+    pub fn start_with(name: &str, api: &str, rest: &str) -> Daemon {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let dir =
+            std::env::temp_dir().join(format!("cardbridge-api-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let hash = |t: &str| hex::encode(Sha256::digest(t.as_bytes()));
+        let config = format!(
+            "state_dir = \"{}\"\n[api]\nlisten = [\"127.0.0.1:{port}\"]\n{api}\
+             [[api.clients]]\nname = \"kiosk\"\ntoken_sha256 = \"{}\"\nscopes = [\"read\"]\norigins = [\"{ORIGIN}\"]\n\
+             [[api.clients]]\nname = \"helpdesk\"\ntoken_sha256 = \"{}\"\nscopes = [\"read\", \"sync\"]\n\
+             [[api.clients]]\nname = \"admin\"\ntoken_sha256 = \"{}\"\nscopes = [\"read\", \"sync\", \"revoke\"]\n{rest}",
+            dir.join("state").display(),
+            hash(TOKEN),
+            hash(HELPDESK),
+            hash(ADMIN),
+        );
+        std::fs::write(dir.join("config.toml"), config).expect("config");
+        let child = spawn(&dir);
+        let daemon = Daemon { child, port, dir };
+        daemon.wait_listening();
+        daemon
+    }
+
+    fn wait_listening(&self) {
+        let until = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < until, "cardbridge run did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: the daemon dies wherever it is, as in a crash or power cut.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the daemon again with the same configuration and state.
+    pub fn restart(&mut self) {
+        self.child = spawn(&self.dir);
+        self.wait_listening();
+    }
+
+    /// A raw HTTP/1.1 GET with the given extra headers; returns the status and body.
+    pub fn get(&self, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+        self.request("GET", path, headers, "")
+    }
+
+    /// A raw HTTP/1.1 request (raw, so that tests control every header, Host included).
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (u16, String) {
+        use std::io::Write;
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        let mut request = format!(
+            "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+            request.push_str(&format!("Host: 127.0.0.1:{}\r\n", self.port));
+        }
+        for (k, v) in headers {
+            request.push_str(&format!("{k}: {v}\r\n"));
+        }
+        request.push_str("\r\n");
+        request.push_str(body);
+        s.write_all(request.as_bytes()).expect("send");
+        read_answer(&mut s)
+    }
+
+    /// Opens the event stream (optionally resuming after `last`) as the read-only client.
+    pub fn events(&self, last: Option<u64>) -> BufReader<TcpStream> {
+        use std::io::Write;
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(15)))
+            .expect("timeout");
+        let resume = last
+            .map(|id| format!("Last-Event-ID: {id}\r\n"))
+            .unwrap_or_default();
+        write!(
+            s,
+            "GET /v1/events HTTP/1.1\r\nHost: localhost:{}\r\nAuthorization: Bearer {TOKEN}\r\n{resume}\r\n",
+            self.port
+        )
+        .expect("send");
+        BufReader::new(s)
+    }
+}
+
+fn spawn(dir: &std::path::Path) -> Child {
+    Command::new(cardbridge_bin())
+        .args(["run", "--config"])
+        .arg(dir.join("config.toml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start cardbridge run")
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SIGTERM: the graceful path (it must end the event streams and exit).
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let until = Instant::now() + Duration::from_secs(5);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Reads SSE frames until one whose event name satisfies `want`; returns (id, name, data).
+pub fn next_event(
+    stream: &mut BufReader<TcpStream>,
+    want: impl Fn(&str, &str) -> bool,
+) -> (u64, String, String) {
+    let (mut id, mut name, mut data) = (0, String::new(), String::new());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = stream.read_line(&mut line).expect("event stream open");
+        assert!(n > 0, "event stream closed");
+        let l = line.trim_end();
+        if let Some(v) = l.strip_prefix("id:") {
+            id = v.trim().parse().unwrap_or(0);
+        } else if let Some(v) = l.strip_prefix("event:") {
+            name = v.trim().to_string();
+        } else if let Some(v) = l.strip_prefix("data:") {
+            data.push_str(v.trim());
+        } else if l.is_empty() && !name.is_empty() {
+            if want(&name, &data) {
+                return (id, name, data);
+            }
+            name.clear();
+            data.clear();
+        }
+    }
+}
+
+/// Reads a whole `Connection: close` HTTP/1.1 answer: its status and body.
+pub fn read_answer(stream: &mut impl std::io::Read) -> (u16, String) {
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("read");
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = answer
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    (status, body)
+}
