@@ -16,7 +16,7 @@ use crate::api::security::Clients;
 use crate::api::{self, Shared, Station};
 use crate::card::ReadOptions;
 use crate::cm::CmClient;
-use crate::config::{ApiClient, Config, Scope};
+use crate::config::{ApiClient, Config, Scope, ServerConfig};
 use crate::engine::{Engine, EngineConfig, Event};
 use crate::http::ServerError;
 use crate::reconcile::Reconciler;
@@ -136,6 +136,10 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
             retry_initial: Duration::from_millis(config.revocation.retry_initial_ms),
             retry_max: Duration::from_millis(config.revocation.retry_max_ms),
             poll_interval: Duration::from_millis(config.revocation.poll_interval_ms),
+            settle: config
+                .cm
+                .as_ref()
+                .map_or(Duration::ZERO, ServerConfig::timeout),
         };
         let worker = Worker::new(
             outbox_store,

@@ -292,7 +292,6 @@ fn a_non_loopback_listen_address_is_refused_at_startup() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-
 /// The uid and primary gid of this test process.
 fn my_ids() -> (u32, u32) {
     let status = std::fs::read_to_string("/proc/self/status").expect("status");

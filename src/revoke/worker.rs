@@ -30,6 +30,10 @@ pub struct Pacing {
     pub retry_max: Duration,
     /// How often a CM request is looked at while the server works on it.
     pub poll_interval: Duration,
+    /// How long after sending a CM request the worker waits before looking for it (the CM
+    /// client's request timeout): a server may still be carrying out a request whose sender
+    /// died, and looking too early would miss it and send it twice.
+    pub settle: Duration,
 }
 
 /// Tells the daemon that a revocation changed (it publishes `revocation.updated`).
@@ -241,7 +245,24 @@ impl Worker {
         }
         let marker = comment_marker(&due.action.marker);
         if due.action.status == ActionStatus::Sending {
-            // An earlier attempt may have created the request: look before sending again.
+            // An earlier attempt may have created the request: let it settle, then look before
+            // sending again.
+            let sent_ms = time::OffsetDateTime::parse(
+                &due.action.updated_at,
+                &time::format_description::well_known::Rfc3339,
+            )
+            .map_or(0, |t| (t.unix_timestamp_nanos() / 1_000_000) as i64);
+            let settled_ms = sent_ms + self.pacing.settle.as_millis() as i64;
+            if settled_ms > now_ms() {
+                self.store.update_action(
+                    due.action.id,
+                    &ActionUpdate {
+                        next_attempt_ms: Some(Some(settled_ms)),
+                        ..ActionUpdate::default()
+                    },
+                )?;
+                return Ok(false);
+            }
             let call = "GET api/v1.0/requests";
             match cm.requests().await {
                 Err(e) => {
@@ -386,18 +407,22 @@ impl Worker {
                     _ => (ActionStatus::Sending, Some(later)),
                 };
                 let changed = due.action.request_status.as_deref() != Some(name.as_str());
+                if !changed && status == ActionStatus::Sending {
+                    let later = ActionUpdate {
+                        next_attempt_ms: Some(next),
+                        ..ActionUpdate::default()
+                    };
+                    return self
+                        .store
+                        .update_action(due.action.id, &later)
+                        .map(|()| false);
+                }
                 let update = ActionUpdate {
                     status: Some(status),
                     next_attempt_ms: Some(next),
                     request_status: Some(name.clone()),
                     ..ActionUpdate::default()
                 };
-                if !changed && status == ActionStatus::Sending {
-                    return self
-                        .store
-                        .update_action(due.action.id, &update)
-                        .map(|()| false);
-                }
                 let mut outcome = Outcome::ok(200, &format!("request {name}"));
                 if status == ActionStatus::Failed {
                     outcome.code = "request_not_completed".into();

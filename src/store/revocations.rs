@@ -87,7 +87,9 @@ pub struct DueAction {
     pub comment: Option<String>,
 }
 
-/// A change to one action; fields left None keep their value.
+/// A change to one action; fields left None keep their value. An update that only moves
+/// `next_attempt_ms` is a reschedule and keeps `updated_at` (which says when the action last
+/// changed, e.g. when its request was sent).
 #[derive(Debug, Clone, Default)]
 pub struct ActionUpdate {
     pub status: Option<ActionStatus>,
@@ -463,7 +465,9 @@ impl Store {
                  request_status = coalesce(?6, request_status),
                  last_outcome = coalesce(?7, last_outcome),
                  attempts = attempts + ?8,
-                 updated_at = ?9
+                 updated_at = CASE
+                     WHEN ?2 IS NULL AND ?5 IS NULL AND ?6 IS NULL AND ?7 IS NULL AND ?8 = 0
+                     THEN updated_at ELSE ?9 END
              WHERE id = ?1",
             params![
                 id,

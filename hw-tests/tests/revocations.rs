@@ -1,0 +1,609 @@
+//! End-to-end: revocations through `cardbridge run`, a virtual card in real pcscd, and the
+//! SCEPman / MIM CM simulator, including kill -9 of the daemon at each step of a delivery.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::daemon::{next_event, Daemon, ADMIN, TOKEN};
+use common::{insert, run_cardbridge};
+use hw_tests::rig::Rig;
+use hw_tests::sim::{matching_record, scepman_certs, Fault, Fixture, Logged, Simulator};
+use hw_tests::vcard::CardSpec;
+use serde_json::{json, Value};
+
+/// Fast pacing, so retries and request polling happen within a test's patience.
+fn servers(sim_cm: &str, sim_scepman: &str) -> String {
+    format!(
+        "[cm]\nbase_url = \"{sim_cm}\"\ntimeout_ms = 2000\n\
+         [scepman]\nbase_url = \"{sim_scepman}\"\ntimeout_ms = 2000\n\
+         [revocation]\nretry_initial_ms = 200\nretry_max_ms = 1000\npoll_interval_ms = 200\n"
+    )
+}
+
+/// POST /v1/revocations as the admin client.
+fn submit(daemon: &Daemon, key: &str, body: &Value) -> (u16, Value) {
+    let auth = format!("Bearer {ADMIN}");
+    let (status, text) = daemon.request(
+        "POST",
+        "/v1/revocations",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+            ("Idempotency-Key", key),
+        ],
+        &body.to_string(),
+    );
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn revocation(daemon: &Daemon, id: i64) -> Value {
+    let auth = format!("Bearer {TOKEN}");
+    let (status, text) = daemon.get(
+        &format!("/v1/revocations/{id}"),
+        &[("Authorization", &auth)],
+    );
+    assert_eq!(status, 200, "{text}");
+    serde_json::from_str(&text).expect("JSON")
+}
+
+/// Waits until the revocation's status is `status` (panics with the last state after 15 s).
+fn wait_status(daemon: &Daemon, id: i64, status: &str) -> Value {
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = revocation(daemon, id);
+        if r["status"] == status {
+            return r;
+        }
+        assert!(Instant::now() < until, "never {status}: {r:#}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until the daemon has read (and, with CM, reconciled) the card.
+fn wait_card(daemon: &Daemon, card_id: &str, reconciled: bool) {
+    let auth = format!("Bearer {TOKEN}");
+    let path = if reconciled {
+        format!("/v1/cards/{card_id}/reconciliation")
+    } else {
+        format!("/v1/cards/{card_id}")
+    };
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, body) = daemon.get(&path, &[("Authorization", &auth)]);
+        if status == 200 && (!reconciled || body.contains("\"state\":\"matched\"")) {
+            return;
+        }
+        assert!(Instant::now() < until, "{path}: {status} {body}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn patches(log: &[Logged]) -> Vec<&Logged> {
+    log.iter().filter(|l| l.method == "PATCH").collect()
+}
+
+fn posts_of_requests(log: &[Logged]) -> usize {
+    log.iter()
+        .filter(|l| l.method == "POST" && l.route == "requests")
+        .count()
+}
+
+#[test]
+fn certificates_are_revoked_once_each_with_every_answer_kept() {
+    let rig = Rig::get();
+    let _shared = rig.shared();
+    let slot = rig.slot();
+    common::wait_for_card(&slot.reader, false);
+    let card = insert(CardSpec::piv_four_certs(), &slot);
+    let card_id = card.truth.card_id.clone().expect("card id");
+    // SCEPman knows three of the four certificates, one of them already revoked.
+    let mut known = scepman_certs(&card.truth);
+    assert_eq!(known.len(), 4);
+    let unknown = known.pop().expect("fourth certificate");
+    known[2].revocation_date = Some("2026-01-01T00:00:00Z".into());
+    let sim = Simulator::start(
+        Fixture {
+            smartcards: vec![matching_record(&card.truth, false)],
+            scepman: known.clone(),
+            ..Fixture::default()
+        },
+        0,
+    )
+    .expect("simulator");
+    let daemon = Daemon::start(
+        "revoke-certs",
+        &servers(&sim.cm_base_url(), &sim.scepman_base_url()),
+    );
+    wait_card(&daemon, &card_id, true);
+    let mut events = daemon.events(None);
+
+    // Every refusal, before anything is stored.
+    let auth = format!("Bearer {ADMIN}");
+    let kiosk = format!("Bearer {TOKEN}");
+    let body = json!({"card_id": card_id, "target": "certificates", "reason": "keyCompromise",
+                      "revoker": "helpdesk@contoso.com", "comment": "reported lost"});
+    let json_type = ("Content-Type", "application/json");
+    let (status, text) = daemon.request(
+        "POST",
+        "/v1/revocations",
+        &[("Authorization", &auth), json_type],
+        &body.to_string(),
+    );
+    assert_eq!(status, 400, "no Idempotency-Key: {text}");
+    assert!(text.contains("missing_idempotency_key"), "{text}");
+    let (status, _) = daemon.request(
+        "POST",
+        "/v1/revocations",
+        &[
+            ("Authorization", &kiosk),
+            json_type,
+            ("Idempotency-Key", "k"),
+        ],
+        &body.to_string(),
+    );
+    assert_eq!(status, 403, "the kiosk client has no revoke scope");
+    let (status, _) = daemon.request(
+        "POST",
+        "/v1/revocations",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "text/plain"),
+            ("Idempotency-Key", "k"),
+        ],
+        &body.to_string(),
+    );
+    assert_eq!(status, 415);
+    let refusals = [
+        (
+            json!({"card_id": card_id, "target": "certificates", "reason": "stolen"}),
+            400,
+            "bad_reason",
+        ),
+        (
+            json!({"card_id": card_id, "target": "everything", "reason": "superseded"}),
+            400,
+            "bad_body",
+        ),
+        (
+            json!({"card_id": card_id, "target": "certificates", "reason": "superseded", "extra": 1}),
+            400,
+            "bad_body",
+        ),
+        (
+            json!({"card_id": "00112233445566778899AABBCCDDEEFF", "target": "certificates", "reason": "superseded"}),
+            404,
+            "unknown_card",
+        ),
+        (
+            json!({"card_id": card_id, "target": "certificates", "reason": "superseded", "thumbprints": ["AB".repeat(20)]}),
+            422,
+            "certificate_not_on_card",
+        ),
+        (
+            json!({"card_id": card_id, "target": "card", "operation": "retire", "reason": "superseded", "thumbprints": []}),
+            400,
+            "bad_request",
+        ),
+    ];
+    for (i, (body, status, code)) in refusals.iter().enumerate() {
+        let (got, answer) = submit(&daemon, &format!("refused-{i}"), body);
+        assert_eq!(
+            (got, answer["error"]["code"].as_str()),
+            (*status, Some(*code)),
+            "{body}: {answer}"
+        );
+    }
+    let (status, plan) = submit(
+        &daemon,
+        "dry",
+        &json!({"card_id": card_id, "target": "certificates", "reason": "superseded", "dry_run": true}),
+    );
+    assert_eq!(status, 200, "{plan}");
+    assert_eq!(plan["plan"]["actions"].as_array().map(Vec::len), Some(4));
+    assert!(
+        sim.log().iter().all(|l| l.method != "PATCH"),
+        "refusals and a dry run send nothing"
+    );
+
+    let (status, stored) = submit(&daemon, "lost-card-1", &body);
+    assert_eq!(status, 202, "{stored}");
+    let id = stored["id"].as_i64().expect("id");
+    assert_eq!(stored["actions"].as_array().map(Vec::len), Some(4));
+    let done = wait_status(&daemon, id, "partially_failed");
+    let by_serial = |serial: &str| {
+        done["actions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["serial_number"] == serial)
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(by_serial(&known[0].serial_number)["status"], "done");
+    assert_eq!(by_serial(&known[1].serial_number)["status"], "done");
+    assert_eq!(
+        by_serial(&known[2].serial_number)["status"],
+        "already_revoked"
+    );
+    let failed = by_serial(&unknown.serial_number);
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert_eq!(failed["last_outcome"]["server_error_code"], 7012);
+    let attempts = done["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 4, "{attempts:?}");
+    assert!(attempts
+        .iter()
+        .any(|a| a["server_error_code"] == 5013 && a["http_status"] == 409));
+
+    // SCEPman got exactly one PATCH per serial, with the reason number and the revoker.
+    let log = sim.log();
+    let sent = patches(&log);
+    assert_eq!(sent.len(), 4, "{sent:?}");
+    for cert in known.iter().chain([&unknown]) {
+        let mine: Vec<&&Logged> = sent
+            .iter()
+            .filter(|l| l.path.ends_with(&cert.serial_number))
+            .collect();
+        assert_eq!(mine.len(), 1, "{}", cert.serial_number);
+        let body: Value = serde_json::from_str(&mine[0].body).expect("JSON body");
+        assert_eq!(
+            body,
+            json!({"revocationReason": 1, "revoker": "helpdesk@contoso.com"})
+        );
+    }
+    let revoked = sim.scepman();
+    assert_eq!(revoked[0].revocation_reason, Some(1));
+
+    // Each change was an event.
+    let (_, _, data) = next_event(&mut events, |n, d| {
+        n == "revocation.updated" && d.contains("partially_failed")
+    });
+    assert!(data.contains(&format!("\"id\":{id}")), "{data}");
+
+    // The same key and body: the same revocation, nothing sent again; another body: 409.
+    let (status, again) = submit(&daemon, "lost-card-1", &body);
+    assert_eq!((status, again["id"].as_i64()), (202, Some(id)), "{again}");
+    let mut other = body.clone();
+    other["reason"] = json!("superseded");
+    let (status, answer) = submit(&daemon, "lost-card-1", &other);
+    assert_eq!(status, 409, "{answer}");
+    assert_eq!(patches(&sim.log()).len(), 4);
+
+    // The audit trail from the command line, and a revocation submitted with it.
+    let url = format!("http://127.0.0.1:{}", daemon.port);
+    let token_file = daemon.dir.join("admin-token");
+    std::fs::write(&token_file, ADMIN).expect("token file");
+    let token = token_file.to_string_lossy().into_owned();
+    let out = run_cardbridge(
+        &[
+            "revocations",
+            "--json",
+            "--url",
+            &url,
+            "--token-file",
+            &token,
+        ],
+        &[],
+        Duration::from_secs(20),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(listed[0]["id"].as_i64(), Some(id));
+    assert_eq!(listed[0]["attempts"].as_array().map(Vec::len), Some(4));
+    let out = run_cardbridge(
+        &[
+            "revoke",
+            "--card",
+            &card_id,
+            "--target",
+            "certificates",
+            "--reason",
+            "superseded",
+            "--thumbprint",
+            &card.truth.certificates[0].thumbprint,
+            "--url",
+            &url,
+            "--token-file",
+            &token,
+        ],
+        &[],
+        Duration::from_secs(20),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let second: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let second_id = second["id"].as_i64().expect("id");
+    let r = wait_status(&daemon, second_id, "succeeded");
+    assert_eq!(r["actions"][0]["status"], "already_revoked");
+    let (status, text) = daemon.get(
+        "/v1/revocations?status=succeeded",
+        &[("Authorization", &kiosk)],
+    );
+    assert_eq!(status, 200);
+    let list: Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    let (status, _) = daemon.get("/v1/revocations?status=lost", &[("Authorization", &kiosk)]);
+    assert_eq!(status, 400);
+    card.remove();
+}
+
+#[test]
+fn a_revocation_waits_for_the_server_and_survives_a_kill() {
+    let rig = Rig::get();
+    let _shared = rig.shared();
+    let slot = rig.slot();
+    common::wait_for_card(&slot.reader, false);
+    let card = insert(CardSpec::piv_four_certs(), &slot);
+    let card_id = card.truth.card_id.clone().expect("card id");
+    // SCEPman is down: nothing listens on its port yet.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let down = format!("http://127.0.0.1:{port}/");
+    let cm = Simulator::start(
+        Fixture {
+            smartcards: vec![matching_record(&card.truth, false)],
+            ..Fixture::default()
+        },
+        0,
+    )
+    .expect("simulator");
+    let mut daemon = Daemon::start("revoke-down", &servers(&cm.cm_base_url(), &down));
+    wait_card(&daemon, &card_id, false);
+    let thumbprint = &card.truth.certificates[1].thumbprint;
+    let (status, stored) = submit(
+        &daemon,
+        "down-1",
+        &json!({"card_id": card_id, "target": "certificates", "reason": "cessationOfOperation",
+                "thumbprints": [thumbprint]}),
+    );
+    assert_eq!(status, 202, "{stored}");
+    let id = stored["id"].as_i64().expect("id");
+    // Tried, refused by the network, still queued.
+    let until = Instant::now() + Duration::from_secs(10);
+    let queued = loop {
+        let r = revocation(&daemon, id);
+        if r["actions"][0]["attempts"].as_i64() >= Some(2) {
+            break r;
+        }
+        assert!(Instant::now() < until, "no retries: {r:#}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(queued["status"], "queued", "{queued:#}");
+    assert_eq!(
+        queued["actions"][0]["last_outcome"]["code"],
+        "connection_refused"
+    );
+
+    // A crash while queued, then the server comes back, then the daemon: delivered, once.
+    daemon.kill9();
+    let truth = card.truth.clone();
+    card.remove();
+    let scepman = Simulator::start(
+        Fixture {
+            scepman: scepman_certs(&truth),
+            ..Fixture::default()
+        },
+        port,
+    )
+    .expect("SCEPman on its port");
+    daemon.restart();
+    let done = wait_status(&daemon, id, "succeeded");
+    assert_eq!(done["actions"][0]["status"], "done", "{done:#}");
+    let log = scepman.log();
+    assert_eq!(patches(&log).len(), 1, "{log:?}");
+    assert!(patches(&log)[0].body.contains("\"revocationReason\":5"));
+}
+
+/// Starts a daemon with CM and SCEPman on `sim`, a card read and reconciled, and submits a
+/// `target: card` revocation; returns the daemon and the revocation id.
+fn card_revocation(name: &str, sim: &Simulator, card_id: &str, operation: &str) -> (Daemon, i64) {
+    let daemon = Daemon::start(name, &servers(&sim.cm_base_url(), &sim.scepman_base_url()));
+    wait_card(&daemon, card_id, true);
+    let (status, stored) = submit(
+        &daemon,
+        &format!("{name}-1"),
+        &json!({"card_id": card_id, "target": "card", "operation": operation,
+                "reason": "keyCompromise", "comment": "stolen"}),
+    );
+    assert_eq!(status, 202, "{stored}");
+    (daemon, stored["id"].as_i64().expect("id"))
+}
+
+fn wait_requests(sim: &Simulator, n: usize) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while sim.requests().len() < n {
+        assert!(Instant::now() < until, "no CM request created");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_card_is_retired_through_one_cm_request_followed_to_its_end() {
+    let rig = Rig::get();
+    let _shared = rig.shared();
+    let slot = rig.slot();
+    common::wait_for_card(&slot.reader, false);
+    let card = insert(CardSpec::piv_four_certs(), &slot);
+    let card_id = card.truth.card_id.clone().expect("card id");
+    let mut record = matching_record(&card.truth, false);
+    let uuid = record.smartcard["Uuid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    record.operations = vec!["retire".into()];
+    let sim = Simulator::start(
+        Fixture {
+            smartcards: vec![record],
+            ..Fixture::default()
+        },
+        0,
+    )
+    .expect("simulator");
+    let (daemon, id) = card_revocation("revoke-retire", &sim, &card_id, "retire");
+    wait_requests(&sim, 1);
+    let request = sim.requests()[0].clone();
+    assert_eq!(request["RequestType"], 9, "Retire: {request}");
+    assert_eq!(request["OldSmartcardUuid"], uuid.as_str());
+    assert!(request["Comment"]
+        .as_str()
+        .unwrap_or_default()
+        .starts_with("keyCompromise: stolen [cardbridge:"));
+    let r = wait_status(&daemon, id, "in_progress");
+    let action = &r["actions"][0];
+    assert_eq!(action["status"], "sending", "{r:#}");
+    assert!(action["request_uri"]
+        .as_str()
+        .is_some_and(|u| u.starts_with("api/v1.0/requests/")));
+    // The server's workflow completes it.
+    sim.set_request_status(request["Uuid"].as_str().unwrap_or_default(), 8);
+    let done = wait_status(&daemon, id, "succeeded");
+    assert_eq!(
+        done["actions"][0]["request_status"], "Completed",
+        "{done:#}"
+    );
+    assert_eq!(posts_of_requests(&sim.log()), 1);
+
+    // Not allowed by CM (only retire is), not configured: refused before anything is stored.
+    let (status, answer) = submit(
+        &daemon,
+        "revoke-op",
+        &json!({"card_id": card_id, "target": "card", "operation": "revoke", "reason": "superseded"}),
+    );
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (422, Some("operation_not_allowed")),
+        "{answer}"
+    );
+    drop(daemon);
+    let no_cm = Daemon::start("revoke-no-cm", "");
+    wait_card(&no_cm, &card_id, false);
+    let (status, answer) = submit(
+        &no_cm,
+        "no-cm",
+        &json!({"card_id": card_id, "target": "certificates", "reason": "superseded"}),
+    );
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (422, Some("server_not_configured")),
+        "{answer}"
+    );
+    card.remove();
+}
+
+#[test]
+fn a_denied_cm_request_fails_the_revocation() {
+    let rig = Rig::get();
+    let _shared = rig.shared();
+    let slot = rig.slot();
+    common::wait_for_card(&slot.reader, false);
+    let card = insert(CardSpec::piv_four_certs(), &slot);
+    let card_id = card.truth.card_id.clone().expect("card id");
+    let sim = Simulator::start(
+        Fixture {
+            smartcards: vec![matching_record(&card.truth, false)],
+            ..Fixture::default()
+        },
+        0,
+    )
+    .expect("simulator");
+    let (daemon, id) = card_revocation("revoke-denied", &sim, &card_id, "revoke");
+    wait_requests(&sim, 1);
+    let request = sim.requests()[0].clone();
+    assert_eq!(request["RequestType"], 3, "Revoke: {request}");
+    sim.set_request_status(request["Uuid"].as_str().unwrap_or_default(), 4);
+    let failed = wait_status(&daemon, id, "failed");
+    assert_eq!(
+        failed["actions"][0]["request_status"], "Denied",
+        "{failed:#}"
+    );
+    card.remove();
+}
+
+/// kill -9 while the CM server carries out the request but before its answer arrives (the
+/// answer is slow), and kill -9 while the request is on its way (the server is slow to start
+/// it): after a restart there is exactly one request on the server, followed to its end.
+#[test]
+fn a_kill_during_a_cm_request_neither_loses_nor_repeats_it() {
+    let rig = Rig::get();
+    let _shared = rig.shared();
+    let slot = rig.slot();
+    common::wait_for_card(&slot.reader, false);
+    let card = insert(CardSpec::piv_four_certs(), &slot);
+    let card_id = card.truth.card_id.clone().expect("card id");
+    for (name, fault) in [
+        (
+            "revoke-kill-answer",
+            Fault {
+                answer_delay_ms: 5_000,
+                ..Fault::default()
+            },
+        ),
+        (
+            "revoke-kill-sending",
+            Fault {
+                latency_ms: 1_000,
+                ..Fault::default()
+            },
+        ),
+    ] {
+        let sim = Simulator::start(
+            Fixture {
+                smartcards: vec![matching_record(&card.truth, false)],
+                ..Fixture::default()
+            },
+            0,
+        )
+        .expect("simulator");
+        sim.set_fault("requests", fault);
+        let (mut daemon, id) = card_revocation(name, &sim, &card_id, "revoke");
+        let until = Instant::now() + Duration::from_secs(10);
+        while posts_of_requests(&sim.log()) == 0 {
+            assert!(Instant::now() < until, "{name}: the request was never sent");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        daemon.kill9();
+        let r = {
+            let store = cardbridge::store::Store::open(&daemon.dir.join("state")).expect("state");
+            store.revocation(id, false).expect("read").expect("stored")
+        };
+        assert_eq!(
+            r.actions[0].status,
+            cardbridge::revoke::ActionStatus::Sending,
+            "{name}"
+        );
+        assert_eq!(r.actions[0].request_uri, None, "{name}");
+        sim.set_fault("requests", Fault::default());
+        daemon.restart();
+        let until = Instant::now() + Duration::from_secs(15);
+        let uri = loop {
+            let r = revocation(&daemon, id);
+            if let Some(uri) = r["actions"][0]["request_uri"].as_str() {
+                break uri.to_string();
+            }
+            assert!(Instant::now() < until, "{name}: never found or sent: {r:#}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(sim.requests().len(), 1, "{name}: {:?}", sim.requests());
+        let uuid = sim.requests()[0]["Uuid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(uri.ends_with(&uuid), "{name}: {uri} vs {uuid}");
+        sim.set_request_status(&uuid, 8);
+        wait_status(&daemon, id, "succeeded");
+        assert_eq!(sim.requests().len(), 1, "{name}");
+    }
+    card.remove();
+}
