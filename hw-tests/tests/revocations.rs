@@ -185,8 +185,8 @@ fn certificates_are_revoked_once_each_with_every_answer_kept() {
         ),
         (
             json!({"card_id": card_id, "target": "card", "operation": "retire", "reason": "superseded", "thumbprints": []}),
-            400,
-            "bad_request",
+            422,
+            "bad_combination",
         ),
     ];
     for (i, (body, status, code)) in refusals.iter().enumerate() {

@@ -51,7 +51,7 @@ fn random_marker() -> Result<String, getrandom::Error> {
 /// `POST /v1/revocations`: validates and stores a revocation (or, with `dry_run`, only shows its
 /// plan). The same `Idempotency-Key` from the same client with the same body returns the stored
 /// revocation again; with another body it is refused (409).
-#[utoipa::path(post, path = "/v1/revocations", params(("Idempotency-Key" = String, Header, description = "Unique per intended revocation (at most 200 characters); a retry with the same key and body returns the same revocation")), request_body(content = Object, content_type = "application/json", description = "{card_id, target: certificates|card, thumbprints?, reason (RFC 5280 name), operation?: revoke|retire, revoker?, comment?, dry_run?}"), responses((status = 202, description = "The stored revocation: id, status, actions"), (status = 200, description = "dry_run: the plan, nothing stored"), (status = 400, description = "Missing Idempotency-Key, malformed body, bad reason or field"), (status = 404, description = "This station never read the card"), (status = 409, description = "The Idempotency-Key was used with another body"), (status = 413, description = "The body is over 64 KiB"), (status = 415, description = "Not application/json"), (status = 422, description = "Certificate not on the card, operation not allowed, server not configured, card unknown to MIM CM"), (status = 503, description = "The state database is not available"), (status = 401, description = "Missing or unknown token"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications")))]
+#[utoipa::path(post, path = "/v1/revocations", params(("Idempotency-Key" = String, Header, description = "Unique per intended revocation (1 to 200 visible ASCII characters); a retry with the same key and body returns the same revocation", min_length = 1, max_length = 200, pattern = "^[!-~]+$")), request_body(content = inline(Submission), content_type = "application/json", description = "What to revoke, why, and by whom"), responses((status = 202, description = "The stored revocation: id, status, actions"), (status = 200, description = "dry_run: the plan, nothing stored"), (status = 400, description = "Missing Idempotency-Key, malformed body, bad reason or field"), (status = 404, description = "This station never read the card"), (status = 409, description = "The Idempotency-Key was used with another body"), (status = 413, description = "The body is over 64 KiB"), (status = 415, description = "Not application/json"), (status = 422, description = "Certificate not on the card, operation not allowed, server not configured, card unknown to MIM CM"), (status = 503, description = "The state database is not available"), (status = 401, description = "Missing or unknown token"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications")))]
 pub(super) async fn submit(
     State(l): State<Listener>,
     Extension(Caller(client)): Extension<Caller>,
@@ -172,33 +172,48 @@ pub(super) async fn submit(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub(super) struct ListQuery {
-    status: Option<String>,
+    /// Only revocations with this status.
+    #[param(inline)]
+    status: Option<RevocationStatus>,
 }
 
 /// `GET /v1/revocations[?status=…]`: the newest 500 revocations with their actions.
-#[utoipa::path(get, path = "/v1/revocations", params(("status" = Option<String>, Query, description = "queued, in_progress, succeeded, partially_failed or failed")), responses((status = 200, description = "Revocations, newest first"), (status = 400, description = "Unknown status"), (status = 503, description = "The state database is not available"), (status = 401, description = "Missing or unknown token"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications")))]
-pub(super) async fn list(State(l): State<Listener>, Query(query): Query<ListQuery>) -> Response {
-    let status = match query.status.as_deref().map(RevocationStatus::parse) {
-        None => None,
-        Some(Some(s)) => Some(s),
-        Some(None) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_status",
-                "status must be queued, in_progress, succeeded, partially_failed or failed",
-            )
-        }
+#[utoipa::path(get, path = "/v1/revocations", params(ListQuery), responses((status = 200, description = "Revocations, newest first"), (status = 400, description = "Unknown status"), (status = 503, description = "The state database is not available"), (status = 401, description = "Missing or unknown token"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications")))]
+pub(super) async fn list(
+    State(l): State<Listener>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(query)) = query else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_status",
+            "the only query parameter is status: queued, in_progress, succeeded, partially_failed or failed",
+        );
     };
     with_store(&l, |store| {
-        store.revocations(status).map(|r| Json(r).into_response())
+        store
+            .revocations(query.status)
+            .map(|r| Json(r).into_response())
     })
 }
 
 /// `GET /v1/revocations/{id}`: one revocation with its actions and every delivery attempt.
-#[utoipa::path(get, path = "/v1/revocations/{id}", params(("id" = i64, Path, description = "Revocation id")), responses((status = 200, description = "The revocation with its attempts"), (status = 404, description = "No such revocation"), (status = 503, description = "The state database is not available"), (status = 401, description = "Missing or unknown token"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications")))]
-pub(super) async fn one(State(l): State<Listener>, Path(id): Path<i64>) -> Response {
+#[utoipa::path(get, path = "/v1/revocations/{id}", params(("id" = i64, Path, description = "Revocation id", minimum = 1)), responses((status = 200, description = "The revocation with its attempts"), (status = 400, description = "The id is not a number"), (status = 404, description = "No such revocation"), (status = 503, description = "The state database is not available"), (status = 401, description = "Missing or unknown token"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications")))]
+pub(super) async fn one(
+    State(l): State<Listener>,
+    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+) -> Response {
+    let Ok(Path(id)) = id else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_id",
+            "a revocation id is a positive number",
+        );
+    };
     with_store(&l, |store| {
         Ok(match store.revocation(id, true)? {
             Some(r) => Json(r).into_response(),

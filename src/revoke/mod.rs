@@ -29,6 +29,28 @@ pub const REASONS: [(&str, i64); 10] = [
     ("aACompromise", 10),
 ];
 
+/// The reason names, for the OpenAPI document (the API also accepts them in any case).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code, non_camel_case_types)] // Only its schema is used.
+enum ReasonName {
+    unspecified,
+    keyCompromise,
+    cACompromise,
+    affiliationChanged,
+    superseded,
+    cessationOfOperation,
+    certificateHold,
+    removeFromCRL,
+    privilegeWithdrawn,
+    aACompromise,
+}
+
+/// A SHA-1 thumbprint in hex, for the OpenAPI document.
+#[derive(utoipa::ToSchema)]
+#[schema(pattern = "^[0-9A-Fa-f]{2}([ :-]?[0-9A-Fa-f]{2}){19}$")]
+#[allow(dead_code)] // Only its schema is used.
+struct Thumbprint(String);
+
 /// The RFC 5280 name (any case) as its canonical spelling and number.
 pub fn reason_code(name: &str) -> Option<(&'static str, i64)> {
     REASONS
@@ -38,7 +60,9 @@ pub fn reason_code(name: &str) -> Option<(&'static str, i64)> {
 }
 
 /// What is revoked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Target {
     /// Certificates, through SCEPman (one PATCH per serial number).
@@ -48,7 +72,18 @@ pub enum Target {
 }
 
 /// The MIM CM request type for `target: "card"`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum CardOperation {
     /// Revokes the card's certificates (the CM request type `Revoke`).
@@ -77,23 +112,29 @@ impl CardOperation {
 }
 
 /// The body of `POST /v1/revocations`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Submission {
+    /// The card's 16-byte id in hex (spaces, colons or dashes between bytes allowed).
+    #[schema(pattern = "^[0-9A-Fa-f]{2}([ :-]?[0-9A-Fa-f]{2}){15}$")]
     pub card_id: String,
     pub target: Target,
     /// A subset of the card's certificates (SHA-1 thumbprints); absent: all of them.
     #[serde(default)]
+    #[schema(inline, value_type = Option<Vec<Thumbprint>>)]
     pub thumbprints: Option<Vec<String>>,
     /// RFC 5280 reason name, e.g. `keyCompromise`.
+    #[schema(value_type = ReasonName, inline)]
     pub reason: String,
     /// For `target: "card"`: `revoke` (default) or `retire`.
     #[serde(default)]
     pub operation: Option<CardOperation>,
     /// Who revokes (a UPN is recommended); SCEPman records it.
     #[serde(default)]
+    #[schema(max_length = 512, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$")]
     pub revoker: Option<String>,
     #[serde(default)]
+    #[schema(max_length = 512, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$")]
     pub comment: Option<String>,
     #[serde(default)]
     pub dry_run: bool,
@@ -165,6 +206,8 @@ pub enum PlanError {
     BadReason(String),
     #[error("{0}")]
     BadField(String),
+    #[error("{0}")]
+    BadCombination(&'static str),
     #[error("this station has never read a card with id {0}")]
     UnknownCard(String),
     #[error("certificate {0} is not on this card")]
@@ -190,6 +233,7 @@ impl PlanError {
         match self {
             PlanError::BadReason(_) => "bad_reason",
             PlanError::BadField(_) => "bad_request",
+            PlanError::BadCombination(_) => "bad_combination",
             PlanError::UnknownCard(_) => "unknown_card",
             PlanError::CertificateNotOnCard(_) => "certificate_not_on_card",
             PlanError::NoSerialNumber(_) => "no_serial_number",
@@ -239,13 +283,13 @@ pub fn plan(submission: &Submission, known: &Known) -> Result<Plan, PlanError> {
         ));
     }
     if submission.target == Target::Card && submission.thumbprints.is_some() {
-        return Err(PlanError::BadField(
-            "thumbprints apply to target \"certificates\" only".into(),
+        return Err(PlanError::BadCombination(
+            "thumbprints apply to target \"certificates\" only",
         ));
     }
     if submission.target == Target::Certificates && submission.operation.is_some() {
-        return Err(PlanError::BadField(
-            "operation applies to target \"card\" only".into(),
+        return Err(PlanError::BadCombination(
+            "operation applies to target \"card\" only",
         ));
     }
     let actions = match submission.target {
@@ -397,7 +441,7 @@ impl ActionStatus {
 }
 
 /// Where a whole revocation stands, derived from its actions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RevocationStatus {
     Queued,
@@ -676,10 +720,10 @@ mod tests {
         );
         let mut s = submission(Target::Card);
         s.thumbprints = Some(vec!["AA".repeat(20)]);
-        assert_eq!(code(&s, &full), "bad_request");
+        assert_eq!(code(&s, &full), "bad_combination");
         let mut s = submission(Target::Certificates);
         s.operation = Some(CardOperation::Retire);
-        assert_eq!(code(&s, &full), "bad_request");
+        assert_eq!(code(&s, &full), "bad_combination");
     }
 
     #[test]
