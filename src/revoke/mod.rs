@@ -468,10 +468,6 @@ impl RevocationStatus {
             RevocationStatus::PartiallyFailed
         }
     }
-
-    pub fn parse(text: &str) -> Option<RevocationStatus> {
-        serde_json::from_value(serde_json::Value::String(text.into())).ok()
-    }
 }
 
 /// A server's answer or failure, as kept with an action and in the attempt log.
@@ -736,10 +732,6 @@ mod tests {
         assert_eq!(of(&[Done, AlreadyRevoked]), RevocationStatus::Succeeded);
         assert_eq!(of(&[Done, Failed]), RevocationStatus::PartiallyFailed);
         assert_eq!(of(&[Failed, Failed]), RevocationStatus::Failed);
-        assert_eq!(
-            RevocationStatus::parse("partially_failed"),
-            Some(RevocationStatus::PartiallyFailed)
-        );
         for s in [Queued, Sending, Done, AlreadyRevoked, Failed] {
             assert_eq!(ActionStatus::parse(s.as_str()), Some(s));
         }
