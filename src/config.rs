@@ -19,6 +19,8 @@ pub const DEFAULT_PATH: &str = "/etc/cardbridge/config.toml";
 pub struct Config {
     /// SQLite database and other state; `/var/lib/cardbridge` by default.
     pub state_dir: Option<PathBuf>,
+    /// `error`, `warn`, `info` (default), `debug` or `trace`; `RUST_LOG` overrides it.
+    pub log_level: Option<String>,
     /// Absent: reconciliation reports `not_configured`, and cards cannot be revoked through CM.
     pub cm: Option<ServerConfig>,
     /// The SCEPman Management API. Absent: certificates cannot be revoked through SCEPman.
@@ -300,6 +302,13 @@ impl Config {
                 server.check(section)?;
             }
         }
+        if let Some(level) = &config.log_level {
+            if !["error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
+                return Err(format!(
+                    "log_level: {level:?} is not one of error, warn, info, debug, trace"
+                ));
+            }
+        }
         let r = &config.revocation;
         if r.retry_initial_ms == 0 || r.poll_interval_ms == 0 || r.retry_max_ms < r.retry_initial_ms
         {
@@ -352,6 +361,17 @@ mod tests {
     }
 
     #[test]
+    fn the_installed_configuration_is_valid() {
+        let c = Config::parse(include_str!("../service/config.toml")).unwrap();
+        assert!(c.cm.is_none());
+        assert_eq!(
+            c.api.unix_socket.as_deref(),
+            Some(Path::new("/run/cardbridge/api.sock"))
+        );
+        assert_eq!(c.api.local_users[0].uid, Some(0));
+    }
+
+    #[test]
     fn api_listeners_are_loopback_only_and_clients_are_checked() {
         let c = Config::parse("[api]\nlisten = [\"127.0.0.1:9000\", \"[::1]:9000\"]\n").unwrap();
         assert_eq!(c.api.listen.len(), 2);
@@ -390,6 +410,8 @@ mod tests {
             Config::parse("[scepman]\nbase_url = \"https://x/\"\ncard_id_order = \"windows\"\n")
                 .unwrap_err();
         assert!(e.contains("scepman.card_id_order"), "{e}");
+        let e = Config::parse("log_level = \"loud\"\n").unwrap_err();
+        assert!(e.contains("log_level"), "{e}");
         let e = Config::parse("[revocation]\nretry_initial_ms = 0\n").unwrap_err();
         assert!(e.contains("revocation"), "{e}");
         let e = Config::parse("[revocation]\nretries = 3\n").unwrap_err();

@@ -4,6 +4,7 @@
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -51,6 +52,7 @@ pub enum DaemonError {
 
 /// Runs until a stop signal.
 pub fn run(config: &Config) -> Result<(), DaemonError> {
+    crate::logging::init(config.log_level.as_deref());
     let state_dir = config.state_dir();
     let store = Store::open(&state_dir)?;
     let clients = if config.api.clients.is_empty() {
@@ -128,7 +130,7 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
     };
 
     for (_, addr) in &listeners {
-        eprintln!("cardbridge: API listening on http://{addr}/v1/");
+        tracing::info!("API listening on http://{addr}/v1/");
     }
     let worker = {
         let shared_for_events = shared.clone();
@@ -175,10 +177,23 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
                 shared.stopping.send_replace(true);
             });
         }
+        let api_alive = Arc::new(AtomicBool::new(true));
+        let supervisor = engine.monitor_health().map(|health| {
+            tokio::spawn(crate::service::supervise(
+                health,
+                shared.clone(),
+                api_alive.clone(),
+            ))
+        });
         while let Some(done) = servers.join_next().await {
-            if let Ok(Err(e)) = done {
-                eprintln!("cardbridge: API server failed: {e}");
+            if !*shared.stopping.borrow() {
+                // A listener ended on its own: the service is no longer whole.
+                api_alive.store(false, Ordering::Relaxed);
+                tracing::error!("an API server stopped: {:?}", done.map(|r| r.err()));
             }
+        }
+        if let Some(supervisor) = supervisor {
+            let _ = supervisor.await;
         }
         // The worker stops at once (an interrupted delivery is resumed at the next start).
         let _ = worker.await;
@@ -302,7 +317,44 @@ fn pump(events: Receiver<Event>, shared: &Shared) {
                 Event::PcscRestored => ("pcsc.restored", "{}".to_string()),
             }
         };
+        log_event(name, &data);
         shared.bus.publish(name, data);
+    }
+}
+
+/// One log line per station event, with the reader and card id as fields; a refusal by pcscd
+/// names the polkit rule that fixes it, because otherwise the reader gets the blame.
+fn log_event(name: &str, data: &str) {
+    let value: serde_json::Value = serde_json::from_str(data).unwrap_or_default();
+    let field = |key: &str| value[key].as_str().unwrap_or("").to_string();
+    let (reader, card_id) = (field("reader"), field("card_id"));
+    match name {
+        "pcsc.unavailable" if field("reason").to_lowercase().contains("denied") => {
+            tracing::error!(
+                event = name,
+                "pcscd refused access ({}): the service user needs the polkit rule \
+                 /usr/share/polkit-1/rules.d/50-cardbridge-pcsc.rules (service/50-cardbridge-pcsc.rules) \
+                 granting org.debian.pcsc-lite.access_pcsc and access_card",
+                field("reason")
+            );
+        }
+        "pcsc.unavailable" => {
+            tracing::warn!(event = name, reason = %field("reason"), "pcscd is not reachable; waiting for it")
+        }
+        "card.read_failed" => tracing::warn!(
+            event = name,
+            reader = %reader,
+            error = %value["error"]["code"].as_str().unwrap_or(""),
+            "card read failed"
+        ),
+        "card.reconciled" => tracing::info!(
+            event = name,
+            card_id = %card_id,
+            verdict = %field("verdict"),
+            state = %field("state"),
+            "card reconciled"
+        ),
+        _ => tracing::info!(event = name, reader = %reader, card_id = %card_id),
     }
 }
 

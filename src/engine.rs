@@ -119,6 +119,11 @@ impl Engine {
         })
     }
 
+    /// The PC/SC monitor's state and heartbeat.
+    pub fn monitor_health(&self) -> Option<Arc<crate::pcsc::monitor::Health>> {
+        self.monitor.as_ref().map(|m| m.health())
+    }
+
     /// A handle that asks for a fresh read of a reader.
     pub fn read_requester(&self) -> Option<ReadRequester> {
         self.requests.clone().map(ReadRequester)
@@ -389,7 +394,7 @@ impl ReconcileLoop {
         let guard = self.store.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(store) = guard.as_ref() {
             if let Err(e) = f(store) {
-                eprintln!("cardbridge: {e}");
+                tracing::error!("state database: {e}");
             }
         }
     }

@@ -16,6 +16,8 @@
 //! - [`engine`]: monitor, reader workers and reconciliation wired together, as the daemon runs them.
 //! - [`api`]: the local REST + Server-Sent Events API and its security checks.
 //! - [`daemon`]: `cardbridge run`, the engine behind the local API.
+//! - [`service`]: the daemon as a systemd service (readiness, status, watchdog).
+//! - [`logging`]: `tracing` output for a terminal or the journal.
 //! - [`scan`]: the `cardbridge scan` command.
 //! - [`client`]: `cardbridge cards`, `events`, `revoke` and `revocations`, clients of a running
 //!   daemon.
@@ -28,9 +30,11 @@ pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod http;
+pub mod logging;
 pub mod pcsc;
 pub mod reconcile;
 pub mod revoke;
 pub mod scan;
 pub mod scepman;
+pub mod service;
 pub mod store;

@@ -280,7 +280,7 @@ async fn gate(State(l): State<Listener>, request: Request, next: Next) -> Respon
             .as_ref()
             .map(|s| s.record_audit(&caller, origin, &route, status))
         {
-            eprintln!("cardbridge: cannot write the audit trail: {e}");
+            tracing::error!("cannot write the audit trail: {e}");
         }
     }
     if let Some(origin) = headers.get(header::ORIGIN) {

@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -26,6 +26,71 @@ use ::pcsc::{Context, Error, ReaderState, Scope, State, PNP_NOTIFICATION};
 const WAIT: Duration = Duration::from_millis(250);
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Where the monitor stands, for readiness and the watchdog: its state, and a heartbeat the
+/// thread renews at least every [`WAIT`] while it is alive (also while it waits for pcscd).
+#[derive(Debug)]
+pub struct Health {
+    state: AtomicU8,
+    /// Milliseconds since `started` at the last beat.
+    beat_ms: AtomicU64,
+    started: Instant,
+}
+
+/// What the monitor is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MonitorState {
+    /// Not yet connected nor given up on a first attempt.
+    Starting,
+    /// Watching pcscd's readers.
+    Connected,
+    /// pcscd cannot be reached (or refused access); trying again with backoff.
+    WaitingForPcscd,
+}
+
+impl Health {
+    fn new() -> Health {
+        Health {
+            state: AtomicU8::new(0),
+            beat_ms: AtomicU64::new(0),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn state(&self) -> MonitorState {
+        match self.state.load(Ordering::Relaxed) {
+            1 => MonitorState::Connected,
+            2 => MonitorState::WaitingForPcscd,
+            _ => MonitorState::Starting,
+        }
+    }
+
+    fn set(&self, state: MonitorState) {
+        let n = match state {
+            MonitorState::Starting => 0,
+            MonitorState::Connected => 1,
+            MonitorState::WaitingForPcscd => 2,
+        };
+        self.state.store(n, Ordering::Relaxed);
+        self.beat();
+    }
+
+    fn beat(&self) {
+        self.beat_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// How long ago the monitor thread last showed it was alive.
+    pub fn since_last_beat(&self) -> Duration {
+        let last = Duration::from_millis(self.beat_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+}
+
+/// Fault injection for the watchdog test: with `CARDBRIDGE_TEST_STALL_MONITOR_MS=N` in the
+/// environment, the monitor thread stops working (and beating) N ms after it starts, as a
+/// monitor stuck in a driver call would. Nothing else reads this variable.
+const STALL_VARIABLE: &str = "CARDBRIDGE_TEST_STALL_MONITOR_MS";
 
 /// What happened to the readers and cards.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,6 +181,7 @@ pub fn diff(old: &Snapshot, new: &Snapshot, same_service: bool) -> Vec<MonitorEv
 /// A running monitor thread; stopping (or dropping) it joins the thread.
 pub struct Monitor {
     stop: Arc<AtomicBool>,
+    health: Arc<Health>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -126,9 +192,16 @@ impl Monitor {
         events: Sender<T>,
     ) -> std::io::Result<Monitor> {
         let stop = Arc::new(AtomicBool::new(false));
+        let health = Arc::new(Health::new());
+        let stall_at = std::env::var(STALL_VARIABLE)
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+            .map(|ms| Instant::now() + Duration::from_millis(ms));
         let worker = Worker {
             events,
             stop: stop.clone(),
+            health: health.clone(),
+            stall_at,
             known: Snapshot::new(),
             unavailable: false,
         };
@@ -137,8 +210,14 @@ impl Monitor {
             .spawn(move || worker.run())?;
         Ok(Monitor {
             stop,
+            health,
             thread: Some(thread),
         })
+    }
+
+    /// The monitor's state and heartbeat.
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
     }
 
     pub fn stop(mut self) {
@@ -163,6 +242,8 @@ impl Drop for Monitor {
 struct Worker<T> {
     events: Sender<T>,
     stop: Arc<AtomicBool>,
+    health: Arc<Health>,
+    stall_at: Option<Instant>,
     known: Snapshot,
     unavailable: bool,
 }
@@ -191,6 +272,7 @@ impl<T: From<MonitorEvent>> Worker<T> {
                 Exit::Stopped => return,
                 Exit::Lost(e) => {
                     same_service = false;
+                    self.health.set(MonitorState::WaitingForPcscd);
                     if !self.unavailable {
                         self.unavailable = true;
                         if !self.emit(MonitorEvent::Unavailable {
@@ -214,12 +296,16 @@ impl<T: From<MonitorEvent>> Worker<T> {
             if self.stopped() {
                 return Exit::Stopped;
             }
+            self.health.beat();
             if relist {
                 match ctx.list_readers_owned() {
                     Ok(names) => sync_reader_states(&mut states, names),
                     Err(e) => return Exit::Lost(e),
                 }
                 relist = false;
+                if self.health.state() != MonitorState::Connected {
+                    self.health.set(MonitorState::Connected);
+                }
                 if self.unavailable {
                     self.unavailable = false;
                     if !self.emit(MonitorEvent::Restored) {
@@ -273,13 +359,20 @@ impl<T: From<MonitorEvent>> Worker<T> {
     }
 
     fn stopped(&self) -> bool {
+        if self.stall_at.is_some_and(|at| Instant::now() >= at) {
+            // The injected stall: no more work and no more beats, until told to stop.
+            while !self.stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         self.stop.load(Ordering::Relaxed)
     }
 
-    /// Sleeps for `d`, waking early when asked to stop.
+    /// Sleeps for `d`, waking early when asked to stop, beating meanwhile.
     fn sleep(&self, d: Duration) {
         let until = Instant::now() + d;
         while !self.stopped() && Instant::now() < until {
+            self.health.beat();
             std::thread::sleep(Duration::from_millis(20).min(until - Instant::now()));
         }
     }

@@ -83,7 +83,7 @@ impl Worker {
         tokio::pin!(stop);
         loop {
             if let Err(e) = self.pass().await {
-                eprintln!("cardbridge: revocation outbox: {e}");
+                tracing::error!("revocation outbox: {e}");
             }
             let wait = match self.store.next_due_ms() {
                 Ok(Some(due)) => Duration::from_millis(due.saturating_sub(now_ms()).max(0) as u64),
@@ -158,6 +158,16 @@ impl Worker {
         outcome: Outcome,
         mut update: ActionUpdate,
     ) -> Result<(), StoreError> {
+        tracing::info!(
+            event = "revocation.attempt",
+            revocation = due.revocation_id,
+            action = due.action.id,
+            call,
+            outcome = %outcome.code,
+            http_status = outcome.http_status,
+            "{}",
+            outcome.message
+        );
         self.store.record_attempt(due.action.id, call, &outcome)?;
         update.outcome = Some(outcome);
         self.store.update_action(due.action.id, &update)
