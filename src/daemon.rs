@@ -327,7 +327,7 @@ fn pump(events: Receiver<Event>, shared: &Shared) {
 fn log_event(name: &str, data: &str) {
     let value: serde_json::Value = serde_json::from_str(data).unwrap_or_default();
     let field = |key: &str| value[key].as_str().unwrap_or("").to_string();
-    let (reader, card_id) = (field("reader"), field("card_id"));
+    let reader = field("reader");
     match name {
         "pcsc.unavailable" if field("reason").to_lowercase().contains("denied") => {
             tracing::error!(
@@ -338,23 +338,31 @@ fn log_event(name: &str, data: &str) {
                 field("reason")
             );
         }
-        "pcsc.unavailable" => {
-            tracing::warn!(event = name, reason = %field("reason"), "pcscd is not reachable; waiting for it")
-        }
+        "pcsc.unavailable" => tracing::warn!(
+            event = name,
+            reason = %field("reason"),
+            "pcscd is not reachable; waiting for it"
+        ),
+        "card.read" => tracing::info!(event = name, reader = %reader, card_id = %field("card_id")),
         "card.read_failed" => tracing::warn!(
             event = name,
             reader = %reader,
             error = %value["error"]["code"].as_str().unwrap_or(""),
-            "card read failed"
         ),
         "card.reconciled" => tracing::info!(
             event = name,
-            card_id = %card_id,
-            verdict = %field("verdict"),
+            card_id = %field("card_id"),
             state = %field("state"),
-            "card reconciled"
+            verdict = %field("verdict"),
         ),
-        _ => tracing::info!(event = name, reader = %reader, card_id = %card_id),
+        "revocation.updated" => tracing::info!(
+            event = name,
+            revocation = %value["id"],
+            card_id = %field("card_id"),
+            status = %field("status"),
+        ),
+        _ if reader.is_empty() => tracing::info!(event = name),
+        _ => tracing::info!(event = name, reader = %reader),
     }
 }
 

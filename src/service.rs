@@ -82,12 +82,15 @@ pub async fn supervise(health: Arc<Health>, shared: Arc<Shared>, api_alive: Arc<
         if !ready && state != MonitorState::Starting {
             ready = true;
             notify(&[NotifyState::Ready]);
-            tracing::info!("ready");
+            tracing::info!(
+                event = "ready",
+                "ready: the API listens and the PC/SC monitor runs"
+            );
         }
         let status = status_line(&shared, state);
         if status != last_status {
             notify(&[NotifyState::Status(&status)]);
-            tracing::info!(status = %status, "status");
+            tracing::info!(event = "status", "{status}");
             last_status = status;
         }
         if watchdog.is_none() || !ready {
