@@ -82,14 +82,22 @@ impl Worker {
     ) {
         tokio::pin!(stop);
         loop {
-            if let Err(e) = self.pass().await {
-                tracing::error!("revocation outbox: {e}");
-            }
-            let wait = match self.store.next_due_ms() {
-                Ok(Some(due)) => Duration::from_millis(due.saturating_sub(now_ms()).max(0) as u64),
-                Ok(None) => Duration::from_secs(60),
+            // A stop abandons the pass where it is: every step is committed, and an action left
+            // in `sending` is recovered at the next start.
+            let passed = tokio::select! {
+                _ = &mut stop => return,
+                passed = self.pass() => passed,
+            };
+            let wait = match (passed, self.store.next_due_ms()) {
+                (Ok(()), Ok(Some(due))) => {
+                    Duration::from_millis(due.saturating_sub(now_ms()).max(0) as u64)
+                }
+                (Ok(()), Ok(None)) => Duration::from_secs(60),
                 // The database is unwell: try again later rather than spin.
-                Err(_) => Duration::from_secs(5),
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::error!("revocation outbox: {e}");
+                    Duration::from_secs(5)
+                }
             }
             .min(Duration::from_secs(60));
             tokio::select! {
@@ -381,6 +389,31 @@ impl Worker {
         uri: &str,
     ) -> Result<bool, StoreError> {
         let id = uri.trim_end_matches('/').rsplit('/').next().unwrap_or(uri);
+        // The URI came from the server: only a GUID goes into the next URL.
+        if id.is_empty()
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || matches!(b, b'-' | b'{' | b'}'))
+        {
+            return self
+                .finish(
+                    due,
+                    "-",
+                    Outcome {
+                        code: "bad_body".into(),
+                        message: format!(
+                            "the server gave a request URI without a request id: {uri:?}"
+                        ),
+                        ..Outcome::default()
+                    },
+                    ActionUpdate {
+                        status: Some(ActionStatus::Failed),
+                        next_attempt_ms: Some(None),
+                        ..ActionUpdate::default()
+                    },
+                )
+                .map(|()| true);
+        }
         let call = format!("GET api/v1.0/requests/{id}");
         let later = now_ms() + self.poll_ms();
         let answer: Result<Option<crate::cm::Request>, ServerError> = cm.request(id).await;
