@@ -3,7 +3,9 @@
 //!
 //! - start to ready: from spawning the process to the first answered `GET /v1/health`;
 //! - resident memory of the idle daemon (VmRSS, and its peak VmHWM);
-//! - `GET /v1/cards` throughput and latency under `wrk` (2 threads, 50 connections, 10 s);
+//! - `GET /v1/cards` throughput and latency under `wrk` (2 threads, 50 connections, 10 s), with
+//!   two 4-certificate cards, then with two 8-certificate cards (the body of four 4-certificate
+//!   cards: the rig has two reader slots);
 //! - event fan-out: N concurrent `/v1/events` clients, a sync of one card, and how long after the
 //!   first client each of the others receives the `card.read`.
 //!
@@ -169,8 +171,50 @@ fn main() -> Result<()> {
         field("VmHWM:")
     );
 
-    throughput(&daemon, args.seconds, card_ids.len())?;
+    throughput(&daemon, args.seconds, "2 cards x 4 certificates")?;
     runtime.block_on(fan_out(&daemon, &http, &card_ids[0], &args))?;
+
+    // The rig has two reader slots; two cards of 8 certificates give /v1/cards the body (and
+    // the work) of four cards of 4.
+    for card in cards.drain(..) {
+        card.remove();
+    }
+    for slot in &slots {
+        let mut heavy = CardSpec::piv_four_certs();
+        heavy.slots.push((0x9E, hw_tests::vcard::Compress::None));
+        heavy.retired = 4;
+        cards.push(insert_card(heavy, slot)?);
+    }
+    runtime.block_on(async {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let list: serde_json::Value = http
+                .get(format!("{url}/v1/cards"))
+                .bearer_auth(TOKEN)
+                .send()
+                .await?
+                .json()
+                .await?;
+            let certs: usize = list
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| c["certificates"].as_array().map_or(0, Vec::len))
+                .sum();
+            if certs == 16 {
+                return Ok(());
+            }
+            if Instant::now() > until {
+                bail!("the daemon did not read the 8-certificate cards: {list}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })?;
+    throughput(
+        &daemon,
+        args.seconds,
+        "2 cards x 8 certificates (the body of 4 cards x 4)",
+    )?;
 
     let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.child.id()))?;
     println!(
@@ -192,7 +236,7 @@ fn main() -> Result<()> {
 }
 
 /// `wrk` on `GET /v1/cards`; prints its summary lines.
-fn throughput(daemon: &Daemon, seconds: u64, cards: usize) -> Result<()> {
+fn throughput(daemon: &Daemon, seconds: u64, cards: &str) -> Result<()> {
     let out = Command::new("wrk")
         .args(["-t2", "-c50", &format!("-d{seconds}s"), "--latency", "-H"])
         .arg(format!("Authorization: Bearer {TOKEN}"))
@@ -203,7 +247,7 @@ fn throughput(daemon: &Daemon, seconds: u64, cards: usize) -> Result<()> {
     if !out.status.success() {
         bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
     }
-    println!("GET /v1/cards with {cards} cards, wrk -t2 -c50 -d{seconds}s:");
+    println!("GET /v1/cards with {cards}, wrk -t2 -c50 -d{seconds}s:");
     for line in text.lines() {
         let l = line.trim();
         if l.starts_with("Requests/sec")
