@@ -264,6 +264,7 @@ fn pump(events: Receiver<Event>, shared: &Shared) {
                 }
                 Event::ReaderRemoved { reader } => {
                     station.readers.remove(&reader);
+                    station.cards_changed();
                     (
                         "reader.removed",
                         serde_json::json!({ "reader": reader }).to_string(),
@@ -277,6 +278,7 @@ fn pump(events: Receiver<Event>, shared: &Shared) {
                     if let Some(slot) = station.readers.get_mut(&reader) {
                         *slot = None;
                     }
+                    station.cards_changed();
                     (
                         "card.removed",
                         serde_json::json!({ "reader": reader }).to_string(),
@@ -290,6 +292,7 @@ fn pump(events: Receiver<Event>, shared: &Shared) {
                     };
                     let data = serde_json::to_string(&card).unwrap_or_default();
                     station.readers.insert(card.reader.clone(), Some(*card));
+                    station.cards_changed();
                     (name, data)
                 }
                 Event::CardReconciled(r) => {

@@ -145,6 +145,12 @@ fn events_in_order_resume_and_rest() {
     next_event(&mut stream, |n, d| {
         n == "card.removed" && d.contains(&slot.reader)
     });
+    let (status, cards) = daemon.get("/v1/cards", &[("Authorization", &auth)]);
+    assert_eq!(status, 200);
+    assert!(
+        !cards.contains(&id),
+        "a removed card is gone from /v1/cards: {cards}"
+    );
     let lines = BufReader::new(watcher.stdout.take().expect("stdout")).lines();
     let seen = lines
         .map_while(Result::ok)

@@ -40,10 +40,32 @@ use events::{Backlog, Bus, Numbered};
 use security::Clients;
 
 /// What the station looks like now, kept up to date from the engine's events.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Station {
     /// Readers by name, with the card in each (a failed read keeps its error).
     pub readers: BTreeMap<String, Option<Card>>,
+    /// `GET /v1/cards` as sent: the cards change a few times a minute and are asked for far more
+    /// often, so they are serialised once per change ([`Station::cards_changed`]).
+    cards_json: Bytes,
+}
+
+impl Default for Station {
+    fn default() -> Self {
+        Station {
+            readers: BTreeMap::new(),
+            cards_json: Bytes::from_static(b"[]"),
+        }
+    }
+}
+
+impl Station {
+    /// Call after changing `readers`: renews the serialised card list.
+    pub fn cards_changed(&mut self) {
+        let cards: Vec<&Card> = self.readers.values().flatten().collect();
+        self.cards_json = serde_json::to_vec(&cards)
+            .map(Bytes::from)
+            .unwrap_or_else(|_| Bytes::from_static(b"[]"));
+    }
 }
 
 /// Shared by all listeners.
@@ -422,8 +444,8 @@ async fn readers(State(l): State<Listener>) -> Response {
 
 #[utoipa::path(get, path = "/v1/cards", responses((status = 200, description = "Every Card object in a reader"), (status = 401, description = "Missing or unknown token"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications")))]
 async fn cards(State(l): State<Listener>) -> Response {
-    let list: Vec<Card> = station(&l, |s| s.readers.values().flatten().cloned().collect());
-    Json(list).into_response()
+    let body = station(&l, |s| s.cards_json.clone());
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 fn find_card(s: &Station, card_id: &str) -> Option<Card> {
