@@ -399,3 +399,55 @@ fn generated_client(state_dir: &Path) -> Result<ApiClient, DaemonError> {
         origins: Vec::new(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Captures what `log_event` writes for one event.
+    fn logged(name: &str, data: &str) -> String {
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl Write for Buffer {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || log_event(name, data));
+        let text = String::from_utf8_lossy(&buffer.0.lock().unwrap()).into_owned();
+        text
+    }
+
+    #[test]
+    fn a_refusal_by_pcscd_names_the_polkit_rule_in_one_line() {
+        let line = logged(
+            "pcsc.unavailable",
+            r#"{"reason":"Access was denied because of a security violation"}"#,
+        );
+        assert_eq!(line.lines().count(), 1, "{line}");
+        assert!(line.contains("ERROR"), "{line}");
+        assert!(line.contains("50-cardbridge-pcsc.rules"), "{line}");
+        assert!(line.contains("org.debian.pcsc-lite.access_pcsc"), "{line}");
+        let line = logged("pcsc.unavailable", r#"{"reason":"Service not available"}"#);
+        assert!(!line.contains("polkit") && line.contains("WARN"), "{line}");
+        let line = logged(
+            "card.read",
+            r#"{"reader":"Virtual PCD 00 00","card_id":"D1EF6869551742A08F0516CA1A0B834D"}"#,
+        );
+        assert!(
+            line.contains("reader=Virtual PCD 00 00")
+                && line.contains("card_id=D1EF6869551742A08F0516CA1A0B834D"),
+            "{line}"
+        );
+    }
+}
