@@ -4,9 +4,9 @@
 pub mod events;
 pub mod metrics;
 mod revocations;
+pub mod security;
 
 pub use revocations::publish as publish_revocation;
-pub mod security;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -84,7 +84,7 @@ pub struct Shared {
     /// and the revocation outbox (None in unit tests).
     pub store: Mutex<Option<Store>>,
     /// Wakes the revocation worker when a revocation was stored.
-    pub outbox: std::sync::Arc<tokio::sync::Notify>,
+    pub outbox: Arc<tokio::sync::Notify>,
     /// Which servers revocations can go to.
     pub scepman_configured: bool,
     pub cm_configured: bool,
@@ -218,6 +218,7 @@ const STATE_CHANGING: [(&str, Scope); 2] = [
 /// Who called, for handlers that record it (the client's name, or `uid N` on the socket).
 #[derive(Debug, Clone)]
 pub struct Caller(pub String);
+
 /// The event stream, the one route that also takes a `ticket` instead of a token.
 const EVENTS_ROUTE: &str = "/v1/events";
 
