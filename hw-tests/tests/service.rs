@@ -73,6 +73,16 @@ struct Notified {
 
 impl Notified {
     fn start(name: &str, stall_ms: Option<u64>) -> Notified {
+        Notified::start_with(name, stall_ms, "", &[])
+    }
+
+    /// `extra` is appended to the configuration, `env` set for the daemon.
+    fn start_with(
+        name: &str,
+        stall_ms: Option<u64>,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> Notified {
         let dir = temp(name);
         let socket_path = dir.join("notify.sock");
         let socket = UnixDatagram::bind(&socket_path).expect("notify socket");
@@ -87,7 +97,7 @@ impl Notified {
         std::fs::write(
             &config,
             format!(
-                "state_dir = \"{}\"\n[api]\nlisten = [\"127.0.0.1:{port}\"]\n",
+                "state_dir = \"{}\"\n[api]\nlisten = [\"127.0.0.1:{port}\"]\n{extra}",
                 dir.join("state").display()
             ),
         )
@@ -105,6 +115,7 @@ impl Notified {
         if let Some(ms) = stall_ms {
             command.env("CARDBRIDGE_TEST_STALL_MONITOR_MS", ms.to_string());
         }
+        command.envs(env.iter().copied());
         let started = Instant::now();
         let child = command.spawn().expect("start cardbridge run");
         Notified {
@@ -165,6 +176,59 @@ fn the_daemon_notifies_ready_status_and_watchdog() {
     assert!(rest.iter().any(|(_, l)| l == "STOPPING=1"), "{rest:?}");
     let status = daemon.child.wait().expect("exit");
     assert!(status.success(), "{status}");
+}
+
+#[test]
+fn without_pcscd_the_daemon_is_ready_and_says_it_waits() {
+    // pcsc-lite's client finds pcscd through this variable: point it at nothing.
+    let dir = temp("no-pcscd");
+    let nowhere = dir.join("no-pcscd.comm");
+    let daemon = Notified::start_with(
+        "no-pcscd",
+        None,
+        "",
+        &[("PCSCLITE_CSOCK_NAME", &nowhere.to_string_lossy())],
+    );
+    let got = daemon.collect(Duration::from_secs(3));
+    assert!(got.iter().any(|(_, l)| l == "READY=1"), "{got:?}");
+    assert!(
+        got.iter().any(|(_, l)| l == "STATUS=waiting for pcscd"),
+        "{got:?}"
+    );
+    assert!(got.iter().any(|(_, l)| l == "WATCHDOG=1"), "{got:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_unreachable_cm_server_shows_in_the_status() {
+    let rig = Rig::get();
+    let _shared = rig.shared();
+    let slot = rig.slot();
+    let card = match hw_tests::rig::insert_card(hw_tests::vcard::CardSpec::piv_four_certs(), &slot)
+    {
+        Ok(card) => card,
+        Err(e) => panic!("cannot insert the virtual card: {e:#}"),
+    };
+    // Nothing listens on this port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let daemon = Notified::start_with(
+        "cm-down",
+        None,
+        &format!(
+            "[cm]\nbase_url = \"http://127.0.0.1:{port}/CertificateManagement/\"\nretries = 0\n"
+        ),
+        &[],
+    );
+    let got = daemon.collect(Duration::from_secs(5));
+    assert!(
+        got.iter()
+            .any(|(_, l)| l.starts_with("STATUS=") && l.ends_with("; CM unreachable")),
+        "{got:?}"
+    );
+    card.remove();
 }
 
 #[test]
