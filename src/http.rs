@@ -162,6 +162,22 @@ impl Server {
             .map_err(|e| ServerError::Config(format!("cannot build the URL for {path}: {e}")))
     }
 
+    /// Sends a request that is never retried (a POST or PATCH that changes something), with
+    /// this server's authentication; a non-success answer becomes a [`ServerError::Status`].
+    /// Returns the status and the body.
+    pub async fn send_once(
+        &self,
+        request: RequestBuilder,
+    ) -> Result<(StatusCode, String), ServerError> {
+        let response = self.authorize(request).send().await.map_err(classify)?;
+        let status = response.status();
+        let text = response.text().await.map_err(classify)?;
+        if !status.is_success() {
+            return Err(status_error(status, &text));
+        }
+        Ok((status, text))
+    }
+
     pub fn authorize(&self, request: RequestBuilder) -> RequestBuilder {
         match &self.auth {
             Auth::None => request,

@@ -6,7 +6,7 @@ use reqwest::Method;
 use serde_json::json;
 
 use crate::config::ServerConfig;
-use crate::http::{classify, status_error, Server, ServerError};
+use crate::http::{Server, ServerError};
 
 /// SCEPman's `errorCode` for a certificate that is already revoked (with 409).
 pub const ALREADY_REVOKED: i64 = 5013;
@@ -44,17 +44,10 @@ impl ScepmanClient {
         if let Some(revoker) = revoker {
             body["revoker"] = json!(revoker);
         }
-        let response = self
+        let (status, _) = self
             .server
-            .authorize(self.server.http.request(Method::PATCH, url).json(&body))
-            .send()
-            .await
-            .map_err(classify)?;
-        let status = response.status();
-        let text = response.text().await.map_err(classify)?;
-        if !status.is_success() {
-            return Err(status_error(status, &text));
-        }
+            .send_once(self.server.http.request(Method::PATCH, url).json(&body))
+            .await?;
         Ok(status.as_u16())
     }
 }

@@ -77,17 +77,10 @@ impl CmClient {
     /// string such as `"api/v1.0/requests/a9b4…"`). Never retried.
     pub async fn create_request(&self, body: &NewRequest) -> Result<String, ServerError> {
         let url = self.server.url("api/v1.0/requests")?;
-        let response = self
+        let (status, text) = self
             .server
-            .authorize(self.server.http.request(Method::POST, url).json(body))
-            .send()
-            .await
-            .map_err(classify)?;
-        let status = response.status();
-        let text = response.text().await.map_err(classify)?;
-        if !status.is_success() {
-            return Err(status_error(status, &text));
-        }
+            .send_once(self.server.http.request(Method::POST, url).json(body))
+            .await?;
         serde_json::from_str::<String>(&text).map_err(|e| ServerError::BadBody {
             status: status.as_u16(),
             detail: format!("expected a JSON string: {e}"),
