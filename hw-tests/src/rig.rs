@@ -169,6 +169,14 @@ pub fn reader_index(reader: &str) -> Result<usize> {
         .with_context(|| format!("reader {reader} is not listed"))
 }
 
+/// A loopback port nothing listens on right now (the OS picks it; it is released at once, so
+/// a daemon or a simulator started next can take it).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 /// Path of the cardbridge binary built for these tests (`target/<profile>/cardbridge`).
 pub fn cardbridge_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();

@@ -3,13 +3,17 @@
 
 mod common;
 
+use std::sync::RwLockReadGuard;
 use std::time::{Duration, Instant};
 
 use common::daemon::{next_event, Daemon, ADMIN, TOKEN};
 use common::{insert, run_cardbridge};
-use hw_tests::rig::Rig;
-use hw_tests::sim::{matching_record, scepman_certs, Fault, Fixture, Logged, Simulator};
+use hw_tests::rig::{Rig, Slot};
+use hw_tests::sim::{
+    matching_record, scepman_certs, Fault, Fixture, Logged, ScepmanCert, SimCard, Simulator,
+};
 use hw_tests::vcard::CardSpec;
+use hw_tests::vpcd::Inserted;
 use serde_json::{json, Value};
 
 /// Fast pacing, so retries and request polling happen within a test's patience.
@@ -82,6 +86,31 @@ fn wait_card(daemon: &Daemon, card_id: &str, reconciled: bool) {
     }
 }
 
+/// A 4-certificate PIV card in a leased reader slot, with its card id. Keep the guard and the
+/// slot for the whole test (they drop after the card).
+fn piv_card() -> (RwLockReadGuard<'static, ()>, Slot, Inserted, String) {
+    let rig = Rig::get();
+    let shared = rig.shared();
+    let slot = rig.slot();
+    common::wait_for_card(&slot.reader, false);
+    let card = insert(CardSpec::piv_four_certs(), &slot);
+    let card_id = card.truth.card_id.clone().expect("card id");
+    (shared, slot, card, card_id)
+}
+
+/// The MIM CM / SCEPman simulator on a free port with these records.
+fn simulator(smartcards: Vec<SimCard>, scepman: Vec<ScepmanCert>) -> Simulator {
+    Simulator::start(
+        Fixture {
+            smartcards,
+            scepman,
+            ..Fixture::default()
+        },
+        0,
+    )
+    .expect("simulator")
+}
+
 fn patches(log: &[Logged]) -> Vec<&Logged> {
     log.iter().filter(|l| l.method == "PATCH").collect()
 }
@@ -94,26 +123,13 @@ fn posts_of_requests(log: &[Logged]) -> usize {
 
 #[test]
 fn certificates_are_revoked_once_each_with_every_answer_kept() {
-    let rig = Rig::get();
-    let _shared = rig.shared();
-    let slot = rig.slot();
-    common::wait_for_card(&slot.reader, false);
-    let card = insert(CardSpec::piv_four_certs(), &slot);
-    let card_id = card.truth.card_id.clone().expect("card id");
+    let (_shared, _slot, card, card_id) = piv_card();
     // SCEPman knows three of the four certificates, one of them already revoked.
     let mut known = scepman_certs(&card.truth);
     assert_eq!(known.len(), 4);
     let unknown = known.pop().expect("fourth certificate");
     known[2].revocation_date = Some("2026-01-01T00:00:00Z".into());
-    let sim = Simulator::start(
-        Fixture {
-            smartcards: vec![matching_record(&card.truth, false)],
-            scepman: known.clone(),
-            ..Fixture::default()
-        },
-        0,
-    )
-    .expect("simulator");
+    let sim = simulator(vec![matching_record(&card.truth, false)], known.clone());
     let daemon = Daemon::start(
         "revoke-certs",
         &servers(&sim.cm_base_url(), &sim.scepman_base_url()),
@@ -339,26 +355,11 @@ fn certificates_are_revoked_once_each_with_every_answer_kept() {
 
 #[test]
 fn a_revocation_waits_for_the_server_and_survives_a_kill() {
-    let rig = Rig::get();
-    let _shared = rig.shared();
-    let slot = rig.slot();
-    common::wait_for_card(&slot.reader, false);
-    let card = insert(CardSpec::piv_four_certs(), &slot);
-    let card_id = card.truth.card_id.clone().expect("card id");
+    let (_shared, _slot, card, card_id) = piv_card();
     // SCEPman is down: nothing listens on its port yet.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
+    let port = hw_tests::rig::free_port().expect("free port");
     let down = format!("http://127.0.0.1:{port}/");
-    let cm = Simulator::start(
-        Fixture {
-            smartcards: vec![matching_record(&card.truth, false)],
-            ..Fixture::default()
-        },
-        0,
-    )
-    .expect("simulator");
+    let cm = simulator(vec![matching_record(&card.truth, false)], Vec::new());
     let mut daemon = Daemon::start("revoke-down", &servers(&cm.cm_base_url(), &down));
     wait_card(&daemon, &card_id, false);
     let thumbprint = &card.truth.certificates[1].thumbprint;
@@ -431,26 +432,14 @@ fn wait_requests(sim: &Simulator, n: usize) {
 
 #[test]
 fn a_card_is_retired_through_one_cm_request_followed_to_its_end() {
-    let rig = Rig::get();
-    let _shared = rig.shared();
-    let slot = rig.slot();
-    common::wait_for_card(&slot.reader, false);
-    let card = insert(CardSpec::piv_four_certs(), &slot);
-    let card_id = card.truth.card_id.clone().expect("card id");
+    let (_shared, _slot, card, card_id) = piv_card();
     let mut record = matching_record(&card.truth, false);
     let uuid = record.smartcard["Uuid"]
         .as_str()
         .unwrap_or_default()
         .to_string();
     record.operations = vec!["retire".into()];
-    let sim = Simulator::start(
-        Fixture {
-            smartcards: vec![record],
-            ..Fixture::default()
-        },
-        0,
-    )
-    .expect("simulator");
+    let sim = simulator(vec![record], Vec::new());
     let (daemon, id) = card_revocation("revoke-retire", &sim, &card_id, "retire");
     wait_requests(&sim, 1);
     let request = sim.requests()[0].clone();
@@ -504,20 +493,8 @@ fn a_card_is_retired_through_one_cm_request_followed_to_its_end() {
 
 #[test]
 fn a_denied_cm_request_fails_the_revocation() {
-    let rig = Rig::get();
-    let _shared = rig.shared();
-    let slot = rig.slot();
-    common::wait_for_card(&slot.reader, false);
-    let card = insert(CardSpec::piv_four_certs(), &slot);
-    let card_id = card.truth.card_id.clone().expect("card id");
-    let sim = Simulator::start(
-        Fixture {
-            smartcards: vec![matching_record(&card.truth, false)],
-            ..Fixture::default()
-        },
-        0,
-    )
-    .expect("simulator");
+    let (_shared, _slot, card, card_id) = piv_card();
+    let sim = simulator(vec![matching_record(&card.truth, false)], Vec::new());
     let (daemon, id) = card_revocation("revoke-denied", &sim, &card_id, "revoke");
     wait_requests(&sim, 1);
     let request = sim.requests()[0].clone();
@@ -536,12 +513,7 @@ fn a_denied_cm_request_fails_the_revocation() {
 /// it): after a restart there is exactly one request on the server, followed to its end.
 #[test]
 fn a_kill_during_a_cm_request_neither_loses_nor_repeats_it() {
-    let rig = Rig::get();
-    let _shared = rig.shared();
-    let slot = rig.slot();
-    common::wait_for_card(&slot.reader, false);
-    let card = insert(CardSpec::piv_four_certs(), &slot);
-    let card_id = card.truth.card_id.clone().expect("card id");
+    let (_shared, _slot, card, card_id) = piv_card();
     for (name, fault) in [
         (
             "revoke-kill-answer",
@@ -558,14 +530,7 @@ fn a_kill_during_a_cm_request_neither_loses_nor_repeats_it() {
             },
         ),
     ] {
-        let sim = Simulator::start(
-            Fixture {
-                smartcards: vec![matching_record(&card.truth, false)],
-                ..Fixture::default()
-            },
-            0,
-        )
-        .expect("simulator");
+        let sim = simulator(vec![matching_record(&card.truth, false)], Vec::new());
         sim.set_fault("requests", fault);
         let (mut daemon, id) = card_revocation(name, &sim, &card_id, "revoke");
         let until = Instant::now() + Duration::from_secs(10);

@@ -89,10 +89,7 @@ impl Notified {
         socket
             .set_read_timeout(Some(Duration::from_millis(100)))
             .expect("timeout");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let port = hw_tests::rig::free_port().expect("free port");
         let config = dir.join("config.toml");
         std::fs::write(
             &config,
@@ -210,10 +207,7 @@ fn an_unreachable_cm_server_shows_in_the_status() {
         Err(e) => panic!("cannot insert the virtual card: {e:#}"),
     };
     // Nothing listens on this port.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
+    let port = hw_tests::rig::free_port().expect("free port");
     let daemon = Notified::start_with(
         "cm-down",
         None,

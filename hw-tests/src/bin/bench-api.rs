@@ -80,9 +80,7 @@ fn main() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("cardbridge-bench-api-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let port = hw_tests::rig::free_port()?;
     let config = dir.join("config.toml");
     std::fs::write(
         &config,

@@ -32,10 +32,7 @@ impl Daemon {
 
     /// `api` goes into the `[api]` table, `rest` (e.g. `[cm]`) at the end of the file.
     pub fn start_with(name: &str, api: &str, rest: &str) -> Daemon {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let port = hw_tests::rig::free_port().expect("free port");
         let dir =
             std::env::temp_dir().join(format!("cardbridge-api-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
