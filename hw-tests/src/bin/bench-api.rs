@@ -128,49 +128,24 @@ fn main() -> Result<()> {
         ready.as_secs_f64() * 1000.0
     );
 
-    let card_ids: Vec<String> = runtime.block_on(async {
-        let until = Instant::now() + Duration::from_secs(10);
-        loop {
-            let list: serde_json::Value = http
-                .get(format!("{url}/v1/cards"))
-                .bearer_auth(TOKEN)
-                .send()
-                .await?
-                .json()
-                .await?;
-            let ids: Vec<String> = list
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|c| c["card_id"].as_str().map(str::to_string))
-                .collect();
-            if ids.len() == cards.len() {
-                return Ok(ids);
-            }
-            if Instant::now() > until {
-                bail!("the daemon did not read both cards: {list}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })?;
+    let listed = runtime.block_on(wait_cards(&http, &url, "both cards", |list| {
+        list.iter().filter(|c| c["card_id"].is_string()).count() == cards.len()
+    }))?;
+    let card_ids: Vec<String> = listed
+        .iter()
+        .filter_map(|c| c["card_id"].as_str().map(str::to_string))
+        .collect();
 
     std::thread::sleep(Duration::from_secs(1));
-    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.child.id()))?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map_or("?".to_string(), |v| v.trim().to_string())
-    };
     println!(
-        "idle daemon with {} cards: VmRSS {}, VmHWM {}",
+        "idle daemon with {} cards: {}",
         card_ids.len(),
-        field("VmRSS:"),
-        field("VmHWM:")
+        memory(daemon.child.id())?
     );
 
     throughput(&daemon, args.seconds, "2 cards x 4 certificates")?;
     runtime.block_on(fan_out(&daemon, &http, &card_ids[0], &args))?;
+    println!("after the fan-out: {}", memory(daemon.child.id())?);
 
     // The rig has two reader slots; two cards of 8 certificates give /v1/cards the body (and
     // the work) of four cards of 4.
@@ -183,54 +158,63 @@ fn main() -> Result<()> {
         heavy.retired = 4;
         cards.push(insert_card(heavy, slot)?);
     }
-    runtime.block_on(async {
-        let until = Instant::now() + Duration::from_secs(10);
-        loop {
-            let list: serde_json::Value = http
-                .get(format!("{url}/v1/cards"))
-                .bearer_auth(TOKEN)
-                .send()
-                .await?
-                .json()
-                .await?;
-            let certs: usize = list
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|c| c["certificates"].as_array().map_or(0, Vec::len))
-                .sum();
-            if certs == 16 {
-                return Ok(());
-            }
-            if Instant::now() > until {
-                bail!("the daemon did not read the 8-certificate cards: {list}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })?;
+    runtime.block_on(wait_cards(&http, &url, "the 8-certificate cards", |list| {
+        list.iter()
+            .map(|c| c["certificates"].as_array().map_or(0, Vec::len))
+            .sum::<usize>()
+            == 16
+    }))?;
     throughput(
         &daemon,
         args.seconds,
         "2 cards x 8 certificates (the body of 4 cards x 4)",
     )?;
 
-    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.child.id()))?;
-    println!(
-        "after the fan-out: VmRSS {}, VmHWM {}",
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .unwrap_or("?")
-            .trim(),
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .unwrap_or("?")
-            .trim()
-    );
     drop(daemon);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// Polls `GET /v1/cards` until `done` accepts the list (at most 10 s); returns the list.
+async fn wait_cards(
+    http: &reqwest::Client,
+    url: &str,
+    what: &str,
+    done: impl Fn(&[serde_json::Value]) -> bool,
+) -> Result<Vec<serde_json::Value>> {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let list: Vec<serde_json::Value> = http
+            .get(format!("{url}/v1/cards"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await?
+            .json()
+            .await?;
+        if done(&list) {
+            return Ok(list);
+        }
+        if Instant::now() > until {
+            bail!("the daemon did not read {what}: {list:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The process's resident memory now and at its peak (VmRSS, VmHWM from /proc).
+fn memory(pid: u32) -> Result<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map_or("?".to_string(), |v| v.trim().to_string())
+    };
+    Ok(format!(
+        "VmRSS {}, VmHWM {}",
+        field("VmRSS:"),
+        field("VmHWM:")
+    ))
 }
 
 /// `wrk` on `GET /v1/cards`; prints its summary lines.
