@@ -236,12 +236,8 @@ pub fn revoke(
 ) -> Result<(), ClientError> {
     let key = match idempotency_key {
         Some(key) => key,
-        None => {
-            let mut bytes = [0u8; 16];
-            getrandom::getrandom(&mut bytes)
-                .map_err(|e| ClientError::BadAnswer(format!("no random source: {e}")))?;
-            hex::encode(bytes)
-        }
+        None => crate::api::security::random_hex::<16>()
+            .map_err(|e| ClientError::BadAnswer(format!("no random source: {e}")))?,
     };
     let answer: Value = runtime()?.block_on(async {
         let client = target.client()?;

@@ -377,13 +377,8 @@ fn generated_client(state_dir: &Path) -> Result<ApiClient, DaemonError> {
         path: path.clone(),
         source,
     };
-    let mut bytes = [0u8; 32];
-    std::io::Read::read_exact(
-        &mut std::fs::File::open("/dev/urandom").map_err(err)?,
-        &mut bytes,
-    )
-    .map_err(err)?;
-    let token = hex::encode(bytes);
+    let token = crate::api::security::random_hex::<32>()
+        .map_err(|e| err(std::io::Error::other(e.to_string())))?;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)

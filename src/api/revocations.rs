@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use super::security::random_hex;
 use super::{error, find_card, station, Caller, Listener};
 use crate::cm::model::normalize_hex;
 use crate::revoke::{plan, Known, KnownCertificate, Revocation, RevocationStatus, Submission};
@@ -40,12 +41,6 @@ pub fn publish(bus: &super::events::Bus, revocation: &Revocation) {
     if let Ok(data) = serde_json::to_string(revocation) {
         bus.publish("revocation.updated", data);
     }
-}
-
-fn random_marker() -> Result<String, getrandom::Error> {
-    let mut bytes = [0u8; 16];
-    getrandom::getrandom(&mut bytes)?;
-    Ok(hex::encode(bytes))
 }
 
 /// `POST /v1/revocations`: validates and stores a revocation (or, with `dry_run`, only shows its
@@ -149,7 +144,7 @@ pub(super) async fn submit(
     if submission.dry_run {
         return Json(json!({"dry_run": true, "plan": plan})).into_response();
     }
-    let markers: Result<Vec<String>, _> = plan.actions.iter().map(|_| random_marker()).collect();
+    let markers: Result<Vec<String>, _> = plan.actions.iter().map(|_| random_hex::<16>()).collect();
     let Ok(markers) = markers else {
         return error(
             StatusCode::INTERNAL_SERVER_ERROR,
