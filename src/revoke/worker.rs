@@ -48,7 +48,7 @@ pub struct Worker {
 }
 
 /// The marker that identifies an action's CM request in its comment.
-pub fn comment_marker(marker: &str) -> String {
+fn comment_marker(marker: &str) -> String {
     format!("[cardbridge:{marker}]")
 }
 
