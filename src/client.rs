@@ -236,7 +236,7 @@ pub fn revoke(
 ) -> Result<(), ClientError> {
     let key = match idempotency_key {
         Some(key) => key,
-        None => crate::api::security::random_hex::<16>()
+        None => crate::random::random_hex::<16>()
             .map_err(|e| ClientError::BadAnswer(format!("no random source: {e}")))?,
     };
     let answer: Value = runtime()?.block_on(async {

@@ -2,8 +2,9 @@
 //!
 //! Errors name the file and the key (toml's messages carry the key path and position), because
 //! an administrator editing `/etc/cardbridge/config.toml` on a kiosk needs to know exactly what to
-//! fix. Secrets are never inline: the bearer token and the basic-auth password are read from
-//! files, so the configuration itself can be world-readable.
+//! fix. Secrets are never inline: tokens, passwords, client secrets, keys and keytabs are read
+//! from files (or systemd credentials, see [`crate::auth::secret`]), so the configuration itself
+//! can be world-readable.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -160,6 +161,30 @@ pub struct ServerConfig {
     /// `[cm]` only: byte order of the PIV card id as the server knows it; absent or `auto`
     /// tries both.
     pub card_id_order: Option<CardIdOrder>,
+    /// `auth = "negotiate"`: the station's client keytab (a path, or a credential name in
+    /// `$CREDENTIALS_DIRECTORY`). Absent: `KRB5_CLIENT_KTNAME`, the default client keytab, or
+    /// the credential cache.
+    pub keytab: Option<PathBuf>,
+    /// `auth = "negotiate"`: the client principal (default: the keytab's first principal).
+    pub principal: Option<String>,
+    /// `auth = "negotiate"`: the server's principal, `HTTP/<host>` (default: the host of
+    /// `base_url`).
+    pub spn: Option<String>,
+    /// `auth = "oauth"`: the token endpoint (Entra ID v2 or AD FS).
+    pub token_url: Option<String>,
+    /// `auth = "oauth"`: the application (client) id.
+    pub client_id: Option<String>,
+    /// `auth = "oauth"`, Entra ID v2: `api://<app id>/.default`.
+    pub scope: Option<String>,
+    /// `auth = "oauth"`, AD FS: the relying party identifier.
+    pub resource: Option<String>,
+    /// `auth = "oauth"`: file (or credential name) holding the client secret.
+    pub client_secret_file: Option<PathBuf>,
+    /// `auth = "oauth"`: PEM certificate registered for the application, for a signed client
+    /// assertion instead of a secret.
+    pub client_assertion_certificate: Option<PathBuf>,
+    /// `auth = "oauth"`: PEM private key of that certificate (a path or a credential name).
+    pub client_assertion_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -169,6 +194,22 @@ pub enum ServerAuth {
     None,
     Bearer,
     Basic,
+    /// HTTP Negotiate with Kerberos (SPNEGO), from the station's keytab.
+    Negotiate,
+    /// OAuth 2.0 client credentials (Entra ID or AD FS).
+    Oauth,
+}
+
+impl ServerAuth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerAuth::None => "none",
+            ServerAuth::Bearer => "bearer",
+            ServerAuth::Basic => "basic",
+            ServerAuth::Negotiate => "negotiate",
+            ServerAuth::Oauth => "oauth",
+        }
+    }
 }
 
 /// How the 16 card-id bytes are written as the GUID string the server is asked about.
@@ -193,26 +234,132 @@ fn default_retries() -> u32 {
 }
 
 impl ServerConfig {
-    /// Checks what TOML types cannot: the URL, the secrets each auth needs, the timeouts.
+    /// Checks what TOML types cannot: the URL, the keys each auth needs (and no key of another
+    /// auth, which would be a mistake that passes silently), the timeouts.
     fn check(&self, section: &str) -> Result<(), String> {
         let url =
             reqwest::Url::parse(&self.base_url).map_err(|e| format!("{section}.base_url: {e}"))?;
         if !matches!(url.scheme(), "https" | "http") {
             return Err(format!("{section}.base_url: must be an http or https URL"));
         }
-        match self.auth {
-            ServerAuth::Bearer if self.token_file.is_none() => Err(format!(
-                "{section}.token_file: required when {section}.auth = \"bearer\""
-            )),
-            ServerAuth::Basic if self.username.is_none() || self.password_file.is_none() => {
-                Err(format!(
-                    "{section}.username and {section}.password_file: required when {section}.auth = \"basic\""
-                ))
-            }
-            _ if self.timeout_ms == 0 || self.connect_timeout_ms == 0 => Err(format!(
+        if self.timeout_ms == 0 || self.connect_timeout_ms == 0 {
+            return Err(format!(
                 "{section}.timeout_ms and {section}.connect_timeout_ms: must be greater than 0"
+            ));
+        }
+        for (key, wanted) in self.auth_keys() {
+            if wanted != self.auth {
+                return Err(format!(
+                    "{section}.{key}: only used with {section}.auth = \"{}\" (auth is \"{}\")",
+                    wanted.as_str(),
+                    self.auth.as_str()
+                ));
+            }
+        }
+        let required = |key: &str| {
+            format!(
+                "{section}.{key}: required when {section}.auth = \"{}\"",
+                self.auth.as_str()
+            )
+        };
+        match self.auth {
+            ServerAuth::None => Ok(()),
+            ServerAuth::Bearer if self.token_file.is_none() => Err(required("token_file")),
+            ServerAuth::Basic if self.username.is_none() || self.password_file.is_none() => {
+                Err(required("username and password_file"))
+            }
+            ServerAuth::Bearer | ServerAuth::Basic => Ok(()),
+            ServerAuth::Negotiate => self.check_negotiate(section),
+            ServerAuth::Oauth => self.check_oauth(section, &required),
+        }
+    }
+
+    /// The authentication keys that are set, with the auth they belong to.
+    fn auth_keys(&self) -> Vec<(&'static str, ServerAuth)> {
+        use ServerAuth::{Basic, Bearer, Negotiate, Oauth};
+        let set = [
+            ("token_file", self.token_file.is_some(), Bearer),
+            ("username", self.username.is_some(), Basic),
+            ("password_file", self.password_file.is_some(), Basic),
+            ("keytab", self.keytab.is_some(), Negotiate),
+            ("principal", self.principal.is_some(), Negotiate),
+            ("spn", self.spn.is_some(), Negotiate),
+            ("token_url", self.token_url.is_some(), Oauth),
+            ("client_id", self.client_id.is_some(), Oauth),
+            ("scope", self.scope.is_some(), Oauth),
+            ("resource", self.resource.is_some(), Oauth),
+            (
+                "client_secret_file",
+                self.client_secret_file.is_some(),
+                Oauth,
+            ),
+            (
+                "client_assertion_certificate",
+                self.client_assertion_certificate.is_some(),
+                Oauth,
+            ),
+            (
+                "client_assertion_key",
+                self.client_assertion_key.is_some(),
+                Oauth,
+            ),
+        ];
+        set.into_iter()
+            .filter(|(_, present, _)| *present)
+            .map(|(key, _, auth)| (key, auth))
+            .collect()
+    }
+
+    fn check_negotiate(&self, section: &str) -> Result<(), String> {
+        if let Some(spn) = &self.spn {
+            let valid = spn
+                .split_once('/')
+                .is_some_and(|(service, host)| !service.is_empty() && !host.is_empty());
+            if !valid || spn.chars().any(char::is_whitespace) {
+                return Err(format!(
+                    "{section}.spn: {spn:?} is not a service principal; write it as HTTP/<host>, e.g. HTTP/cm.contoso.com"
+                ));
+            }
+        }
+        if self.principal.as_deref().is_some_and(str::is_empty) {
+            return Err(format!("{section}.principal: must not be empty"));
+        }
+        Ok(())
+    }
+
+    fn check_oauth(&self, section: &str, required: &dyn Fn(&str) -> String) -> Result<(), String> {
+        let token_url = self
+            .token_url
+            .as_deref()
+            .ok_or_else(|| required("token_url"))?;
+        let url =
+            reqwest::Url::parse(token_url).map_err(|e| format!("{section}.token_url: {e}"))?;
+        if !matches!(url.scheme(), "https" | "http") {
+            return Err(format!("{section}.token_url: must be an http or https URL"));
+        }
+        if self.client_id.as_deref().is_none_or(str::is_empty) {
+            return Err(required("client_id"));
+        }
+        if self.scope.is_some() == self.resource.is_some() {
+            return Err(format!(
+                "{section}.scope or {section}.resource: exactly one is required with {section}.auth = \"oauth\" (scope for Entra ID, resource for AD FS)"
+            ));
+        }
+        let assertion = (
+            self.client_assertion_certificate.is_some(),
+            self.client_assertion_key.is_some(),
+        );
+        match (self.client_secret_file.is_some(), assertion) {
+            (true, (false, false)) | (false, (true, true)) => Ok(()),
+            (false, (false, false)) => Err(format!(
+                "{section}.client_secret_file, or {section}.client_assertion_certificate with {section}.client_assertion_key: required when {section}.auth = \"oauth\""
             )),
-            _ => Ok(()),
+            (true, _) => Err(format!(
+                "{section}.client_secret_file: use either a client secret or a client assertion certificate, not both"
+            )),
+            (false, _) => Err(format!(
+                "{section}.client_assertion_certificate and {section}.client_assertion_key: both are needed for a client assertion"
+            )),
         }
     }
 
@@ -313,6 +460,14 @@ impl Config {
         if r.retry_initial_ms == 0 || r.poll_interval_ms == 0 || r.retry_max_ms < r.retry_initial_ms
         {
             return Err("revocation: retry_initial_ms and poll_interval_ms must be greater than 0, and retry_max_ms at least retry_initial_ms".into());
+        }
+        let keytabs: Vec<&PathBuf> = [&config.cm, &config.scepman]
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.keytab.as_ref())
+            .collect();
+        if keytabs.windows(2).any(|pair| pair[0] != pair[1]) {
+            return Err("cm.keytab and scepman.keytab: one station has one client keytab; name the same file in both sections (or leave it out of one)".into());
         }
         if config
             .scepman

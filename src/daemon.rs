@@ -377,8 +377,8 @@ fn generated_client(state_dir: &Path) -> Result<ApiClient, DaemonError> {
         path: path.clone(),
         source,
     };
-    let token = crate::api::security::random_hex::<32>()
-        .map_err(|e| err(std::io::Error::other(e.to_string())))?;
+    let token =
+        crate::random::random_hex::<32>().map_err(|e| err(std::io::Error::other(e.to_string())))?;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)

@@ -1,14 +1,21 @@
 //! What the MIM CM and SCEPman clients share: one `reqwest` client per server (rustls with the
-//! system trust store plus an optional CA bundle, optional client certificate, keep-alive,
-//! connect and total timeouts, authentication with secrets read from files), error classes an
-//! administrator can act on, and the backoff used for retries.
+//! system trust store plus an optional CA bundle, optional client certificate, HTTP/1.1
+//! keep-alive, a cookie store, connect and total timeouts, answers bounded to 1 MiB), the
+//! authentication exchange (bearer, basic, Negotiate, OAuth; see [`crate::auth`]), error
+//! classes an administrator can act on, and the backoff used for retries.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use regex::Regex;
-use reqwest::{Client, RequestBuilder, StatusCode, Url};
+use reqwest::header::{AUTHORIZATION, WWW_AUTHENTICATE};
+use reqwest::{Client, ClientBuilder, RequestBuilder, Response, StatusCode, Url};
 use thiserror::Error;
 
+use crate::auth::negotiate::{self, Negotiator, Proof};
+use crate::auth::oauth::{Audience, ClientCredential, TokenSource};
+use crate::auth::secret::SecretPath;
+use crate::auth::AuthError;
 use crate::config::{ServerAuth, ServerConfig};
 
 /// Why a call to a server failed. [`ServerError::code`] is stable (reasons, audit rows).
@@ -37,6 +44,8 @@ pub enum ServerError {
     },
     #[error("the server answered {status} with a body that is not the expected JSON: {detail}")]
     BadBody { status: u16, detail: String },
+    #[error("authentication failed: {0}")]
+    Auth(#[from] AuthError),
 }
 
 impl ServerError {
@@ -50,16 +59,19 @@ impl ServerError {
             ServerError::Timeout => "timeout",
             ServerError::Status { .. } => "http_status",
             ServerError::BadBody { .. } => "bad_body",
+            ServerError::Auth(_) => "auth_failed",
         }
     }
 
-    /// Worth another try: the network or the server's health, not the request itself.
+    /// Worth another try later: the network, the server's health, or authentication (an
+    /// administrator may fix the keytab or the secret), not the request itself.
     pub fn is_transient(&self) -> bool {
         match self {
             ServerError::Refused(_)
             | ServerError::Connect(_)
             | ServerError::Timeout
-            | ServerError::Dns(_) => true,
+            | ServerError::Dns(_)
+            | ServerError::Auth(_) => true,
             ServerError::Status { status, .. } => *status >= 500,
             ServerError::BadBody { .. } | ServerError::Tls(_) | ServerError::Config(_) => false,
         }
@@ -74,6 +86,13 @@ impl ServerError {
     }
 }
 
+/// The most a MIM CM or SCEPman answer may hold; the largest real one (a card's certificate
+/// list) is a few KiB.
+pub const MAX_BODY: usize = 1 << 20;
+
+/// Negotiate legs before giving up (Kerberos needs one; SPNEGO may add one).
+const MAX_LEGS: usize = 3;
+
 /// One configured server: the HTTP client, the base URL and how to authenticate.
 #[derive(Clone)]
 pub struct Server {
@@ -83,6 +102,12 @@ pub struct Server {
     auth: Auth,
     /// Extra attempts for idempotent requests after a transient failure.
     pub retries: u32,
+    /// `cm` or `scepman`, for messages.
+    section: &'static str,
+    /// The cause of the authentication failure last logged, so that a failing keytab or
+    /// secret is logged once as an error, not at every card.
+    alarm: Arc<Mutex<Option<&'static str>>>,
+    proof: Arc<Mutex<Option<Proof>>>,
 }
 
 #[derive(Clone)]
@@ -90,69 +115,34 @@ enum Auth {
     None,
     Bearer(String),
     Basic(String, String),
+    Negotiate(Arc<Negotiator>),
+    Oauth(Arc<TokenSource>),
 }
 
 impl Server {
     /// Builds the client for the `[section]` of the configuration (`cm`, `scepman`); errors name
     /// the section's key.
-    pub fn new(config: &ServerConfig, section: &str) -> Result<Server, ServerError> {
+    pub fn new(config: &ServerConfig, section: &'static str) -> Result<Server, ServerError> {
         let bad =
             |key: &str, detail: String| ServerError::Config(format!("{section}.{key}: {detail}"));
         let mut base = Url::parse(&config.base_url).map_err(|e| bad("base_url", e.to_string()))?;
         if !base.path().ends_with('/') {
             base.set_path(&format!("{}/", base.path()));
         }
-        let read = |path: &std::path::Path, key: &str| {
-            std::fs::read_to_string(path)
-                .map(|s| s.trim().to_string())
-                .map_err(|e| bad(key, format!("{}: {e}", path.display())))
-        };
-        let auth = match config.auth {
-            ServerAuth::None => Auth::None,
-            ServerAuth::Bearer => match &config.token_file {
-                Some(path) => Auth::Bearer(read(path, "token_file")?),
-                None => return Err(bad("token_file", "required for bearer auth".into())),
-            },
-            ServerAuth::Basic => match (&config.username, &config.password_file) {
-                (Some(user), Some(path)) => Auth::Basic(user.clone(), read(path, "password_file")?),
-                _ => {
-                    return Err(bad(
-                        "username",
-                        "username and password_file are required for basic auth".into(),
-                    ))
-                }
-            },
-        };
-        let mut builder = Client::builder()
-            .use_rustls_tls()
-            .connect_timeout(config.connect_timeout())
-            .timeout(config.timeout())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .user_agent(concat!("cardbridge/", env!("CARGO_PKG_VERSION")));
-        if let Some(path) = &config.ca_bundle {
-            let pem = std::fs::read(path)
-                .map_err(|e| bad("ca_bundle", format!("{}: {e}", path.display())))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| bad("ca_bundle", format!("{}: {e}", path.display())))?;
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
-        if let Some(path) = &config.client_certificate {
-            let pem = std::fs::read(path)
-                .map_err(|e| bad("client_certificate", format!("{}: {e}", path.display())))?;
-            let identity = reqwest::Identity::from_pem(&pem)
-                .map_err(|e| bad("client_certificate", format!("{}: {e}", path.display())))?;
-            builder = builder.identity(identity);
-        }
-        let http = builder
+        let http = client_builder(config, section)?
+            .cookie_store(true)
+            .http1_only()
             .build()
             .map_err(|e| ServerError::Config(e.to_string()))?;
+        let auth = auth_of(config, section, &base)?;
         Ok(Server {
             http,
             base,
             auth,
             retries: config.retries,
+            section,
+            alarm: Arc::new(Mutex::new(None)),
+            proof: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -169,22 +159,371 @@ impl Server {
         &self,
         request: RequestBuilder,
     ) -> Result<(StatusCode, String), ServerError> {
-        let response = self.authorize(request).send().await.map_err(classify)?;
+        let response = self.execute(request).await?;
         let status = response.status();
-        let text = response.text().await.map_err(classify)?;
+        let body = read_body(response).await?;
+        let text = String::from_utf8_lossy(&body).into_owned();
         if !status.is_success() {
             return Err(status_error(status, &text));
         }
         Ok((status, text))
     }
 
-    pub fn authorize(&self, request: RequestBuilder) -> RequestBuilder {
+    /// Sends a request with this server's authentication, answering a Negotiate challenge or
+    /// replacing a refused OAuth token on the way. The body must be one `reqwest` can send
+    /// twice (JSON and forms are).
+    pub async fn execute(&self, request: RequestBuilder) -> Result<Response, ServerError> {
+        let result = match &self.auth {
+            Auth::None => request.send().await.map_err(classify),
+            Auth::Bearer(token) => request.bearer_auth(token).send().await.map_err(classify),
+            Auth::Basic(user, password) => request
+                .basic_auth(user, Some(password))
+                .send()
+                .await
+                .map_err(classify),
+            Auth::Negotiate(negotiator) => self.negotiate(negotiator, request).await,
+            Auth::Oauth(tokens) => oauth(tokens, request).await,
+        };
+        self.note_authentication(&result);
+        result
+    }
+
+    /// The OAuth token source, when this server uses one (`check-config --online`, tests).
+    pub fn token_source(&self) -> Option<&TokenSource> {
         match &self.auth {
-            Auth::None => request,
-            Auth::Bearer(token) => request.bearer_auth(token),
-            Auth::Basic(user, password) => request.basic_auth(user, Some(password)),
+            Auth::Oauth(tokens) => Some(tokens),
+            _ => None,
         }
     }
+
+    /// What the last Negotiate handshake proved (principal, SPN, ticket lifetime), for
+    /// `check-config --online`.
+    pub fn kerberos_proof(&self) -> Option<Proof> {
+        self.proof.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// HTTP Negotiate: the request goes out without a token first, so that a connection the
+    /// server has already authenticated (IIS keeps Kerberos per connection by default) costs no
+    /// handshake; a `401 Negotiate` then gets a ticket, and the answer must prove the server's
+    /// identity (mutual authentication) before it is believed.
+    async fn negotiate(
+        &self,
+        n: &Arc<Negotiator>,
+        request: RequestBuilder,
+    ) -> Result<Response, ServerError> {
+        let first = replay(&request)?.send().await.map_err(classify)?;
+        if first.status() != StatusCode::UNAUTHORIZED {
+            return Ok(first);
+        }
+        let offered = offers(&first);
+        if offered.negotiate.is_none() {
+            if offered.ntlm {
+                return Err(AuthError::NtlmOnly {
+                    spn: n.spn().to_string(),
+                }
+                .into());
+            }
+            return Ok(first);
+        }
+        let _ = read_body(first).await;
+        let starter = n.clone();
+        let (mut handshake, mut token) = blocking(move || starter.start()).await?;
+        for _ in 0..MAX_LEGS {
+            let response = replay(&request)?
+                .header(AUTHORIZATION, negotiate::authorization(&token))
+                .send()
+                .await
+                .map_err(classify)?;
+            let server_token = offers(&response).negotiate.flatten();
+            let refused = response.status() == StatusCode::UNAUTHORIZED;
+            let Some(server_token) = server_token else {
+                if refused {
+                    return Err(AuthError::TicketRefused {
+                        spn: n.spn().to_string(),
+                        detail: "the server answered 401 to the ticket".into(),
+                    }
+                    .into());
+                }
+                if response.status().is_success() {
+                    let proof = n.verify(&handshake)?;
+                    *self.proof.lock().unwrap_or_else(|p| p.into_inner()) = Some(proof);
+                }
+                return Ok(response);
+            };
+            let stepper = n.clone();
+            let (next_handshake, next) = blocking(move || {
+                let next = stepper.step(&mut handshake, &server_token);
+                next.map(|next| (handshake, next))
+            })
+            .await
+            .map_err(|e| match (refused, e) {
+                (true, AuthError::MutualAuth { spn, detail }) => {
+                    AuthError::TicketRefused { spn, detail }
+                }
+                (_, e) => e,
+            })?;
+            handshake = next_handshake;
+            match (refused, next) {
+                (true, Some(next)) => token = next,
+                (true, None) => {
+                    return Err(AuthError::TicketRefused {
+                        spn: n.spn().to_string(),
+                        detail: "the server answered 401 to a completed handshake".into(),
+                    }
+                    .into())
+                }
+                (false, _) => {
+                    if response.status().is_success() {
+                        let proof = n.verify(&handshake)?;
+                        *self.proof.lock().unwrap_or_else(|p| p.into_inner()) = Some(proof);
+                    }
+                    return Ok(response);
+                }
+            }
+        }
+        Err(AuthError::TicketRefused {
+            spn: n.spn().to_string(),
+            detail: format!("no answer after {MAX_LEGS} legs"),
+        }
+        .into())
+    }
+
+    /// Logs the first authentication failure of a kind as an error naming the fix, and the
+    /// return to normal once.
+    fn note_authentication(&self, result: &Result<Response, ServerError>) {
+        let mut alarm = self.alarm.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Err(ServerError::Auth(e)) if *alarm != Some(e.cause()) => {
+                tracing::error!(
+                    server = self.section,
+                    "authentication failed: {e}. To fix: {}",
+                    e.fix()
+                );
+                *alarm = Some(e.cause());
+            }
+            Ok(response) if alarm.is_some() && response.status() != StatusCode::UNAUTHORIZED => {
+                tracing::info!(server = self.section, "authentication works again");
+                *alarm = None;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A `reqwest` client builder with the section's TLS trust, client certificate and timeouts.
+fn client_builder(config: &ServerConfig, section: &str) -> Result<ClientBuilder, ServerError> {
+    let bad = |key: &str, detail: String| ServerError::Config(format!("{section}.{key}: {detail}"));
+    let mut builder = Client::builder()
+        .use_rustls_tls()
+        .connect_timeout(config.connect_timeout())
+        .timeout(config.timeout())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .user_agent(concat!("cardbridge/", env!("CARGO_PKG_VERSION")));
+    if let Some(path) = &config.ca_bundle {
+        let pem = std::fs::read(path)
+            .map_err(|e| bad("ca_bundle", format!("{}: {e}", path.display())))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| bad("ca_bundle", format!("{}: {e}", path.display())))?;
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    if let Some(path) = &config.client_certificate {
+        let pem = std::fs::read(path)
+            .map_err(|e| bad("client_certificate", format!("{}: {e}", path.display())))?;
+        let identity = reqwest::Identity::from_pem(&pem)
+            .map_err(|e| bad("client_certificate", format!("{}: {e}", path.display())))?;
+        builder = builder.identity(identity);
+    }
+    Ok(builder)
+}
+
+/// The section's authentication. Secrets are read (and their modes checked) now, so a
+/// misconfigured station refuses to start with the file and the fix.
+fn auth_of(config: &ServerConfig, section: &str, base: &Url) -> Result<Auth, ServerError> {
+    let key = |k: &str| format!("{section}.{k}");
+    let secret = |k: &str, path: &Option<std::path::PathBuf>| -> Result<SecretPath, ServerError> {
+        let path = path
+            .as_ref()
+            .ok_or_else(|| ServerError::Config(format!("{}: required", key(k))))?;
+        Ok(SecretPath::resolve(&key(k), path).map_err(AuthError::from)?)
+    };
+    let text = |k: &str, path: &Option<std::path::PathBuf>| -> Result<String, ServerError> {
+        Ok(secret(k, path)?.read_text().map_err(AuthError::from)?)
+    };
+    Ok(match config.auth {
+        ServerAuth::None => Auth::None,
+        ServerAuth::Bearer => Auth::Bearer(text("token_file", &config.token_file)?),
+        ServerAuth::Basic => {
+            let user = config
+                .username
+                .clone()
+                .ok_or_else(|| ServerError::Config(format!("{}: required", key("username"))))?;
+            Auth::Basic(user, text("password_file", &config.password_file)?)
+        }
+        ServerAuth::Negotiate => {
+            let keytab = match &config.keytab {
+                Some(_) => {
+                    let keytab = secret("keytab", &config.keytab)?;
+                    keytab.check_mode().map_err(AuthError::from)?;
+                    Some(keytab)
+                }
+                None => None,
+            };
+            Auth::Negotiate(Arc::new(Negotiator::new(
+                base.host_str().unwrap_or_default(),
+                config.spn.as_deref(),
+                config.principal.as_deref(),
+                keytab,
+            )))
+        }
+        ServerAuth::Oauth => Auth::Oauth(Arc::new(token_source(config, section)?)),
+    })
+}
+
+fn token_source(config: &ServerConfig, section: &str) -> Result<TokenSource, ServerError> {
+    let missing = |k: &str| ServerError::Config(format!("{section}.{k}: required"));
+    let credential = match (
+        &config.client_secret_file,
+        &config.client_assertion_certificate,
+    ) {
+        (Some(path), _) => {
+            let secret = SecretPath::resolve(&format!("{section}.client_secret_file"), path)
+                .map_err(AuthError::from)?;
+            secret.read_text().map_err(AuthError::from)?;
+            ClientCredential::Secret(secret)
+        }
+        (None, Some(certificate)) => {
+            let key_path = config
+                .client_assertion_key
+                .as_ref()
+                .ok_or_else(|| missing("client_assertion_key"))?;
+            let key = SecretPath::resolve(&format!("{section}.client_assertion_key"), key_path)
+                .map_err(AuthError::from)?;
+            key.read().map_err(AuthError::from)?;
+            ClientCredential::Assertion {
+                certificate_der: certificate_der(certificate, section)?,
+                key,
+            }
+        }
+        (None, None) => return Err(missing("client_secret_file")),
+    };
+    let audience = match (&config.scope, &config.resource) {
+        (Some(scope), _) => Audience::Scope(scope.clone()),
+        (None, Some(resource)) => Audience::Resource(resource.clone()),
+        (None, None) => return Err(missing("scope")),
+    };
+    // The token endpoint never redirects a client; following one would send the secret on.
+    let http = client_builder(config, section)?
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| ServerError::Config(e.to_string()))?;
+    Ok(TokenSource::new(
+        http,
+        config
+            .token_url
+            .clone()
+            .ok_or_else(|| missing("token_url"))?,
+        config
+            .client_id
+            .clone()
+            .ok_or_else(|| missing("client_id"))?,
+        audience,
+        credential,
+    ))
+}
+
+fn certificate_der(path: &std::path::Path, section: &str) -> Result<Vec<u8>, ServerError> {
+    let bad = |detail: String| {
+        ServerError::Config(format!(
+            "{section}.client_assertion_certificate: {}: {detail}",
+            path.display()
+        ))
+    };
+    let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).map_err(|e| bad(e.to_string()))?;
+    pem.parse_x509().map_err(|e| bad(e.to_string()))?;
+    Ok(pem.contents)
+}
+
+/// Runs a blocking GSSAPI call on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, AuthError> + Send + 'static,
+) -> Result<T, AuthError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(AuthError::Kerberos {
+            spn: String::new(),
+            detail: format!("the GSSAPI call did not finish: {e}"),
+        })
+    })
+}
+
+fn replay(request: &RequestBuilder) -> Result<RequestBuilder, ServerError> {
+    request
+        .try_clone()
+        .ok_or_else(|| ServerError::Config("a request body that cannot be sent twice".into()))
+}
+
+fn offers(response: &Response) -> negotiate::Challenges {
+    negotiate::challenges(
+        response
+            .headers()
+            .get_all(WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    )
+}
+
+/// OAuth: the cached token; a `401` drops it and the request is sent once more with a new one.
+async fn oauth(tokens: &TokenSource, request: RequestBuilder) -> Result<Response, ServerError> {
+    let retry = replay(&request)?;
+    let token = tokens.token().await?;
+    let response = request
+        .bearer_auth(&*token.value)
+        .send()
+        .await
+        .map_err(classify)?;
+    if response.status() != StatusCode::UNAUTHORIZED {
+        return Ok(response);
+    }
+    let _ = read_body(response).await;
+    let token = tokens.token_after_rejection(&token).await?;
+    let response = retry
+        .bearer_auth(&*token.value)
+        .send()
+        .await
+        .map_err(classify)?;
+    if response.status() != StatusCode::UNAUTHORIZED {
+        return Ok(response);
+    }
+    let challenge = response
+        .headers()
+        .get(WWW_AUTHENTICATE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = read_body(response).await.unwrap_or_default();
+    let detail = challenge
+        .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned());
+    Err(AuthError::TokenRefused {
+        detail: format!("401 after a new token: {detail}"),
+    }
+    .into())
+}
+
+/// Reads a whole answer, refusing one over [`MAX_BODY`].
+pub async fn read_body(mut response: Response) -> Result<Vec<u8>, ServerError> {
+    let status = response.status().as_u16();
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(classify)? {
+        if body.len() + chunk.len() > MAX_BODY {
+            return Err(ServerError::BadBody {
+                status,
+                detail: format!("the answer is larger than {} KiB", MAX_BODY / 1024),
+            });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// 200 ms, 400 ms, 800 ms… plus up to the same again at random, so that many stations

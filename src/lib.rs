@@ -7,6 +7,7 @@
 //! - [`card`]: the card protocols (ATR, BER-TLV, PIV, GIDS, certificates), free of I/O.
 //! - [`pcsc`]: the PC/SC side: the monitor thread, reading one reader, the APDU transport.
 //! - [`http`]: what the server clients share (TLS, authentication, error classes, backoff).
+//! - [`auth`]: Kerberos (Negotiate) and OAuth client credentials, and secret files.
 //! - [`cm`]: the MIM CM REST client.
 //! - [`scepman`]: the SCEPman Management API client (certificate revocation).
 //! - [`revoke`]: revocation requests, their planning, and the outbox worker that delivers them.
@@ -17,12 +18,14 @@
 //! - [`api`]: the local REST + Server-Sent Events API and its security checks.
 //! - [`daemon`]: `cardbridge run`, the engine behind the local API.
 //! - [`service`]: the daemon as a systemd service (readiness, status, watchdog).
+//! - [`random`]: random tokens and keys from the system's source.
 //! - [`logging`]: `tracing` output for a terminal or the journal.
 //! - [`scan`]: the `cardbridge scan` command.
 //! - [`client`]: `cardbridge cards`, `events`, `revoke` and `revocations`, clients of a running
 //!   daemon.
 
 pub mod api;
+pub mod auth;
 pub mod card;
 pub mod client;
 pub mod cm;
@@ -32,6 +35,7 @@ pub mod engine;
 pub mod http;
 pub mod logging;
 pub mod pcsc;
+pub mod random;
 pub mod reconcile;
 pub mod revoke;
 pub mod scan;

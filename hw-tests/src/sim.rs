@@ -583,7 +583,7 @@ fn handle(
                 .requests
                 .iter()
                 .filter(|r| {
-                    wanted.as_deref().map_or(true, |w| {
+                    wanted.as_deref().is_none_or(|w| {
                         request_status_name(r["Status"].as_i64().unwrap_or(0)).to_ascii_lowercase()
                             == w
                     })

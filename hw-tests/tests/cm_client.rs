@@ -225,6 +225,11 @@ fn bearer_and_basic_authentication_and_case_insensitive_routes() {
     std::fs::create_dir_all(&dir).expect("temp dir");
     std::fs::write(dir.join("token"), "s3cret-token\n").expect("token");
     std::fs::write(dir.join("password"), "pa55").expect("password");
+    for secret in ["token", "password"] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.join(secret), std::fs::Permissions::from_mode(0o600))
+            .expect("chmod");
+    }
     // The documentation's examples use both cases of the base path; the server takes either.
     let lower = format!("http://{}/certificatemanagement/", sim.addr);
     for (auth, expected) in [

@@ -11,9 +11,9 @@ use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use super::security::random_hex;
 use super::{error, find_card, station, Caller, Listener};
 use crate::cm::model::normalize_hex;
+use crate::random::random_hex;
 use crate::revoke::{plan, Known, KnownCertificate, Revocation, RevocationStatus, Submission};
 use crate::store::Store;
 

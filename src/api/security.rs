@@ -114,7 +114,7 @@ impl Clients {
         let index = bearer(headers)
             .and_then(|t| self.index_of(t))
             .ok_or(TicketError::NoToken)?;
-        let ticket = random_hex::<32>().map_err(|_| TicketError::NoRandomness)?;
+        let ticket = crate::random::random_hex::<32>().map_err(|_| TicketError::NoRandomness)?;
         let mut tickets = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         tickets.retain(|_, (_, expires)| *expires > now);
@@ -146,13 +146,6 @@ pub enum TicketError {
     TooMany,
     #[error("the system's random source failed")]
     NoRandomness,
-}
-
-/// `N` bytes from the system's random source, as hex: tokens, tickets, markers, keys.
-pub fn random_hex<const N: usize>() -> Result<String, getrandom::Error> {
-    let mut bytes = [0u8; N];
-    getrandom::getrandom(&mut bytes)?;
-    Ok(hex::encode(bytes))
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {

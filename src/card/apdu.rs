@@ -334,11 +334,8 @@ mod tests {
 
     #[test]
     fn bounds_the_size_of_a_chained_object() {
-        let chunk: Vec<u8> = std::iter::repeat(0xAA)
-            .take(256)
-            .chain([0x61, 0x00])
-            .collect();
-        let responses: Vec<&[u8]> = std::iter::repeat(&chunk[..]).take(400).collect();
+        let chunk: Vec<u8> = std::iter::repeat_n(0xAA, 256).chain([0x61, 0x00]).collect();
+        let responses: Vec<&[u8]> = std::iter::repeat_n(&chunk[..], 400).collect();
         let mut script = Script::new(&responses);
         let mut ch = Channel::new(&mut script, false, later());
         let err = ch.send(GET_CHUID, &[]).unwrap_err();
@@ -348,9 +345,7 @@ mod tests {
 
     #[test]
     fn an_endless_chain_of_empty_steps_ends() {
-        let responses: Vec<&[u8]> = std::iter::repeat(&[0x61u8, 0x01][..])
-            .take(10_000)
-            .collect();
+        let responses: Vec<&[u8]> = std::iter::repeat_n(&[0x61u8, 0x01][..], 10_000).collect();
         let mut script = Script::new(&responses);
         let mut ch = Channel::new(&mut script, false, later());
         assert!(matches!(

@@ -14,7 +14,7 @@ use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 
 use crate::config::ServerConfig;
-use crate::http::{backoff, classify, status_error, Server, ServerError};
+use crate::http::{backoff, read_body, status_error, Server, ServerError};
 pub use model::{NewRequest, Request, Smartcard, X509ClmCertificate};
 
 /// A client for one MIM CM server (its base is the `…/CertificateManagement/` URL).
@@ -96,7 +96,13 @@ impl CmClient {
         let mut attempt = 0;
         loop {
             match self.get_once(path, query).await {
-                Err(e) if e.is_transient() && attempt < self.server.retries => {
+                // An authentication failure is not retried at once: the keytab or the secret
+                // will not have changed a few hundred milliseconds later.
+                Err(e)
+                    if e.is_transient()
+                        && !matches!(e, ServerError::Auth(_))
+                        && attempt < self.server.retries =>
+                {
                     tokio::time::sleep(backoff(attempt)).await;
                     attempt += 1;
                 }
@@ -114,14 +120,9 @@ impl CmClient {
         if !query.is_empty() {
             url.query_pairs_mut().extend_pairs(query);
         }
-        let response = self
-            .server
-            .authorize(self.server.http.get(url))
-            .send()
-            .await
-            .map_err(classify)?;
+        let response = self.server.execute(self.server.http.get(url)).await?;
         let status = response.status();
-        let bytes = response.bytes().await.map_err(classify)?;
+        let bytes = read_body(response).await?;
         // hyper hands an HTTP/1 connection back to the pool from a task of its own once the body
         // is read. Yielding lets that task run before the next request of this lookup looks for
         // an idle connection; otherwise, on a fast network, opening a new one can win the race.

@@ -413,7 +413,7 @@ impl Store {
         let mut list = Vec::with_capacity(rows.len());
         for r in rows {
             let r = self.complete(r)?;
-            if status.map_or(true, |s| s == r.status) {
+            if status.is_none_or(|s| s == r.status) {
                 list.push(r);
             }
         }
