@@ -21,12 +21,14 @@
 //! - [`random`]: random tokens and keys from the system's source.
 //! - [`logging`]: `tracing` output for a terminal or the journal.
 //! - [`scan`]: the `cardbridge scan` command.
+//! - [`check`]: `cardbridge check-config --online`, an authenticated call to every server.
 //! - [`client`]: `cardbridge cards`, `events`, `revoke` and `revocations`, clients of a running
 //!   daemon.
 
 pub mod api;
 pub mod auth;
 pub mod card;
+pub mod check;
 pub mod client;
 pub mod cm;
 pub mod config;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use cardbridge::auth::negotiate::CredentialCache;
 use cardbridge::card::ReadOptions;
 use cardbridge::config::Config;
 use cardbridge::scan;
@@ -99,6 +100,10 @@ enum Command {
         /// Configuration file (default /etc/cardbridge/config.toml).
         #[arg(long, value_name = "PATH")]
         config: Option<PathBuf>,
+        /// Also authenticate to every configured server and make one read-only call: exit 0
+        /// when every server answered, 1 otherwise.
+        #[arg(long)]
+        online: bool,
     },
     /// Run the station daemon: read every inserted card, reconcile it, serve the local API.
     Run {
@@ -166,18 +171,9 @@ fn main() -> ExitCode {
             cardbridge::client::cards(target, json, out)
         }),
         Command::Events { client } => with_target(client, cardbridge::client::events),
-        Command::CheckConfig { config } => {
+        Command::CheckConfig { config, online } => {
             let path = config.unwrap_or_else(|| PathBuf::from(cardbridge::config::DEFAULT_PATH));
-            match Config::load(&path, true) {
-                Ok(_) => {
-                    println!("{}: valid", path.display());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("cardbridge: {e}");
-                    ExitCode::from(2)
-                }
-            }
+            check_config(&path, online)
         }
         Command::Run { config } => {
             let explicit = config.is_some();
@@ -189,6 +185,11 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            let cache = CredentialCache::StateDir(&config.state_dir());
+            if let Err(e) = cardbridge::auth::negotiate::prepare_process(&config, cache) {
+                eprintln!("cardbridge: {e}");
+                return ExitCode::from(2);
+            }
             match cardbridge::daemon::run(&config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -213,7 +214,16 @@ fn main() -> ExitCode {
                 let path =
                     config.unwrap_or_else(|| PathBuf::from(cardbridge::config::DEFAULT_PATH));
                 match Config::load(&path, explicit) {
-                    Ok(config) => Some(config),
+                    Ok(config) => {
+                        let memory = CredentialCache::Memory;
+                        if let Err(e) =
+                            cardbridge::auth::negotiate::prepare_process(&config, memory)
+                        {
+                            eprintln!("cardbridge: {e}");
+                            return ExitCode::from(2);
+                        }
+                        Some(config)
+                    }
                     Err(e) => {
                         eprintln!("cardbridge: {e}");
                         return ExitCode::from(2);
@@ -227,6 +237,61 @@ fn main() -> ExitCode {
                 ..ReadOptions::default()
             };
             run_scan(json, reader.as_deref(), &options, config.as_ref())
+        }
+    }
+}
+
+/// `check-config [--online]`: the file parses and every server section can be built (its
+/// secrets readable and private); with `--online`, every server answers an authenticated call.
+fn check_config(path: &std::path::Path, online: bool) -> ExitCode {
+    let config = match Config::load(path, true) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("cardbridge: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let servers = [
+        config
+            .cm
+            .as_ref()
+            .map(cardbridge::cm::CmClient::new)
+            .map(|r| r.map(drop)),
+        config
+            .scepman
+            .as_ref()
+            .map(cardbridge::scepman::ScepmanClient::new)
+            .map(|r| r.map(drop)),
+    ];
+    if let Some(Err(e)) = servers.into_iter().flatten().find(Result::is_err) {
+        eprintln!("cardbridge: invalid configuration {}: {e}", path.display());
+        return ExitCode::from(2);
+    }
+    println!("{}: valid", path.display());
+    if !online {
+        return ExitCode::SUCCESS;
+    }
+    if let Err(e) = cardbridge::auth::negotiate::prepare_process(&config, CredentialCache::Memory) {
+        eprintln!("cardbridge: {e}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("cardbridge: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    match runtime.block_on(cardbridge::check::online(&config, &mut out)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("cardbridge: cannot write the output: {e}");
+            ExitCode::from(1)
         }
     }
 }

@@ -4,12 +4,16 @@
 //! - [`vpcd`]: puts a virtual card into a vpcd reader slot of a real pcscd;
 //! - [`rig`]: starts and shares that pcscd and hands out reader slots to tests;
 //! - [`certs`]: the certificates' issuing CA;
-//! - [`sim`]: the MIM CM / SCEPman simulator, a real HTTP server on loopback.
+//! - [`sim`]: the MIM CM / SCEPman simulator, a real HTTP server on loopback;
+//! - [`sim_auth`]: its Negotiate acceptor and OAuth token endpoints;
+//! - [`kdc`]: a real MIT Kerberos KDC for the Negotiate tests.
 //!
 //! The end-to-end tests in `tests/` and the benchmark in `src/bin/bench.rs` are built on these.
 
 pub mod certs;
+pub mod kdc;
 pub mod rig;
 pub mod sim;
+pub mod sim_auth;
 pub mod vcard;
 pub mod vpcd;

@@ -26,6 +26,7 @@ use cardbridge::cm::model::request_status_name;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::sim_auth::{AuthState, AuthStats, SimAuth, Verdict};
 use crate::vcard::Truth;
 
 /// The simulator's data.
@@ -178,11 +179,12 @@ pub struct Logged {
 }
 
 #[derive(Default)]
-struct Inner {
+pub(crate) struct Inner {
     fixture: Fixture,
     requests: Vec<Value>,
     faults: HashMap<String, Fault>,
     log: Vec<Logged>,
+    pub(crate) auth: AuthState,
 }
 
 type Shared = Arc<Mutex<Inner>>;
@@ -341,6 +343,35 @@ impl Simulator {
     pub fn clear_log(&self) {
         lock(&self.inner).log.clear();
     }
+
+    /// Makes every route demand this authentication (Negotiate needs `KRB5_KTNAME` set to the
+    /// service keytab in this process's environment).
+    pub fn set_auth(&self, auth: SimAuth) -> Result<()> {
+        lock(&self.inner).auth.set(auth)
+    }
+
+    /// What the authentication side has seen: Kerberos exchanges, tokens, refusals.
+    pub fn auth_stats(&self) -> AuthStats {
+        lock(&self.inner).auth.stats.clone()
+    }
+
+    /// Refuses every access token issued so far, as after a signing-key rollover.
+    pub fn revoke_tokens(&self) {
+        lock(&self.inner).auth.revoke_tokens();
+    }
+
+    /// The Entra ID v2 token endpoint of a tenant.
+    pub fn entra_token_url(&self) -> String {
+        format!(
+            "{}://{}/0f3c7a3e-tenant/oauth2/v2.0/token",
+            self.scheme, self.addr
+        )
+    }
+
+    /// The AD FS token endpoint.
+    pub fn adfs_token_url(&self) -> String {
+        format!("{}://{}/adfs/oauth2/token", self.scheme, self.addr)
+    }
 }
 
 impl Drop for Simulator {
@@ -424,7 +455,7 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
-fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
+pub(crate) fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -449,6 +480,7 @@ fn route_of(segments: &[&str]) -> &'static str {
         ["certificatemanagement", "api", "v1.0", "requests", ..] => "requests",
         ["api", "manage", "search"] => "search",
         ["api", "manage", "revoke", _] => "revoke",
+        [_, "oauth2", "v2.0", "token"] | ["adfs", "oauth2", "token"] => "token",
         _ => "unknown",
     }
 }
@@ -481,6 +513,27 @@ async fn dispatch(
         });
         state.faults.get(route).cloned().unwrap_or_default()
     };
+    if route == "token" && method == Method::POST {
+        let host = headers
+            .get(axum::http::header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let url = format!(
+            "{}://{host}{}",
+            if uri.scheme_str() == Some("https") {
+                "https"
+            } else {
+                "http"
+            },
+            uri.path()
+        );
+        let entra = segments.get(1) == Some(&"oauth2");
+        return crate::sim_auth::token_endpoint(&mut lock(&inner).auth, &url, entra, &body);
+    }
+    let mutual = match crate::sim_auth::check(&inner, client, &headers) {
+        Verdict::Pass(mutual) => mutual,
+        Verdict::Refuse(response) => return response,
+    };
     if fault.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(fault.latency_ms)).await;
     }
@@ -510,7 +563,12 @@ async fn dispatch(
         .into_iter()
         .map(|(k, v)| (k.to_ascii_lowercase(), v))
         .collect();
-    let answer = handle(&mut lock(&inner), &method, &segments, &query, &body);
+    let mut answer = handle(&mut lock(&inner), &method, &segments, &query, &body);
+    if let Some(token) = mutual {
+        answer
+            .headers_mut()
+            .insert(axum::http::header::WWW_AUTHENTICATE, token);
+    }
     if fault.answer_delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(fault.answer_delay_ms)).await;
     }

@@ -132,6 +132,11 @@ impl TokenSource {
         self.token().await
     }
 
+    /// The cached token, without fetching one.
+    pub async fn current(&self) -> Option<Token> {
+        self.cache.lock().await.clone()
+    }
+
     /// Token requests sent so far.
     pub fn fetches(&self) -> u64 {
         self.fetches.load(std::sync::atomic::Ordering::Relaxed)

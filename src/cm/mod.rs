@@ -30,6 +30,11 @@ impl CmClient {
         })
     }
 
+    /// The HTTP layer of this client (authentication details for `check-config --online`).
+    pub fn server(&self) -> &Server {
+        &self.server
+    }
+
     /// `GET api/v1.0/smartcards?cardid=…`: the cards whose SerialNumber is this card id.
     pub async fn find_smartcards(&self, card_id: &str) -> Result<Vec<Smartcard>, ServerError> {
         self.get_list("api/v1.0/smartcards", &[("cardid", card_id)])

@@ -23,6 +23,8 @@ pub struct Daemon {
     child: Child,
     pub port: u16,
     pub dir: PathBuf,
+    /// Extra environment of the daemon (e.g. `KRB5_CONFIG`), kept for restarts.
+    env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -32,6 +34,11 @@ impl Daemon {
 
     /// `api` goes into the `[api]` table, `rest` (e.g. `[cm]`) at the end of the file.
     pub fn start_with(name: &str, api: &str, rest: &str) -> Daemon {
+        Daemon::start_env(name, api, rest, Vec::new())
+    }
+
+    /// As [`Daemon::start_with`], with extra environment variables for the daemon.
+    pub fn start_env(name: &str, api: &str, rest: &str, env: Vec<(String, String)>) -> Daemon {
         let port = hw_tests::rig::free_port().expect("free port");
         let dir =
             std::env::temp_dir().join(format!("cardbridge-api-{name}-{}", std::process::id()));
@@ -49,8 +56,13 @@ impl Daemon {
             hash(ADMIN),
         );
         std::fs::write(dir.join("config.toml"), config).expect("config");
-        let child = spawn(&dir);
-        let daemon = Daemon { child, port, dir };
+        let child = spawn(&dir, &env);
+        let daemon = Daemon {
+            child,
+            port,
+            dir,
+            env,
+        };
         daemon.wait_listening();
         daemon
     }
@@ -71,8 +83,74 @@ impl Daemon {
 
     /// Starts the daemon again with the same configuration and state.
     pub fn restart(&mut self) {
-        self.child = spawn(&self.dir);
+        self.child = spawn(&self.dir, &self.env);
         self.wait_listening();
+    }
+
+    /// `GET /v1/cards/{id}/reconciliation` as the read-only client (`None` until there is one).
+    pub fn reconciliation(&self, card_id: &str) -> Option<serde_json::Value> {
+        let auth = format!("Bearer {TOKEN}");
+        let path = format!("/v1/cards/{card_id}/reconciliation");
+        let (status, body) = self.get(&path, &[("Authorization", &auth)]);
+        (status == 200)
+            .then(|| serde_json::from_str(&body).ok())
+            .flatten()
+    }
+
+    /// Waits (at most 20 s) for a reconciliation of the card that satisfies `want`, checked
+    /// after `after` (an earlier `checked_at`, or "" for any); panics naming `what`.
+    pub fn wait_reconciliation(
+        &self,
+        card_id: &str,
+        after: &str,
+        what: &str,
+        want: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let until = Instant::now() + Duration::from_secs(20);
+        let mut last = None;
+        loop {
+            if let Some(r) = self.reconciliation(card_id) {
+                let at = |text: &str| {
+                    time::OffsetDateTime::parse(
+                        text,
+                        &time::format_description::well_known::Rfc3339,
+                    )
+                    .ok()
+                };
+                let newer = after.is_empty()
+                    || at(r["checked_at"].as_str().unwrap_or_default()) > at(after);
+                if newer && want(&r) {
+                    return r;
+                }
+                last = Some(r);
+            }
+            assert!(
+                Instant::now() < until,
+                "no reconciliation {what} within 20 s; last: {last:#?}\nlog:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `POST /v1/cards/{id}/sync` as the helpdesk client: read and reconcile the card again.
+    pub fn sync(&self, card_id: &str) {
+        let auth = format!("Bearer {HELPDESK}");
+        let (status, body) = self.request(
+            "POST",
+            &format!("/v1/cards/{card_id}/sync"),
+            &[
+                ("Authorization", &auth),
+                ("Content-Type", "application/json"),
+            ],
+            "{}",
+        );
+        assert_eq!(status, 202, "sync: {body}");
+    }
+
+    /// What the daemon has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
     }
 
     /// A raw HTTP/1.1 GET with the given extra headers; returns the status and body.
@@ -125,12 +203,19 @@ impl Daemon {
     }
 }
 
-fn spawn(dir: &std::path::Path) -> Child {
+/// Starts `cardbridge run`; its log goes to `daemon.log` in the test's directory.
+fn spawn(dir: &std::path::Path, env: &[(String, String)]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("daemon.log"))
+        .expect("daemon log");
     Command::new(cardbridge_bin())
         .args(["run", "--config"])
         .arg(dir.join("config.toml"))
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .expect("start cardbridge run")
 }
