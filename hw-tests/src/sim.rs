@@ -527,7 +527,7 @@ async fn dispatch(
             },
             uri.path()
         );
-        let entra = segments.get(1) == Some(&"oauth2");
+        let entra = segments.get(2) == Some(&"v2.0");
         return crate::sim_auth::token_endpoint(&mut lock(&inner).auth, &url, entra, &body);
     }
     let mutual = match crate::sim_auth::check(&inner, client, &headers) {

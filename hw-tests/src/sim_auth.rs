@@ -285,7 +285,7 @@ pub(crate) fn token_endpoint(
         Ok(audience) => issue(state, &app, &audience, entra),
         Err(refused) => {
             state.stats.token_refusals += 1;
-            refused
+            refused.into_response()
         }
     }
 }
@@ -295,7 +295,7 @@ fn check_client(
     app: &OAuthApp,
     endpoint_url: &str,
     form: &std::collections::HashMap<String, String>,
-) -> Result<(), Response> {
+) -> Result<(), Refusal> {
     if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
         return Err(refusal(
             400,
@@ -332,7 +332,7 @@ fn verify_assertion(
     app: &OAuthApp,
     endpoint_url: &str,
     assertion: &str,
-) -> Result<(), Response> {
+) -> Result<(), Refusal> {
     let bad_signature = || {
         refusal(
             401,
@@ -426,7 +426,30 @@ fn issue(state: &mut AuthState, app: &OAuthApp, audience: &str, entra: bool) -> 
         .into_response()
 }
 
-fn refusal(status: u16, error: &str, code: u32, text: &str) -> Response {
+/// A token endpoint's refusal, as Entra ID words it.
+struct Refusal {
+    status: u16,
+    error: &'static str,
+    code: u32,
+    text: String,
+}
+
+fn refusal(status: u16, error: &'static str, code: u32, text: &str) -> Refusal {
+    Refusal {
+        status,
+        error,
+        code,
+        text: text.to_string(),
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        refusal_response(self.status, self.error, self.code, &self.text)
+    }
+}
+
+fn refusal_response(status: u16, error: &str, code: u32, text: &str) -> Response {
     let description = if code == 0 {
         text.to_string()
     } else {

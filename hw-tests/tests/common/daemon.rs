@@ -70,7 +70,11 @@ impl Daemon {
     fn wait_listening(&self) {
         let until = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < until, "cardbridge run did not listen");
+            assert!(
+                Instant::now() < until,
+                "cardbridge run did not listen:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
