@@ -402,3 +402,79 @@ fn secrets_and_tokens_never_reach_logs_answers_or_the_database() {
     }
     drop(card);
 }
+
+#[test]
+fn a_revocation_refused_for_authentication_waits_until_the_secret_is_fixed() {
+    let rig = Rig::get();
+    let _shared = rig.shared();
+    let slot = rig.slot();
+    common::wait_for_card(&slot.reader, false);
+    let card = common::insert(CardSpec::piv_four_certs(), &slot);
+    let card_id = card.truth.card_id.clone().expect("card id");
+    let sim = Simulator::start(
+        Fixture {
+            smartcards: vec![matching_record(&card.truth, false)],
+            scepman: scepman_certs(&card.truth),
+            ..Fixture::default()
+        },
+        0,
+    )
+    .expect("simulator");
+    sim.set_auth(SimAuth::OAuth(app(Duration::from_secs(3600), None)))
+        .expect("oauth");
+    let dir = temp_dir("fix-secret");
+    let scepman = with_secret(&sim, &dir, "an-expired-secret");
+    let pacing = "[revocation]\nretry_initial_ms = 200\nretry_max_ms = 500\n";
+    let daemon = Daemon::start("oauth-fix", &format!("{scepman}{pacing}"));
+    let kiosk = format!("Bearer {TOKEN}");
+    let until = Instant::now() + Duration::from_secs(20);
+    while daemon.get(&format!("/v1/cards/{card_id}"), &[("Authorization", &kiosk)]).0 != 200 {
+        assert!(Instant::now() < until, "the card was not read");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let thumbprint = &card.truth.certificates[0].thumbprint;
+    let body = json!({"card_id": card_id, "target": "certificates", "reason": "superseded", "thumbprints": [thumbprint]});
+    let admin = format!("Bearer {ADMIN}");
+    let (status, text) = daemon.request(
+        "POST",
+        "/v1/revocations",
+        &[("Authorization", &admin), ("Content-Type", "application/json"), ("Idempotency-Key", "fix-1")],
+        &body.to_string(),
+    );
+    assert_eq!(status, 202, "{text}");
+    let id = serde_json::from_str::<serde_json::Value>(&text).expect("JSON")["id"]
+        .as_i64()
+        .expect("id");
+    let revocation = || {
+        let (_, text) = daemon.get(&format!("/v1/revocations/{id}"), &[("Authorization", &kiosk)]);
+        serde_json::from_str::<serde_json::Value>(&text).expect("JSON")
+    };
+    let until = Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        let r = revocation();
+        if r["actions"][0]["attempts"].as_i64() >= Some(2) {
+            break r;
+        }
+        assert!(Instant::now() < until, "no retries: {r:#}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(refused["status"], "queued", "an auth failure is retried: {refused:#}");
+    let outcome = &refused["actions"][0]["last_outcome"];
+    assert_eq!(outcome["code"], "auth_failed", "{refused:#}");
+    assert!(outcome["message"].as_str().unwrap_or_default().contains("AADSTS7000215"), "{outcome}");
+    assert!(!refused.to_string().contains("an-expired-secret"));
+
+    // The administrator puts the right secret in place; no restart.
+    private_file(&dir.join("scepman.secret"), SECRET);
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = revocation();
+        if r["status"] == "succeeded" {
+            break;
+        }
+        assert!(Instant::now() < until, "never succeeded: {r:#}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(sim.log().iter().filter(|l| l.method == "PATCH").count(), 1);
+    drop(card);
+}
