@@ -578,27 +578,43 @@ mod tests {
         let base = "[scepman]\nbase_url = \"https://scepman.contoso.com/\"\n";
         let oauth = "auth = \"oauth\"\ntoken_url = \"https://login.microsoftonline.com/t/oauth2/v2.0/token\"\nclient_id = \"6c1b\"\n";
         let ok = |extra: &str| Config::parse(&format!("{base}{extra}"));
-        assert!(ok(&format!("{oauth}scope = \"api://x/.default\"\nclient_secret_file = \"scepman-secret\"\n")).is_ok());
+        assert!(ok(&format!(
+            "{oauth}scope = \"api://x/.default\"\nclient_secret_file = \"scepman-secret\"\n"
+        ))
+        .is_ok());
         assert!(ok(&format!("{oauth}resource = \"https://x\"\nclient_assertion_certificate = \"/a.pem\"\nclient_assertion_key = \"a.key\"\n")).is_ok());
         let err = |extra: &str| ok(extra).unwrap_err();
         let e = err(&format!("{oauth}client_secret_file = \"s\"\n"));
         assert!(e.contains("scepman.scope or scepman.resource"), "{e}");
-        let e = err(&format!("{oauth}scope = \"a\"\nresource = \"b\"\nclient_secret_file = \"s\"\n"));
+        let e = err(&format!(
+            "{oauth}scope = \"a\"\nresource = \"b\"\nclient_secret_file = \"s\"\n"
+        ));
         assert!(e.contains("exactly one"), "{e}");
         let e = err(&format!("{oauth}scope = \"a\"\n"));
         assert!(e.contains("scepman.client_secret_file"), "{e}");
-        let e = err(&format!("{oauth}scope = \"a\"\nclient_assertion_certificate = \"/a.pem\"\n"));
+        let e = err(&format!(
+            "{oauth}scope = \"a\"\nclient_assertion_certificate = \"/a.pem\"\n"
+        ));
         assert!(e.contains("both are needed"), "{e}");
         let e = err("auth = \"oauth\"\nclient_id = \"x\"\n");
         assert!(e.contains("scepman.token_url: required"), "{e}");
         let e = err("auth = \"negotiate\"\nclient_id = \"x\"\n");
-        assert!(e.contains("scepman.client_id: only used with scepman.auth = \"oauth\""), "{e}");
+        assert!(
+            e.contains("scepman.client_id: only used with scepman.auth = \"oauth\""),
+            "{e}"
+        );
         let e = err("keytab = \"/etc/cardbridge/station.keytab\"\n");
-        assert!(e.contains("only used with scepman.auth = \"negotiate\""), "{e}");
+        assert!(
+            e.contains("only used with scepman.auth = \"negotiate\""),
+            "{e}"
+        );
         let e = err("auth = \"negotiate\"\nspn = \"cm.contoso.com\"\n");
         assert!(e.contains("HTTP/<host>"), "{e}");
         let e = err("auth = \"negotiate\"\nkeytb = \"/k\"\n");
-        assert!(e.contains("unknown field `keytb`") && e.contains("keytab"), "{e}");
+        assert!(
+            e.contains("unknown field `keytb`") && e.contains("keytab"),
+            "{e}"
+        );
         assert!(ok("auth = \"negotiate\"\nspn = \"HTTP/cm.contoso.com@CONTOSO.COM\"\nprincipal = \"ST01$@CONTOSO.COM\"\n").is_ok());
     }
 
@@ -610,6 +626,8 @@ mod tests {
         let same = format!("{}{}", section("cm", "/k"), section("scepman", "/k"));
         assert!(Config::parse(&same).is_ok());
         let two = format!("{}{}", section("cm", "/k"), section("scepman", "/other"));
-        assert!(Config::parse(&two).unwrap_err().contains("one client keytab"));
+        assert!(Config::parse(&two)
+            .unwrap_err()
+            .contains("one client keytab"));
     }
 }

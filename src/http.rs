@@ -12,9 +12,9 @@ use reqwest::header::{AUTHORIZATION, WWW_AUTHENTICATE};
 use reqwest::{Client, ClientBuilder, RequestBuilder, Response, StatusCode, Url};
 use thiserror::Error;
 
-use crate::auth::negotiate::{self, Negotiator, Proof};
+use crate::auth::negotiate::{self, Handshake, Negotiator, Proof};
 use crate::auth::oauth::{Audience, ClientCredential, TokenSource};
-use crate::auth::secret::SecretPath;
+use crate::auth::secret::{SecretError, SecretPath};
 use crate::auth::AuthError;
 use crate::config::{ServerAuth, ServerConfig};
 
@@ -212,17 +212,7 @@ impl Server {
         request: RequestBuilder,
     ) -> Result<Response, ServerError> {
         let first = replay(&request)?.send().await.map_err(classify)?;
-        if first.status() != StatusCode::UNAUTHORIZED {
-            return Ok(first);
-        }
-        let offered = offers(&first);
-        if offered.negotiate.is_none() {
-            if offered.ntlm {
-                return Err(AuthError::NtlmOnly {
-                    spn: n.spn().to_string(),
-                }
-                .into());
-            }
+        if !challenged(&first, n)? {
             return Ok(first);
         }
         let _ = read_body(first).await;
@@ -235,57 +225,33 @@ impl Server {
                 .await
                 .map_err(classify)?;
             let server_token = offers(&response).negotiate.flatten();
-            let refused = response.status() == StatusCode::UNAUTHORIZED;
-            let Some(server_token) = server_token else {
-                if refused {
-                    return Err(AuthError::TicketRefused {
-                        spn: n.spn().to_string(),
-                        detail: "the server answered 401 to the ticket".into(),
-                    }
-                    .into());
-                }
-                if response.status().is_success() {
-                    let proof = n.verify(&handshake)?;
-                    *self.proof.lock().unwrap_or_else(|p| p.into_inner()) = Some(proof);
-                }
-                return Ok(response);
-            };
-            let stepper = n.clone();
-            let (next_handshake, next) = blocking(move || {
-                let next = stepper.step(&mut handshake, &server_token);
-                next.map(|next| (handshake, next))
-            })
-            .await
-            .map_err(|e| match (refused, e) {
-                (true, AuthError::MutualAuth { spn, detail }) => {
-                    AuthError::TicketRefused { spn, detail }
-                }
-                (_, e) => e,
-            })?;
-            handshake = next_handshake;
-            match (refused, next) {
-                (true, Some(next)) => token = next,
-                (true, None) => {
-                    return Err(AuthError::TicketRefused {
-                        spn: n.spn().to_string(),
-                        detail: "the server answered 401 to a completed handshake".into(),
-                    }
-                    .into())
-                }
-                (false, _) => {
-                    if response.status().is_success() {
-                        let proof = n.verify(&handshake)?;
-                        *self.proof.lock().unwrap_or_else(|p| p.into_inner()) = Some(proof);
-                    }
-                    return Ok(response);
-                }
+            if response.status() == StatusCode::UNAUTHORIZED {
+                // Another leg, or a refusal whose token (a KRB-ERROR) says why.
+                let server_token = server_token
+                    .ok_or_else(|| refused(n, "the server answered 401 to the ticket".into()))?;
+                let next;
+                (handshake, next) =
+                    step(n, handshake, server_token)
+                        .await
+                        .map_err(|e| match e {
+                            AuthError::MutualAuth { detail, .. } => refused(n, detail),
+                            e => e.into(),
+                        })?;
+                token = next.ok_or_else(|| {
+                    refused(n, "the server answered 401 to a completed handshake".into())
+                })?;
+                continue;
             }
+            if let Some(server_token) = server_token {
+                (handshake, _) = step(n, handshake, server_token).await?;
+            }
+            if response.status().is_success() {
+                let proof = n.verify(&handshake)?;
+                *self.proof.lock().unwrap_or_else(|p| p.into_inner()) = Some(proof);
+            }
+            return Ok(response);
         }
-        Err(AuthError::TicketRefused {
-            spn: n.spn().to_string(),
-            detail: format!("no answer after {MAX_LEGS} legs"),
-        }
-        .into())
+        Err(refused(n, format!("no answer after {MAX_LEGS} legs")))
     }
 
     /// Logs the first authentication failure of a kind as an error naming the fix, and the
@@ -338,6 +304,12 @@ fn client_builder(config: &ServerConfig, section: &str) -> Result<ClientBuilder,
     Ok(builder)
 }
 
+/// A secret that cannot be used at startup is a configuration error (the daemon refuses to
+/// start); the same problem later, at a token refresh, is an `auth_failed`.
+fn startup(e: SecretError) -> ServerError {
+    ServerError::Config(e.to_string())
+}
+
 /// The section's authentication. Secrets are read (and their modes checked) now, so a
 /// misconfigured station refuses to start with the file and the fix.
 fn auth_of(config: &ServerConfig, section: &str, base: &Url) -> Result<Auth, ServerError> {
@@ -346,10 +318,10 @@ fn auth_of(config: &ServerConfig, section: &str, base: &Url) -> Result<Auth, Ser
         let path = path
             .as_ref()
             .ok_or_else(|| ServerError::Config(format!("{}: required", key(k))))?;
-        Ok(SecretPath::resolve(&key(k), path).map_err(AuthError::from)?)
+        SecretPath::resolve(&key(k), path).map_err(startup)
     };
     let text = |k: &str, path: &Option<std::path::PathBuf>| -> Result<String, ServerError> {
-        Ok(secret(k, path)?.read_text().map_err(AuthError::from)?)
+        secret(k, path)?.read_text().map_err(startup)
     };
     Ok(match config.auth {
         ServerAuth::None => Auth::None,
@@ -365,7 +337,7 @@ fn auth_of(config: &ServerConfig, section: &str, base: &Url) -> Result<Auth, Ser
             let keytab = match &config.keytab {
                 Some(_) => {
                     let keytab = secret("keytab", &config.keytab)?;
-                    keytab.check_mode().map_err(AuthError::from)?;
+                    keytab.check_mode().map_err(startup)?;
                     Some(keytab)
                 }
                 None => None,
@@ -389,8 +361,8 @@ fn token_source(config: &ServerConfig, section: &str) -> Result<TokenSource, Ser
     ) {
         (Some(path), _) => {
             let secret = SecretPath::resolve(&format!("{section}.client_secret_file"), path)
-                .map_err(AuthError::from)?;
-            secret.read_text().map_err(AuthError::from)?;
+                .map_err(startup)?;
+            secret.read_text().map_err(startup)?;
             ClientCredential::Secret(secret)
         }
         (None, Some(certificate)) => {
@@ -399,8 +371,8 @@ fn token_source(config: &ServerConfig, section: &str) -> Result<TokenSource, Ser
                 .as_ref()
                 .ok_or_else(|| missing("client_assertion_key"))?;
             let key = SecretPath::resolve(&format!("{section}.client_assertion_key"), key_path)
-                .map_err(AuthError::from)?;
-            key.read().map_err(AuthError::from)?;
+                .map_err(startup)?;
+            key.read().map_err(startup)?;
             ClientCredential::Assertion {
                 certificate_der: certificate_der(certificate, section)?,
                 key,
@@ -472,6 +444,45 @@ fn offers(response: &Response) -> negotiate::Challenges {
             .iter()
             .filter_map(|v| v.to_str().ok()),
     )
+}
+
+/// Whether a first answer is a Negotiate challenge to answer; a server that offers only NTLM is
+/// an error that says so, any other answer goes back to the caller as it is.
+fn challenged(first: &Response, n: &Negotiator) -> Result<bool, ServerError> {
+    if first.status() != StatusCode::UNAUTHORIZED {
+        return Ok(false);
+    }
+    let offered = offers(first);
+    match (offered.negotiate.is_some(), offered.ntlm) {
+        (true, _) => Ok(true),
+        (false, true) => Err(AuthError::NtlmOnly {
+            spn: n.spn().to_string(),
+        }
+        .into()),
+        (false, false) => Ok(false),
+    }
+}
+
+/// Feeds the server's token to the handshake, on the blocking pool.
+async fn step(
+    n: &Arc<Negotiator>,
+    mut handshake: Handshake,
+    token: Vec<u8>,
+) -> Result<(Handshake, Option<Vec<u8>>), AuthError> {
+    let n = n.clone();
+    blocking(move || {
+        let next = n.step(&mut handshake, &token)?;
+        Ok((handshake, next))
+    })
+    .await
+}
+
+fn refused(n: &Negotiator, detail: String) -> ServerError {
+    AuthError::TicketRefused {
+        spn: n.spn().to_string(),
+        detail,
+    }
+    .into()
 }
 
 /// OAuth: the cached token; a `401` drops it and the request is sent once more with a new one.

@@ -41,8 +41,14 @@ fn usage_errors_exit_2() {
 #[test]
 fn check_config_accepts_the_example_and_names_the_bad_key() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/service/config.example.toml");
+    let dir = std::env::temp_dir().join(format!("cardbridge-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    // The example loads the SCEPman client secret as a systemd credential; check-config reads
+    // every secret, so give it one.
+    std::fs::write(dir.join("scepman-secret"), "secret\n").expect("credential");
     let out = cardbridge()
         .args(["check-config", "--config", example])
+        .env("CREDENTIALS_DIRECTORY", &dir)
         .output()
         .expect("run cardbridge");
     assert_eq!(
@@ -51,9 +57,14 @@ fn check_config_accepts_the_example_and_names_the_bad_key() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let out = cardbridge()
+        .args(["check-config", "--config", example])
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .expect("run cardbridge");
+    assert_eq!(out.status.code(), Some(2), "the secret is missing");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("LoadCredential=scepman-secret"));
 
-    let dir = std::env::temp_dir().join(format!("cardbridge-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
     let bad = dir.join("bad.toml");
     std::fs::write(&bad, "[api]\nlisten = [\"127.0.0.1:8687\"]\nlistne = 1\n").expect("write");
     let out = cardbridge()

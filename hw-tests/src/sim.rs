@@ -530,8 +530,8 @@ async fn dispatch(
         let entra = segments.get(2) == Some(&"v2.0");
         return crate::sim_auth::token_endpoint(&mut lock(&inner).auth, &url, entra, &body);
     }
-    let mutual = match crate::sim_auth::check(&inner, client, &headers) {
-        Verdict::Pass(mutual) => mutual,
+    let added = match crate::sim_auth::check(&inner, client, &headers) {
+        Verdict::Pass(added) => added,
         Verdict::Refuse(response) => return response,
     };
     if fault.latency_ms > 0 {
@@ -564,10 +564,8 @@ async fn dispatch(
         .map(|(k, v)| (k.to_ascii_lowercase(), v))
         .collect();
     let mut answer = handle(&mut lock(&inner), &method, &segments, &query, &body);
-    if let Some(token) = mutual {
-        answer
-            .headers_mut()
-            .insert(axum::http::header::WWW_AUTHENTICATE, token);
+    for (name, value) in added {
+        answer.headers_mut().append(name, value);
     }
     if fault.answer_delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(fault.answer_delay_ms)).await;

@@ -39,7 +39,13 @@ pub struct NegotiateStyle {
     pub garbage_mutual_token: bool,
     /// Offer only NTLM.
     pub ntlm_only: bool,
+    /// Set a session cookie with the mutual token, and let its bearer through unchallenged
+    /// (the ASP.NET session a real site may keep).
+    pub session_cookie: bool,
 }
+
+/// The session cookie's name.
+pub const SESSION_COOKIE: &str = "CMSESSION";
 
 /// The application registration the token endpoints know.
 #[derive(Debug, Clone)]
@@ -72,6 +78,7 @@ pub(crate) struct AuthState {
     pub(crate) mode: SimAuth,
     acceptor: Option<Cred>,
     authenticated: HashSet<SocketAddr>,
+    sessions: HashSet<String>,
     seen_jti: HashSet<String>,
     /// Tokens issued before this time (seconds) are refused, as after a key rollover.
     not_before: u64,
@@ -104,8 +111,8 @@ impl AuthState {
 
 /// What an authentication check decided.
 pub(crate) enum Verdict {
-    /// Serve the request; add this header (the mutual-authentication token) to the answer.
-    Pass(Option<HeaderValue>),
+    /// Serve the request; add these headers (the mutual-authentication token, a cookie).
+    Pass(Vec<(header::HeaderName, HeaderValue)>),
     Refuse(Response),
 }
 
@@ -118,25 +125,40 @@ pub(crate) fn check(
 ) -> Verdict {
     let (mode, acceptor, known) = {
         let s = crate::sim::lock(state);
+        let session = headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|c| c.trim().strip_prefix(&format!("{SESSION_COOKIE}=")))
+            .any(|id| s.auth.sessions.contains(id));
         (
             s.auth.mode.clone(),
             s.auth.acceptor.clone(),
-            s.auth.authenticated.contains(&client),
+            s.auth.authenticated.contains(&client) || session,
         )
     };
-    let verdict = match mode {
-        SimAuth::None => Verdict::Pass(None),
+    let mut verdict = match mode {
+        SimAuth::None => Verdict::Pass(Vec::new()),
         SimAuth::Negotiate(style) => negotiate(style, acceptor, known, headers),
         SimAuth::OAuth(_) => bearer(&crate::sim::lock(state).auth, headers),
     };
     let mut s = crate::sim::lock(state);
-    let mode = s.auth.mode.clone();
-    match (&verdict, &mode) {
+    match (&mut verdict, &mode) {
         (Verdict::Refuse(_), SimAuth::OAuth(_)) => s.auth.stats.refused_calls += 1,
-        (Verdict::Pass(Some(_)), SimAuth::Negotiate(style)) => {
+        (Verdict::Pass(added), SimAuth::Negotiate(style)) if !added.is_empty() => {
             s.auth.stats.kerberos_exchanges += 1;
             if style.per_connection {
                 s.auth.authenticated.insert(client);
+            }
+            if style.session_cookie {
+                let id = format!("{:032x}", fastrand::u128(..));
+                if let Ok(v) =
+                    HeaderValue::from_str(&format!("{SESSION_COOKIE}={id}; Path=/; HttpOnly"))
+                {
+                    added.push((header::SET_COOKIE, v));
+                }
+                s.auth.sessions.insert(id);
             }
         }
         _ => {}
@@ -153,8 +175,8 @@ fn negotiate(
     if style.ntlm_only {
         return Verdict::Refuse(challenge(&["NTLM"]));
     }
-    if style.per_connection && known {
-        return Verdict::Pass(None);
+    if known {
+        return Verdict::Pass(Vec::new());
     }
     let token = headers
         .get(header::AUTHORIZATION)
@@ -180,7 +202,13 @@ fn negotiate(
                 "Negotiate {}",
                 base64::engine::general_purpose::STANDARD.encode(answer)
             );
-            Verdict::Pass(HeaderValue::from_str(&value).ok())
+            Verdict::Pass(
+                HeaderValue::from_str(&value)
+                    .ok()
+                    .map(|v| (header::WWW_AUTHENTICATE, v))
+                    .into_iter()
+                    .collect(),
+            )
         }
         Ok(_) => Verdict::Refuse(challenge(&["Negotiate"])),
         Err(e) => {
@@ -236,7 +264,7 @@ fn bearer(state: &AuthState, headers: &HeaderMap) -> Verdict {
         Ok(data) if !has_role(&data.claims, "Manage.All") => {
             refuse("the token lacks the Manage.All role")
         }
-        Ok(_) => Verdict::Pass(None),
+        Ok(_) => Verdict::Pass(Vec::new()),
         Err(e) => refuse(&format!("invalid token: {e}")),
     }
 }

@@ -198,6 +198,35 @@ fn a_server_that_challenges_every_request_gets_a_ticket_with_each() {
 }
 
 #[test]
+fn a_session_cookie_the_server_sets_is_kept() {
+    let realm = realm();
+    let _up = realm.down.read().unwrap_or_else(|p| p.into_inner());
+    let scene = scene(NegotiateStyle {
+        session_cookie: true,
+        ..NegotiateStyle::default()
+    });
+    let dir = temp_dir("cookie");
+    let keytab = station(realm, "station10", None, &dir);
+    let daemon = daemon("krb-cookie", &cm_section(&scene.sim, &keytab, ""));
+    let mut r = daemon.wait_reconciliation(&scene.card_id, "", "matched", matched);
+    for _ in 0..2 {
+        daemon.sync(&scene.card_id);
+        let after = r["checked_at"].as_str().unwrap_or_default().to_string();
+        r = daemon.wait_reconciliation(&scene.card_id, &after, "matched again", matched);
+    }
+    assert_eq!(
+        scene.sim.auth_stats().kerberos_exchanges,
+        1,
+        "the session cookie stood for the ticket after the first exchange"
+    );
+    assert!(
+        scene.sim.log().len() >= 9,
+        "{} requests",
+        scene.sim.log().len()
+    );
+}
+
+#[test]
 fn a_stale_keytab_is_auth_failed_naming_the_keytab() {
     let realm = realm();
     let _up = realm.down.read().unwrap_or_else(|p| p.into_inner());

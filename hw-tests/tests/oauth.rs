@@ -428,7 +428,14 @@ fn a_revocation_refused_for_authentication_waits_until_the_secret_is_fixed() {
     let daemon = Daemon::start("oauth-fix", &format!("{scepman}{pacing}"));
     let kiosk = format!("Bearer {TOKEN}");
     let until = Instant::now() + Duration::from_secs(20);
-    while daemon.get(&format!("/v1/cards/{card_id}"), &[("Authorization", &kiosk)]).0 != 200 {
+    while daemon
+        .get(
+            &format!("/v1/cards/{card_id}"),
+            &[("Authorization", &kiosk)],
+        )
+        .0
+        != 200
+    {
         assert!(Instant::now() < until, "the card was not read");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -438,7 +445,11 @@ fn a_revocation_refused_for_authentication_waits_until_the_secret_is_fixed() {
     let (status, text) = daemon.request(
         "POST",
         "/v1/revocations",
-        &[("Authorization", &admin), ("Content-Type", "application/json"), ("Idempotency-Key", "fix-1")],
+        &[
+            ("Authorization", &admin),
+            ("Content-Type", "application/json"),
+            ("Idempotency-Key", "fix-1"),
+        ],
         &body.to_string(),
     );
     assert_eq!(status, 202, "{text}");
@@ -446,7 +457,10 @@ fn a_revocation_refused_for_authentication_waits_until_the_secret_is_fixed() {
         .as_i64()
         .expect("id");
     let revocation = || {
-        let (_, text) = daemon.get(&format!("/v1/revocations/{id}"), &[("Authorization", &kiosk)]);
+        let (_, text) = daemon.get(
+            &format!("/v1/revocations/{id}"),
+            &[("Authorization", &kiosk)],
+        );
         serde_json::from_str::<serde_json::Value>(&text).expect("JSON")
     };
     let until = Instant::now() + Duration::from_secs(20);
@@ -458,10 +472,19 @@ fn a_revocation_refused_for_authentication_waits_until_the_secret_is_fixed() {
         assert!(Instant::now() < until, "no retries: {r:#}");
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert_eq!(refused["status"], "queued", "an auth failure is retried: {refused:#}");
+    assert_eq!(
+        refused["status"], "queued",
+        "an auth failure is retried: {refused:#}"
+    );
     let outcome = &refused["actions"][0]["last_outcome"];
     assert_eq!(outcome["code"], "auth_failed", "{refused:#}");
-    assert!(outcome["message"].as_str().unwrap_or_default().contains("AADSTS7000215"), "{outcome}");
+    assert!(
+        outcome["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("AADSTS7000215"),
+        "{outcome}"
+    );
     assert!(!refused.to_string().contains("an-expired-secret"));
 
     // The administrator puts the right secret in place; no restart.
