@@ -14,6 +14,7 @@ use thiserror::Error;
 
 use crate::api::events::Bus;
 use crate::api::security::Clients;
+use crate::api::serve::{serve, Connections, Limits};
 use crate::api::{self, Shared, Station};
 use crate::card::ReadOptions;
 use crate::cm::CmClient;
@@ -49,6 +50,9 @@ pub enum DaemonError {
     #[error("cannot start: {0}")]
     Start(std::io::Error),
 }
+
+/// How long a stopping daemon lets requests in progress finish.
+const DRAIN: Duration = Duration::from_secs(5);
 
 /// Runs until a stop signal.
 pub fn run(config: &Config) -> Result<(), DaemonError> {
@@ -118,6 +122,7 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
         scepman_configured: scepman.is_some(),
         cm_configured: cm.is_some(),
         failures: Default::default(),
+        refusal_log: Default::default(),
         metrics: Default::default(),
         local_users: config.api.local_users.clone(),
     });
@@ -153,22 +158,25 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
         runtime.spawn(worker.run(shared.outbox.clone(), shared.stopped()))
     };
     runtime.block_on(async {
+        let connections = Connections::new(Limits::of_process());
+        let limits = connections.limits();
+        tracing::debug!(
+            "API connections: at most {}, {} event streams per client, idle ones closed after {:?}",
+            limits.max_connections,
+            limits.streams_per_client,
+            limits.idle
+        );
+        tokio::spawn(connections.clone().reap(shared.stopping.subscribe()));
         let mut servers = tokio::task::JoinSet::new();
         for (listener, addr) in listeners {
             let app = api::router(shared.clone(), api::Kind::Tcp(addr));
-            let stopped = shared.stopped();
-            servers.spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stopped)
-                    .await
-            });
+            let stopping = shared.stopping.subscribe();
+            servers.spawn(serve(listener, app, connections.clone(), stopping, DRAIN));
         }
         if let Some(unix) = unix {
-            let app = api::router(shared.clone(), api::Kind::Unix)
-                .into_make_service_with_connect_info::<api::UnixPeer>();
-            let stopped = shared.stopped();
-            servers
-                .spawn(async move { axum::serve(unix, app).with_graceful_shutdown(stopped).await });
+            let app = api::router(shared.clone(), api::Kind::Unix);
+            let stopping = shared.stopping.subscribe();
+            servers.spawn(serve(unix, app, connections.clone(), stopping, DRAIN));
         }
         {
             let shared = shared.clone();
@@ -189,7 +197,7 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
             if !*shared.stopping.borrow() {
                 // A listener ended on its own: the service is no longer whole.
                 api_alive.store(false, Ordering::Relaxed);
-                tracing::error!("an API server stopped: {:?}", done.map(|r| r.err()));
+                tracing::error!("an API server stopped: {:?}", done.err());
             }
         }
         if let Some(supervisor) = supervisor {

@@ -24,6 +24,7 @@ struct Inner {
     reconciliations: BTreeMap<String, u64>,
     server_errors: BTreeMap<String, u64>,
     requests: BTreeMap<(String, u16), u64>,
+    refusals: BTreeMap<&'static str, u64>,
 }
 
 impl Metrics {
@@ -62,6 +63,11 @@ impl Metrics {
         self.with(|m| *m.requests.entry((route.to_string(), status)).or_default() += 1);
     }
 
+    /// A call refused before its caller was known (401, 403, 421, 429), by error code.
+    pub fn refused(&self, code: &'static str) {
+        self.with(|m| *m.refusals.entry(code).or_default() += 1);
+    }
+
     /// The exposition, with the current reader and card counts.
     pub fn render(&self, readers: usize, cards: usize) -> String {
         self.with(|m| {
@@ -91,6 +97,10 @@ impl Metrics {
             for ((route, status), n) in &m.requests {
                 let _ = writeln!(out, "cardbridge_api_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
             }
+            let _ = writeln!(out, "# HELP cardbridge_api_refusals_total API calls refused before the caller was known, by code.\n# TYPE cardbridge_api_refusals_total counter");
+            for (code, n) in &m.refusals {
+                let _ = writeln!(out, "cardbridge_api_refusals_total{{code=\"{code}\"}} {n}");
+            }
             out
         })
     }
@@ -108,6 +118,7 @@ mod tests {
         m.reconciled("ok", None);
         m.reconciled("unknown", Some("timeout"));
         m.request("/v1/cards/{card_id}", 200);
+        m.refused("bad_token");
         let text = m.render(2, 1);
         for line in [
             "cardbridge_readers 2",
@@ -120,6 +131,7 @@ mod tests {
             "cardbridge_reconciliations_total{verdict=\"unknown\"} 1",
             "cardbridge_server_errors_total{error=\"timeout\"} 1",
             "cardbridge_api_requests_total{route=\"/v1/cards/{card_id}\",status=\"200\"} 1",
+            "cardbridge_api_refusals_total{code=\"bad_token\"} 1",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

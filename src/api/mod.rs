@@ -5,13 +5,14 @@ pub mod events;
 pub mod metrics;
 mod revocations;
 pub mod security;
+pub mod serve;
 
 pub use revocations::publish as publish_revocation;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{Path, Request, State};
@@ -88,7 +89,9 @@ pub struct Shared {
     /// Which servers revocations can go to.
     pub scepman_configured: bool,
     pub cm_configured: bool,
-    pub failures: security::FailureLimiter,
+    pub failures: security::FailureBudget,
+    /// Refused calls logged recently, so an attack leaves a trace without flooding the log.
+    pub refusal_log: RefusalLog,
     pub metrics: metrics::Metrics,
     /// Scopes of local processes on the Unix socket.
     pub local_users: Vec<crate::config::LocalUser>,
@@ -113,31 +116,57 @@ pub enum Kind {
     Unix,
 }
 
-/// The credentials of a process on the Unix socket.
-#[derive(Clone, Copy, Debug)]
+/// The credentials of a process on the Unix socket: SO_PEERCRED's uid and gid, and the
+/// user's supplementary groups from the group database (NSS, so directory groups count; the
+/// process's own list is not readable under the unit's `ProtectProc=invisible`).
+#[derive(Clone, Debug)]
 pub struct UnixPeer {
     pub uid: u32,
     pub gid: u32,
+    pub groups: Vec<u32>,
 }
 
-impl
-    axum::extract::connect_info::Connected<
-        axum::serve::IncomingStream<'_, tokio::net::UnixListener>,
-    > for UnixPeer
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Self {
-        // Without credentials (Linux always gives them) the peer gets uid/gid u32::MAX, which
-        // no configuration names, so it has no scopes.
-        match stream.io().peer_cred() {
-            Ok(cred) => UnixPeer {
-                uid: cred.uid(),
-                gid: cred.gid(),
-            },
-            Err(_) => UnixPeer {
-                uid: u32::MAX,
-                gid: u32::MAX,
-            },
+impl UnixPeer {
+    /// No credentials (Linux always gives them): ids no configuration names, so no scopes.
+    fn nobody() -> UnixPeer {
+        UnixPeer {
+            uid: u32::MAX,
+            gid: u32::MAX,
+            groups: Vec::new(),
         }
+    }
+
+    /// Looks the user's groups up. Blocking (NSS may ask a directory).
+    fn of(uid: u32, gid: u32) -> UnixPeer {
+        let groups = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .and_then(|user| {
+                let name = std::ffi::CString::new(user.name).ok()?;
+                nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(gid)).ok()
+            })
+            .map(|groups| groups.into_iter().map(|g| g.as_raw()).collect())
+            .unwrap_or_default();
+        UnixPeer { uid, gid, groups }
+    }
+}
+
+impl serve::Accept for tokio::net::UnixListener {
+    type Io = tokio::net::UnixStream;
+    type Peer = UnixPeer;
+
+    async fn accept(&mut self) -> std::io::Result<(tokio::net::UnixStream, UnixPeer)> {
+        let (stream, _) = tokio::net::UnixListener::accept(self).await?;
+        let peer = match stream.peer_cred() {
+            Ok(cred) => {
+                let (uid, gid) = (cred.uid(), cred.gid());
+                tokio::task::spawn_blocking(move || UnixPeer::of(uid, gid))
+                    .await
+                    .unwrap_or_else(|_| UnixPeer::nobody())
+            }
+            Err(_) => UnixPeer::nobody(),
+        };
+        Ok((stream, peer))
     }
 }
 
@@ -252,10 +281,20 @@ async fn gate(State(l): State<Listener>, request: Request, next: Next) -> Respon
             HeaderValue::from_static("600"),
         );
         h.insert(header::VARY, HeaderValue::from_static("Origin"));
+        // Chrome's Private Network Access: a page on a public or LAN address may call loopback
+        // only when the preflight says so (allowed origins only, as above).
+        if headers.contains_key("access-control-request-private-network") {
+            h.insert(
+                "access-control-allow-private-network",
+                HeaderValue::from_static("true"),
+            );
+        }
         return response;
     }
     if request.method() == Method::OPTIONS {
-        return error(
+        return refused(
+            &l,
+            &headers,
             StatusCode::FORBIDDEN,
             "foreign_origin",
             "this origin is not allowed",
@@ -264,7 +303,7 @@ async fn gate(State(l): State<Listener>, request: Request, next: Next) -> Respon
     let method = request.method().clone();
     let (caller, scopes) = match identify(&l, &request) {
         Ok(caller) => caller,
-        Err((status, code, message)) => return error(status, code, message),
+        Err((status, code, message)) => return refused(&l, &headers, status, code, message),
     };
     let pattern = request
         .extensions()
@@ -306,15 +345,71 @@ async fn gate(State(l): State<Listener>, request: Request, next: Next) -> Respon
             tracing::error!("cannot write the audit trail: {e}");
         }
     }
-    if let Some(origin) = headers.get(header::ORIGIN) {
-        response
-            .headers_mut()
-            .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
-        response
-            .headers_mut()
-            .insert(header::VARY, HeaderValue::from_static("Origin"));
+    if matches!(l.kind, Kind::Tcp(_)) {
+        if let Some(origin) = headers.get(header::ORIGIN) {
+            with_cors(&mut response, origin.clone());
+        }
     }
     response
+}
+
+fn with_cors(response: &mut Response, origin: HeaderValue) {
+    let h = response.headers_mut();
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    h.insert(header::VARY, HeaderValue::from_static("Origin"));
+}
+
+/// A refusal before the caller is known: counted, logged at a bounded rate, and readable by a
+/// page of an allowed origin (so it can tell an expired token from a Host problem). A refusal
+/// for too many failures closes the connection and says when to come back.
+fn refused(
+    l: &Listener,
+    headers: &HeaderMap,
+    status: StatusCode,
+    code: &'static str,
+    message: &str,
+) -> Response {
+    l.shared.metrics.refused(code);
+    l.shared.refusal_log.note(code, Instant::now());
+    let mut response = error(status, code, message);
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        let h = response.headers_mut();
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    if matches!(l.kind, Kind::Tcp(_)) {
+        if let Some(origin) = security::allowed_origin(&l.shared.clients, headers) {
+            with_cors(&mut response, origin);
+        }
+    }
+    response
+}
+
+/// Logs refused calls at warn level, at most once per code every [`RefusalLog::EVERY`], with
+/// how many were refused since; no header value is ever logged.
+#[derive(Default)]
+pub struct RefusalLog {
+    last: Mutex<std::collections::HashMap<&'static str, (Instant, u64)>>,
+}
+
+impl RefusalLog {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    pub fn note(&self, code: &'static str, now: Instant) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let (at, suppressed) = last.entry(code).or_insert((now - Self::EVERY, 0));
+        if now.saturating_duration_since(*at) >= Self::EVERY {
+            tracing::warn!(
+                refusal = code,
+                "local API call refused ({code}; {} more since the last report)",
+                *suppressed
+            );
+            *at = now;
+            *suppressed = 0;
+        } else {
+            *suppressed += 1;
+        }
+    }
 }
 
 /// A refusal: status, error code, message.
@@ -328,15 +423,15 @@ fn identify(l: &Listener, request: &Request) -> Result<(String, Vec<Scope>), Ref
             let peer = request
                 .extensions()
                 .get::<axum::extract::ConnectInfo<UnixPeer>>()
-                .map(|c| c.0);
-            let Some(UnixPeer { uid, gid }) = peer else {
+                .map(|c| &c.0);
+            let Some(UnixPeer { uid, gid, groups }) = peer else {
                 return Err((
                     StatusCode::FORBIDDEN,
                     "no_scopes",
                     "the caller's credentials are unknown",
                 ));
             };
-            let scopes = security::local_scopes(&l.shared.local_users, uid, gid);
+            let scopes = security::local_scopes(&l.shared.local_users, *uid, *gid, groups);
             if scopes.is_empty() {
                 return Err((
                     StatusCode::FORBIDDEN,
@@ -347,31 +442,18 @@ fn identify(l: &Listener, request: &Request) -> Result<(String, Vec<Scope>), Ref
             Ok((format!("uid {uid}"), scopes))
         }
         Kind::Tcp(addr) => {
-            if !l.shared.failures.allows(headers) {
-                return Err((
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "too_many_failures",
-                    "too many failed authentications; wait and retry",
-                ));
-            }
             // A ticket stands in for the token only where a browser cannot send one.
             let ticket = (request.uri().path() == EVENTS_ROUTE)
                 .then(|| query_value(request.uri().query(), "ticket"))
                 .flatten();
-            match security::identify(&l.shared.clients, headers, addr, ticket) {
-                Ok(client) => Ok((client.name.clone(), client.scopes.clone())),
-                Err(refusal) => {
-                    if matches!(
-                        refusal,
-                        security::Refusal::MissingToken
-                            | security::Refusal::BadToken
-                            | security::Refusal::BadTicket
-                    ) {
-                        l.shared.failures.failed(headers);
-                    }
-                    Err((refusal.status(), refusal.code(), refusal.message()))
-                }
-            }
+            let parts = security::RequestParts {
+                headers,
+                authority: request.uri().authority().map(|a| a.as_str()),
+                ticket,
+            };
+            security::identify(&l.shared.clients, &l.shared.failures, &parts, addr)
+                .map(|client| (client.name.clone(), client.scopes.clone()))
+                .map_err(|refusal| (refusal.status(), refusal.code(), refusal.message()))
         }
     }
 }
@@ -570,8 +652,27 @@ async fn event_ticket(State(l): State<Listener>, headers: HeaderMap) -> Response
     }
 }
 
-#[utoipa::path(get, path = "/v1/events", params(("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event", maximum = 9223372036854775807_u64), ("last_event_id" = Option<u64>, Query, description = "Resume after this event, for a browser EventSource reopened with a new ticket (the header wins)", maximum = 9223372036854775807_u64), ("ticket" = Option<String>, Query, description = "A one-time ticket from POST /v1/events/ticket, instead of the Authorization header")), responses((status = 400, description = "Last-Event-ID is not an event id"), (status = 200, description = "Server-Sent Events", content_type = "text/event-stream"), (status = 401, description = "Missing or unknown token or ticket"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications")))]
-async fn events(State(l): State<Listener>, headers: HeaderMap, uri: axum::http::Uri) -> Response {
+#[utoipa::path(get, path = "/v1/events", params(("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event", maximum = 9223372036854775807_u64), ("last_event_id" = Option<u64>, Query, description = "Resume after this event, for a browser EventSource reopened with a new ticket (the header wins)", maximum = 9223372036854775807_u64), ("ticket" = Option<String>, Query, description = "A one-time ticket from POST /v1/events/ticket, instead of the Authorization header")), responses((status = 400, description = "Last-Event-ID is not an event id"), (status = 200, description = "Server-Sent Events", content_type = "text/event-stream"), (status = 401, description = "Missing or unknown token or ticket"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications, or too many event streams of this client")))]
+async fn events(State(l): State<Listener>, parts: axum::http::request::Parts) -> Response {
+    let (headers, uri) = (&parts.headers, &parts.uri);
+    // The stream counts against its client's cap and keeps its connection from being closed as
+    // idle (requests through the router alone, in unit tests, have no connection).
+    let guard = match (
+        parts.extensions.get::<serve::Connection>(),
+        parts.extensions.get::<Caller>(),
+    ) {
+        (Some(connection), Some(caller)) => match connection.open_stream(&caller.0) {
+            Some(guard) => Some(guard),
+            None => {
+                return error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_streams",
+                    "this client has too many event streams open",
+                )
+            }
+        },
+        _ => None,
+    };
     let given = headers
         .get("last-event-id")
         .map(|v| v.to_str().ok())
@@ -600,9 +701,10 @@ async fn events(State(l): State<Listener>, headers: HeaderMap, uri: axum::http::
     let live = BroadcastStream::new(live)
         .take_while(Result::is_ok)
         .filter_map(|e| e.ok().map(|e| sse(&e)));
-    let stream = tokio_stream::iter(first)
-        .chain(live)
-        .map(Ok::<_, std::convert::Infallible>);
+    let stream = tokio_stream::iter(first).chain(live).map(move |e| {
+        let _held = &guard;
+        Ok::<_, std::convert::Infallible>(e)
+    });
     let stream = futures_util::StreamExt::take_until(stream, l.shared.stopped());
     Sse::new(stream)
         .keep_alive(
@@ -661,6 +763,7 @@ mod tests {
             scepman_configured: false,
             cm_configured: false,
             failures: Default::default(),
+            refusal_log: Default::default(),
             metrics: Default::default(),
             local_users: Vec::new(),
         });

@@ -23,9 +23,13 @@ pub enum Refusal {
     MissingToken,
     BadToken,
     ForeignHost,
+    /// More than one Host header (RFC 9112 §3.2: answer 400).
+    DuplicateHost,
     ForeignOrigin,
     MissingScope,
     BadTicket,
+    /// A wrong token or ticket while the daemon's budget of failures is spent.
+    TooManyFailures,
 }
 
 impl Refusal {
@@ -36,7 +40,9 @@ impl Refusal {
             }
             // 421 Misdirected Request: the Host names something this listener is not.
             Refusal::ForeignHost => StatusCode::MISDIRECTED_REQUEST,
+            Refusal::DuplicateHost => StatusCode::BAD_REQUEST,
             Refusal::ForeignOrigin | Refusal::MissingScope => StatusCode::FORBIDDEN,
+            Refusal::TooManyFailures => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -45,9 +51,11 @@ impl Refusal {
             Refusal::MissingToken => "missing_token",
             Refusal::BadToken => "bad_token",
             Refusal::ForeignHost => "foreign_host",
+            Refusal::DuplicateHost => "duplicate_host",
             Refusal::ForeignOrigin => "foreign_origin",
             Refusal::MissingScope => "missing_scope",
             Refusal::BadTicket => "bad_ticket",
+            Refusal::TooManyFailures => "too_many_failures",
         }
     }
 
@@ -56,6 +64,8 @@ impl Refusal {
             Refusal::MissingToken => "an Authorization: Bearer token is required",
             Refusal::BadToken => "the bearer token is not known",
             Refusal::ForeignHost => "the Host header does not name this listener",
+            Refusal::DuplicateHost => "a request carries exactly one Host header",
+            Refusal::TooManyFailures => "too many failed authentications; wait and retry",
             Refusal::ForeignOrigin => "this origin is not allowed for this client",
             Refusal::MissingScope => "the client does not have the scope this route needs",
             Refusal::BadTicket => "the event ticket is unknown, already used or expired",
@@ -73,8 +83,10 @@ pub struct Clients {
 
 /// How long an event ticket may wait to be used.
 pub const TICKET_LIFETIME: Duration = Duration::from_secs(30);
-/// Tickets outstanding at once; a client asking for more gets 429 until some expire.
+/// Tickets outstanding at once, and per client: a client asking for more gets 429 until some
+/// of its own expire, so one client cannot keep the others' pages from their event streams.
 const MAX_TICKETS: usize = 1024;
+const MAX_TICKETS_PER_CLIENT: usize = 32;
 
 impl Clients {
     pub fn new(clients: &[ApiClient]) -> Clients {
@@ -118,7 +130,8 @@ impl Clients {
         let mut tickets = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         tickets.retain(|_, (_, expires)| *expires > now);
-        if tickets.len() >= MAX_TICKETS {
+        let own = tickets.values().filter(|(i, _)| *i == index).count();
+        if own >= MAX_TICKETS_PER_CLIENT || tickets.len() >= MAX_TICKETS {
             return Err(TicketError::TooMany);
         }
         tickets.insert(
@@ -148,62 +161,62 @@ pub enum TicketError {
     NoRandomness,
 }
 
+/// The token of an `Authorization: Bearer …` header; the scheme is case-insensitive (RFC 9110
+/// §11.1), and spaces or tabs may follow it.
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once([' ', '\t'])?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
-/// Throttles failed authentication per caller, where a caller is the browser origin that sent
-/// the request (every loopback caller has the same address; a web page probing for tokens always
-/// has its origin). Token buckets: a burst of 20 failures, then 5 per second; a caller over the
-/// limit is answered 429 before its token is even looked at.
-#[derive(Default)]
-pub struct FailureLimiter {
-    buckets: std::sync::Mutex<std::collections::HashMap<String, (f64, std::time::Instant)>>,
+/// The daemon's budget of failed authentications: a burst of 20, then 5 per second, for all
+/// callers together (a token bucket, so its memory is one number whatever callers send).
+///
+/// Why this shape: a valid token is looked up first and always served, so no caller's failures
+/// can lock out the station's own CLI, kiosk apps or Prometheus; a request without credentials
+/// is not a guess and costs nothing (a web page's `<img>` tags send such requests). Only a
+/// wrong token or ticket spends the budget, and once it is spent wrong ones are answered 429
+/// and their connection closed, whatever `Origin` they claim: no header an attacker chooses
+/// buys a fresh budget. The budget bounds the wrong guesses the daemon answers; what makes
+/// guessing futile is the token itself (256 random bits when generated; the README asks for
+/// `openssl rand -hex 32`).
+pub struct FailureBudget {
+    state: Mutex<(f64, Instant)>,
 }
 
 const FAILURE_BURST: f64 = 20.0;
 const FAILURES_PER_SECOND: f64 = 5.0;
 
-impl FailureLimiter {
-    fn key(headers: &HeaderMap) -> String {
-        headers
-            .get(header::ORIGIN)
-            .and_then(|o| o.to_str().ok())
-            .unwrap_or("(no origin)")
-            .to_string()
+impl Default for FailureBudget {
+    fn default() -> Self {
+        FailureBudget {
+            state: Mutex::new((FAILURE_BURST, Instant::now())),
+        }
     }
+}
 
-    fn with_bucket<T>(&self, headers: &HeaderMap, f: impl FnOnce(&mut f64) -> T) -> T {
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        let now = std::time::Instant::now();
-        let (tokens, last) = buckets
-            .entry(Self::key(headers))
-            .or_insert((FAILURE_BURST, now));
-        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * FAILURES_PER_SECOND)
-            .min(FAILURE_BURST);
-        *last = now;
-        f(tokens)
-    }
-
-    /// Whether this caller may try to authenticate now.
-    pub fn allows(&self, headers: &HeaderMap) -> bool {
-        self.with_bucket(headers, |tokens| *tokens >= 1.0)
-    }
-
-    /// Counts a failed attempt.
-    pub fn failed(&self, headers: &HeaderMap) {
-        self.with_bucket(headers, |tokens| *tokens = (*tokens - 1.0).max(0.0));
+impl FailureBudget {
+    /// Spends one failure at `now`; false when the budget was already spent.
+    pub fn spend(&self, now: Instant) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (tokens, last) = &mut *state;
+        let refill = now.saturating_duration_since(*last).as_secs_f64() * FAILURES_PER_SECOND;
+        *tokens = (*tokens + refill).min(FAILURE_BURST);
+        *last = now.max(*last);
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 }
 
 /// The Host values a request to `listener` may carry: `127.0.0.1:PORT`, `localhost:PORT`,
 /// `[::1]:PORT` for the listener's port.
-pub fn host_allowed(host: Option<&HeaderValue>, listener: SocketAddr) -> bool {
-    let Some(host) = host.and_then(|h| h.to_str().ok()) else {
+pub fn host_allowed(host: Option<&str>, listener: SocketAddr) -> bool {
+    let Some(host) = host else {
         return false;
     };
     let port = listener.port();
@@ -216,23 +229,47 @@ pub fn host_allowed(host: Option<&HeaderValue>, listener: SocketAddr) -> bool {
     .contains(&host)
 }
 
-/// Host, credentials and Origin: who is calling, if they may call at all. The credentials are
-/// the bearer token or, when there is none, an event `ticket` (only offered for `/v1/events`).
-pub fn identify<'c>(
-    clients: &'c Clients,
+/// Exactly one Host header naming the listener; in an absolute-form request line the URI's
+/// authority counts instead of Host (RFC 9112 §3.2.2), so it must name the listener too.
+fn check_host(
     headers: &HeaderMap,
+    authority: Option<&str>,
     listener: SocketAddr,
-    ticket: Option<&str>,
-) -> Result<&'c ApiClient, Refusal> {
-    if !host_allowed(headers.get(header::HOST), listener) {
+) -> Result<(), Refusal> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let host = hosts.next().and_then(|h| h.to_str().ok());
+    if hosts.next().is_some() {
+        return Err(Refusal::DuplicateHost);
+    }
+    if !host_allowed(host, listener) || authority.is_some_and(|a| !host_allowed(Some(a), listener))
+    {
         return Err(Refusal::ForeignHost);
     }
-    let client = match (bearer(headers), ticket) {
-        (Some(token), _) => clients.authenticate(token).ok_or(Refusal::BadToken)?,
-        (None, Some(ticket)) => clients.redeem(ticket).ok_or(Refusal::BadTicket)?,
-        (None, None) => return Err(Refusal::MissingToken),
+    Ok(())
+}
+
+/// Host, credentials and Origin: who is calling, if they may call at all. The credentials are
+/// the bearer token or, when there is none, an event `ticket` (only offered for `/v1/events`).
+/// A wrong token or ticket spends the failure budget; over it, the refusal is 429.
+pub fn identify<'c>(
+    clients: &'c Clients,
+    failures: &FailureBudget,
+    request: &RequestParts<'_>,
+    listener: SocketAddr,
+) -> Result<&'c ApiClient, Refusal> {
+    check_host(request.headers, request.authority, listener)?;
+    let found = match (bearer(request.headers), request.ticket) {
+        (Some(token), _) => clients.authenticate(token).ok_or(Refusal::BadToken),
+        (None, Some(ticket)) => clients.redeem(ticket).ok_or(Refusal::BadTicket),
+        (None, None) => Err(Refusal::MissingToken),
     };
-    if let Some(origin) = headers.get(header::ORIGIN) {
+    let client = match found {
+        Ok(client) => client,
+        Err(Refusal::MissingToken) => return Err(Refusal::MissingToken),
+        Err(refusal) if failures.spend(Instant::now()) => return Err(refusal),
+        Err(_) => return Err(Refusal::TooManyFailures),
+    };
+    if let Some(origin) = request.headers.get(header::ORIGIN) {
         let allowed = origin
             .to_str()
             .is_ok_and(|o| client.origins.iter().any(|allowed| allowed == o));
@@ -241,6 +278,15 @@ pub fn identify<'c>(
         }
     }
     Ok(client)
+}
+
+/// What [`identify`] looks at in a request.
+pub struct RequestParts<'r> {
+    pub headers: &'r HeaderMap,
+    /// The authority of an absolute-form request target, if it was one.
+    pub authority: Option<&'r str>,
+    /// The event ticket, where one stands in for the token.
+    pub ticket: Option<&'r str>,
 }
 
 /// Whether an identified caller's scopes include `scope`.
@@ -252,12 +298,17 @@ pub fn authorize(scopes: &[Scope], scope: Scope) -> Result<(), Refusal> {
     }
 }
 
-/// The scopes of a process on the Unix socket: every `local_users` entry that names its uid or
-/// its gid contributes. None at all: the caller is refused.
-pub fn local_scopes(users: &[crate::config::LocalUser], uid: u32, gid: u32) -> Vec<Scope> {
+/// The scopes of a process on the Unix socket: every `local_users` entry that names its uid,
+/// its gid or one of its supplementary groups contributes. None at all: the caller is refused.
+pub fn local_scopes(
+    users: &[crate::config::LocalUser],
+    uid: u32,
+    gid: u32,
+    groups: &[u32],
+) -> Vec<Scope> {
     let mut scopes: Vec<Scope> = users
         .iter()
-        .filter(|u| u.uid == Some(uid) || u.gid == Some(gid))
+        .filter(|u| u.uid == Some(uid) || u.gid.is_some_and(|g| g == gid || groups.contains(&g)))
         .flat_map(|u| u.scopes.iter().copied())
         .collect();
     scopes.sort_by_key(|s| *s as u8);
@@ -275,6 +326,11 @@ pub fn preflight_origin(
     if method != Method::OPTIONS {
         return None;
     }
+    allowed_origin(clients, headers)
+}
+
+/// The request's Origin when some client allows it: the only origin a CORS header may echo.
+pub fn allowed_origin(clients: &Clients, headers: &HeaderMap) -> Option<HeaderValue> {
     let origin = headers.get(header::ORIGIN)?;
     let text = origin.to_str().ok()?;
     clients
@@ -307,6 +363,14 @@ mod tests {
 
     const LISTENER: &str = "127.0.0.1:8687";
 
+    fn parts<'r>(headers: &'r HeaderMap, ticket: Option<&'r str>) -> RequestParts<'r> {
+        RequestParts {
+            headers,
+            authority: None,
+            ticket,
+        }
+    }
+
     /// Checks a request's headers: Host, bearer token, Origin, scope. Returns the client.
     fn check<'c>(
         clients: &'c Clients,
@@ -314,9 +378,23 @@ mod tests {
         listener: SocketAddr,
         scope: Scope,
     ) -> Result<&'c ApiClient, Refusal> {
-        let client = identify(clients, headers, listener, None)?;
+        let client = identify(
+            clients,
+            &FailureBudget::default(),
+            &parts(headers, None),
+            listener,
+        )?;
         authorize(&client.scopes, scope)?;
         Ok(client)
+    }
+
+    fn with_ticket<'c>(
+        c: &'c Clients,
+        h: &HeaderMap,
+        l: SocketAddr,
+        t: &str,
+    ) -> Result<&'c ApiClient, Refusal> {
+        identify(c, &FailureBudget::default(), &parts(h, Some(t)), l)
     }
 
     #[test]
@@ -340,23 +418,23 @@ mod tests {
             .issue_ticket(&headers(&[(header::AUTHORIZATION, "Bearer s3cret")]))
             .unwrap();
         assert_eq!(
-            identify(&c, &foreign, l, Some(&second)).err(),
+            with_ticket(&c, &foreign, l, &second).err(),
             Some(Refusal::ForeignOrigin)
         );
         assert_eq!(
-            identify(&c, &page, l, Some(&second)).err(),
+            with_ticket(&c, &page, l, &second).err(),
             Some(Refusal::BadTicket)
         );
         assert_eq!(
-            identify(&c, &page, l, Some(&ticket)).map(|c| c.name.as_str()),
+            with_ticket(&c, &page, l, &ticket).map(|c| c.name.as_str()),
             Ok("kiosk")
         );
         assert_eq!(
-            identify(&c, &page, l, Some(&ticket)).err(),
+            with_ticket(&c, &page, l, &ticket).err(),
             Some(Refusal::BadTicket)
         );
         assert_eq!(
-            identify(&c, &page, l, Some("00")).err(),
+            with_ticket(&c, &page, l, "00").err(),
             Some(Refusal::BadTicket)
         );
     }
@@ -429,16 +507,113 @@ mod tests {
     }
 
     #[test]
-    fn failed_authentication_is_throttled_per_origin() {
-        let limiter = FailureLimiter::default();
-        let page = headers(&[(header::ORIGIN, "https://evil.example")]);
+    fn the_failure_budget_is_one_for_everyone_and_refills() {
+        let budget = FailureBudget::default();
+        let start = Instant::now();
         for _ in 0..FAILURE_BURST as usize {
-            assert!(limiter.allows(&page));
-            limiter.failed(&page);
+            assert!(budget.spend(start));
         }
-        assert!(!limiter.allows(&page));
-        // Native callers (no origin) are not affected by a page's failures.
-        assert!(limiter.allows(&HeaderMap::new()));
+        assert!(!budget.spend(start), "spent, whoever asks");
+        assert!(!budget.spend(start + Duration::from_millis(100)));
+        assert!(
+            budget.spend(start + Duration::from_millis(300)),
+            "5 per second come back"
+        );
+        assert!(!budget.spend(start + Duration::from_millis(300)));
+        assert!(budget.spend(start + Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn a_valid_token_is_served_when_the_budget_is_spent() {
+        let c = clients();
+        let l: SocketAddr = LISTENER.parse().unwrap();
+        let budget = FailureBudget::default();
+        let now = Instant::now();
+        while budget.spend(now) {}
+        let good = headers(&[
+            (header::HOST, "127.0.0.1:8687"),
+            (header::AUTHORIZATION, "Bearer s3cret"),
+        ]);
+        assert!(identify(&c, &budget, &parts(&good, None), l).is_ok());
+        let bad = headers(&[
+            (header::HOST, "127.0.0.1:8687"),
+            (header::AUTHORIZATION, "Bearer nope"),
+        ]);
+        assert_eq!(
+            identify(&c, &budget, &parts(&bad, None), l).err(),
+            Some(Refusal::TooManyFailures)
+        );
+        let none = headers(&[(header::HOST, "127.0.0.1:8687")]);
+        assert_eq!(
+            identify(&c, &budget, &parts(&none, None), l).err(),
+            Some(Refusal::MissingToken)
+        );
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive_and_host_is_one_header() {
+        let c = clients();
+        let l: SocketAddr = LISTENER.parse().unwrap();
+        for auth in [
+            "bearer s3cret",
+            "BEARER s3cret",
+            "Bearer\ts3cret",
+            "Bearer  s3cret ",
+        ] {
+            let h = headers(&[
+                (header::HOST, "127.0.0.1:8687"),
+                (header::AUTHORIZATION, auth),
+            ]);
+            assert!(check(&c, &h, l, Scope::Read).is_ok(), "{auth:?}");
+        }
+        let mut two = headers(&[
+            (header::HOST, "127.0.0.1:8687"),
+            (header::AUTHORIZATION, "Bearer s3cret"),
+        ]);
+        two.append(header::HOST, HeaderValue::from_static("evil.example"));
+        assert_eq!(
+            check(&c, &two, l, Scope::Read).err(),
+            Some(Refusal::DuplicateHost)
+        );
+        let h = headers(&[
+            (header::HOST, "127.0.0.1:8687"),
+            (header::AUTHORIZATION, "Bearer s3cret"),
+        ]);
+        let absolute = RequestParts {
+            headers: &h,
+            authority: Some("evil.example:8687"),
+            ticket: None,
+        };
+        assert_eq!(
+            identify(&c, &FailureBudget::default(), &absolute, l).err(),
+            Some(Refusal::ForeignHost)
+        );
+    }
+
+    #[test]
+    fn one_client_cannot_take_every_ticket() {
+        let c = Clients::new(&[
+            ApiClient {
+                name: "greedy".into(),
+                token_sha256: hex::encode(Sha256::digest(b"a")),
+                scopes: vec![Scope::Read],
+                origins: vec![],
+            },
+            ApiClient {
+                name: "kiosk".into(),
+                token_sha256: hex::encode(Sha256::digest(b"b")),
+                scopes: vec![Scope::Read],
+                origins: vec![],
+            },
+        ]);
+        let greedy = headers(&[(header::AUTHORIZATION, "Bearer a")]);
+        for _ in 0..MAX_TICKETS_PER_CLIENT {
+            assert!(c.issue_ticket(&greedy).is_ok());
+        }
+        assert_eq!(c.issue_ticket(&greedy), Err(TicketError::TooMany));
+        assert!(c
+            .issue_ticket(&headers(&[(header::AUTHORIZATION, "Bearer b")]))
+            .is_ok());
     }
 
     #[test]
@@ -455,9 +630,16 @@ mod tests {
                 scopes: vec![Scope::Sync, Scope::Read],
             },
         ];
-        assert_eq!(local_scopes(&users, 1000, 1000), [Scope::Read]);
-        assert_eq!(local_scopes(&users, 1000, 50), [Scope::Read, Scope::Sync]);
-        assert!(local_scopes(&users, 1001, 1001).is_empty());
+        assert_eq!(local_scopes(&users, 1000, 1000, &[]), [Scope::Read]);
+        assert_eq!(
+            local_scopes(&users, 1000, 50, &[]),
+            [Scope::Read, Scope::Sync]
+        );
+        assert!(local_scopes(&users, 1001, 1001, &[]).is_empty());
+        assert_eq!(
+            local_scopes(&users, 1001, 1001, &[4, 50]),
+            [Scope::Read, Scope::Sync]
+        );
     }
 
     #[test]
