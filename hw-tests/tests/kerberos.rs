@@ -209,6 +209,9 @@ fn a_session_cookie_the_server_sets_is_kept() {
     let keytab = station(realm, "station10", None, &dir);
     let daemon = daemon("krb-cookie", &cm_section(&scene.sim, &keytab, ""));
     let mut r = daemon.wait_reconciliation(&scene.card_id, "", "matched", matched);
+    // Requests that started together before the first cookie came may each have authenticated.
+    let first = scene.sim.auth_stats().kerberos_exchanges;
+    let requests = scene.sim.log().len();
     for _ in 0..2 {
         daemon.sync(&scene.card_id);
         let after = r["checked_at"].as_str().unwrap_or_default().to_string();
@@ -216,13 +219,14 @@ fn a_session_cookie_the_server_sets_is_kept() {
     }
     assert_eq!(
         scene.sim.auth_stats().kerberos_exchanges,
-        1,
-        "the session cookie stood for the ticket after the first exchange"
+        first,
+        "the session cookie stood for the ticket after the first exchanges"
     );
+    let log = scene.sim.log();
+    assert!(log.len() >= requests + 6, "{} requests", log.len());
     assert!(
-        scene.sim.log().len() >= 9,
-        "{} requests",
-        scene.sim.log().len()
+        log[requests..].iter().all(|l| l.authorization.is_none()),
+        "no ticket, no challenge once the session exists"
     );
 }
 
