@@ -86,6 +86,19 @@ pub struct ApiConfig {
     pub unix_socket_gid: Option<u32>,
     #[serde(default)]
     pub local_users: Vec<LocalUser>,
+    /// Revocations a client may submit at once, and then per minute (429 with Retry-After
+    /// beyond): each one queues calls to MIM CM or SCEPman.
+    #[serde(default = "default_revocation_burst")]
+    pub revocation_burst: u32,
+    #[serde(default = "default_revocations_per_minute")]
+    pub revocations_per_minute: u32,
+}
+
+fn default_revocation_burst() -> u32 {
+    20
+}
+fn default_revocations_per_minute() -> u32 {
+    30
 }
 
 /// Scopes for processes connecting over the Unix socket, by user id or group id.
@@ -105,6 +118,8 @@ impl Default for ApiConfig {
             unix_socket: None,
             unix_socket_gid: None,
             local_users: Vec::new(),
+            revocation_burst: default_revocation_burst(),
+            revocations_per_minute: default_revocations_per_minute(),
         }
     }
 }
@@ -409,9 +424,29 @@ impl Config {
         let config: Config =
             toml::from_str(text).map_err(|e| e.to_string().trim().replace('\n', " "))?;
         for addr in &config.api.listen {
-            if !addr.ip().is_loopback() {
+            // Only these two: the Host rule accepts 127.0.0.1, localhost and [::1], so another
+            // loopback address (127.0.0.2) would refuse every call with 421.
+            let usable = addr.ip() == std::net::Ipv4Addr::LOCALHOST
+                || addr.ip() == std::net::Ipv6Addr::LOCALHOST;
+            if !usable {
                 return Err(format!(
-                    "api.listen: {addr} is not a loopback address; the local API listens on 127.0.0.1 or ::1 only"
+                    "api.listen: {addr} is not 127.0.0.1 or [::1]; the local API listens on those loopback addresses only"
+                ));
+            }
+        }
+        let mut hashes = std::collections::HashSet::new();
+        let mut names = std::collections::HashSet::new();
+        for client in &config.api.clients {
+            if !hashes.insert(client.token_sha256.to_ascii_lowercase()) {
+                return Err(format!(
+                    "api.clients ({}): another client has the same token_sha256; each client needs its own token",
+                    client.name
+                ));
+            }
+            if !names.insert(client.name.as_str()) {
+                return Err(format!(
+                    "api.clients: two clients are named {:?}",
+                    client.name
                 ));
             }
         }
@@ -455,6 +490,12 @@ impl Config {
                     "log_level: {level:?} is not one of error, warn, info, debug, trace"
                 ));
             }
+        }
+        if config.api.revocation_burst == 0 || config.api.revocations_per_minute == 0 {
+            return Err(
+                "api.revocation_burst and api.revocations_per_minute: must be greater than 0"
+                    .into(),
+            );
         }
         let r = &config.revocation;
         if r.retry_initial_ms == 0 || r.poll_interval_ms == 0 || r.retry_max_ms < r.retry_initial_ms
@@ -532,6 +573,8 @@ mod tests {
         assert_eq!(c.api.listen.len(), 2);
         let e = Config::parse("[api]\nlisten = [\"0.0.0.0:8687\"]\n").unwrap_err();
         assert!(e.contains("api.listen") && e.contains("loopback"), "{e}");
+        let e = Config::parse("[api]\nlisten = [\"127.0.0.2:8687\"]\n").unwrap_err();
+        assert!(e.contains("127.0.0.2"), "{e}");
         let client = |hash: &str, origin: &str| {
             format!("[[api.clients]]\nname = \"kiosk\"\ntoken_sha256 = \"{hash}\"\nscopes = [\"read\"]\norigins = [\"{origin}\"]\n")
         };
@@ -546,6 +589,23 @@ mod tests {
         assert!(Config::parse(&client(&hash, "*"))
             .unwrap_err()
             .contains("origin"));
+        let twice = format!(
+            "{}{}",
+            client(&hash, "https://a.contoso.com"),
+            client(&hash.to_uppercase(), "https://b.contoso.com").replace("kiosk", "admin")
+        );
+        assert!(Config::parse(&twice)
+            .unwrap_err()
+            .contains("same token_sha256"));
+        let other = "cd".repeat(32);
+        let same_name = format!(
+            "{}{}",
+            client(&hash, "https://a.contoso.com"),
+            client(&other, "https://b.contoso.com")
+        );
+        assert!(Config::parse(&same_name)
+            .unwrap_err()
+            .contains("two clients are named"));
     }
 
     #[test]

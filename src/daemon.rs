@@ -1,8 +1,6 @@
 //! `cardbridge run`: the engine, the station state, the event bus and the local API, until
 //! SIGINT or SIGTERM.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
@@ -32,6 +30,8 @@ pub enum DaemonError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Cm(#[from] ServerError),
+    #[error(transparent)]
+    StateDir(#[from] crate::state_dir::StateDirError),
     #[error("cannot write the API token {path}: {source}")]
     Token {
         path: PathBuf,
@@ -97,6 +97,7 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
         }
         None => None,
     };
+    let socket_id = config.api.unix_socket.as_deref().and_then(file_id);
 
     let (tx, events) = std::sync::mpsc::channel();
     let engine = Engine::start(
@@ -125,6 +126,10 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
         refusal_log: Default::default(),
         metrics: Default::default(),
         local_users: config.api.local_users.clone(),
+        revocation_budget: api::RevocationBudget::new(
+            config.api.revocation_burst,
+            config.api.revocations_per_minute,
+        ),
     });
     let pump = {
         let shared = shared.clone();
@@ -215,31 +220,71 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
         .take();
     engine.stop();
     let _ = pump.join();
+    // Only our own socket: another daemon may have replaced a dead one meanwhile.
     if let Some(path) = &config.api.unix_socket {
-        let _ = std::fs::remove_file(path);
+        if socket_id.is_some() && file_id(path) == socket_id {
+            let _ = std::fs::remove_file(path);
+        }
     }
     Ok(())
 }
 
-/// Binds the Unix socket (replacing a stale one from an earlier run), mode 0660, and gives it
-/// `gid` when configured.
+/// Device and inode of a path (not following a symlink).
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Binds the API socket at `path` (mode 0660, group `gid` when configured).
+///
+/// A socket at the path that answers is another daemon's: refuse, never take it over. A dead
+/// one is removed; anything else there (a regular file, a directory) is an error, never
+/// deleted. The socket is made in a private directory beside the path, where nobody can swap
+/// it for a symlink while its mode and group are set, then renamed into place.
 fn bind_unix(path: &Path, gid: Option<u32>) -> Result<tokio::net::UnixListener, DaemonError> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
     let err = |source| DaemonError::Socket {
         path: path.to_path_buf(),
         source,
     };
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(err(std::io::Error::other(
+                    "another cardbridge daemon is running and answers on it",
+                )));
+            }
+            std::fs::remove_file(path).map_err(err)?;
+        }
+        Ok(_) => {
+            return Err(err(std::io::Error::other(
+                "something other than a socket is there; move it away",
+            )))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(err(e)),
     }
-    let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
-    if let Some(gid) = gid {
-        std::os::unix::fs::chown(path, None, Some(gid)).map_err(err)?;
-    }
-    Ok(listener)
+    let parent = path.parent().unwrap_or(Path::new("."));
+    let private = parent.join(format!(".cardbridge-socket-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(err)?;
+    let staged = private.join("api.sock");
+    let bound = (|| {
+        let listener = tokio::net::UnixListener::bind(&staged)?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o660))?;
+        if let Some(gid) = gid {
+            std::os::unix::fs::chown(&staged, None, Some(gid))?;
+        }
+        std::fs::rename(&staged, path)?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    bound.map_err(err)
 }
 
 async fn stop_signal() {
@@ -387,14 +432,7 @@ fn generated_client(state_dir: &Path) -> Result<ApiClient, DaemonError> {
     };
     let token =
         crate::random::random_hex::<32>().map_err(|e| err(std::io::Error::other(e.to_string())))?;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(err)?;
-    writeln!(file, "{token}").map_err(err)?;
+    crate::state_dir::write_private(state_dir, "api-token", format!("{token}\n").as_bytes())?;
     Ok(ApiClient {
         name: "local".into(),
         token_sha256: hex::encode(Sha256::digest(token.as_bytes())),
@@ -411,7 +449,7 @@ mod tests {
     fn logged(name: &str, data: &str) -> String {
         #[derive(Clone, Default)]
         struct Buffer(Arc<Mutex<Vec<u8>>>);
-        impl Write for Buffer {
+        impl std::io::Write for Buffer {
             fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
                 self.0.lock().unwrap().extend_from_slice(bytes);
                 Ok(bytes.len())

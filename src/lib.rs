@@ -13,6 +13,7 @@
 //! - [`revoke`]: revocation requests, their planning, and the outbox worker that delivers them.
 //! - [`reconcile`]: the rules that compare a card with the server's record, and the lookup.
 //! - [`store`]: the SQLite state database.
+//! - [`state_dir`]: the state directory and its private files (modes, safe replacement).
 //! - [`config`]: the TOML configuration.
 //! - [`engine`]: monitor, reader workers and reconciliation wired together, as the daemon runs them.
 //! - [`api`]: the local REST + Server-Sent Events API and its security checks.
@@ -43,4 +44,5 @@ pub mod revoke;
 pub mod scan;
 pub mod scepman;
 pub mod service;
+pub mod state_dir;
 pub mod store;

@@ -95,6 +95,34 @@ pub struct Shared {
     pub metrics: metrics::Metrics,
     /// Scopes of local processes on the Unix socket.
     pub local_users: Vec<crate::config::LocalUser>,
+    /// Each client's budget of revocations (its name → bucket; as many entries as clients).
+    pub revocation_budget: RevocationBudget,
+}
+
+/// Revocations per client: a burst, then a steady rate.
+pub struct RevocationBudget {
+    burst: f64,
+    per_second: f64,
+    buckets: Mutex<std::collections::HashMap<String, security::TokenBucket>>,
+}
+
+impl RevocationBudget {
+    pub fn new(burst: u32, per_minute: u32) -> RevocationBudget {
+        RevocationBudget {
+            burst: f64::from(burst),
+            per_second: f64::from(per_minute) / 60.0,
+            buckets: Mutex::default(),
+        }
+    }
+
+    /// Takes one revocation of `client`, or says when the next one is allowed.
+    pub fn take(&self, client: &str, now: Instant) -> Result<(), Duration> {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        buckets
+            .entry(client.to_string())
+            .or_insert_with(|| security::TokenBucket::new(self.burst, self.per_second, now))
+            .take(now)
+    }
 }
 
 impl Shared {
@@ -206,7 +234,47 @@ pub fn router(shared: Arc<Shared>, kind: Kind) -> Router {
         .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
         .layer(axum::middleware::from_fn_with_state(state.clone(), gate))
         .layer(ConcurrencyLimitLayer::new(CONCURRENCY))
+        .layer(axum::middleware::from_fn(json_errors))
         .with_state(state)
+}
+
+/// Every error is `{"error":{"code","message"}}`, also those that layers and extractors make
+/// (413 from the body limit, 408 from the timeout, 405 from the router, 400 from a path that is
+/// not UTF-8), so a client parses one shape.
+async fn json_errors(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_string();
+    let code = match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::REQUEST_TIMEOUT => "request_timeout",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::URI_TOO_LONG => "uri_too_long",
+        _ => "error",
+    };
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    let mut json = error(status, code, &message);
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            json.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    json
 }
 
 /// The OpenAPI document of the local API, as served at `/openapi.json`.
@@ -237,6 +305,40 @@ fn routes() -> (Router<Listener>, Router<Listener>, utoipa::openapi::OpenApi) {
     (short, long, api)
 }
 
+/// The answers any route may give before or instead of its handler, declared once for the
+/// OpenAPI document. A route that describes one of these statuses itself (its own 400 or 429)
+/// lists it after `Refusals`, and its description replaces this one.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // only the derive reads it
+enum Refusals {
+    #[response(
+        status = 400,
+        description = "Malformed request: more than one Host header, or a path that is not UTF-8"
+    )]
+    BadRequest,
+    #[response(status = 401, description = "Missing or unknown token")]
+    Unauthorized,
+    #[response(status = 403, description = "Origin, scope or local user refused")]
+    Forbidden,
+    #[response(status = 405, description = "The route does not take this method")]
+    MethodNotAllowed,
+    #[response(status = 408, description = "The request took longer than 10 s")]
+    Timeout,
+    #[response(status = 414, description = "The request target is longer than 8 KiB")]
+    UriTooLong,
+    #[response(status = 421, description = "Host does not name the listener")]
+    Misdirected,
+    #[response(
+        status = 429,
+        description = "Too many failed authentications (Retry-After says when to retry)"
+    )]
+    TooMany,
+}
+
+/// The longest request target accepted; longer ones get 414 (hyper's own limit, 64 KiB, is
+/// answered by hyper without a body).
+const MAX_URI: usize = 8 * 1024;
+
 /// The state-changing routes (POST) and the scope each needs; every other route (and every
 /// other method, which then gets its 405 from the router) needs the `read` scope.
 const STATE_CHANGING: [(&str, Scope); 2] = [
@@ -262,6 +364,13 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response {
 /// Preflights for allowed origins, then the security check of every request, then CORS headers
 /// (the exact origin, never `*`) on the answer.
 async fn gate(State(l): State<Listener>, request: Request, next: Next) -> Response {
+    if request.uri().to_string().len() > MAX_URI {
+        return error(
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            "the request target is longer than 8 KiB",
+        );
+    }
     let headers = request.headers().clone();
     if let Some(origin) = security::preflight_origin(&l.shared.clients, &headers, request.method())
     {
@@ -483,7 +592,7 @@ fn station<T>(l: &Listener, f: impl FnOnce(&Station) -> T) -> T {
     f(&l.shared.station.lock().unwrap_or_else(|p| p.into_inner()))
 }
 
-#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain"), (status = 401, description = "Missing or unknown token"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications")))]
+#[utoipa::path(get, path = "/metrics", responses(Refusals, (status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
 async fn metrics_text(State(l): State<Listener>) -> Response {
     let (readers, cards) = station(&l, |s| {
         (s.readers.len(), s.readers.values().flatten().count())
@@ -495,7 +604,7 @@ async fn metrics_text(State(l): State<Listener>) -> Response {
         .into_response()
 }
 
-#[utoipa::path(get, path = "/v1/health", responses((status = 200, description = "Station health: reader and card counts"), (status = 401, description = "Missing or unknown token"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications")))]
+#[utoipa::path(get, path = "/v1/health", responses(Refusals, (status = 200, description = "Station health: reader and card counts")))]
 async fn health(State(l): State<Listener>) -> Response {
     let (readers, cards) = station(&l, |s| {
         (s.readers.len(), s.readers.values().flatten().count())
@@ -510,7 +619,7 @@ struct ReaderView {
     card_id: Option<String>,
 }
 
-#[utoipa::path(get, path = "/v1/readers", responses((status = 200, description = "Readers and whether each holds a card"), (status = 401, description = "Missing or unknown token"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications")))]
+#[utoipa::path(get, path = "/v1/readers", responses(Refusals, (status = 200, description = "Readers and whether each holds a card")))]
 async fn readers(State(l): State<Listener>) -> Response {
     let list: Vec<ReaderView> = station(&l, |s| {
         s.readers
@@ -525,7 +634,7 @@ async fn readers(State(l): State<Listener>) -> Response {
     Json(list).into_response()
 }
 
-#[utoipa::path(get, path = "/v1/cards", responses((status = 200, description = "Every Card object in a reader"), (status = 401, description = "Missing or unknown token"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications")))]
+#[utoipa::path(get, path = "/v1/cards", responses(Refusals, (status = 200, description = "Every Card object in a reader")))]
 async fn cards(State(l): State<Listener>) -> Response {
     let body = station(&l, |s| s.cards_json.clone());
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
@@ -543,7 +652,7 @@ fn find_card(s: &Station, card_id: &str) -> Option<Card> {
         .cloned()
 }
 
-#[utoipa::path(get, path = "/v1/cards/{card_id}", params(("card_id" = String, Path, description = "Hex card id")), responses((status = 200, description = "The Card"), (status = 404, description = "No such card in a reader"), (status = 401, description = "Missing or unknown token"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications")))]
+#[utoipa::path(get, path = "/v1/cards/{card_id}", params(("card_id" = String, Path, description = "Hex card id")), responses(Refusals, (status = 200, description = "The Card"), (status = 404, description = "No such card in a reader")))]
 async fn card(State(l): State<Listener>, Path(card_id): Path<String>) -> Response {
     match station(&l, |s| find_card(s, &card_id)) {
         Some(card) => Json(card).into_response(),
@@ -555,7 +664,7 @@ async fn card(State(l): State<Listener>, Path(card_id): Path<String>) -> Respons
     }
 }
 
-#[utoipa::path(get, path = "/v1/cards/{card_id}/reconciliation", params(("card_id" = String, Path, description = "Hex card id")), responses((status = 200, description = "The card's last Reconciliation"), (status = 404, description = "Not reconciled"), (status = 401, description = "Missing or unknown token"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications")))]
+#[utoipa::path(get, path = "/v1/cards/{card_id}/reconciliation", params(("card_id" = String, Path, description = "Hex card id")), responses(Refusals, (status = 200, description = "The card's last Reconciliation"), (status = 404, description = "Not reconciled")))]
 async fn reconciliation(State(l): State<Listener>, Path(card_id): Path<String>) -> Response {
     let found = l
         .shared
@@ -576,7 +685,7 @@ async fn reconciliation(State(l): State<Listener>, Path(card_id): Path<String>) 
 
 /// `POST /v1/cards/{card_id}/sync`: read the card again (which reconciles it again). The body,
 /// if any, must be a JSON object; the answer comes at once, the results as events.
-#[utoipa::path(post, path = "/v1/cards/{card_id}/sync", params(("card_id" = String, Path, description = "Hex card id")), request_body(content = Object, content_type = "application/json", description = "An empty JSON object, or no body"), responses((status = 202, description = "The card is being read again"), (status = 400, description = "The body is not a JSON object"), (status = 404, description = "No such card in a reader"), (status = 413, description = "The body is over 64 KiB"), (status = 415, description = "Not application/json"), (status = 503, description = "cardbridge is stopping"), (status = 401, description = "Missing or unknown token"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications")))]
+#[utoipa::path(post, path = "/v1/cards/{card_id}/sync", params(("card_id" = String, Path, description = "Hex card id")), request_body(content = Object, content_type = "application/json", description = "An empty JSON object, or no body"), responses(Refusals, (status = 202, description = "The card is being read again"), (status = 400, description = "The body is not a JSON object"), (status = 404, description = "No such card in a reader"), (status = 413, description = "The body is over 64 KiB"), (status = 415, description = "Not application/json"), (status = 503, description = "cardbridge is stopping")))]
 async fn sync(State(l): State<Listener>, Path(card_id): Path<String>, body: Bytes) -> Response {
     if !body.is_empty()
         && !serde_json::from_slice::<serde_json::Value>(&body).is_ok_and(|v| v.is_object())
@@ -626,7 +735,7 @@ fn sse(event: &Numbered) -> SseEvent {
 /// `EventSource`, which cannot send the Authorization header. The page asks with its token
 /// (`fetch`, preflighted like any call), then opens the stream with the ticket within 30 s; the
 /// stream is checked as if the token came with it (Host, Origin, scope).
-#[utoipa::path(post, path = "/v1/events/ticket", responses((status = 201, description = "A ticket: {\"ticket\", \"expires_in_s\"}"), (status = 400, description = "The caller has no bearer token (the Unix socket needs no ticket)"), (status = 401, description = "Missing or unknown token"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications or outstanding tickets")))]
+#[utoipa::path(post, path = "/v1/events/ticket", responses(Refusals, (status = 201, description = "A ticket: {\"ticket\", \"expires_in_s\"}"), (status = 400, description = "The caller has no bearer token (the Unix socket needs no ticket)"), (status = 429, description = "Too many failed authentications or outstanding tickets")))]
 async fn event_ticket(State(l): State<Listener>, headers: HeaderMap) -> Response {
     match l.shared.clients.issue_ticket(&headers) {
         Ok(ticket) => (
@@ -652,7 +761,7 @@ async fn event_ticket(State(l): State<Listener>, headers: HeaderMap) -> Response
     }
 }
 
-#[utoipa::path(get, path = "/v1/events", params(("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event", maximum = 9223372036854775807_u64), ("last_event_id" = Option<u64>, Query, description = "Resume after this event, for a browser EventSource reopened with a new ticket (the header wins)", maximum = 9223372036854775807_u64), ("ticket" = Option<String>, Query, description = "A one-time ticket from POST /v1/events/ticket, instead of the Authorization header")), responses((status = 400, description = "Last-Event-ID is not an event id"), (status = 200, description = "Server-Sent Events", content_type = "text/event-stream"), (status = 401, description = "Missing or unknown token or ticket"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications, or too many event streams of this client")))]
+#[utoipa::path(get, path = "/v1/events", params(("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event", maximum = 9223372036854775807_u64), ("last_event_id" = Option<u64>, Query, description = "Resume after this event, for a browser EventSource reopened with a new ticket (the header wins)", maximum = 9223372036854775807_u64), ("ticket" = Option<String>, Query, description = "A one-time ticket from POST /v1/events/ticket, instead of the Authorization header")), responses(Refusals, (status = 400, description = "Last-Event-ID is not an event id"), (status = 200, description = "Server-Sent Events", content_type = "text/event-stream"), (status = 401, description = "Missing or unknown token or ticket"), (status = 429, description = "Too many failed authentications, or too many event streams of this client")))]
 async fn events(State(l): State<Listener>, parts: axum::http::request::Parts) -> Response {
     let (headers, uri) = (&parts.headers, &parts.uri);
     // The stream counts against its client's cap and keeps its connection from being closed as
@@ -722,6 +831,42 @@ mod tests {
     use sha2::Digest;
     use tower::ServiceExt;
 
+    /// The refusals every route shares are in each operation, without hiding a route's own.
+    #[test]
+    fn every_operation_documents_the_common_refusals_and_keeps_its_own() {
+        let api = openapi();
+        for (path, item) in &api.paths.paths {
+            let operations = [&item.get, &item.post].into_iter().flatten();
+            for operation in operations {
+                let codes: Vec<&str> = operation
+                    .responses
+                    .responses
+                    .keys()
+                    .map(String::as_str)
+                    .collect();
+                for common in ["400", "401", "403", "405", "408", "414", "421", "429"] {
+                    assert!(
+                        codes.contains(&common),
+                        "{path}: {common} missing from {codes:?}"
+                    );
+                }
+            }
+        }
+        let post = api.paths.paths["/v1/revocations"].post.as_ref().unwrap();
+        let described = |code: &str| match &post.responses.responses[code] {
+            utoipa::openapi::RefOr::T(r) => r.description.clone(),
+            utoipa::openapi::RefOr::Ref(_) => String::new(),
+        };
+        assert!(
+            described("429").contains("too many revocations"),
+            "the route's own 429 wins"
+        );
+        assert!(
+            described("400").contains("Idempotency-Key"),
+            "the route's own 400 wins"
+        );
+    }
+
     /// Every operation of the OpenAPI document is a route that exists (answers something other
     /// than the fallback's `not_found`), and the document has the routes the README promises.
     #[test]
@@ -766,6 +911,7 @@ mod tests {
             refusal_log: Default::default(),
             metrics: Default::default(),
             local_users: Vec::new(),
+            revocation_budget: RevocationBudget::new(20, 30),
         });
         let addr: SocketAddr = ([127, 0, 0, 1], 8687).into();
         let runtime = tokio::runtime::Builder::new_current_thread()

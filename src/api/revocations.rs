@@ -2,6 +2,8 @@
 //! the revocation outbox. A revocation is planned, then stored (committed) before the 202 goes
 //! out; the worker delivers it and every change is a `revocation.updated` event.
 
+use std::time::Instant;
+
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -11,6 +13,7 @@ use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use super::Refusals;
 use super::{error, find_card, station, Caller, Listener};
 use crate::cm::model::normalize_hex;
 use crate::random::random_hex;
@@ -46,7 +49,7 @@ pub fn publish(bus: &super::events::Bus, revocation: &Revocation) {
 /// `POST /v1/revocations`: validates and stores a revocation (or, with `dry_run`, only shows its
 /// plan). The same `Idempotency-Key` from the same client with the same body returns the stored
 /// revocation again; with another body it is refused (409).
-#[utoipa::path(post, path = "/v1/revocations", params(("Idempotency-Key" = String, Header, description = "Unique per intended revocation (1 to 200 visible ASCII characters); a retry with the same key and body returns the same revocation", min_length = 1, max_length = 200, pattern = "^[!-~]+$")), request_body(content = inline(Submission), content_type = "application/json", description = "What to revoke, why, and by whom"), responses((status = 202, description = "The stored revocation: id, status, actions"), (status = 200, description = "dry_run: the plan, nothing stored"), (status = 400, description = "Missing Idempotency-Key, malformed body, bad reason or field"), (status = 404, description = "This station never read the card"), (status = 409, description = "The Idempotency-Key was used with another body"), (status = 413, description = "The body is over 64 KiB"), (status = 415, description = "Not application/json"), (status = 422, description = "Certificate not on the card, operation not allowed, server not configured, card unknown to MIM CM"), (status = 503, description = "The state database is not available"), (status = 401, description = "Missing or unknown token"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications")))]
+#[utoipa::path(post, path = "/v1/revocations", params(("Idempotency-Key" = String, Header, description = "Unique per intended revocation (1 to 200 visible ASCII characters); a retry with the same key and body returns the same revocation", min_length = 1, max_length = 200, pattern = "^[!-~]+$")), request_body(content = inline(Submission), content_type = "application/json", description = "What to revoke, why, and by whom"), responses(Refusals, (status = 202, description = "The stored revocation: id, status, actions"), (status = 200, description = "dry_run: the plan, nothing stored"), (status = 400, description = "Missing Idempotency-Key, malformed body, bad reason or field"), (status = 404, description = "This station never read the card"), (status = 409, description = "The Idempotency-Key was used with another body"), (status = 413, description = "The body is over 64 KiB"), (status = 415, description = "Not application/json"), (status = 422, description = "Certificate not on the card, operation not allowed, server not configured, card unknown to MIM CM"), (status = 503, description = "The state database is not available"), (status = 429, description = "Too many failed authentications, or too many revocations from this client (Retry-After says when to try again)")))]
 pub(super) async fn submit(
     State(l): State<Listener>,
     Extension(Caller(client)): Extension<Caller>,
@@ -144,6 +147,20 @@ pub(super) async fn submit(
     if submission.dry_run {
         return Json(json!({"dry_run": true, "plan": plan})).into_response();
     }
+    if let Err(wait) = l.shared.revocation_budget.take(&client, Instant::now()) {
+        let mut refused = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_revocations",
+            "this client has submitted too many revocations; retry later",
+        );
+        let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        if let Ok(value) = axum::http::HeaderValue::from_str(&seconds.max(1).to_string()) {
+            refused
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, value);
+        }
+        return refused;
+    }
     let markers: Result<Vec<String>, _> = plan.actions.iter().map(|_| random_hex::<16>()).collect();
     let Ok(markers) = markers else {
         return error(
@@ -177,7 +194,7 @@ pub(super) struct ListQuery {
 }
 
 /// `GET /v1/revocations[?status=…]`: the newest 500 revocations with their actions.
-#[utoipa::path(get, path = "/v1/revocations", params(ListQuery), responses((status = 200, description = "Revocations, newest first"), (status = 400, description = "Unknown status"), (status = 503, description = "The state database is not available"), (status = 401, description = "Missing or unknown token"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications")))]
+#[utoipa::path(get, path = "/v1/revocations", params(ListQuery), responses(Refusals, (status = 200, description = "Revocations, newest first"), (status = 400, description = "Unknown status"), (status = 503, description = "The state database is not available")))]
 pub(super) async fn list(
     State(l): State<Listener>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
@@ -197,7 +214,7 @@ pub(super) async fn list(
 }
 
 /// `GET /v1/revocations/{id}`: one revocation with its actions and every delivery attempt.
-#[utoipa::path(get, path = "/v1/revocations/{id}", params(("id" = i64, Path, description = "Revocation id", minimum = 1)), responses((status = 200, description = "The revocation with its attempts"), (status = 400, description = "The id is not a number"), (status = 404, description = "No such revocation"), (status = 503, description = "The state database is not available"), (status = 401, description = "Missing or unknown token"), (status = 403, description = "Origin, scope or local user refused"), (status = 421, description = "Host does not name the listener"), (status = 429, description = "Too many failed authentications")))]
+#[utoipa::path(get, path = "/v1/revocations/{id}", params(("id" = i64, Path, description = "Revocation id", minimum = 1)), responses(Refusals, (status = 200, description = "The revocation with its attempts"), (status = 400, description = "The id is not a number"), (status = 404, description = "No such revocation"), (status = 503, description = "The state database is not available")))]
 pub(super) async fn one(
     State(l): State<Listener>,
     id: Result<Path<i64>, axum::extract::rejection::PathRejection>,

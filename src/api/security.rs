@@ -182,7 +182,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 /// guessing futile is the token itself (256 random bits when generated; the README asks for
 /// `openssl rand -hex 32`).
 pub struct FailureBudget {
-    state: Mutex<(f64, Instant)>,
+    bucket: Mutex<TokenBucket>,
 }
 
 const FAILURE_BURST: f64 = 20.0;
@@ -191,7 +191,11 @@ const FAILURES_PER_SECOND: f64 = 5.0;
 impl Default for FailureBudget {
     fn default() -> Self {
         FailureBudget {
-            state: Mutex::new((FAILURE_BURST, Instant::now())),
+            bucket: Mutex::new(TokenBucket::new(
+                FAILURE_BURST,
+                FAILURES_PER_SECOND,
+                Instant::now(),
+            )),
         }
     }
 }
@@ -199,17 +203,41 @@ impl Default for FailureBudget {
 impl FailureBudget {
     /// Spends one failure at `now`; false when the budget was already spent.
     pub fn spend(&self, now: Instant) -> bool {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let (tokens, last) = &mut *state;
-        let refill = now.saturating_duration_since(*last).as_secs_f64() * FAILURES_PER_SECOND;
-        *tokens = (*tokens + refill).min(FAILURE_BURST);
-        *last = now.max(*last);
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
+        let mut bucket = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        bucket.take(now).is_ok()
+    }
+}
+
+/// A token bucket: `burst` at once, refilled at `per_second`.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenBucket {
+    tokens: f64,
+    last: Instant,
+    burst: f64,
+    per_second: f64,
+}
+
+impl TokenBucket {
+    pub fn new(burst: f64, per_second: f64, now: Instant) -> TokenBucket {
+        TokenBucket {
+            tokens: burst,
+            last: now,
+            burst,
+            per_second,
         }
+    }
+
+    /// Takes one token at `now`, or says how long until one is there.
+    pub fn take(&mut self, now: Instant) -> Result<(), Duration> {
+        let refill = now.saturating_duration_since(self.last).as_secs_f64() * self.per_second;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.last = now.max(self.last);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return Ok(());
+        }
+        let wait = (1.0 - self.tokens) / self.per_second.max(f64::MIN_POSITIVE);
+        Err(Duration::from_secs_f64(wait.min(86_400.0)))
     }
 }
 

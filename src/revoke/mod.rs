@@ -261,13 +261,40 @@ const MAX_TEXT: usize = 512;
 fn check_text(name: &str, value: &Option<String>) -> Result<Option<String>, PlanError> {
     match value.as_deref().map(str::trim) {
         None | Some("") => Ok(None),
-        Some(v) if v.chars().count() > MAX_TEXT || v.chars().any(char::is_control) => {
+        Some(v) if v.chars().count() > MAX_TEXT || v.chars().any(hidden) => {
             Err(PlanError::BadField(format!(
-                "{name} must be at most {MAX_TEXT} characters without control characters"
+                "{name} must be at most {MAX_TEXT} characters without control, bidirectional or invisible formatting characters"
             )))
         }
         Some(v) => Ok(Some(v.to_string())),
     }
+}
+
+/// Characters that make text read differently from what it holds: controls, the bidirectional
+/// overrides and isolates (Trojan Source), and invisible joiners and marks. A revoker or comment
+/// ends up in audit trails that people read.
+fn hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(c,
+            '\u{061C}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
+}
+
+/// Hex as a caller may write it: pairs of hex digits, optionally separated by spaces, colons or
+/// dashes, `bytes` long; anything else is refused rather than dropped.
+fn caller_hex(name: &str, text: &str, bytes: usize) -> Result<String, PlanError> {
+    let bad = || PlanError::BadField(format!("{name} must be {bytes} bytes in hex"));
+    if !text
+        .chars()
+        .all(|c| c.is_ascii_hexdigit() || matches!(c, ' ' | ':' | '-'))
+    {
+        return Err(bad());
+    }
+    let hex = normalize_hex(text);
+    if hex.len() != 2 * bytes {
+        return Err(bad());
+    }
+    Ok(hex)
 }
 
 /// Turns a submission into a plan, or says why it cannot be carried out.
@@ -276,12 +303,7 @@ pub fn plan(submission: &Submission, known: &Known) -> Result<Plan, PlanError> {
         .ok_or_else(|| PlanError::BadReason(submission.reason.clone()))?;
     let revoker = check_text("revoker", &submission.revoker)?;
     let comment = check_text("comment", &submission.comment)?;
-    let card_id = normalize_hex(&submission.card_id);
-    if card_id.len() != 32 || !card_id.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(PlanError::BadField(
-            "card_id must be the card's 16-byte id in hex".into(),
-        ));
-    }
+    let card_id = caller_hex("card_id", &submission.card_id, 16)?;
     if submission.target == Target::Card && submission.thumbprints.is_some() {
         return Err(PlanError::BadCombination(
             "thumbprints apply to target \"certificates\" only",
@@ -365,7 +387,7 @@ fn certificate_actions(
         Some(wanted) => {
             let mut selected = Vec::new();
             for t in wanted {
-                let t = normalize_hex(t);
+                let t = caller_hex("a thumbprint", t, 20)?;
                 let cert = card
                     .iter()
                     .find(|c| c.thumbprint == t)
@@ -669,6 +691,28 @@ mod tests {
         let mut s = submission(Target::Certificates);
         s.comment = Some("a\u{7}b".into());
         assert_eq!(code(&s, &full), "bad_request");
+        for spoof in [
+            "lost \u{202E}eulav\u{202C} card",
+            "a\u{2066}b",
+            "zero\u{200B}width",
+        ] {
+            let mut s = submission(Target::Certificates);
+            s.comment = Some(spoof.into());
+            assert_eq!(code(&s, &full), "bad_request", "{spoof:?}");
+            let mut s = submission(Target::Certificates);
+            s.revoker = Some(spoof.into());
+            assert_eq!(code(&s, &full), "bad_request", "{spoof:?}");
+        }
+        // Junk around hex is refused, not dropped; separators between pairs are fine.
+        let mut s = submission(Target::Certificates);
+        s.card_id = format!("zzz-{}-xyz!", s.card_id);
+        assert_eq!(code(&s, &full), "bad_request");
+        let mut s = submission(Target::Certificates);
+        s.thumbprints = Some(vec![format!("{}ZZZZ", "AA".repeat(20))]);
+        assert_eq!(code(&s, &full), "bad_request");
+        let mut s = submission(Target::Certificates);
+        s.thumbprints = Some(vec!["AA:".repeat(19) + "AA"]);
+        assert!(plan(&s, &full).is_ok(), "AA:AA:… is a thumbprint");
         let unknown = Known {
             card: None,
             reconciliation: None,

@@ -57,11 +57,8 @@ const MIGRATIONS: &[&str] = &[
 
 #[derive(Debug, Error)]
 pub enum StoreError {
-    #[error("cannot create the state directory {path}: {source}")]
-    Directory {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    StateDir(#[from] crate::state_dir::StateDirError),
     #[error("cannot open the state database {path}: {source}")]
     Open {
         path: PathBuf,
@@ -99,11 +96,15 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) `cardbridge.db` in `state_dir` and brings its schema up to date.
     pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::Directory {
-            path: state_dir.to_path_buf(),
-            source,
-        })?;
-        Store::open_file(&state_dir.join("cardbridge.db"))
+        crate::state_dir::prepare(state_dir)?;
+        let path = state_dir.join("cardbridge.db");
+        let store = Store::open_file(&path)?;
+        for suffix in ["", "-wal", "-shm"] {
+            let mut name = path.clone().into_os_string();
+            name.push(suffix);
+            crate::state_dir::make_private(Path::new(&name))?;
+        }
+        Ok(store)
     }
 
     pub fn open_file(path: &Path) -> Result<Store, StoreError> {
