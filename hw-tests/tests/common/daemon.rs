@@ -25,6 +25,8 @@ pub struct Daemon {
     pub dir: PathBuf,
     /// Extra environment of the daemon (e.g. `KRB5_CONFIG`), kept for restarts.
     env: Vec<(String, String)>,
+    /// Its descriptor limit (`RLIMIT_NOFILE`), when a test sets one.
+    nofile: Option<u64>,
 }
 
 impl Daemon {
@@ -37,8 +39,28 @@ impl Daemon {
         Daemon::start_env(name, api, rest, Vec::new())
     }
 
+    /// A daemon whose descriptor limit (`RLIMIT_NOFILE`) is `nofile`, as `LimitNOFILE=` sets it.
+    pub fn start_limited(name: &str, rest: &str, nofile: u64) -> Daemon {
+        Daemon::start_full(name, "", rest, Vec::new(), Some(nofile))
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// As [`Daemon::start_with`], with extra environment variables for the daemon.
     pub fn start_env(name: &str, api: &str, rest: &str, env: Vec<(String, String)>) -> Daemon {
+        Daemon::start_full(name, api, rest, env, None)
+    }
+
+    fn start_full(
+        name: &str,
+        api: &str,
+        rest: &str,
+        env: Vec<(String, String)>,
+        nofile: Option<u64>,
+    ) -> Daemon {
         let port = hw_tests::rig::free_port().expect("free port");
         let dir =
             std::env::temp_dir().join(format!("cardbridge-api-{name}-{}", std::process::id()));
@@ -56,12 +78,13 @@ impl Daemon {
             hash(ADMIN),
         );
         std::fs::write(dir.join("config.toml"), config).expect("config");
-        let child = spawn(&dir, &env);
+        let child = spawn(&dir, &env, nofile);
         let daemon = Daemon {
             child,
             port,
             dir,
             env,
+            nofile,
         };
         daemon.wait_listening();
         daemon
@@ -87,7 +110,7 @@ impl Daemon {
 
     /// Starts the daemon again with the same configuration and state.
     pub fn restart(&mut self) {
-        self.child = spawn(&self.dir, &self.env);
+        self.child = spawn(&self.dir, &self.env, self.nofile);
         self.wait_listening();
     }
 
@@ -208,20 +231,36 @@ impl Daemon {
 }
 
 /// Starts `cardbridge run`; its log goes to `daemon.log` in the test's directory.
-fn spawn(dir: &std::path::Path, env: &[(String, String)]) -> Child {
+fn spawn(dir: &std::path::Path, env: &[(String, String)], nofile: Option<u64>) -> Child {
+    use std::os::unix::process::CommandExt;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("daemon.log"))
         .expect("daemon log");
-    Command::new(cardbridge_bin())
+    let mut command = Command::new(cardbridge_bin());
+    command
         .args(["run", "--config"])
         .arg(dir.join("config.toml"))
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start cardbridge run")
+        .stderr(log);
+    if let Some(limit) = nofile {
+        // SAFETY: setrlimit is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            command.pre_exec(move || {
+                let rlimit = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    command.spawn().expect("start cardbridge run")
 }
 
 impl Drop for Daemon {
