@@ -831,6 +831,27 @@ mod tests {
     use sha2::Digest;
     use tower::ServiceExt;
 
+    #[test]
+    fn revocations_are_budgeted_per_client() {
+        let budget = RevocationBudget::new(2, 60);
+        let now = Instant::now();
+        assert!(budget.take("kiosk", now).is_ok());
+        assert!(budget.take("kiosk", now).is_ok());
+        let wait = budget.take("kiosk", now).unwrap_err();
+        assert!(
+            wait <= Duration::from_secs(1) && wait > Duration::ZERO,
+            "{wait:?}"
+        );
+        assert!(
+            budget.take("helpdesk", now).is_ok(),
+            "another client has its own"
+        );
+        assert!(
+            budget.take("kiosk", now + Duration::from_secs(1)).is_ok(),
+            "one a second back"
+        );
+    }
+
     /// The refusals every route shares are in each operation, without hiding a route's own.
     #[test]
     fn every_operation_documents_the_common_refusals_and_keeps_its_own() {
