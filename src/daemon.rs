@@ -343,6 +343,9 @@ fn pump(events: Receiver<Event>, shared: &Shared) {
                     } else {
                         "card.read_failed"
                     };
+                    shared
+                        .metrics
+                        .read(card.read_ms, card.error.as_ref().map(|e| e.code));
                     let data = serde_json::to_string(&card).unwrap_or_default();
                     station.readers.insert(card.reader.clone(), Some(*card));
                     station.cards_changed();

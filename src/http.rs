@@ -77,6 +77,14 @@ impl ServerError {
         }
     }
 
+    /// SCEPman's `errorCode` of a [`ServerError::Status`].
+    pub fn error_code(&self) -> Option<i64> {
+        match self {
+            ServerError::Status { error_code, .. } => *error_code,
+            _ => None,
+        }
+    }
+
     /// The HTTP status of a [`ServerError::Status`].
     pub fn status(&self) -> Option<u16> {
         match self {

@@ -163,6 +163,12 @@ pub struct Fault {
     /// that has already taken effect).
     #[serde(default)]
     pub answer_delay_ms: u64,
+    /// Answer 409 with this SCEPman `errorCode` (5013 is "already revoked"; others are not).
+    #[serde(default)]
+    pub conflict_code: Option<i64>,
+    /// Answer 200 with a JSON body this many bytes long (an answer no client should read whole).
+    #[serde(default)]
+    pub huge_body: usize,
 }
 
 /// One request as the simulator received it.
@@ -549,6 +555,17 @@ async fn dispatch(
             axum::Json(json!({"Message": format!("An error has occurred. Please contact your administrator. Correlation ID: {id}")})),
         )
             .into_response();
+    }
+    if let Some(code) = fault.conflict_code {
+        return (
+            StatusCode::CONFLICT,
+            axum::Json(json!({"errorMessage": "The operation conflicts with the certificate's state.", "errorCode": code})),
+        )
+            .into_response();
+    }
+    if fault.huge_body > 0 {
+        let body = format!("[\"{}\"]", "x".repeat(fault.huge_body.saturating_sub(4)));
+        return (StatusCode::OK, [("content-type", "application/json")], body).into_response();
     }
     if fault.garbage {
         return (

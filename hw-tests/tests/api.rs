@@ -5,7 +5,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::daemon::{next_event, read_answer, Daemon, HELPDESK, ORIGIN, TOKEN};
 use common::{insert, run_cardbridge};
@@ -25,7 +25,6 @@ fn events_in_order_resume_and_rest() {
         &format!("[cm]\nbase_url = \"{}\"\n", sim.cm_base_url()),
     );
     let mut stream = daemon.events(None);
-    std::thread::sleep(Duration::from_millis(300));
 
     let card = insert(CardSpec::piv_four_certs(), &slot);
     sim.replace_fixture(Fixture {
@@ -104,7 +103,9 @@ fn events_in_order_resume_and_rest() {
     for line in [
         "cardbridge_reconciliations_total{verdict=\"ok\"}",
         "cardbridge_api_requests_total{route=\"/v1/cards/{card_id}/sync\",status=\"202\"} 1",
-        "cardbridge_read_duration_ms_count",
+        // The insertion and the sync: two reads.
+        "cardbridge_reads_total 2",
+        "cardbridge_read_duration_ms_count 2",
     ] {
         assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
     }
@@ -139,7 +140,49 @@ fn events_in_order_resume_and_rest() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("cardbridge events");
-    std::thread::sleep(Duration::from_millis(300));
+    // The watcher's lines go through a channel, so every wait for one has a deadline.
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let stdout = watcher.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let printed = |what: &str, wanted: &dyn Fn(&str) -> bool| {
+        let until = Instant::now() + Duration::from_secs(15);
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) if wanted(&line) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("cardbridge events did not print {what} within 15 s"),
+            }
+        }
+    };
+    // Readiness: the watcher is connected once it prints an event caused after it started.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "cardbridge events never connected"
+        );
+        let (status, _) =
+            daemon.request("POST", &sync, &[("Authorization", &helpdesk), json], "{}");
+        assert_eq!(status, 202);
+        let until = Instant::now() + Duration::from_secs(2);
+        let mut connected = false;
+        while let Ok(line) = lines.recv_timeout(until.saturating_duration_since(Instant::now())) {
+            if line.contains("card.read") {
+                connected = true;
+                break;
+            }
+        }
+        if connected {
+            break;
+        }
+    }
 
     card.remove();
     next_event(&mut stream, |n, d| {
@@ -151,16 +194,11 @@ fn events_in_order_resume_and_rest() {
         !cards.contains(&id),
         "a removed card is gone from /v1/cards: {cards}"
     );
-    let lines = BufReader::new(watcher.stdout.take().expect("stdout")).lines();
-    let seen = lines
-        .map_while(Result::ok)
-        .find(|l| l.contains("card.removed") && l.contains(&slot.reader));
+    printed("the removal", &|l| {
+        l.contains("card.removed") && l.contains(&slot.reader)
+    });
     let _ = watcher.kill();
     let _ = watcher.wait();
-    assert!(
-        seen.is_some(),
-        "cardbridge events did not print the removal"
-    );
 }
 
 /// Name, request headers, expected status and error code.

@@ -325,3 +325,21 @@ fn scepman_search_pages_and_revoke_answers() {
         assert_eq!(body["errorCode"], 7012);
     });
 }
+
+#[test]
+fn an_answer_over_one_mebibyte_is_a_bad_body_not_read_whole() {
+    use hw_tests::sim::Fault;
+    let sim = Simulator::start(fixture(), 0).expect("simulator");
+    sim.set_fault(
+        "smartcards",
+        Fault {
+            huge_body: 2 << 20,
+            ..Fault::default()
+        },
+    );
+    let e = runtime()
+        .block_on(client(&sim).find_smartcards("d1ef6869-5517-42a0-8f05-16ca1a0b834d"))
+        .expect_err("refused");
+    assert_eq!(e.code(), "bad_body");
+    assert!(e.to_string().contains("larger than 1024 KiB"), "{e}");
+}

@@ -572,3 +572,42 @@ fn a_kill_during_a_cm_request_neither_loses_nor_repeats_it() {
     }
     card.remove();
 }
+
+#[test]
+fn a_conflict_other_than_already_revoked_fails_and_keeps_the_answer() {
+    let (_shared, _slot, card, card_id) = piv_card();
+    let sim = simulator(
+        vec![matching_record(&card.truth, false)],
+        scepman_certs(&card.truth),
+    );
+    sim.set_fault(
+        "revoke",
+        Fault {
+            conflict_code: Some(4711),
+            ..Fault::default()
+        },
+    );
+    let daemon = Daemon::start(
+        "revoke-409",
+        &servers(&sim.cm_base_url(), &sim.scepman_base_url()),
+    );
+    wait_card(&daemon, &card_id, true);
+    let thumbprint = &card.truth.certificates[0].thumbprint;
+    let (status, stored) = submit(
+        &daemon,
+        "conflict-1",
+        &json!({"card_id": card_id, "target": "certificates", "reason": "superseded",
+                "thumbprints": [thumbprint]}),
+    );
+    assert_eq!(status, 202, "{stored}");
+    let id = stored["id"].as_i64().expect("id");
+    let failed = wait_status(&daemon, id, "failed");
+    let action = &failed["actions"][0];
+    assert_eq!(action["status"], "failed", "{failed:#}");
+    assert_eq!(action["last_outcome"]["http_status"], 409, "{failed:#}");
+    assert_eq!(
+        action["last_outcome"]["server_error_code"], 4711,
+        "{failed:#}"
+    );
+    assert_ne!(action["last_outcome"]["code"], "already_revoked");
+}

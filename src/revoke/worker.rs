@@ -220,7 +220,12 @@ impl Worker {
                 Outcome::ok(code, "revoked"),
                 attempted(ActionStatus::Done, None),
             ),
-            Err(e) if e.status() == Some(409) => {
+            // Only 409 with error code 5013 means "already revoked"; any other conflict is a
+            // failure whose answer is kept.
+            Err(e)
+                if e.status() == Some(409)
+                    && e.error_code() == Some(crate::scepman::ALREADY_REVOKED) =>
+            {
                 let mut outcome = Outcome::from_error(&e);
                 outcome.code = "already_revoked".into();
                 self.finish(

@@ -12,7 +12,7 @@ use rusqlite::{params, OptionalExtension, Row};
 use super::{Store, StoreError};
 use crate::revoke::{
     Action, ActionKind, ActionStatus, Attempt, CardOperation, KnownCertificate, Outcome, Plan,
-    Revocation, RevocationStatus, Target,
+    Revocation, RevocationStatus,
 };
 
 /// The revocation tables (schema version 3).
@@ -124,6 +124,15 @@ fn from_text<T: serde::de::DeserializeOwned>(text: &str) -> Option<T> {
     serde_json::from_value(serde_json::Value::String(text.into())).ok()
 }
 
+/// A stored value this version does not know, as the row conversion error it is.
+fn unknown_value(column: usize, what: &str, value: &str) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        column,
+        rusqlite::types::Type::Text,
+        format!("unknown {what} {value:?} (written by a newer cardbridge?)").into(),
+    )
+}
+
 const ACTION_COLUMNS: &str = "a.id, a.kind, a.serial_number, a.thumbprint, a.request_type, \
     a.smartcard_uuid, a.marker, a.status, a.attempts, a.next_attempt_ms, a.request_uri, \
     a.request_status, a.last_outcome, a.updated_at";
@@ -131,16 +140,18 @@ const ACTION_COLUMNS: &str = "a.id, a.kind, a.serial_number, a.thumbprint, a.req
 fn action_from(row: &Row, at: usize) -> rusqlite::Result<Action> {
     let kind: String = row.get(at + 1)?;
     let text = |i: usize| row.get::<_, Option<String>>(at + i);
-    let kind = if kind == "cm_request" {
-        ActionKind::CmRequest {
+    // A kind this version does not know is an error, never another kind: delivering it as a
+    // SCEPman revocation would send `PATCH api/manage/revoke/` with whatever columns it has.
+    let kind = match kind.as_str() {
+        "cm_request" => ActionKind::CmRequest {
             request_type: text(4)?.unwrap_or_default(),
             smartcard_uuid: text(5)?.unwrap_or_default(),
-        }
-    } else {
-        ActionKind::ScepmanRevoke {
+        },
+        "scepman_revoke" => ActionKind::ScepmanRevoke {
             serial_number: text(2)?.unwrap_or_default(),
             thumbprint: text(3)?.unwrap_or_default(),
-        }
+        },
+        other => return Err(unknown_value(at + 1, "action kind", other)),
     };
     let status: String = row.get(at + 7)?;
     Ok(Action {
@@ -347,7 +358,8 @@ impl Store {
             id: r.get(0)?,
             status: RevocationStatus::Queued,
             card_id: r.get(1)?,
-            target: from_text(&target).unwrap_or(Target::Certificates),
+            target: from_text(&target)
+                .ok_or_else(|| unknown_value(2, "revocation target", &target))?,
             reason: r.get(3)?,
             reason_code: r.get(4)?,
             operation: operation.and_then(|o| from_text::<CardOperation>(&o)),
@@ -599,6 +611,34 @@ mod tests {
             .revocations(Some(RevocationStatus::Succeeded))
             .unwrap()
             .is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_unknown_stored_kind_or_target_is_an_error_not_another_one() {
+        let dir = std::env::temp_dir().join(format!("cardbridge-unknown-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir).unwrap();
+        let id = store
+            .insert_revocation("kiosk", "k1", "h", &plan(), &["m1".into(), "m2".into()])
+            .unwrap();
+        store
+            .conn
+            .execute("UPDATE revocation_actions SET kind = 'future_kind'", [])
+            .unwrap();
+        let e = store.due_actions(i64::MAX).unwrap_err();
+        assert!(e.to_string().contains("future_kind"), "{e}");
+        store
+            .conn
+            .execute("UPDATE revocation_actions SET kind = 'scepman_revoke'", [])
+            .unwrap();
+        assert!(store.revocation(id, false).is_ok());
+        store
+            .conn
+            .execute("UPDATE revocations SET target = 'everything'", [])
+            .unwrap();
+        let e = store.revocation(id, false).unwrap_err();
+        assert!(e.to_string().contains("everything"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -226,7 +226,18 @@ impl Daemon {
             self.port
         )
         .expect("send");
-        BufReader::new(s)
+        // The answer's headers come once the stream is subscribed: from then on no event is
+        // missed, so this is the readiness signal (no sleep needed).
+        let mut reader = BufReader::new(s);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = reader.read_line(&mut line).expect("event stream headers");
+            assert!(n > 0, "the event stream closed before its headers");
+            if line == "\r\n" {
+                return reader;
+            }
+        }
     }
 }
 
