@@ -26,6 +26,8 @@
 //! - [`client`]: `cardbridge cards`, `events`, `revoke` and `revocations`, clients of a running
 //!   daemon.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
 pub mod api;
 pub mod auth;
 pub mod card;

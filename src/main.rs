@@ -1,5 +1,7 @@
 //! Command-line entry point: parses arguments and hands over to the library.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
