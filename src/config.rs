@@ -3,7 +3,7 @@
 //! Errors name the file and the key (toml's messages carry the key path and position), because
 //! an administrator editing `/etc/cardbridge/config.toml` on a kiosk needs to know exactly what to
 //! fix. Secrets are never inline: tokens, passwords, client secrets, keys and keytabs are read
-//! from files (or systemd credentials, see [`crate::auth::secret`]), so the configuration itself
+//! from files (or systemd credentials, see `auth::secret`), so the configuration itself
 //! can be world-readable.
 
 use std::path::{Path, PathBuf};

@@ -20,7 +20,7 @@ use crate::config::{ApiClient, Config, Scope, ServerConfig};
 use crate::engine::{Engine, EngineConfig, Event};
 use crate::http::ServerError;
 use crate::reconcile::Reconciler;
-use crate::revoke::worker::{Pacing, Worker};
+use crate::outbox::{Pacing, Worker};
 use crate::scepman::ScepmanClient;
 use crate::store::{Store, StoreError, CARD_ID_FORM};
 

@@ -10,7 +10,8 @@
 //! - [`auth`]: Kerberos (Negotiate) and OAuth client credentials, and secret files.
 //! - [`cm`]: the MIM CM REST client.
 //! - [`scepman`]: the SCEPman Management API client (certificate revocation).
-//! - [`revoke`]: revocation requests, their planning, and the outbox worker that delivers them.
+//! - [`revoke`]: revocation requests and their planning (pure).
+//! - [`outbox`]: the worker that delivers stored revocations exactly once.
 //! - [`reconcile`]: the rules that compare a card with the server's record, and the lookup.
 //! - [`store`]: the SQLite state database.
 //! - [`state_dir`]: the state directory and its private files (modes, safe replacement).
@@ -39,6 +40,7 @@ pub mod daemon;
 pub mod engine;
 pub mod http;
 pub mod logging;
+pub mod outbox;
 pub mod pcsc;
 pub mod random;
 pub mod reconcile;

@@ -1,7 +1,7 @@
 //! HTTP Negotiate (RFC 4559) with Kerberos through SPNEGO, on the system's MIT GSSAPI
 //! (`libgssapi`).
 //!
-//! This module holds the GSSAPI side and the header syntax; [`crate::http`] runs the HTTP
+//! This module holds the GSSAPI side and the header syntax; `http` runs the HTTP
 //! exchange (401, token, answer). The rules it keeps:
 //!
 //! - **No credential handle outlives a handshake.** MIT krb5 renews tickets from the client

@@ -4,9 +4,7 @@
 //! Planning is pure: it takes the request, what the station knows about the card (its last read
 //! and its last reconciliation) and which servers are configured, and either returns the actions
 //! or says precisely why not. Nothing is stored and nothing is sent until the plan is valid; the
-//! durable outbox lives in [`crate::store`] and the delivery in [`worker`].
-
-pub mod worker;
+//! durable outbox lives in `store` and the delivery in `outbox`.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;

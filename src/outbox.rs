@@ -1,5 +1,6 @@
 //! The outbox worker: delivers the stored revocation actions, one at a time, and follows MIM CM
-//! requests to their end.
+//! requests to their end. It sits above both `revoke` (the plan's types) and `store` (the
+//! durable outbox), so neither depends on the other's I/O.
 //!
 //! Exactly once, across crashes (the reasoning is in ARCHITECTURE.md):
 //! - every status change is committed before the next step, and an action is marked `sending`
