@@ -19,8 +19,8 @@ use crate::cm::CmClient;
 use crate::config::{ApiClient, Config, Scope, ServerConfig};
 use crate::engine::{Engine, EngineConfig, Event};
 use crate::http::ServerError;
-use crate::reconcile::Reconciler;
 use crate::outbox::{Pacing, Worker};
+use crate::reconcile::Reconciler;
 use crate::scepman::ScepmanClient;
 use crate::store::{Store, StoreError, CARD_ID_FORM};
 

@@ -17,11 +17,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::cm::model::{RequestProgress, RequestStatus};
 use crate::cm::{CmClient, NewRequest};
 use crate::http::ServerError;
 use crate::revoke::{ActionKind, ActionStatus, Outcome, Revocation};
 use crate::scepman::ScepmanClient;
-use crate::store::{ActionUpdate, DueAction, Store, StoreError};
+use crate::store::{ActionUpdate, DueAction, Schedule, Store, StoreError};
 
 /// How the worker paces itself.
 #[derive(Debug, Clone, Copy)]
@@ -153,7 +154,7 @@ impl Worker {
             due.action.id,
             &ActionUpdate {
                 status: Some(ActionStatus::Sending),
-                next_attempt_ms: Some(Some(now_ms())),
+                schedule: Schedule::At(now_ms()),
                 ..ActionUpdate::default()
             },
         )
@@ -193,7 +194,7 @@ impl Worker {
             },
             ActionUpdate {
                 status: Some(ActionStatus::Failed),
-                next_attempt_ms: Some(None),
+                schedule: Schedule::Never,
                 ..ActionUpdate::default()
             },
         )
@@ -208,9 +209,9 @@ impl Worker {
         let answer = scepman
             .revoke(serial, due.reason_code, due.revoker.as_deref())
             .await;
-        let attempted = |status, next| ActionUpdate {
+        let attempted = |status, schedule| ActionUpdate {
             status: Some(status),
-            next_attempt_ms: Some(next),
+            schedule,
             attempted: true,
             ..ActionUpdate::default()
         };
@@ -219,7 +220,7 @@ impl Worker {
                 due,
                 &call,
                 Outcome::ok(code, "revoked"),
-                attempted(ActionStatus::Done, None),
+                attempted(ActionStatus::Done, Schedule::Never),
             ),
             // Only 409 with error code 5013 means "already revoked"; any other conflict is a
             // failure whose answer is kept.
@@ -233,7 +234,7 @@ impl Worker {
                     due,
                     &call,
                     outcome,
-                    attempted(ActionStatus::AlreadyRevoked, None),
+                    attempted(ActionStatus::AlreadyRevoked, Schedule::Never),
                 )
             }
             Err(e) if e.is_transient() => {
@@ -242,14 +243,14 @@ impl Worker {
                     due,
                     &call,
                     Outcome::from_error(&e),
-                    attempted(ActionStatus::Queued, Some(next)),
+                    attempted(ActionStatus::Queued, Schedule::At(next)),
                 )
             }
             Err(e) => self.finish(
                 due,
                 &call,
                 Outcome::from_error(&e),
-                attempted(ActionStatus::Failed, None),
+                attempted(ActionStatus::Failed, Schedule::Never),
             ),
         }
     }
@@ -281,7 +282,7 @@ impl Worker {
                 self.store.update_action(
                     due.action.id,
                     &ActionUpdate {
-                        next_attempt_ms: Some(Some(settled_ms)),
+                        schedule: Schedule::At(settled_ms),
                         ..ActionUpdate::default()
                     },
                 )?;
@@ -297,7 +298,7 @@ impl Worker {
                             call,
                             Outcome::from_error(&e),
                             ActionUpdate {
-                                next_attempt_ms: Some(Some(next)),
+                                schedule: Schedule::At(next),
                                 ..ActionUpdate::default()
                             },
                         )
@@ -319,7 +320,7 @@ impl Worker {
                                     request_status: Some(crate::cm::model::request_status_name(
                                         request.status,
                                     )),
-                                    next_attempt_ms: Some(Some(now_ms())),
+                                    schedule: Schedule::At(now_ms()),
                                     ..ActionUpdate::default()
                                 },
                             )
@@ -347,7 +348,7 @@ impl Worker {
                 Outcome::ok(201, &uri),
                 ActionUpdate {
                     request_uri: Some(uri),
-                    next_attempt_ms: Some(Some(now_ms() + self.poll_ms())),
+                    schedule: Schedule::At(now_ms() + self.poll_ms()),
                     attempted: true,
                     ..ActionUpdate::default()
                 },
@@ -360,7 +361,7 @@ impl Worker {
                     call,
                     Outcome::from_error(&e),
                     ActionUpdate {
-                        next_attempt_ms: Some(Some(next)),
+                        schedule: Schedule::At(next),
                         attempted: true,
                         ..ActionUpdate::default()
                     },
@@ -372,7 +373,7 @@ impl Worker {
                 Outcome::from_error(&e),
                 ActionUpdate {
                     status: Some(ActionStatus::Failed),
-                    next_attempt_ms: Some(None),
+                    schedule: Schedule::Never,
                     attempted: true,
                     ..ActionUpdate::default()
                 },
@@ -414,7 +415,7 @@ impl Worker {
                     },
                     ActionUpdate {
                         status: Some(ActionStatus::Failed),
-                        next_attempt_ms: Some(None),
+                        schedule: Schedule::Never,
                         ..ActionUpdate::default()
                     },
                 )
@@ -429,7 +430,7 @@ impl Worker {
                 &call,
                 Outcome::from_error(&e),
                 ActionUpdate {
-                    next_attempt_ms: Some(Some(self.backoff(0).max(later))),
+                    schedule: Schedule::At(self.backoff(0).max(later)),
                     ..ActionUpdate::default()
                 },
             ),
@@ -444,21 +445,22 @@ impl Worker {
                 },
                 ActionUpdate {
                     status: Some(ActionStatus::Failed),
-                    next_attempt_ms: Some(None),
+                    schedule: Schedule::Never,
                     ..ActionUpdate::default()
                 },
             ),
             Ok(Some(request)) => {
-                let name = crate::cm::model::request_status_name(request.status);
-                let (status, next) = match request.status {
-                    8 => (ActionStatus::Done, None),
-                    4 | 9 | 17 => (ActionStatus::Failed, None),
-                    _ => (ActionStatus::Sending, Some(later)),
+                let request_status = RequestStatus::from_code(request.status);
+                let name = request_status.name();
+                let (status, next) = match request_status.progress() {
+                    RequestProgress::Completed => (ActionStatus::Done, Schedule::Never),
+                    RequestProgress::Ended => (ActionStatus::Failed, Schedule::Never),
+                    RequestProgress::Open => (ActionStatus::Sending, Schedule::At(later)),
                 };
                 let changed = due.action.request_status.as_deref() != Some(name.as_str());
                 if !changed && status == ActionStatus::Sending {
                     let later = ActionUpdate {
-                        next_attempt_ms: Some(next),
+                        schedule: next,
                         ..ActionUpdate::default()
                     };
                     return self
@@ -468,7 +470,7 @@ impl Worker {
                 }
                 let update = ActionUpdate {
                     status: Some(status),
-                    next_attempt_ms: Some(next),
+                    schedule: next,
                     request_status: Some(name.clone()),
                     ..ActionUpdate::default()
                 };

@@ -72,19 +72,74 @@ pub fn smartcard_status_name(status: i64) -> String {
 /// The SmartcardStatus number of an active card.
 pub const STATUS_ACTIVE: i64 = 2;
 
-/// RequestStatus numbers from the SQL API's `externalGetStatus`.
-pub fn request_status_name(status: i64) -> String {
-    match status {
-        0 => "None".into(),
-        3 => "Approved".into(),
-        4 => "Denied".into(),
-        8 => "Completed".into(),
-        9 => "Failed".into(),
-        16 => "Pending".into(),
-        17 => "Canceled".into(),
-        18 => "Executing".into(),
-        n => format!("Status {n}"),
+/// A MIM CM request's status (the RequestStatus numbers of the SQL API's `externalGetStatus`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestStatus {
+    None,
+    Approved,
+    Denied,
+    Completed,
+    Failed,
+    Pending,
+    Canceled,
+    Executing,
+    /// A number this version does not know: still in the server's hands, as far as we know.
+    Other(i64),
+}
+
+impl RequestStatus {
+    pub fn from_code(code: i64) -> RequestStatus {
+        match code {
+            0 => RequestStatus::None,
+            3 => RequestStatus::Approved,
+            4 => RequestStatus::Denied,
+            8 => RequestStatus::Completed,
+            9 => RequestStatus::Failed,
+            16 => RequestStatus::Pending,
+            17 => RequestStatus::Canceled,
+            18 => RequestStatus::Executing,
+            n => RequestStatus::Other(n),
+        }
     }
+
+    /// The name the CM portal shows (`Status 42` for an unknown number).
+    pub fn name(self) -> String {
+        match self {
+            RequestStatus::None => "None".into(),
+            RequestStatus::Approved => "Approved".into(),
+            RequestStatus::Denied => "Denied".into(),
+            RequestStatus::Completed => "Completed".into(),
+            RequestStatus::Failed => "Failed".into(),
+            RequestStatus::Pending => "Pending".into(),
+            RequestStatus::Canceled => "Canceled".into(),
+            RequestStatus::Executing => "Executing".into(),
+            RequestStatus::Other(n) => format!("Status {n}"),
+        }
+    }
+
+    /// Where the request stands for the outbox: carried out, ended without being carried out,
+    /// or still in the server's workflow.
+    pub fn progress(self) -> RequestProgress {
+        match self {
+            RequestStatus::Completed => RequestProgress::Completed,
+            RequestStatus::Denied | RequestStatus::Failed | RequestStatus::Canceled => {
+                RequestProgress::Ended
+            }
+            _ => RequestProgress::Open,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestProgress {
+    Completed,
+    Ended,
+    Open,
+}
+
+/// The name of a RequestStatus number.
+pub fn request_status_name(status: i64) -> String {
+    RequestStatus::from_code(status).name()
 }
 
 /// Normalises a GUID as the server writes it (`{D1EF6869-…}`, any case) to bare lower case.
@@ -106,6 +161,28 @@ pub fn normalize_hex(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_statuses_say_where_a_request_stands() {
+        use RequestProgress::*;
+        for (code, name, progress) in [
+            (8, "Completed", Completed),
+            (4, "Denied", Ended),
+            (9, "Failed", Ended),
+            (17, "Canceled", Ended),
+            (16, "Pending", Open),
+            (3, "Approved", Open),
+            (18, "Executing", Open),
+            (42, "Status 42", Open),
+        ] {
+            let status = RequestStatus::from_code(code);
+            assert_eq!(
+                (status.name().as_str(), status.progress()),
+                (name, progress),
+                "{code}"
+            );
+        }
+    }
 
     #[test]
     fn parses_the_documented_example_and_ignores_unknown_fields() {

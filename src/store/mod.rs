@@ -9,7 +9,7 @@
 
 pub mod revocations;
 
-pub use revocations::{ActionUpdate, DueAction};
+pub use revocations::{ActionUpdate, DueAction, Schedule};
 
 use std::path::{Path, PathBuf};
 

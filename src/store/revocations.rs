@@ -87,19 +87,30 @@ pub struct DueAction {
     pub comment: Option<String>,
 }
 
-/// A change to one action; fields left None keep their value. An update that only moves
-/// `next_attempt_ms` is a reschedule and keeps `updated_at` (which says when the action last
-/// changed, e.g. when its request was sent).
+/// A change to one action; fields left None (and a `Keep` schedule) keep their value. An update
+/// that only changes the schedule is a reschedule and keeps `updated_at` (which says when the
+/// action last changed, e.g. when its request was sent).
 #[derive(Debug, Clone, Default)]
 pub struct ActionUpdate {
     pub status: Option<ActionStatus>,
-    /// Some(None) clears it (nothing more to do).
-    pub next_attempt_ms: Option<Option<i64>>,
+    pub schedule: Schedule,
     pub request_uri: Option<String>,
     pub request_status: Option<String>,
     pub outcome: Option<Outcome>,
     /// Counts a delivery attempt.
     pub attempted: bool,
+}
+
+/// When an action is due next.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Schedule {
+    /// As it was.
+    #[default]
+    Keep,
+    /// At this time (Unix milliseconds).
+    At(i64),
+    /// Never again: nothing more to do.
+    Never,
 }
 
 fn now() -> String {
@@ -484,8 +495,11 @@ impl Store {
             params![
                 id,
                 update.status.map(ActionStatus::as_str),
-                update.next_attempt_ms.is_some(),
-                update.next_attempt_ms.flatten(),
+                update.schedule != Schedule::Keep,
+                match update.schedule {
+                    Schedule::At(ms) => Some(ms),
+                    Schedule::Keep | Schedule::Never => None,
+                },
                 update.request_uri,
                 update.request_status,
                 outcome,
@@ -579,7 +593,7 @@ mod tests {
                 first,
                 &ActionUpdate {
                     status: Some(ActionStatus::Done),
-                    next_attempt_ms: Some(None),
+                    schedule: Schedule::Never,
                     outcome: Some(Outcome::ok(200, "revoked")),
                     attempted: true,
                     ..ActionUpdate::default()
