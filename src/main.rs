@@ -134,8 +134,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
+    match Cli::parse().command {
         Command::Revoke {
             card_id,
             target,
@@ -173,85 +172,100 @@ fn main() -> ExitCode {
             cardbridge::client::cards(target, json, out)
         }),
         Command::Events { client } => with_target(client, cardbridge::client::events),
-        Command::CheckConfig { config, online } => {
-            let path = config.unwrap_or_else(|| PathBuf::from(cardbridge::config::DEFAULT_PATH));
-            check_config(&path, online)
-        }
-        Command::Run { config } => {
-            let explicit = config.is_some();
-            let path = config.unwrap_or_else(|| PathBuf::from(cardbridge::config::DEFAULT_PATH));
-            let config = match Config::load(&path, explicit) {
-                Ok(config) => config,
-                Err(e) => {
-                    eprintln!("cardbridge: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            let cache = CredentialCache::StateDir(&config.state_dir());
-            if let Err(e) = cardbridge::auth::negotiate::prepare_process(&config, cache) {
-                eprintln!("cardbridge: {e}");
-                return ExitCode::from(2);
-            }
-            match cardbridge::daemon::run(&config) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("cardbridge: {e}");
-                    ExitCode::from(1)
-                }
-            }
-        }
+        Command::CheckConfig { config, online } => check_config(config, online),
+        Command::Run { config } => run(config),
         Command::Scan {
             json,
             reader,
             card_timeout,
             reconcile,
             config,
-        } => {
-            let Ok(timeout) = Duration::try_from_secs_f64(card_timeout) else {
-                eprintln!("cardbridge: --card-timeout must be a positive number of seconds");
-                return ExitCode::from(2);
-            };
-            let config = if reconcile {
-                let explicit = config.is_some();
-                let path =
-                    config.unwrap_or_else(|| PathBuf::from(cardbridge::config::DEFAULT_PATH));
-                match Config::load(&path, explicit) {
-                    Ok(config) => {
-                        let memory = CredentialCache::Memory;
-                        if let Err(e) =
-                            cardbridge::auth::negotiate::prepare_process(&config, memory)
-                        {
-                            eprintln!("cardbridge: {e}");
-                            return ExitCode::from(2);
-                        }
-                        Some(config)
-                    }
-                    Err(e) => {
-                        eprintln!("cardbridge: {e}");
-                        return ExitCode::from(2);
-                    }
-                }
-            } else {
-                None
-            };
-            let options = ReadOptions {
-                timeout,
-                ..ReadOptions::default()
-            };
-            run_scan(json, reader.as_deref(), &options, config.as_ref())
+        } => scan(
+            json,
+            reader.as_deref(),
+            card_timeout,
+            reconcile.then_some(config),
+        ),
+    }
+}
+
+/// The one place a command loads its configuration: `--config PATH` must exist, the default
+/// path may be absent (all defaults). The error is printed here; its exit code is 2.
+fn load_config(config: Option<PathBuf>) -> Result<(Config, PathBuf), ExitCode> {
+    let explicit = config.is_some();
+    let path = config.unwrap_or_else(|| PathBuf::from(cardbridge::config::DEFAULT_PATH));
+    match Config::load(&path, explicit) {
+        Ok(config) => Ok((config, path)),
+        Err(e) => {
+            eprintln!("cardbridge: {e}");
+            Err(ExitCode::from(2))
         }
     }
 }
 
-/// `check-config [--online]`: the file parses and every server section can be built (its
-/// secrets readable and private); with `--online`, every server answers an authenticated call.
-fn check_config(path: &std::path::Path, online: bool) -> ExitCode {
-    let config = match Config::load(path, true) {
-        Ok(config) => config,
+/// Sets the process's Kerberos environment for commands that talk to servers; before any
+/// thread starts.
+fn prepare_kerberos(config: &Config, cache: CredentialCache<'_>) -> Result<(), ExitCode> {
+    cardbridge::auth::negotiate::prepare_process(config, cache).map_err(|e| {
+        eprintln!("cardbridge: {e}");
+        ExitCode::from(2)
+    })
+}
+
+/// `run`: the daemon, its Kerberos tickets in the state directory.
+fn run(config: Option<PathBuf>) -> ExitCode {
+    let config = match load_config(config) {
+        Ok((config, _)) => config,
+        Err(code) => return code,
+    };
+    if let Err(code) = prepare_kerberos(&config, CredentialCache::StateDir(&config.state_dir())) {
+        return code;
+    }
+    match cardbridge::daemon::run(&config) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("cardbridge: {e}");
-            return ExitCode::from(2);
+            ExitCode::from(1)
         }
+    }
+}
+
+/// `scan`: `reconcile` carries the `--config` of `--reconcile`, when given.
+fn scan(
+    json: bool,
+    reader: Option<&str>,
+    card_timeout: f64,
+    reconcile: Option<Option<PathBuf>>,
+) -> ExitCode {
+    let Ok(timeout) = Duration::try_from_secs_f64(card_timeout) else {
+        eprintln!("cardbridge: --card-timeout must be a positive number of seconds");
+        return ExitCode::from(2);
+    };
+    let config = match reconcile.map(load_config) {
+        None => None,
+        Some(Ok((config, _))) => {
+            if let Err(code) = prepare_kerberos(&config, CredentialCache::Memory) {
+                return code;
+            }
+            Some(config)
+        }
+        Some(Err(code)) => return code,
+    };
+    let options = ReadOptions {
+        timeout,
+        ..ReadOptions::default()
+    };
+    run_scan(json, reader, &options, config.as_ref())
+}
+
+/// `check-config [--online]`: the file parses and every server section can be built (its
+/// secrets readable and private); with `--online`, every server answers an authenticated call.
+fn check_config(config: Option<PathBuf>, online: bool) -> ExitCode {
+    // Always explicit: checking a file that is not there is an error, at the default path too.
+    let path = config.unwrap_or_else(|| PathBuf::from(cardbridge::config::DEFAULT_PATH));
+    let (config, path) = match load_config(Some(path)) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
     };
     let servers = [
         config
@@ -273,9 +287,8 @@ fn check_config(path: &std::path::Path, online: bool) -> ExitCode {
     if !online {
         return ExitCode::SUCCESS;
     }
-    if let Err(e) = cardbridge::auth::negotiate::prepare_process(&config, CredentialCache::Memory) {
-        eprintln!("cardbridge: {e}");
-        return ExitCode::from(2);
+    if let Err(code) = prepare_kerberos(&config, CredentialCache::Memory) {
+        return code;
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -306,16 +319,9 @@ fn with_target(
         &mut dyn Write,
     ) -> Result<(), cardbridge::client::ClientError>,
 ) -> ExitCode {
-    let explicit = args.config.is_some();
-    let path = args
-        .config
-        .unwrap_or_else(|| PathBuf::from(cardbridge::config::DEFAULT_PATH));
-    let config = match Config::load(&path, explicit) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("cardbridge: {e}");
-            return ExitCode::from(2);
-        }
+    let config = match load_config(args.config) {
+        Ok((config, _)) => config,
+        Err(code) => return code,
     };
     let result =
         cardbridge::client::Target::resolve(&config, args.url, args.token_file, args.socket)
