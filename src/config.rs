@@ -101,6 +101,80 @@ fn default_revocations_per_minute() -> u32 {
     30
 }
 
+impl ApiConfig {
+    /// Listen addresses the Host rule can serve, clients with their own well-formed token
+    /// hashes and exact origins, local users that name someone, a revocation budget.
+    fn check(&self) -> Result<(), String> {
+        for addr in &self.listen {
+            // Only these two: the Host rule accepts 127.0.0.1, localhost and [::1], so another
+            // loopback address (127.0.0.2) would refuse every call with 421.
+            let usable = addr.ip() == std::net::Ipv4Addr::LOCALHOST
+                || addr.ip() == std::net::Ipv6Addr::LOCALHOST;
+            if !usable {
+                return Err(format!(
+                    "api.listen: {addr} is not 127.0.0.1 or [::1]; the local API listens on those loopback addresses only"
+                ));
+            }
+        }
+        if self
+            .local_users
+            .iter()
+            .any(|u| u.uid.is_none() && u.gid.is_none())
+        {
+            return Err("api.local_users: each entry needs a uid or a gid".into());
+        }
+        if self.revocation_burst == 0 || self.revocations_per_minute == 0 {
+            return Err(
+                "api.revocation_burst and api.revocations_per_minute: must be greater than 0"
+                    .into(),
+            );
+        }
+        let mut hashes = std::collections::HashSet::new();
+        let mut names = std::collections::HashSet::new();
+        for client in &self.clients {
+            client.check()?;
+            if !hashes.insert(client.token_sha256.to_ascii_lowercase()) {
+                return Err(format!(
+                    "api.clients ({}): another client has the same token_sha256; each client needs its own token",
+                    client.name
+                ));
+            }
+            if !names.insert(client.name.as_str()) {
+                return Err(format!(
+                    "api.clients: two clients are named {:?}",
+                    client.name
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ApiClient {
+    fn check(&self) -> Result<(), String> {
+        let ok = self.token_sha256.len() == 64
+            && self.token_sha256.bytes().all(|b| b.is_ascii_hexdigit());
+        if !ok {
+            return Err(format!(
+                "api.clients ({}): token_sha256 must be 64 hex digits (the SHA-256 of the token)",
+                self.name
+            ));
+        }
+        for origin in &self.origins {
+            let valid = reqwest::Url::parse(origin)
+                .ok()
+                .is_some_and(|u| u.origin().ascii_serialization() == *origin);
+            if !valid {
+                return Err(format!(
+                    "api.clients ({}): origin {origin:?} must be exactly scheme://host[:port]",
+                    self.name
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Scopes for processes connecting over the Unix socket, by user id or group id.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -423,86 +497,32 @@ impl Config {
     pub fn parse(text: &str) -> Result<Config, String> {
         let config: Config =
             toml::from_str(text).map_err(|e| e.to_string().trim().replace('\n', " "))?;
-        for addr in &config.api.listen {
-            // Only these two: the Host rule accepts 127.0.0.1, localhost and [::1], so another
-            // loopback address (127.0.0.2) would refuse every call with 421.
-            let usable = addr.ip() == std::net::Ipv4Addr::LOCALHOST
-                || addr.ip() == std::net::Ipv6Addr::LOCALHOST;
-            if !usable {
-                return Err(format!(
-                    "api.listen: {addr} is not 127.0.0.1 or [::1]; the local API listens on those loopback addresses only"
-                ));
-            }
-        }
-        let mut hashes = std::collections::HashSet::new();
-        let mut names = std::collections::HashSet::new();
-        for client in &config.api.clients {
-            if !hashes.insert(client.token_sha256.to_ascii_lowercase()) {
-                return Err(format!(
-                    "api.clients ({}): another client has the same token_sha256; each client needs its own token",
-                    client.name
-                ));
-            }
-            if !names.insert(client.name.as_str()) {
-                return Err(format!(
-                    "api.clients: two clients are named {:?}",
-                    client.name
-                ));
-            }
-        }
-        if config
-            .api
-            .local_users
-            .iter()
-            .any(|u| u.uid.is_none() && u.gid.is_none())
-        {
-            return Err("api.local_users: each entry needs a uid or a gid".into());
-        }
-        for client in &config.api.clients {
-            let ok = client.token_sha256.len() == 64
-                && client.token_sha256.bytes().all(|b| b.is_ascii_hexdigit());
-            if !ok {
-                return Err(format!(
-                    "api.clients ({}): token_sha256 must be 64 hex digits (the SHA-256 of the token)",
-                    client.name
-                ));
-            }
-            for origin in &client.origins {
-                let valid = reqwest::Url::parse(origin)
-                    .ok()
-                    .is_some_and(|u| u.origin().ascii_serialization() == *origin);
-                if !valid {
-                    return Err(format!(
-                        "api.clients ({}): origin {origin:?} must be exactly scheme://host[:port]",
-                        client.name
-                    ));
-                }
-            }
-        }
+        config.api.check()?;
         for (section, server) in [("cm", &config.cm), ("scepman", &config.scepman)] {
             if let Some(server) = server {
                 server.check(section)?;
             }
         }
-        if let Some(level) = &config.log_level {
+        config.check_rest()?;
+        Ok(config)
+    }
+
+    /// What the API and server sections do not check: the log level, the outbox pacing, one
+    /// keytab per station, the card id order's place.
+    fn check_rest(&self) -> Result<(), String> {
+        if let Some(level) = &self.log_level {
             if !["error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
                 return Err(format!(
                     "log_level: {level:?} is not one of error, warn, info, debug, trace"
                 ));
             }
         }
-        if config.api.revocation_burst == 0 || config.api.revocations_per_minute == 0 {
-            return Err(
-                "api.revocation_burst and api.revocations_per_minute: must be greater than 0"
-                    .into(),
-            );
-        }
-        let r = &config.revocation;
+        let r = &self.revocation;
         if r.retry_initial_ms == 0 || r.poll_interval_ms == 0 || r.retry_max_ms < r.retry_initial_ms
         {
             return Err("revocation: retry_initial_ms and poll_interval_ms must be greater than 0, and retry_max_ms at least retry_initial_ms".into());
         }
-        let keytabs: Vec<&PathBuf> = [&config.cm, &config.scepman]
+        let keytabs: Vec<&PathBuf> = [&self.cm, &self.scepman]
             .into_iter()
             .flatten()
             .filter_map(|s| s.keytab.as_ref())
@@ -510,14 +530,14 @@ impl Config {
         if keytabs.windows(2).any(|pair| pair[0] != pair[1]) {
             return Err("cm.keytab and scepman.keytab: one station has one client keytab; name the same file in both sections (or leave it out of one)".into());
         }
-        if config
+        if self
             .scepman
             .as_ref()
             .is_some_and(|s| s.card_id_order.is_some())
         {
             return Err("scepman.card_id_order: only the [cm] section has a card id order".into());
         }
-        Ok(config)
+        Ok(())
     }
 
     pub fn state_dir(&self) -> PathBuf {
