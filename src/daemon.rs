@@ -16,7 +16,7 @@ use crate::api::serve::{serve, Connections, Limits};
 use crate::api::{self, Shared, Station};
 use crate::card::ReadOptions;
 use crate::cm::CmClient;
-use crate::config::{ApiClient, Config, Scope, ServerConfig};
+use crate::config::{ApiClient, Config, Scope};
 use crate::engine::{Engine, EngineConfig, Event};
 use crate::http::ServerError;
 use crate::outbox::{Pacing, Worker};
@@ -54,179 +54,239 @@ pub enum DaemonError {
 /// How long a stopping daemon lets requests in progress finish.
 const DRAIN: Duration = Duration::from_secs(5);
 
-/// Runs until a stop signal.
+/// Runs until a stop signal: open what the daemon needs, start its parts, serve, shut down.
 pub fn run(config: &Config) -> Result<(), DaemonError> {
     crate::logging::init(config.log_level.as_deref());
-    let state_dir = config.state_dir();
-    let store = Store::open(&state_dir)?;
-    let clients = if config.api.clients.is_empty() {
-        vec![generated_client(&state_dir)?]
-    } else {
-        config.api.clients.clone()
-    };
-    let reconciler = Reconciler::configured(config.cm.as_ref(), store.setting(CARD_ID_FORM)?)?;
-    let api_store = Store::open(&state_dir)?;
-    let outbox_store = Store::open(&state_dir)?;
-    let scepman = config
-        .scepman
-        .as_ref()
-        .map(ScepmanClient::new)
-        .transpose()?;
-    let cm = config.cm.as_ref().map(CmClient::new).transpose()?;
+    let opened = Opened::open(config)?;
+    let mut running = Running::start(config, opened)?;
+    running.serve();
+    running.shutdown(config);
+    Ok(())
+}
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(DaemonError::Start)?;
-    let mut listeners = Vec::new();
-    for addr in &config.api.listen {
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind(addr))
-            .map_err(|source| DaemonError::Listen {
-                addr: *addr,
-                source,
-            })?;
-        let bound = listener.local_addr().map_err(DaemonError::Start)?;
-        listeners.push((listener, bound));
-    }
+/// Everything opened before anything starts, so a bad configuration, database or port stops
+/// the daemon before a thread exists.
+struct Opened {
+    runtime: tokio::runtime::Runtime,
+    clients: Vec<ApiClient>,
+    reconciler: Reconciler,
+    /// Three connections: the engine's, the API's (audit, outbox inserts), the worker's.
+    stores: [Store; 3],
+    scepman: Option<ScepmanClient>,
+    cm: Option<CmClient>,
+    listeners: Vec<(tokio::net::TcpListener, std::net::SocketAddr)>,
+    unix: Option<tokio::net::UnixListener>,
+    /// The socket's device and inode, to remove only our own at the end.
+    socket_id: Option<(u64, u64)>,
+}
 
-    let unix = match &config.api.unix_socket {
-        Some(path) => {
-            Some(runtime.block_on(async { bind_unix(path, config.api.unix_socket_gid) })?)
-        }
-        None => None,
-    };
-    let socket_id = config.api.unix_socket.as_deref().and_then(file_id);
-
-    let (tx, events) = std::sync::mpsc::channel();
-    let engine = Engine::start(
-        EngineConfig {
-            read: ReadOptions::default(),
-            reconciler,
-            store: Some(store),
-            retry_initial: Duration::from_secs(5),
-            retry_max: Duration::from_secs(300),
-        },
-        tx,
-    )
-    .map_err(DaemonError::Start)?;
-    let shared = Arc::new(Shared {
-        clients: Clients::new(&clients),
-        bus: Bus::default(),
-        station: Mutex::new(Station::default()),
-        reconciliations: engine.cache(),
-        stopping: tokio::sync::watch::channel(false).0,
-        reads: Mutex::new(engine.read_requester()),
-        store: Mutex::new(Some(api_store)),
-        outbox: Default::default(),
-        scepman_configured: scepman.is_some(),
-        cm_configured: cm.is_some(),
-        failures: Default::default(),
-        refusal_log: Default::default(),
-        metrics: Default::default(),
-        local_users: config.api.local_users.clone(),
-        revocation_budget: api::RevocationBudget::new(
-            config.api.revocation_burst,
-            config.api.revocations_per_minute,
-        ),
-    });
-    let pump = {
-        let shared = shared.clone();
-        std::thread::Builder::new()
-            .name("events".into())
-            .spawn(move || pump(events, &shared))
-            .map_err(DaemonError::Start)?
-    };
-
-    for (_, addr) in &listeners {
-        tracing::info!("API listening on http://{addr}/v1/");
-    }
-    let worker = {
-        let shared_for_events = shared.clone();
-        let pacing = Pacing {
-            retry_initial: Duration::from_millis(config.revocation.retry_initial_ms),
-            retry_max: Duration::from_millis(config.revocation.retry_max_ms),
-            poll_interval: Duration::from_millis(config.revocation.poll_interval_ms),
-            settle: config
-                .cm
-                .as_ref()
-                .map_or(Duration::ZERO, ServerConfig::timeout),
+impl Opened {
+    fn open(config: &Config) -> Result<Opened, DaemonError> {
+        let state_dir = config.state_dir();
+        let store = Store::open(&state_dir)?;
+        let clients = if config.api.clients.is_empty() {
+            vec![generated_client(&state_dir)?]
+        } else {
+            config.api.clients.clone()
         };
-        let worker = Worker::new(
-            outbox_store,
+        let reconciler = Reconciler::configured(config.cm.as_ref(), store.setting(CARD_ID_FORM)?)?;
+        let stores = [store, Store::open(&state_dir)?, Store::open(&state_dir)?];
+        let scepman = config
+            .scepman
+            .as_ref()
+            .map(ScepmanClient::new)
+            .transpose()?;
+        let cm = config.cm.as_ref().map(CmClient::new).transpose()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(DaemonError::Start)?;
+        let mut listeners = Vec::new();
+        for addr in &config.api.listen {
+            let listener = runtime
+                .block_on(tokio::net::TcpListener::bind(addr))
+                .map_err(|source| DaemonError::Listen {
+                    addr: *addr,
+                    source,
+                })?;
+            let bound = listener.local_addr().map_err(DaemonError::Start)?;
+            listeners.push((listener, bound));
+        }
+        let unix = match &config.api.unix_socket {
+            Some(path) => {
+                Some(runtime.block_on(async { bind_unix(path, config.api.unix_socket_gid) })?)
+            }
+            None => None,
+        };
+        let socket_id = config.api.unix_socket.as_deref().and_then(file_id);
+        Ok(Opened {
+            runtime,
+            clients,
+            reconciler,
+            stores,
             scepman,
             cm,
-            pacing,
-            Box::new(move |r| api::publish_revocation(&shared_for_events.bus, r)),
-        );
-        runtime.spawn(worker.run(shared.outbox.clone(), shared.stopped()))
-    };
-    runtime.block_on(async {
-        let connections = Connections::new(Limits::of_process());
-        let limits = connections.limits();
-        tracing::debug!(
-            "API connections: at most {}, {} event streams per client, idle ones closed after {:?}",
-            limits.max_connections,
-            limits.streams_per_client,
-            limits.idle
-        );
-        tokio::spawn(connections.clone().reap(shared.stopping.subscribe()));
-        let mut servers = tokio::task::JoinSet::new();
-        for (listener, addr) in listeners {
-            let app = api::router(shared.clone(), api::Kind::Tcp(addr));
-            let stopping = shared.stopping.subscribe();
-            servers.spawn(serve(listener, app, connections.clone(), stopping, DRAIN));
-        }
-        if let Some(unix) = unix {
-            let app = api::router(shared.clone(), api::Kind::Unix);
-            let stopping = shared.stopping.subscribe();
-            servers.spawn(serve(unix, app, connections.clone(), stopping, DRAIN));
-        }
-        {
+            listeners,
+            unix,
+            socket_id,
+        })
+    }
+}
+
+/// The started daemon: the engine, the event pump, the outbox worker, and what the API serves.
+struct Running {
+    runtime: tokio::runtime::Runtime,
+    engine: Engine,
+    shared: Arc<Shared>,
+    pump: std::thread::JoinHandle<()>,
+    worker: tokio::task::JoinHandle<()>,
+    listeners: Vec<(tokio::net::TcpListener, std::net::SocketAddr)>,
+    unix: Option<tokio::net::UnixListener>,
+    socket_id: Option<(u64, u64)>,
+}
+
+impl Running {
+    fn start(config: &Config, opened: Opened) -> Result<Running, DaemonError> {
+        let [engine_store, api_store, outbox_store] = opened.stores;
+        let (tx, events) = std::sync::mpsc::channel();
+        let engine = Engine::start(
+            EngineConfig {
+                read: ReadOptions::default(),
+                reconciler: opened.reconciler,
+                store: Some(engine_store),
+                retry_initial: Duration::from_secs(5),
+                retry_max: Duration::from_secs(300),
+            },
+            tx,
+        )
+        .map_err(DaemonError::Start)?;
+        let shared = Arc::new(Shared {
+            clients: Clients::new(&opened.clients),
+            bus: Bus::default(),
+            station: Mutex::new(Station::default()),
+            reconciliations: engine.cache(),
+            stopping: tokio::sync::watch::channel(false).0,
+            reads: Mutex::new(engine.read_requester()),
+            store: Mutex::new(Some(api_store)),
+            outbox: Default::default(),
+            scepman_configured: opened.scepman.is_some(),
+            cm_configured: opened.cm.is_some(),
+            failures: Default::default(),
+            refusal_log: Default::default(),
+            metrics: Default::default(),
+            local_users: config.api.local_users.clone(),
+            revocation_budget: api::RevocationBudget::new(
+                config.api.revocation_burst,
+                config.api.revocations_per_minute,
+            ),
+        });
+        let pump = {
             let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("events".into())
+                .spawn(move || pump(events, &shared))
+                .map_err(DaemonError::Start)?
+        };
+        let publisher = shared.clone();
+        let worker = Worker::new(
+            outbox_store,
+            opened.scepman,
+            opened.cm,
+            Pacing::of(config),
+            Box::new(move |r| api::publish_revocation(&publisher.bus, r)),
+        );
+        let worker = opened
+            .runtime
+            .spawn(worker.run(shared.outbox.clone(), shared.stopped()));
+        Ok(Running {
+            runtime: opened.runtime,
+            engine,
+            shared,
+            pump,
+            worker,
+            listeners: opened.listeners,
+            unix: opened.unix,
+            socket_id: opened.socket_id,
+        })
+    }
+
+    /// Serves the API until a stop signal (or a listener fails), with systemd supervision;
+    /// returns once every server, the supervisor and the outbox worker have ended.
+    fn serve(&mut self) {
+        let listeners = std::mem::take(&mut self.listeners);
+        let unix = self.unix.take();
+        let shared = self.shared.clone();
+        let health = self.engine.monitor_health();
+        let worker = &mut self.worker;
+        self.runtime.block_on(async {
+            let connections = Connections::new(Limits::of_process());
+            let limits = connections.limits();
+            tracing::debug!(
+                "API connections: at most {}, {} event streams per client, idle ones closed after {:?}",
+                limits.max_connections,
+                limits.streams_per_client,
+                limits.idle
+            );
+            tokio::spawn(connections.clone().reap(shared.stopping.subscribe()));
+            let mut servers = tokio::task::JoinSet::new();
+            for (listener, addr) in listeners {
+                tracing::info!("API listening on http://{addr}/v1/");
+                let app = api::router(shared.clone(), api::Kind::Tcp(addr));
+                let stopping = shared.stopping.subscribe();
+                servers.spawn(serve(listener, app, connections.clone(), stopping, DRAIN));
+            }
+            if let Some(unix) = unix {
+                let app = api::router(shared.clone(), api::Kind::Unix);
+                let stopping = shared.stopping.subscribe();
+                servers.spawn(serve(unix, app, connections.clone(), stopping, DRAIN));
+            }
+            let stopper = shared.clone();
             tokio::spawn(async move {
                 stop_signal().await;
-                shared.stopping.send_replace(true);
+                stopper.stopping.send_replace(true);
             });
-        }
-        let api_alive = Arc::new(AtomicBool::new(true));
-        let supervisor = engine.monitor_health().map(|health| {
-            tokio::spawn(crate::service::supervise(
-                health,
-                shared.clone(),
-                api_alive.clone(),
-            ))
+            let api_alive = Arc::new(AtomicBool::new(true));
+            let supervisor = health.map(|health| {
+                tokio::spawn(crate::service::supervise(
+                    health,
+                    shared.clone(),
+                    api_alive.clone(),
+                ))
+            });
+            while let Some(done) = servers.join_next().await {
+                if !*shared.stopping.borrow() {
+                    // A listener ended on its own: the service is no longer whole.
+                    api_alive.store(false, Ordering::Relaxed);
+                    tracing::error!("an API server stopped: {:?}", done.err());
+                }
+            }
+            if let Some(supervisor) = supervisor {
+                let _ = supervisor.await;
+            }
+            // The worker stops at once (an interrupted delivery is resumed at the next start).
+            let _ = worker.await;
         });
-        while let Some(done) = servers.join_next().await {
-            if !*shared.stopping.borrow() {
-                // A listener ended on its own: the service is no longer whole.
-                api_alive.store(false, Ordering::Relaxed);
-                tracing::error!("an API server stopped: {:?}", done.err());
+    }
+
+    /// The shutdown order, in one place: the API's read requests go before the engine can stop;
+    /// stopping the engine closes the event channel, which ends the pump; the databases close
+    /// with their owners; the socket is removed only if it is still ours (another daemon may
+    /// have replaced a dead one meanwhile).
+    fn shutdown(self, config: &Config) {
+        self.shared
+            .reads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        self.engine.stop();
+        let _ = self.pump.join();
+        if let Some(path) = &config.api.unix_socket {
+            if self.socket_id.is_some() && file_id(path) == self.socket_id {
+                let _ = std::fs::remove_file(path);
             }
         }
-        if let Some(supervisor) = supervisor {
-            let _ = supervisor.await;
-        }
-        // The worker stops at once (an interrupted delivery is resumed at the next start).
-        let _ = worker.await;
-    });
-    // The API's read requests must go before the engine can stop; stopping the engine then closes
-    // the event channel, which ends the pump. The audit database closes with `shared`.
-    shared
-        .reads
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take();
-    engine.stop();
-    let _ = pump.join();
-    // Only our own socket: another daemon may have replaced a dead one meanwhile.
-    if let Some(path) = &config.api.unix_socket {
-        if socket_id.is_some() && file_id(path) == socket_id {
-            let _ = std::fs::remove_file(path);
-        }
     }
-    Ok(())
 }
 
 /// Device and inode of a path (not following a symlink).

@@ -38,6 +38,22 @@ pub struct Pacing {
     pub settle: Duration,
 }
 
+impl Pacing {
+    /// From `[revocation]`; the settle time is the CM client's request timeout.
+    pub fn of(config: &crate::config::Config) -> Pacing {
+        let r = &config.revocation;
+        Pacing {
+            retry_initial: Duration::from_millis(r.retry_initial_ms),
+            retry_max: Duration::from_millis(r.retry_max_ms),
+            poll_interval: Duration::from_millis(r.poll_interval_ms),
+            settle: config
+                .cm
+                .as_ref()
+                .map_or(Duration::ZERO, crate::config::ServerConfig::timeout),
+        }
+    }
+}
+
 /// Tells the daemon that a revocation changed (it publishes `revocation.updated`).
 pub type Publish = Box<dyn Fn(&Revocation) + Send>;
 
