@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use crate::cm::model::{RequestProgress, RequestStatus};
 use crate::cm::{CmClient, NewRequest};
-use crate::http::ServerError;
 use crate::revoke::{ActionKind, ActionStatus, Outcome, Revocation};
 use crate::scepman::ScepmanClient;
 use crate::store::{ActionUpdate, DueAction, Schedule, Store, StoreError};
@@ -52,6 +51,33 @@ impl Pacing {
                 .map_or(Duration::ZERO, crate::config::ServerConfig::timeout),
         }
     }
+}
+
+/// The request id at the end of a URI the server gave; only a GUID goes into the next URL.
+fn request_id(uri: &str) -> Option<&str> {
+    let id = uri.trim_end_matches('/').rsplit('/').next()?;
+    let guid = !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() || matches!(b, b'-' | b'{' | b'}'));
+    guid.then_some(id)
+}
+
+/// An action that failed for good.
+fn failed() -> ActionUpdate {
+    ActionUpdate {
+        status: Some(ActionStatus::Failed),
+        schedule: Schedule::Never,
+        ..ActionUpdate::default()
+    }
+}
+
+/// What looking for an earlier request found.
+enum Looked {
+    Found,
+    NotThere,
+    /// The look-up failed; it is retried later.
+    Failed,
 }
 
 /// Tells the daemon that a revocation changed (it publishes `revocation.updated`).
@@ -272,6 +298,10 @@ impl Worker {
     }
 
     /// Sends, finds or follows an action's CM request; returns whether anything changed.
+    ///
+    /// The steps: follow a request whose URI is known; for an action found `sending` without
+    /// one, wait until a request sent then has settled and look for it by its marker; send only
+    /// when the server has no such request.
     async fn cm_request(
         &mut self,
         due: &DueAction,
@@ -284,17 +314,8 @@ impl Worker {
         if let Some(uri) = due.action.request_uri.clone() {
             return self.follow(&cm, due, &uri).await;
         }
-        let marker = comment_marker(&due.action.marker);
         if due.action.status == ActionStatus::Sending {
-            // An earlier attempt may have created the request: let it settle, then look before
-            // sending again.
-            let sent_ms = time::OffsetDateTime::parse(
-                &due.action.updated_at,
-                &time::format_description::well_known::Rfc3339,
-            )
-            .map_or(0, |t| (t.unix_timestamp_nanos() / 1_000_000) as i64);
-            let settled_ms = sent_ms + self.pacing.settle.as_millis() as i64;
-            if settled_ms > now_ms() {
+            if let Some(settled_ms) = self.unsettled(due) {
                 self.store.update_action(
                     due.action.id,
                     &ActionUpdate {
@@ -304,48 +325,76 @@ impl Worker {
                 )?;
                 return Ok(false);
             }
-            let call = "GET api/v1.0/requests";
-            match cm.requests().await {
-                Err(e) => {
-                    let next = self.backoff(due.action.attempts);
-                    return self
-                        .finish(
-                            due,
-                            call,
-                            Outcome::from_error(&e),
-                            ActionUpdate {
-                                schedule: Schedule::At(next),
-                                ..ActionUpdate::default()
-                            },
-                        )
-                        .map(|()| true);
-                }
-                Ok(requests) => {
-                    let found = requests
-                        .into_iter()
-                        .find(|r| r.comment.as_deref().is_some_and(|c| c.contains(&marker)));
-                    if let Some(request) = found {
-                        let uri = format!("api/v1.0/requests/{}", request.uuid);
-                        return self
-                            .finish(
-                                due,
-                                call,
-                                Outcome::ok(200, &format!("found the request sent before: {uri}")),
-                                ActionUpdate {
-                                    request_uri: Some(uri),
-                                    request_status: Some(crate::cm::model::request_status_name(
-                                        request.status,
-                                    )),
-                                    schedule: Schedule::At(now_ms()),
-                                    ..ActionUpdate::default()
-                                },
-                            )
-                            .map(|()| true);
-                    }
-                }
+            match self.look_for_sent_request(&cm, due).await? {
+                Looked::Found | Looked::Failed => return Ok(true),
+                Looked::NotThere => {}
             }
         }
+        self.send_request(&cm, due, request_type, smartcard_uuid)
+            .await
+            .map(|()| true)
+    }
+
+    /// When an action's request was sent less than the settle time ago: the time it settles.
+    fn unsettled(&self, due: &DueAction) -> Option<i64> {
+        let sent_ms = time::OffsetDateTime::parse(
+            &due.action.updated_at,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .map_or(0, |t| (t.unix_timestamp_nanos() / 1_000_000) as i64);
+        let settled_ms = sent_ms + self.pacing.settle.as_millis() as i64;
+        (settled_ms > now_ms()).then_some(settled_ms)
+    }
+
+    /// Looks among the server's requests for one carrying the action's marker: found, its URI
+    /// is adopted; a failure to look is retried later (never send blind).
+    async fn look_for_sent_request(
+        &mut self,
+        cm: &CmClient,
+        due: &DueAction,
+    ) -> Result<Looked, StoreError> {
+        let call = "GET api/v1.0/requests";
+        let marker = comment_marker(&due.action.marker);
+        let requests = match cm.requests().await {
+            Ok(requests) => requests,
+            Err(e) => {
+                let update = ActionUpdate {
+                    schedule: Schedule::At(self.backoff(due.action.attempts)),
+                    ..ActionUpdate::default()
+                };
+                self.finish(due, call, Outcome::from_error(&e), update)?;
+                return Ok(Looked::Failed);
+            }
+        };
+        let found = requests
+            .into_iter()
+            .find(|r| r.comment.as_deref().is_some_and(|c| c.contains(&marker)));
+        let Some(request) = found else {
+            return Ok(Looked::NotThere);
+        };
+        let uri = format!("api/v1.0/requests/{}", request.uuid);
+        let update = ActionUpdate {
+            request_uri: Some(uri.clone()),
+            request_status: Some(crate::cm::model::request_status_name(request.status)),
+            schedule: Schedule::At(now_ms()),
+            ..ActionUpdate::default()
+        };
+        let outcome = Outcome::ok(200, &format!("found the request sent before: {uri}"));
+        self.finish(due, call, outcome, update)?;
+        Ok(Looked::Found)
+    }
+
+    /// Sends the request (never retried here). A transient failure or a 409 may mean it was
+    /// created: the action stays `sending`, to be looked for first next time.
+    async fn send_request(
+        &mut self,
+        cm: &CmClient,
+        due: &DueAction,
+        request_type: &str,
+        smartcard_uuid: &str,
+    ) -> Result<(), StoreError> {
         self.mark_sending(due)?;
+        let marker = comment_marker(&due.action.marker);
         let comment = match &due.comment {
             Some(c) => format!("{}: {c} {marker}", due.reason),
             None => format!("{} {marker}", due.reason),
@@ -357,146 +406,147 @@ impl Worker {
             datacollection: Vec::new(),
         };
         let call = "POST api/v1.0/requests";
-        let result = match cm.create_request(&body).await {
-            Ok(uri) => self.finish(
-                due,
-                call,
+        let (outcome, update) = match cm.create_request(&body).await {
+            Ok(uri) => (
                 Outcome::ok(201, &uri),
                 ActionUpdate {
                     request_uri: Some(uri),
                     schedule: Schedule::At(now_ms() + self.poll_ms()),
-                    attempted: true,
                     ..ActionUpdate::default()
                 },
             ),
-            // The request may or may not exist now: stay `sending`, look first next time.
-            Err(e) if e.is_transient() || e.status() == Some(409) => {
-                let next = self.backoff(due.action.attempts);
-                self.finish(
-                    due,
-                    call,
-                    Outcome::from_error(&e),
-                    ActionUpdate {
-                        schedule: Schedule::At(next),
-                        attempted: true,
-                        ..ActionUpdate::default()
-                    },
-                )
-            }
-            Err(e) => self.finish(
-                due,
-                call,
+            Err(e) if e.is_transient() || e.status() == Some(409) => (
+                Outcome::from_error(&e),
+                ActionUpdate {
+                    schedule: Schedule::At(self.backoff(due.action.attempts)),
+                    ..ActionUpdate::default()
+                },
+            ),
+            Err(e) => (
                 Outcome::from_error(&e),
                 ActionUpdate {
                     status: Some(ActionStatus::Failed),
                     schedule: Schedule::Never,
-                    attempted: true,
                     ..ActionUpdate::default()
                 },
             ),
         };
-        result.map(|()| true)
+        let update = ActionUpdate {
+            attempted: true,
+            ..update
+        };
+        self.finish(due, call, outcome, update)
     }
 
     fn poll_ms(&self) -> i64 {
         self.pacing.poll_interval.as_millis() as i64
     }
 
-    /// Looks at a CM request the server is working on: Completed is done; Failed, Denied and
-    /// Canceled are failures; anything else is looked at again later. Only changes and errors
-    /// are written to the attempt log, not every look.
+    /// Looks at a sent CM request and records what changed: followed to its end (completed,
+    /// or denied, failed, canceled), polled while the server works on it.
     async fn follow(
         &mut self,
         cm: &CmClient,
         due: &DueAction,
         uri: &str,
     ) -> Result<bool, StoreError> {
-        let id = uri.trim_end_matches('/').rsplit('/').next().unwrap_or(uri);
-        // The URI came from the server: only a GUID goes into the next URL.
-        if id.is_empty()
-            || !id
-                .bytes()
-                .all(|b| b.is_ascii_hexdigit() || matches!(b, b'-' | b'{' | b'}'))
-        {
-            return self
-                .finish(
-                    due,
-                    "-",
-                    Outcome {
-                        code: "bad_body".into(),
-                        message: format!(
-                            "the server gave a request URI without a request id: {uri:?}"
-                        ),
-                        ..Outcome::default()
-                    },
-                    ActionUpdate {
-                        status: Some(ActionStatus::Failed),
-                        schedule: Schedule::Never,
-                        ..ActionUpdate::default()
-                    },
-                )
-                .map(|()| true);
-        }
+        let Some(id) = request_id(uri) else {
+            let outcome = Outcome {
+                code: "bad_body".into(),
+                message: format!("the server gave a request URI without a request id: {uri:?}"),
+                ..Outcome::default()
+            };
+            return self.finish(due, "-", outcome, failed()).map(|()| true);
+        };
         let call = format!("GET api/v1.0/requests/{id}");
         let later = now_ms() + self.poll_ms();
-        let answer: Result<Option<crate::cm::Request>, ServerError> = cm.request(id).await;
-        let result = match answer {
-            Err(e) => self.finish(
-                due,
-                &call,
-                Outcome::from_error(&e),
-                ActionUpdate {
+        match cm.request(id).await {
+            Err(e) => {
+                let update = ActionUpdate {
                     schedule: Schedule::At(self.backoff(0).max(later)),
                     ..ActionUpdate::default()
-                },
-            ),
-            Ok(None) => self.finish(
-                due,
-                &call,
-                Outcome {
+                };
+                self.finish(due, &call, Outcome::from_error(&e), update)
+                    .map(|()| true)
+            }
+            Ok(None) => {
+                let outcome = Outcome {
                     code: "request_gone".into(),
                     message: "the server no longer has this request".into(),
                     http_status: Some(204),
                     ..Outcome::default()
-                },
-                ActionUpdate {
-                    status: Some(ActionStatus::Failed),
-                    schedule: Schedule::Never,
-                    ..ActionUpdate::default()
-                },
-            ),
-            Ok(Some(request)) => {
-                let request_status = RequestStatus::from_code(request.status);
-                let name = request_status.name();
-                let (status, next) = match request_status.progress() {
-                    RequestProgress::Completed => (ActionStatus::Done, Schedule::Never),
-                    RequestProgress::Ended => (ActionStatus::Failed, Schedule::Never),
-                    RequestProgress::Open => (ActionStatus::Sending, Schedule::At(later)),
                 };
-                let changed = due.action.request_status.as_deref() != Some(name.as_str());
-                if !changed && status == ActionStatus::Sending {
-                    let later = ActionUpdate {
-                        schedule: next,
-                        ..ActionUpdate::default()
-                    };
-                    return self
-                        .store
-                        .update_action(due.action.id, &later)
-                        .map(|()| false);
-                }
-                let update = ActionUpdate {
-                    status: Some(status),
-                    schedule: next,
-                    request_status: Some(name.clone()),
-                    ..ActionUpdate::default()
-                };
-                let mut outcome = Outcome::ok(200, &format!("request {name}"));
-                if status == ActionStatus::Failed {
-                    outcome.code = "request_not_completed".into();
-                }
-                self.finish(due, &call, outcome, update)
+                self.finish(due, &call, outcome, failed()).map(|()| true)
             }
+            Ok(Some(request)) => self.request_seen(due, &call, &request, later),
+        }
+    }
+
+    /// Records a request's status; an unchanged status of an open request is only a reschedule
+    /// (no attempt row, so a long approval does not fill the audit trail).
+    fn request_seen(
+        &mut self,
+        due: &DueAction,
+        call: &str,
+        request: &crate::cm::Request,
+        later: i64,
+    ) -> Result<bool, StoreError> {
+        let request_status = RequestStatus::from_code(request.status);
+        let name = request_status.name();
+        let (status, schedule) = match request_status.progress() {
+            RequestProgress::Completed => (ActionStatus::Done, Schedule::Never),
+            RequestProgress::Ended => (ActionStatus::Failed, Schedule::Never),
+            RequestProgress::Open => (ActionStatus::Sending, Schedule::At(later)),
         };
-        result.map(|()| true)
+        let changed = due.action.request_status.as_deref() != Some(name.as_str());
+        if !changed && status == ActionStatus::Sending {
+            let reschedule = ActionUpdate {
+                schedule,
+                ..ActionUpdate::default()
+            };
+            return self
+                .store
+                .update_action(due.action.id, &reschedule)
+                .map(|()| false);
+        }
+        let mut outcome = Outcome::ok(200, &format!("request {name}"));
+        if status == ActionStatus::Failed {
+            outcome.code = "request_not_completed".into();
+        }
+        let update = ActionUpdate {
+            status: Some(status),
+            schedule,
+            request_status: Some(name),
+            ..ActionUpdate::default()
+        };
+        self.finish(due, call, outcome, update).map(|()| true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_guid_from_the_server_goes_into_the_next_url() {
+        let id = "a9b4c3d2-0000-4000-8000-000000000001";
+        assert_eq!(request_id(&format!("api/v1.0/requests/{id}")), Some(id));
+        assert_eq!(
+            request_id(&format!("api/v1.0/requests/{{{id}}}/")),
+            Some(&*format!("{{{id}}}"))
+        );
+        for bad in [
+            "",
+            "api/v1.0/requests/",
+            "api/v1.0/requests/../../smartcards",
+            "x?y=1",
+        ] {
+            assert_eq!(request_id(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_marker_is_what_the_comment_carries() {
+        assert_eq!(comment_marker("ab12"), "[cardbridge:ab12]");
     }
 }
