@@ -611,3 +611,44 @@ fn a_conflict_other_than_already_revoked_fails_and_keeps_the_answer() {
     );
     assert_ne!(action["last_outcome"]["code"], "already_revoked");
 }
+
+#[test]
+fn revocations_are_rate_limited_per_client() {
+    let (_shared, _slot, card, card_id) = piv_card();
+    let sim = simulator(
+        vec![matching_record(&card.truth, false)],
+        scepman_certs(&card.truth),
+    );
+    let daemon = Daemon::start_with(
+        "revoke-pace",
+        "revocation_burst = 2\nrevocations_per_minute = 1\n",
+        &servers(&sim.cm_base_url(), &sim.scepman_base_url()),
+    );
+    wait_card(&daemon, &card_id, true);
+    let thumbprint = &card.truth.certificates[0].thumbprint;
+    let body = json!({"card_id": card_id, "target": "certificates", "reason": "superseded",
+                      "thumbprints": [thumbprint]});
+    let statuses: Vec<u16> = (0..3)
+        .map(|n| submit(&daemon, &format!("pace-{n}"), &body).0)
+        .collect();
+    assert_eq!(statuses, [202, 202, 429]);
+    let admin = format!("Bearer {ADMIN}");
+    let answer = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", daemon.port)).expect("connect");
+        let text = body.to_string();
+        write!(
+            s,
+            "POST /v1/revocations HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nAuthorization: {admin}\r\nContent-Type: application/json\r\nIdempotency-Key: pace-3\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+            daemon.port,
+            text.len()
+        )
+        .expect("send");
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).expect("answer");
+        answer.to_ascii_lowercase()
+    };
+    assert!(answer.starts_with("http/1.1 429"), "{answer}");
+    assert!(answer.contains("retry-after: "), "{answer}");
+    assert!(answer.contains("too_many_revocations"), "{answer}");
+}

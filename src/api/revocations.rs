@@ -14,7 +14,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use super::Refusals;
-use super::{error, find_card, station, Caller, Listener};
+use super::{error, find_card, station, ApiError, Caller, Listener};
 use crate::cm::model::normalize_hex;
 use crate::random::random_hex;
 use crate::revoke::{plan, Known, KnownCertificate, Revocation, RevocationStatus, Submission};
@@ -22,22 +22,6 @@ use crate::store::Store;
 
 /// Longest accepted `Idempotency-Key`.
 const MAX_KEY: usize = 200;
-
-fn unavailable() -> Response {
-    error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "no_store",
-        "the state database is not available",
-    )
-}
-
-fn store_error(e: crate::store::StoreError) -> Response {
-    error(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "store_error",
-        &e.to_string(),
-    )
-}
 
 /// Tells listeners (SSE) that a revocation changed.
 pub fn publish(bus: &super::events::Bus, revocation: &Revocation) {
@@ -56,132 +40,146 @@ pub(super) async fn submit(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let key = headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .unwrap_or_default()
-        .to_string();
-    if key.is_empty() || key.len() > MAX_KEY || !key.bytes().all(|b| b.is_ascii_graphic()) {
-        return error(
+    submit_steps(&l, &client, &headers, &body).unwrap_or_else(IntoResponse::into_response)
+}
+
+/// The steps of a submission, each refusing with its own [`ApiError`].
+fn submit_steps(
+    l: &Listener,
+    client: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let key = idempotency_key(headers)?;
+    let submission: Submission = serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
             StatusCode::BAD_REQUEST,
-            "missing_idempotency_key",
-            "an Idempotency-Key header (1 to 200 visible ASCII characters) is required",
-        );
-    }
-    let submission: Submission = match serde_json::from_slice(&body) {
-        Ok(s) => s,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_body",
-                &format!("the body is not a revocation request: {e}"),
-            )
-        }
-    };
+            "bad_body",
+            format!("the body is not a revocation request: {e}"),
+        )
+    })?;
+    // Hashed as parsed (key order and spacing do not make another request).
     let request_hash = hex::encode(Sha256::digest(
         serde_json::to_vec(&submission).unwrap_or_default(),
     ));
     let card_id = normalize_hex(&submission.card_id);
-    let current = station(&l, |s| find_card(s, &card_id)).filter(|c| c.error.is_none());
-    let cached = l
-        .shared
-        .reconciliations
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&card_id)
-        .cloned();
-
     let guard = l.shared.store.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(store) = guard.as_ref() else {
-        return unavailable();
-    };
+    let store = guard.as_ref().ok_or_else(ApiError::no_store)?;
     if !submission.dry_run {
-        match store.revocation_by_key(&client, &key) {
-            Err(e) => return store_error(e),
-            Ok(Some((_, hash))) if hash != request_hash => {
-                return error(
-                    StatusCode::CONFLICT,
-                    "idempotency_key_reused",
-                    "this Idempotency-Key was already used with a different request",
-                )
-            }
-            Ok(Some((id, _))) => {
-                return match store.revocation(id, false) {
-                    Ok(Some(r)) => (StatusCode::ACCEPTED, Json(r)).into_response(),
-                    Ok(None) => unavailable(),
-                    Err(e) => store_error(e),
-                }
-            }
-            Ok(None) => {}
+        if let Some(stored) = replay(store, client, &key, &request_hash)? {
+            return Ok(stored);
         }
     }
-    let certificates = match &current {
-        Some(card) => Some(KnownCertificate::of(card)),
-        None => match store.card_certificates(&card_id) {
-            Ok(c) => c,
-            Err(e) => return store_error(e),
-        },
-    };
-    let reconciliation = match cached {
-        Some(r) => Some(r),
-        None => match store.last_reconciliation(&card_id) {
-            Ok(r) => r,
-            Err(e) => return store_error(e),
-        },
-    };
+    let (certificates, reconciliation) = known_about(l, store, &card_id)?;
     let known = Known {
         card: certificates.as_deref(),
         reconciliation: reconciliation.as_ref(),
         scepman_configured: l.shared.scepman_configured,
         cm_configured: l.shared.cm_configured,
     };
-    let plan = match plan(&submission, &known) {
-        Ok(p) => p,
-        Err(e) => {
-            let status =
-                StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNPROCESSABLE_ENTITY);
-            return error(status, e.code(), &e.to_string());
-        }
-    };
+    let plan = plan(&submission, &known).map_err(|e| {
+        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNPROCESSABLE_ENTITY);
+        ApiError::new(status, e.code(), e.to_string())
+    })?;
     if submission.dry_run {
-        return Json(json!({"dry_run": true, "plan": plan})).into_response();
+        return Ok(Json(json!({"dry_run": true, "plan": plan})).into_response());
     }
-    if let Err(wait) = l.shared.revocation_budget.take(&client, Instant::now()) {
-        let mut refused = error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_revocations",
-            "this client has submitted too many revocations; retry later",
-        );
-        let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        if let Ok(value) = axum::http::HeaderValue::from_str(&seconds.max(1).to_string()) {
-            refused
-                .headers_mut()
-                .insert(axum::http::header::RETRY_AFTER, value);
-        }
-        return refused;
-    }
-    let markers: Result<Vec<String>, _> = plan.actions.iter().map(|_| random_hex::<16>()).collect();
-    let Ok(markers) = markers else {
-        return error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "no_randomness",
-            "the system's random source failed",
-        );
-    };
-    let stored = store
-        .insert_revocation(&client, &key, &request_hash, &plan, &markers)
-        .and_then(|id| store.revocation(id, false));
+    l.shared
+        .revocation_budget
+        .take(client, Instant::now())
+        .map_err(ApiError::too_many_revocations)?;
+    let markers = plan
+        .actions
+        .iter()
+        .map(|_| random_hex::<16>())
+        .collect::<Result<Vec<String>, _>>()
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "no_randomness",
+                "the system's random source failed",
+            )
+        })?;
+    let id = store.insert_revocation(client, &key, &request_hash, &plan, &markers)?;
+    let revocation = store
+        .revocation(id, false)?
+        .ok_or_else(ApiError::no_store)?;
     drop(guard);
-    match stored {
-        Ok(Some(revocation)) => {
-            publish(&l.shared.bus, &revocation);
-            l.shared.outbox.notify_one();
-            (StatusCode::ACCEPTED, Json(revocation)).into_response()
-        }
-        Ok(None) => unavailable(),
-        Err(e) => store_error(e),
+    publish(&l.shared.bus, &revocation);
+    l.shared.outbox.notify_one();
+    Ok((StatusCode::ACCEPTED, Json(revocation)).into_response())
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .unwrap_or_default();
+    if key.is_empty() || key.len() > MAX_KEY || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "missing_idempotency_key",
+            "an Idempotency-Key header (1 to 200 visible ASCII characters) is required",
+        ));
     }
+    Ok(key.to_string())
+}
+
+/// The revocation stored before under this client's key: the same one again for the same
+/// request, a 409 for another.
+fn replay(
+    store: &Store,
+    client: &str,
+    key: &str,
+    request_hash: &str,
+) -> Result<Option<Response>, ApiError> {
+    match store.revocation_by_key(client, key)? {
+        None => Ok(None),
+        Some((_, hash)) if hash != request_hash => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "idempotency_key_reused",
+            "this Idempotency-Key was already used with a different request",
+        )),
+        Some((id, _)) => {
+            let stored = store
+                .revocation(id, false)?
+                .ok_or_else(ApiError::no_store)?;
+            Ok(Some((StatusCode::ACCEPTED, Json(stored)).into_response()))
+        }
+    }
+}
+
+/// What the station knows about a card: its certificates (from the reader now, else from its
+/// last read) and its last reconciliation (the engine's, else the stored one).
+fn known_about(
+    l: &Listener,
+    store: &Store,
+    card_id: &str,
+) -> Result<
+    (
+        Option<Vec<KnownCertificate>>,
+        Option<crate::reconcile::Reconciliation>,
+    ),
+    ApiError,
+> {
+    let current = station(l, |s| find_card(s, card_id)).filter(|c| c.error.is_none());
+    let certificates = match &current {
+        Some(card) => Some(KnownCertificate::of(card)),
+        None => store.card_certificates(card_id)?,
+    };
+    let cached = l
+        .shared
+        .reconciliations
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(card_id)
+        .cloned();
+    let reconciliation = match cached {
+        Some(r) => Some(r),
+        None => store.last_reconciliation(card_id)?,
+    };
+    Ok((certificates, reconciliation))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -244,7 +242,7 @@ fn with_store(
 ) -> Response {
     let guard = l.shared.store.lock().unwrap_or_else(|p| p.into_inner());
     match guard.as_ref() {
-        Some(store) => f(store).unwrap_or_else(store_error),
-        None => unavailable(),
+        Some(store) => f(store).unwrap_or_else(|e| ApiError::from(e).into_response()),
+        None => ApiError::no_store().into_response(),
     }
 }
