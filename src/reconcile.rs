@@ -156,48 +156,74 @@ pub fn reconcile(card: &Card, lookup: &Lookup, now: OffsetDateTime) -> Reconcili
     r
 }
 
+/// The rules for a card the server knows, one function each, so a failing row of the rules
+/// table points at a named rule.
 fn compare(card: &Card, data: &ServerData, r: &mut Reconciliation) {
     let sc = &data.smartcard;
     r.card_id_form = Some(data.card_id_form.clone());
     r.operations = data.operations.clone();
-    let status = smartcard_status_name(sc.status);
-    r.server_card = Some(ServerCard {
+    r.server_card = Some(server_card(sc));
+    status_rule(sc, &mut r.findings);
+    atr_rule(card, sc, &mut r.findings);
+    let union = certificate_union(card, &data.certificates);
+    certificate_rules(&union, &mut r.findings);
+    key_history_rule(&union, &mut r.findings);
+    r.certificates = union.into_values().collect();
+}
+
+fn server_card(sc: &Smartcard) -> ServerCard {
+    ServerCard {
         uuid: normalize_guid(&sc.uuid),
-        status: status.clone(),
+        status: smartcard_status_name(sc.status),
         status_code: sc.status,
         assigned_user: sc.assigned_user_uuid.as_deref().map(normalize_guid),
         profile_template: sc.profile_template_uuid.as_deref().map(normalize_guid),
         atr: sc.atr.as_deref().map(normalize_hex),
         flags: sc.flags,
         serial_number: sc.serial_number.clone(),
-    });
+    }
+}
+
+/// A card in a reader is in use: the server must record it as active.
+fn status_rule(sc: &Smartcard, findings: &mut Vec<Finding>) {
     if sc.status != STATUS_ACTIVE {
+        let status = smartcard_status_name(sc.status);
         push(
-            &mut r.findings,
+            findings,
             "status_not_active",
             Severity::Critical,
             format!("the server records this card as {status}, yet it is in use"),
         );
     }
-    if let Some(server_atr) = sc
+}
+
+fn atr_rule(card: &Card, sc: &Smartcard, findings: &mut Vec<Finding>) {
+    let Some(server_atr) = sc
         .atr
         .as_deref()
         .map(normalize_hex)
         .filter(|a| !a.is_empty())
-    {
-        if server_atr != card.atr {
-            push(
-                &mut r.findings,
-                "atr_mismatch",
-                Severity::Warning,
-                format!(
-                    "the server recorded ATR {server_atr}, the card answers {}",
-                    card.atr
-                ),
-            );
-        }
+    else {
+        return;
+    };
+    if server_atr != card.atr {
+        push(
+            findings,
+            "atr_mismatch",
+            Severity::Warning,
+            format!(
+                "the server recorded ATR {server_atr}, the card answers {}",
+                card.atr
+            ),
+        );
     }
+}
 
+/// Every certificate on the card or on the server's record, by thumbprint.
+fn certificate_union(
+    card: &Card,
+    server: &[X509ClmCertificate],
+) -> BTreeMap<String, CertificateMatch> {
     let mut union: BTreeMap<String, CertificateMatch> = BTreeMap::new();
     for c in &card.certificates {
         union.insert(
@@ -212,7 +238,7 @@ fn compare(card: &Card, data: &ServerData, r: &mut Reconciliation) {
             },
         );
     }
-    for s in &data.certificates {
+    for s in server {
         let thumbprint = normalize_hex(&s.thumbprint);
         let entry = union.entry(thumbprint.clone()).or_insert(CertificateMatch {
             thumbprint,
@@ -228,12 +254,16 @@ fn compare(card: &Card, data: &ServerData, r: &mut Reconciliation) {
             entry.template = s.template_common_name.clone();
         }
     }
-    let mut history_on_card = 0;
-    let mut history_total = 0;
+    union
+}
+
+/// A certificate on one side only; key-history certificates are expected to be missing from a
+/// card, so they are the key-history rule's business.
+fn certificate_rules(union: &BTreeMap<String, CertificateMatch>, findings: &mut Vec<Finding>) {
     for m in union.values() {
         match (m.on_card, m.on_server, m.key_history) {
             (true, false, _) => push(
-                &mut r.findings,
+                findings,
                 "certificate_unknown_to_server",
                 Severity::Warning,
                 format!(
@@ -243,7 +273,7 @@ fn compare(card: &Card, data: &ServerData, r: &mut Reconciliation) {
                 ),
             ),
             (false, true, false) => push(
-                &mut r.findings,
+                findings,
                 "certificate_missing_from_card",
                 Severity::Warning,
                 format!(
@@ -252,30 +282,33 @@ fn compare(card: &Card, data: &ServerData, r: &mut Reconciliation) {
                     m.template.as_deref().unwrap_or("no template")
                 ),
             ),
-            (on_card, true, true) => {
-                history_total += 1;
-                history_on_card += usize::from(on_card);
-            }
             _ => {}
         }
     }
-    if history_total > 0 {
-        let (code, message) = if history_on_card == history_total {
-            (
-                "key_history_present",
-                format!("all {history_total} key-history certificates are on the card"),
-            )
-        } else {
-            (
-                "key_history_absent",
-                format!(
-                    "{history_on_card} of {history_total} key-history certificates are on the card"
-                ),
-            )
-        };
-        push(&mut r.findings, code, Severity::Info, message);
+}
+
+fn key_history_rule(union: &BTreeMap<String, CertificateMatch>, findings: &mut Vec<Finding>) {
+    let history: Vec<&CertificateMatch> = union
+        .values()
+        .filter(|m| m.on_server && m.key_history)
+        .collect();
+    let total = history.len();
+    if total == 0 {
+        return;
     }
-    r.certificates = union.into_values().collect();
+    let on_card = history.iter().filter(|m| m.on_card).count();
+    let (code, message) = if on_card == total {
+        (
+            "key_history_present",
+            format!("all {total} key-history certificates are on the card"),
+        )
+    } else {
+        (
+            "key_history_absent",
+            format!("{on_card} of {total} key-history certificates are on the card"),
+        )
+    };
+    push(findings, code, Severity::Info, message);
 }
 
 fn card_validity_findings(card: &Card, now: OffsetDateTime, findings: &mut Vec<Finding>) {
