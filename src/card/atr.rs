@@ -118,11 +118,44 @@ pub fn parse(atr: &[u8]) -> AtrInfo {
             None
         }
     };
-    let Some((&t0, mut rest)) = rest.split_first() else {
+    let Some((&t0, rest)) = rest.split_first() else {
         info.problems.push("ATR ends before T0".into());
         return info;
     };
+    let Some((protocols, rest)) = interface_bytes(t0, rest, &mut info) else {
+        return info;
+    };
+    // T=15 carries global bytes, not a transmission protocol.
+    info.protocols = protocols
+        .iter()
+        .filter(|&&p| p != 15)
+        .map(|p| format!("T={p}"))
+        .collect();
     let k = usize::from(t0 & 0x0F);
+    if rest.len() < k {
+        info.problems.push(format!(
+            "ATR announces {k} historical bytes but only {} remain",
+            rest.len()
+        ));
+        return info;
+    }
+    let (historical, tail) = rest.split_at(k);
+    info.historical_bytes = hex::encode_upper(historical);
+    parse_historical(historical, &mut info);
+    let needs_tck = protocols.iter().any(|&p| p != 0);
+    check_tck(atr, needs_tck, tail, &mut info);
+    info
+}
+
+/// Walks the interface-byte groups after T0: Fi/Di from TA1, IFSC from the first TA of a T=1
+/// group from group 3 on, and the protocols the TD bytes name (T=0 when none does). Returns
+/// the protocols and the bytes after the groups, or `None` (with a problem noted) when the ATR
+/// ends inside a group.
+fn interface_bytes<'a>(
+    t0: u8,
+    mut rest: &'a [u8],
+    info: &mut AtrInfo,
+) -> Option<(Vec<u8>, &'a [u8])> {
     let mut presence = t0 >> 4;
     let mut protocols: Vec<u8> = Vec::new();
     let mut group = 1;
@@ -149,7 +182,7 @@ pub fn parse(atr: &[u8]) -> AtrInfo {
         ) else {
             info.problems
                 .push(format!("ATR ends inside interface bytes of group {group}"));
-            return info;
+            return None;
         };
         if group == 1 {
             if let Some(ta1) = ta {
@@ -171,25 +204,11 @@ pub fn parse(atr: &[u8]) -> AtrInfo {
     if protocols.is_empty() {
         protocols.push(0);
     }
-    // T=15 carries global bytes, not a transmission protocol.
-    info.protocols = protocols
-        .iter()
-        .filter(|&&p| p != 15)
-        .map(|p| format!("T={p}"))
-        .collect();
-    let needs_tck = protocols.iter().any(|&p| p != 0);
+    Some((protocols, rest))
+}
 
-    if rest.len() < k {
-        info.problems.push(format!(
-            "ATR announces {k} historical bytes but only {} remain",
-            rest.len()
-        ));
-        return info;
-    }
-    let (historical, tail) = rest.split_at(k);
-    info.historical_bytes = hex::encode_upper(historical);
-    parse_historical(historical, &mut info);
-
+/// The check byte: absent for T=0 only; present, the XOR of T0..TCK must be zero.
+fn check_tck(atr: &[u8], needs_tck: bool, tail: &[u8], info: &mut AtrInfo) {
     match (needs_tck, tail) {
         (false, []) => {}
         (false, extra) => info.problems.push(format!(
@@ -201,7 +220,7 @@ pub fn parse(atr: &[u8]) -> AtrInfo {
             info.problems.push("TCK is missing".into());
         }
         (true, [_tck]) => {
-            let xor = atr[1..].iter().fold(0u8, |acc, b| acc ^ b);
+            let xor = atr.iter().skip(1).fold(0u8, |acc, b| acc ^ b);
             info.tck_valid = Some(xor == 0);
             if xor != 0 {
                 info.problems.push("TCK does not match".into());
@@ -215,7 +234,6 @@ pub fn parse(atr: &[u8]) -> AtrInfo {
             ));
         }
     }
-    info
 }
 
 fn parse_historical(historical: &[u8], info: &mut AtrInfo) {
