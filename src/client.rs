@@ -264,80 +264,82 @@ pub fn revocations(
     status: Option<&str>,
     out: &mut dyn Write,
 ) -> Result<(), ClientError> {
-    let list: Vec<Value> = runtime()?.block_on(async {
-        let client = target.client()?;
-        let mut request = target.get(&client, "/v1/revocations");
-        if let Some(status) = status {
-            request = request.query(&[("status", status)]);
-        }
-        let list: Vec<Value> = send(target, request)
-            .await?
-            .json()
-            .await
-            .map_err(|e| ClientError::BadAnswer(e.to_string()))?;
-        if !json {
-            return Ok(list);
-        }
-        // With --json, each revocation in full, its attempts included.
-        let mut full = Vec::with_capacity(list.len());
-        for r in &list {
-            let id = r["id"].as_i64().unwrap_or_default();
-            let one = target.get(&client, &format!("/v1/revocations/{id}"));
-            full.push(
-                send(target, one)
-                    .await?
-                    .json()
-                    .await
-                    .map_err(|e| ClientError::BadAnswer(e.to_string()))?,
-            );
-        }
-        Ok(full)
-    })?;
+    let list = runtime()?.block_on(fetch_revocations(target, json, status))?;
+    let written = if json {
+        serde_json::to_writer_pretty(&mut *out, &list)
+            .map_err(std::io::Error::from)
+            .and_then(|()| writeln!(out))
+    } else {
+        render_revocations(&list, out)
+    };
+    written.map_err(ClientError::Output)
+}
+
+/// The list; with `full`, each revocation fetched again with its attempts.
+async fn fetch_revocations(
+    target: &Target,
+    full: bool,
+    status: Option<&str>,
+) -> Result<Vec<Value>, ClientError> {
+    let client = target.client()?;
+    let mut request = target.get(&client, "/v1/revocations");
+    if let Some(status) = status {
+        request = request.query(&[("status", status)]);
+    }
+    let bad = |e: reqwest::Error| ClientError::BadAnswer(e.to_string());
+    let list: Vec<Value> = send(target, request).await?.json().await.map_err(bad)?;
+    if !full {
+        return Ok(list);
+    }
+    let mut detailed = Vec::with_capacity(list.len());
+    for r in &list {
+        let id = r["id"].as_i64().unwrap_or_default();
+        let one = target.get(&client, &format!("/v1/revocations/{id}"));
+        detailed.push(send(target, one).await?.json().await.map_err(bad)?);
+    }
+    Ok(detailed)
+}
+
+/// One line per revocation, one per action under it.
+fn render_revocations(list: &[Value], out: &mut dyn Write) -> std::io::Result<()> {
     let text = |v: &Value| match v {
         Value::String(s) => s.clone(),
         Value::Null => "-".into(),
         other => other.to_string(),
     };
-    let write = |out: &mut dyn Write| -> std::io::Result<()> {
-        if json {
-            serde_json::to_writer_pretty(&mut *out, &list)?;
-            return writeln!(out);
-        }
-        if list.is_empty() {
-            writeln!(out, "(no revocations)")?;
-        }
-        for r in &list {
+    if list.is_empty() {
+        writeln!(out, "(no revocations)")?;
+    }
+    for r in list {
+        writeln!(
+            out,
+            "#{} {} {} card {} {} by {} ({}) at {}",
+            text(&r["id"]),
+            text(&r["status"]),
+            text(&r["target"]),
+            text(&r["card_id"]),
+            text(&r["reason"]),
+            text(&r["client"]),
+            text(&r["revoker"]),
+            text(&r["created_at"])
+        )?;
+        for a in r["actions"].as_array().into_iter().flatten() {
+            let what = match a["kind"].as_str() {
+                Some("cm_request") => format!(
+                    "CM {} request for {}",
+                    text(&a["request_type"]),
+                    text(&a["smartcard_uuid"])
+                ),
+                _ => format!("SCEPman revoke {}", text(&a["serial_number"])),
+            };
             writeln!(
                 out,
-                "#{} {} {} card {} {} by {} ({}) at {}",
-                text(&r["id"]),
-                text(&r["status"]),
-                text(&r["target"]),
-                text(&r["card_id"]),
-                text(&r["reason"]),
-                text(&r["client"]),
-                text(&r["revoker"]),
-                text(&r["created_at"])
+                "  {what}: {} after {} attempt(s); last answer: {}",
+                text(&a["status"]),
+                text(&a["attempts"]),
+                text(&a["last_outcome"]["message"])
             )?;
-            for a in r["actions"].as_array().into_iter().flatten() {
-                let what = match a["kind"].as_str() {
-                    Some("cm_request") => format!(
-                        "CM {} request for {}",
-                        text(&a["request_type"]),
-                        text(&a["smartcard_uuid"])
-                    ),
-                    _ => format!("SCEPman revoke {}", text(&a["serial_number"])),
-                };
-                writeln!(
-                    out,
-                    "  {what}: {} after {} attempt(s); last answer: {}",
-                    text(&a["status"]),
-                    text(&a["attempts"]),
-                    text(&a["last_outcome"]["message"])
-                )?;
-            }
         }
-        Ok(())
-    };
-    write(out).map_err(ClientError::Output)
+    }
+    Ok(())
 }
