@@ -87,10 +87,22 @@ impl Health {
     }
 }
 
-/// Fault injection for the watchdog test: with `CARDBRIDGE_TEST_STALL_MONITOR_MS=N` in the
-/// environment, the monitor thread stops working (and beating) N ms after it starts, as a
-/// monitor stuck in a driver call would. Nothing else reads this variable.
-const STALL_VARIABLE: &str = "CARDBRIDGE_TEST_STALL_MONITOR_MS";
+/// Fault injection for the watchdog test, in builds with the `fault-injection` feature only
+/// (the test rig turns it on; a release build has no such hook): with
+/// `CARDBRIDGE_TEST_STALL_MONITOR_MS=N` in the environment, the monitor thread stops working
+/// (and beating) N ms after it starts, as a monitor stuck in a driver call would.
+#[cfg(feature = "fault-injection")]
+fn injected_stall() -> Option<Instant> {
+    std::env::var("CARDBRIDGE_TEST_STALL_MONITOR_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .map(|ms| Instant::now() + Duration::from_millis(ms))
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn injected_stall() -> Option<Instant> {
+    None
+}
 
 /// What happened to the readers and cards.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,10 +205,7 @@ impl Monitor {
     ) -> std::io::Result<Monitor> {
         let stop = Arc::new(AtomicBool::new(false));
         let health = Arc::new(Health::new());
-        let stall_at = std::env::var(STALL_VARIABLE)
-            .ok()
-            .and_then(|ms| ms.parse().ok())
-            .map(|ms| Instant::now() + Duration::from_millis(ms));
+        let stall_at = injected_stall();
         let worker = Worker {
             events,
             stop: stop.clone(),
