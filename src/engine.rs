@@ -288,7 +288,7 @@ impl ReaderWorker {
             if card
                 .error
                 .as_ref()
-                .is_some_and(|e| e.code == "pcsc_unavailable")
+                .is_some_and(|e| e.kind == crate::card::ReadErrorKind::PcscUnavailable)
             {
                 // The context died with pcscd: open a fresh one next time.
                 ctx = None;

@@ -41,24 +41,63 @@ pub enum ReadError {
     Deadline,
 }
 
-impl ReadError {
-    pub fn code(&self) -> &'static str {
+/// What kind of failure a [`ReadError`] is, for code that acts on it (the engine, the reader
+/// loop) without comparing strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadErrorKind {
+    CardRemoved,
+    CardReset,
+    PcscUnavailable,
+    ReaderError,
+    UnexpectedStatus,
+    Malformed,
+    TooLarge,
+    Timeout,
+}
+
+impl ReadErrorKind {
+    /// The stable code of the JSON output and the metrics.
+    pub fn as_str(self) -> &'static str {
         match self {
-            ReadError::Transport(TransportError::CardRemoved) => "card_removed",
-            ReadError::Transport(TransportError::CardReset) => "card_reset",
-            ReadError::Transport(TransportError::ServiceUnavailable(_)) => "pcsc_unavailable",
-            ReadError::Transport(TransportError::Failed(_)) => "reader_error",
-            ReadError::Status { .. } => "unexpected_status",
-            ReadError::Malformed(_) => "malformed",
-            ReadError::TooLarge { .. } => "too_large",
-            ReadError::Deadline => "timeout",
+            ReadErrorKind::CardRemoved => "card_removed",
+            ReadErrorKind::CardReset => "card_reset",
+            ReadErrorKind::PcscUnavailable => "pcsc_unavailable",
+            ReadErrorKind::ReaderError => "reader_error",
+            ReadErrorKind::UnexpectedStatus => "unexpected_status",
+            ReadErrorKind::Malformed => "malformed",
+            ReadErrorKind::TooLarge => "too_large",
+            ReadErrorKind::Timeout => "timeout",
         }
     }
 }
 
-/// The error part of a [`Card`] that failed to read.
+impl ReadError {
+    pub fn kind(&self) -> ReadErrorKind {
+        match self {
+            ReadError::Transport(TransportError::CardRemoved) => ReadErrorKind::CardRemoved,
+            ReadError::Transport(TransportError::CardReset) => ReadErrorKind::CardReset,
+            ReadError::Transport(TransportError::ServiceUnavailable(_)) => {
+                ReadErrorKind::PcscUnavailable
+            }
+            ReadError::Transport(TransportError::Failed(_)) => ReadErrorKind::ReaderError,
+            ReadError::Status { .. } => ReadErrorKind::UnexpectedStatus,
+            ReadError::Malformed(_) => ReadErrorKind::Malformed,
+            ReadError::TooLarge { .. } => ReadErrorKind::TooLarge,
+            ReadError::Deadline => ReadErrorKind::Timeout,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.kind().as_str()
+    }
+}
+
+/// The error part of a [`Card`] that failed to read: its code and message in the JSON, its
+/// kind for the code that acts on it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CardError {
+    #[serde(skip)]
+    pub kind: ReadErrorKind,
     pub code: &'static str,
     pub message: String,
 }
@@ -66,6 +105,7 @@ pub struct CardError {
 impl From<&ReadError> for CardError {
     fn from(e: &ReadError) -> Self {
         CardError {
+            kind: e.kind(),
             code: e.code(),
             message: e.to_string(),
         }

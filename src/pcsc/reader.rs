@@ -54,7 +54,10 @@ pub fn read_reader(ctx: &Context, reader: &CStr, options: &ReadOptions) -> Card 
 fn was_reset(result: &Result<Card, ::pcsc::Error>) -> bool {
     match result {
         Err(e) => *e == ::pcsc::Error::ResetCard,
-        Ok(card) => card.error.as_ref().is_some_and(|e| e.code == "card_reset"),
+        Ok(card) => card
+            .error
+            .as_ref()
+            .is_some_and(|e| e.kind == crate::card::ReadErrorKind::CardReset),
     }
 }
 
