@@ -21,7 +21,7 @@ use crate::cm::model::{RequestProgress, RequestStatus};
 use crate::cm::{CmClient, NewRequest};
 use crate::revoke::{ActionKind, ActionStatus, Outcome, Revocation};
 use crate::scepman::ScepmanClient;
-use crate::store::{ActionUpdate, DueAction, Schedule, Store, StoreError};
+use crate::store::{blocking, ActionUpdate, DueAction, Schedule, Store, StoreError};
 
 /// How the worker paces itself.
 #[derive(Debug, Clone, Copy)]
@@ -132,7 +132,7 @@ impl Worker {
                 _ = &mut stop => return,
                 passed = self.pass() => passed,
             };
-            let wait = match (passed, self.store.next_due_ms()) {
+            let wait = match (passed, blocking(|| self.store.next_due_ms())) {
                 (Ok(()), Ok(Some(due))) => {
                     Duration::from_millis(due.saturating_sub(now_ms()).max(0) as u64)
                 }
@@ -154,7 +154,7 @@ impl Worker {
 
     /// Handles every action due now.
     async fn pass(&mut self) -> Result<(), StoreError> {
-        for due in self.store.due_actions(now_ms())? {
+        for due in blocking(|| self.store.due_actions(now_ms()))? {
             let changed = match &due.action.kind {
                 ActionKind::ScepmanRevoke { serial_number, .. } => {
                     let serial = serial_number.clone();
@@ -172,7 +172,8 @@ impl Worker {
             if !changed {
                 continue;
             }
-            if let Some(revocation) = self.store.revocation(due.revocation_id, false)? {
+            if let Some(revocation) = blocking(|| self.store.revocation(due.revocation_id, false))?
+            {
                 (self.publish)(&revocation);
             }
         }
@@ -192,14 +193,12 @@ impl Worker {
     }
 
     fn mark_sending(&self, due: &DueAction) -> Result<(), StoreError> {
-        self.store.update_action(
-            due.action.id,
-            &ActionUpdate {
-                status: Some(ActionStatus::Sending),
-                schedule: Schedule::At(now_ms()),
-                ..ActionUpdate::default()
-            },
-        )
+        let sending = ActionUpdate {
+            status: Some(ActionStatus::Sending),
+            schedule: Schedule::At(now_ms()),
+            ..ActionUpdate::default()
+        };
+        blocking(|| self.store.update_action(due.action.id, &sending))
     }
 
     /// Records a finished call: its attempt row and the action's new state.
@@ -220,9 +219,11 @@ impl Worker {
             "{}",
             outcome.message
         );
-        self.store.record_attempt(due.action.id, call, &outcome)?;
-        update.outcome = Some(outcome);
-        self.store.update_action(due.action.id, &update)
+        blocking(|| {
+            self.store.record_attempt(due.action.id, call, &outcome)?;
+            update.outcome = Some(outcome);
+            self.store.update_action(due.action.id, &update)
+        })
     }
 
     fn not_configured(&self, due: &DueAction, server: &str) -> Result<(), StoreError> {
@@ -316,13 +317,11 @@ impl Worker {
         }
         if due.action.status == ActionStatus::Sending {
             if let Some(settled_ms) = self.unsettled(due) {
-                self.store.update_action(
-                    due.action.id,
-                    &ActionUpdate {
-                        schedule: Schedule::At(settled_ms),
-                        ..ActionUpdate::default()
-                    },
-                )?;
+                let wait = ActionUpdate {
+                    schedule: Schedule::At(settled_ms),
+                    ..ActionUpdate::default()
+                };
+                blocking(|| self.store.update_action(due.action.id, &wait))?;
                 return Ok(false);
             }
             match self.look_for_sent_request(&cm, due).await? {
@@ -504,9 +503,7 @@ impl Worker {
                 schedule,
                 ..ActionUpdate::default()
             };
-            return self
-                .store
-                .update_action(due.action.id, &reschedule)
+            return blocking(|| self.store.update_action(due.action.id, &reschedule))
                 .map(|()| false);
         }
         let mut outcome = Outcome::ok(200, &format!("request {name}"));

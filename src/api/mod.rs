@@ -495,10 +495,12 @@ fn state_changing(method: &Method, pattern: &str) -> Option<Scope> {
 fn audit(l: &Listener, caller: &str, headers: &HeaderMap, route: &str, status: u16) {
     let origin = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok());
     let guard = l.shared.store.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(Err(e)) = guard
-        .as_ref()
-        .map(|s| s.record_audit(caller, origin, route, status))
-    {
+    let recorded = crate::store::blocking(|| {
+        guard
+            .as_ref()
+            .map(|s| s.record_audit(caller, origin, route, status))
+    });
+    if let Some(Err(e)) = recorded {
         tracing::error!("cannot write the audit trail: {e}");
     }
 }

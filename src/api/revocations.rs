@@ -40,7 +40,8 @@ pub(super) async fn submit(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    submit_steps(&l, &client, &headers, &body).unwrap_or_else(IntoResponse::into_response)
+    crate::store::blocking(|| submit_steps(&l, &client, &headers, &body))
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
 /// The steps of a submission, each refusing with its own [`ApiError`].
@@ -240,9 +241,11 @@ fn with_store(
     l: &Listener,
     f: impl FnOnce(&Store) -> Result<Response, crate::store::StoreError>,
 ) -> Response {
-    let guard = l.shared.store.lock().unwrap_or_else(|p| p.into_inner());
-    match guard.as_ref() {
-        Some(store) => f(store).unwrap_or_else(|e| ApiError::from(e).into_response()),
-        None => ApiError::no_store().into_response(),
-    }
+    crate::store::blocking(|| {
+        let guard = l.shared.store.lock().unwrap_or_else(|p| p.into_inner());
+        match guard.as_ref() {
+            Some(store) => f(store).unwrap_or_else(|e| ApiError::from(e).into_response()),
+            None => ApiError::no_store().into_response(),
+        }
+    })
 }

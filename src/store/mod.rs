@@ -93,6 +93,17 @@ pub struct Store {
     conn: Connection,
 }
 
+/// Runs a store call from async code without stalling the other tasks of its thread: on a
+/// multi-threaded runtime (the daemon's), tokio first hands this thread's other tasks to
+/// another worker (`block_in_place`), so an fsync under `synchronous = FULL` holds up nothing
+/// else; elsewhere (the engine's own single-threaded runtime, tests) it simply runs.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) `cardbridge.db` in `state_dir` and brings its schema up to date.
     pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
