@@ -362,126 +362,51 @@ async fn stop_signal() {
     }
 }
 
-/// Applies engine events to the station state and publishes them, in order.
+/// Engine events → station state and metrics, then the log and the event bus.
 fn pump(events: Receiver<Event>, shared: &Shared) {
     for event in events {
-        let (name, data) = {
-            let mut station = shared.station.lock().unwrap_or_else(|p| p.into_inner());
-            match event {
-                Event::ReaderAdded { reader } => {
-                    station.readers.entry(reader.clone()).or_insert(None);
-                    (
-                        "reader.added",
-                        serde_json::json!({ "reader": reader }).to_string(),
-                    )
-                }
-                Event::ReaderRemoved { reader } => {
-                    station.readers.remove(&reader);
-                    station.cards_changed();
-                    (
-                        "reader.removed",
-                        serde_json::json!({ "reader": reader }).to_string(),
-                    )
-                }
-                Event::CardInserted { reader, atr } => (
-                    "card.inserted",
-                    serde_json::json!({ "reader": reader, "atr": atr }).to_string(),
-                ),
-                Event::CardRemoved { reader } => {
-                    if let Some(slot) = station.readers.get_mut(&reader) {
-                        *slot = None;
-                    }
-                    station.cards_changed();
-                    (
-                        "card.removed",
-                        serde_json::json!({ "reader": reader }).to_string(),
-                    )
-                }
-                Event::CardRead(card) | Event::CardReadFailed(card) => {
-                    let name = if card.error.is_none() {
-                        "card.read"
-                    } else {
-                        "card.read_failed"
-                    };
-                    shared
-                        .metrics
-                        .read(card.read_ms, card.error.as_ref().map(|e| e.code));
-                    let data = serde_json::to_string(&card).unwrap_or_default();
-                    station.readers.insert(card.reader.clone(), Some(*card));
-                    station.cards_changed();
-                    (name, data)
-                }
-                Event::CardReconciled(r) => {
-                    let verdict = serde_json::to_value(r.verdict).ok();
-                    let server_error = r
-                        .reason
-                        .as_deref()
-                        .and_then(|reason| reason.split(':').next());
-                    shared.metrics.reconciled(
-                        verdict
-                            .as_ref()
-                            .and_then(|v| v.as_str())
-                            .unwrap_or("unknown"),
-                        server_error,
-                    );
-                    (
-                        "card.reconciled",
-                        serde_json::to_string(&r).unwrap_or_default(),
-                    )
-                }
-                Event::PcscUnavailable { reason } => (
-                    "pcsc.unavailable",
-                    serde_json::json!({ "reason": reason }).to_string(),
-                ),
-                Event::PcscRestored => ("pcsc.restored", "{}".to_string()),
-            }
-        };
-        log_event(name, &data);
-        shared.bus.publish(name, data);
+        apply(&event, shared);
+        api::announce(&shared.bus, &event);
     }
 }
 
-/// One log line per station event, with the reader and card id as fields; a refusal by pcscd
-/// names the polkit rule that fixes it, because otherwise the reader gets the blame.
-fn log_event(name: &str, data: &str) {
-    let value: serde_json::Value = serde_json::from_str(data).unwrap_or_default();
-    let field = |key: &str| value[key].as_str().unwrap_or("").to_string();
-    let reader = field("reader");
-    match name {
-        "pcsc.unavailable" if field("reason").to_lowercase().contains("denied") => {
-            tracing::error!(
-                event = name,
-                "pcscd refused access ({}): the service user needs the polkit rule \
-                 /usr/share/polkit-1/rules.d/50-cardbridge-pcsc.rules (service/50-cardbridge-pcsc.rules) \
-                 granting org.debian.pcsc-lite.access_pcsc and access_card",
-                field("reason")
-            );
+/// What an event changes in the station's state and the metrics.
+fn apply(event: &Event, shared: &Shared) {
+    let mut station = shared.station.lock().unwrap_or_else(|p| p.into_inner());
+    match event {
+        Event::ReaderAdded { reader } => {
+            station.readers.entry(reader.clone()).or_insert(None);
         }
-        "pcsc.unavailable" => tracing::warn!(
-            event = name,
-            reason = %field("reason"),
-            "pcscd is not reachable; waiting for it"
-        ),
-        "card.read" => tracing::info!(event = name, reader = %reader, card_id = %field("card_id")),
-        "card.read_failed" => tracing::warn!(
-            event = name,
-            reader = %reader,
-            error = %value["error"]["code"].as_str().unwrap_or(""),
-        ),
-        "card.reconciled" => tracing::info!(
-            event = name,
-            card_id = %field("card_id"),
-            state = %field("state"),
-            verdict = %field("verdict"),
-        ),
-        "revocation.updated" => tracing::info!(
-            event = name,
-            revocation = %value["id"],
-            card_id = %field("card_id"),
-            status = %field("status"),
-        ),
-        _ if reader.is_empty() => tracing::info!(event = name),
-        _ => tracing::info!(event = name, reader = %reader),
+        Event::ReaderRemoved { reader } => {
+            station.readers.remove(reader);
+            station.cards_changed();
+        }
+        Event::CardRemoved { reader } => {
+            if let Some(slot) = station.readers.get_mut(reader) {
+                *slot = None;
+            }
+            station.cards_changed();
+        }
+        Event::CardRead(card) | Event::CardReadFailed(card) => {
+            shared
+                .metrics
+                .read(card.read_ms, card.error.as_ref().map(|e| e.code));
+            station
+                .readers
+                .insert(card.reader.clone(), Some(card.as_ref().clone()));
+            station.cards_changed();
+        }
+        Event::CardReconciled(r) => {
+            let server_error = r
+                .reason
+                .as_deref()
+                .and_then(|reason| reason.split(':').next());
+            shared.metrics.reconciled(r.verdict.as_str(), server_error);
+        }
+        Event::CardInserted { .. }
+        | Event::PcscUnavailable { .. }
+        | Event::PcscRestored
+        | Event::RevocationUpdated(_) => {}
     }
 }
 
@@ -502,56 +427,4 @@ fn generated_client(state_dir: &Path) -> Result<ApiClient, DaemonError> {
         scopes: vec![Scope::Read, Scope::Sync, Scope::Revoke],
         origins: Vec::new(),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Captures what `log_event` writes for one event.
-    fn logged(name: &str, data: &str) -> String {
-        #[derive(Clone, Default)]
-        struct Buffer(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buffer {
-            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(bytes);
-                Ok(bytes.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let buffer = Buffer::default();
-        let writer = buffer.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
-        tracing::subscriber::with_default(subscriber, || log_event(name, data));
-        let text = String::from_utf8_lossy(&buffer.0.lock().unwrap()).into_owned();
-        text
-    }
-
-    #[test]
-    fn a_refusal_by_pcscd_names_the_polkit_rule_in_one_line() {
-        let line = logged(
-            "pcsc.unavailable",
-            r#"{"reason":"Access was denied because of a security violation"}"#,
-        );
-        assert_eq!(line.lines().count(), 1, "{line}");
-        assert!(line.contains("ERROR"), "{line}");
-        assert!(line.contains("50-cardbridge-pcsc.rules"), "{line}");
-        assert!(line.contains("org.debian.pcsc-lite.access_pcsc"), "{line}");
-        let line = logged("pcsc.unavailable", r#"{"reason":"Service not available"}"#);
-        assert!(!line.contains("polkit") && line.contains("WARN"), "{line}");
-        let line = logged(
-            "card.read",
-            r#"{"reader":"Virtual PCD 00 00","card_id":"D1EF6869551742A08F0516CA1A0B834D"}"#,
-        );
-        assert!(
-            line.contains("reader=Virtual PCD 00 00")
-                && line.contains("card_id=D1EF6869551742A08F0516CA1A0B834D"),
-            "{line}"
-        );
-    }
 }

@@ -24,19 +24,8 @@ use crate::pcsc::{self, Monitor, MonitorEvent};
 use crate::reconcile::{Reconciler, Reconciliation, State};
 use crate::store::{Store, CARD_ID_FORM};
 
-/// What the engine reports, in the order it happens.
-#[derive(Debug, Clone)]
-pub enum Event {
-    ReaderAdded { reader: String },
-    ReaderRemoved { reader: String },
-    CardInserted { reader: String, atr: String },
-    CardRemoved { reader: String },
-    CardRead(Box<Card>),
-    CardReadFailed(Box<Card>),
-    CardReconciled(Box<Reconciliation>),
-    PcscUnavailable { reason: String },
-    PcscRestored,
-}
+/// What the engine reports: the station's events (see [`crate::event`]).
+pub use crate::event::StationEvent as Event;
 
 /// How the engine reads and reconciles.
 pub struct EngineConfig {
@@ -206,7 +195,13 @@ impl Dispatcher {
                     continue;
                 }
                 MonitorEvent::CardRemoved { reader } => Event::CardRemoved { reader },
-                MonitorEvent::Unavailable { reason } => Event::PcscUnavailable { reason },
+                MonitorEvent::Unavailable {
+                    reason,
+                    access_denied,
+                } => Event::PcscUnavailable {
+                    reason,
+                    access_denied,
+                },
                 MonitorEvent::Restored => Event::PcscRestored,
             };
             let _ = self.events.send(out);
@@ -324,6 +319,7 @@ impl ReconcileLoop {
             Ok(rt) => rt,
             Err(e) => {
                 let _ = self.events.send(Event::PcscUnavailable {
+                    access_denied: false,
                     reason: format!("cannot start the reconciliation runtime: {e}"),
                 });
                 return;

@@ -16,6 +16,7 @@
 //! - [`store`]: the SQLite state database.
 //! - [`state_dir`]: the state directory and its private files (modes, safe replacement).
 //! - [`config`]: the TOML configuration.
+//! - [`event`]: the station's events, typed, serialised once at the edge.
 //! - [`engine`]: monitor, reader workers and reconciliation wired together, as the daemon runs them.
 //! - [`api`]: the local REST + Server-Sent Events API and its security checks.
 //! - [`daemon`]: `cardbridge run`, the engine behind the local API.
@@ -38,6 +39,7 @@ pub mod cm;
 pub mod config;
 pub mod daemon;
 pub mod engine;
+pub mod event;
 pub mod http;
 pub mod logging;
 pub mod outbox;

@@ -45,6 +45,40 @@ pub enum Verdict {
     Unknown,
 }
 
+impl State {
+    /// The name in the JSON contract.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Matched => "matched",
+            State::NotFound => "not_found",
+            State::ServerUnavailable => "server_unavailable",
+            State::NotConfigured => "not_configured",
+            State::NoCardId => "no_card_id",
+        }
+    }
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Ok => "ok",
+            Verdict::Attention => "attention",
+            Verdict::Critical => "critical",
+            Verdict::Unknown => "unknown",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Finding {
     pub code: String,

@@ -136,14 +136,6 @@ pub fn reconcile_all(
     Ok(out)
 }
 
-/// The JSON name of a serialisable enum value, for the table.
-fn json_name<T: Serialize>(value: &T) -> String {
-    serde_json::to_value(value)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ScanError {
     #[error(transparent)]
@@ -177,7 +169,7 @@ pub fn print_table(
         writeln!(
             out,
             "Card:     {}  id {}{}",
-            json_name(&card.kind),
+            card.kind.as_str(),
             card.card_id.as_deref().unwrap_or("-"),
             serial.unwrap_or_default()
         )?;
@@ -207,18 +199,12 @@ pub fn print_table(
             writeln!(
                 out,
                 "Server:   {}  verdict {}{}",
-                json_name(&r.state),
-                json_name(&r.verdict),
+                r.state.as_str(),
+                r.verdict.as_str(),
                 reason.unwrap_or_default()
             )?;
             for f in &r.findings {
-                writeln!(
-                    out,
-                    "  [{}] {}: {}",
-                    json_name(&f.severity),
-                    f.code,
-                    f.message
-                )?;
+                writeln!(out, "  [{}] {}: {}", f.severity.as_str(), f.code, f.message)?;
             }
         }
         writeln!(out)?;

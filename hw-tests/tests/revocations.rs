@@ -449,7 +449,17 @@ fn a_card_is_retired_through_one_cm_request_followed_to_its_end() {
         .as_str()
         .unwrap_or_default()
         .starts_with("keyCompromise: stolen [cardbridge:"));
-    let r = wait_status(&daemon, id, "in_progress");
+    // In progress from the moment the action is marked sending; the request's URI is
+    // recorded once the server's answer is in.
+    let until = Instant::now() + Duration::from_secs(15);
+    let r = loop {
+        let r = wait_status(&daemon, id, "in_progress");
+        if r["actions"][0]["request_uri"].is_string() {
+            break r;
+        }
+        assert!(Instant::now() < until, "no request URI recorded: {r:#}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
     let action = &r["actions"][0];
     assert_eq!(action["status"], "sending", "{r:#}");
     assert!(action["request_uri"]

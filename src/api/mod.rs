@@ -9,6 +9,13 @@ pub mod serve;
 
 pub use revocations::publish as publish_revocation;
 
+/// Logs a station event and publishes it on the bus: the one place where events are
+/// serialised.
+pub fn announce(bus: &Bus, event: &crate::event::StationEvent) {
+    event.log();
+    bus.publish(event.name(), event.data());
+}
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -23,11 +23,10 @@ use crate::store::Store;
 /// Longest accepted `Idempotency-Key`.
 const MAX_KEY: usize = 200;
 
-/// Tells listeners (SSE) that a revocation changed.
+/// Tells listeners (SSE) and the log that a revocation changed.
 pub fn publish(bus: &super::events::Bus, revocation: &Revocation) {
-    if let Ok(data) = serde_json::to_string(revocation) {
-        bus.publish("revocation.updated", data);
-    }
+    let event = crate::event::StationEvent::RevocationUpdated(Box::new(revocation.clone()));
+    super::announce(bus, &event);
 }
 
 /// `POST /v1/revocations`: validates and stores a revocation (or, with `dry_run`, only shows its

@@ -121,6 +121,16 @@ pub enum CardKind {
     Unknown,
 }
 
+impl CardKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CardKind::Piv => "piv",
+            CardKind::Gids => "gids",
+            CardKind::Unknown => "unknown",
+        }
+    }
+}
+
 /// A snapshot of one card, exactly as `scan --json`, the API and events show it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Card {

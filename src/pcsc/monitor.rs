@@ -123,6 +123,8 @@ pub enum MonitorEvent {
     /// pcscd cannot be reached; the monitor keeps trying.
     Unavailable {
         reason: String,
+        /// pcscd refused this user (polkit), rather than not being there.
+        access_denied: bool,
     },
     /// pcscd is back; the events that follow bring the picture up to date.
     Restored,
@@ -286,6 +288,7 @@ impl<T: From<MonitorEvent>> Worker<T> {
                         self.unavailable = true;
                         if !self.emit(MonitorEvent::Unavailable {
                             reason: e.to_string(),
+                            access_denied: e == Error::SecurityViolation,
                         }) {
                             return;
                         }

@@ -69,6 +69,22 @@ pub enum Target {
     Card,
 }
 
+impl Target {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Target::Certificates => "certificates",
+            Target::Card => "card",
+        }
+    }
+
+    /// The target a stored name stands for; `None` for a name this version does not know.
+    pub fn parse(name: &str) -> Option<Target> {
+        [Target::Certificates, Target::Card]
+            .into_iter()
+            .find(|t| t.as_str() == name)
+    }
+}
+
 /// The MIM CM request type for `target: "card"`.
 #[derive(
     Debug,
@@ -92,6 +108,19 @@ pub enum CardOperation {
 }
 
 impl CardOperation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CardOperation::Revoke => "revoke",
+            CardOperation::Retire => "retire",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<CardOperation> {
+        [CardOperation::Revoke, CardOperation::Retire]
+            .into_iter()
+            .find(|o| o.as_str() == name)
+    }
+
     /// The `type` of the CM request, as the REST API spells it.
     pub fn request_type(self) -> &'static str {
         match self {
@@ -334,12 +363,9 @@ pub fn plan(submission: &Submission, known: &Known) -> Result<Plan, PlanError> {
             let server_card = reconciliation
                 .and_then(|r| r.server_card.as_ref())
                 .ok_or_else(|| {
-                    PlanError::NotOnServer(reconciliation.map_or("none".into(), |r| {
-                        serde_json::to_value(r.state)
-                            .ok()
-                            .and_then(|v| v.as_str().map(str::to_string))
-                            .unwrap_or_default()
-                    }))
+                    PlanError::NotOnServer(
+                        reconciliation.map_or("none", |r| r.state.as_str()).into(),
+                    )
                 })?;
             let allowed = &reconciliation
                 .map(|r| r.operations.clone())
@@ -472,6 +498,16 @@ pub enum RevocationStatus {
 }
 
 impl RevocationStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevocationStatus::Queued => "queued",
+            RevocationStatus::InProgress => "in_progress",
+            RevocationStatus::Succeeded => "succeeded",
+            RevocationStatus::PartiallyFailed => "partially_failed",
+            RevocationStatus::Failed => "failed",
+        }
+    }
+
     /// Queued while nothing has started; in progress while anything is unfinished; then
     /// succeeded, failed, or partially failed when some actions succeeded and some failed.
     pub fn of(actions: &[ActionStatus]) -> RevocationStatus {

@@ -193,8 +193,8 @@ impl Store {
              ON CONFLICT (card_id) DO UPDATE SET verdict = ?2, state = ?3, checked_at = ?4, json = ?5",
             params![
                 card_id,
-                serde_json::to_value(r.verdict)?.as_str().unwrap_or_default(),
-                serde_json::to_value(r.state)?.as_str().unwrap_or_default(),
+                r.verdict.as_str(),
+                r.state.as_str(),
                 r.checked_at,
                 json
             ],

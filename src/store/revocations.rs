@@ -12,7 +12,7 @@ use rusqlite::{params, OptionalExtension, Row};
 use super::{Store, StoreError};
 use crate::revoke::{
     Action, ActionKind, ActionStatus, Attempt, CardOperation, KnownCertificate, Outcome, Plan,
-    Revocation, RevocationStatus,
+    Revocation, RevocationStatus, Target,
 };
 
 /// The revocation tables (schema version 3).
@@ -122,17 +122,6 @@ fn ms_to_rfc3339(ms: i64) -> Option<String> {
         .ok()?
         .format(&time::format_description::well_known::Rfc3339)
         .ok()
-}
-
-fn text_of<T: serde::Serialize>(value: &T) -> String {
-    serde_json::to_value(value)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
-fn from_text<T: serde::de::DeserializeOwned>(text: &str) -> Option<T> {
-    serde_json::from_value(serde_json::Value::String(text.into())).ok()
 }
 
 /// A stored value this version does not know, as the row conversion error it is.
@@ -276,10 +265,10 @@ impl Store {
                 key,
                 request_hash,
                 plan.card_id,
-                text_of(&plan.target),
+                plan.target.as_str(),
                 plan.reason,
                 plan.reason_code,
-                plan.operation.map(|o| text_of(&o)),
+                plan.operation.map(CardOperation::as_str),
                 plan.revoker,
                 plan.comment,
                 at
@@ -369,11 +358,11 @@ impl Store {
             id: r.get(0)?,
             status: RevocationStatus::Queued,
             card_id: r.get(1)?,
-            target: from_text(&target)
+            target: Target::parse(&target)
                 .ok_or_else(|| unknown_value(2, "revocation target", &target))?,
             reason: r.get(3)?,
             reason_code: r.get(4)?,
-            operation: operation.and_then(|o| from_text::<CardOperation>(&o)),
+            operation: operation.and_then(|o| CardOperation::parse(&o)),
             revoker: r.get(6)?,
             comment: r.get(7)?,
             client: r.get(8)?,
