@@ -356,7 +356,7 @@ impl ReconcileLoop {
             let _ = self.events.send(Event::CardReconciled(Box::new(r)));
             if !unavailable {
                 if let Some(form) = self.reconciler.preferred_form() {
-                    self.with_store(|s| s.set_setting(CARD_ID_FORM, form));
+                    self.with_store(|s| s.set_setting(CARD_ID_FORM, form.as_str()));
                 }
                 return;
             }

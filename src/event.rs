@@ -220,6 +220,11 @@ mod tests {
             same(o, o.as_str());
             assert_eq!(CardOperation::parse(o.as_str()), Some(o));
         }
+        use crate::reconcile::CardIdForm;
+        for f in [CardIdForm::Rfc4122, CardIdForm::Windows] {
+            same(f, f.as_str());
+            assert_eq!(CardIdForm::parse(f.as_str()), Some(f));
+        }
         for k in [
             crate::card::CardKind::Piv,
             crate::card::CardKind::Gids,

@@ -115,8 +115,8 @@ pub struct CertificateMatch {
 pub struct Reconciliation {
     pub card_id: Option<String>,
     pub state: State,
-    /// The card-id string the server answered to (`rfc4122` or `windows` byte order).
-    pub card_id_form: Option<String>,
+    /// The byte order of the card-id string the server answered to.
+    pub card_id_form: Option<CardIdForm>,
     pub server_card: Option<ServerCard>,
     pub certificates: Vec<CertificateMatch>,
     pub findings: Vec<Finding>,
@@ -133,8 +133,7 @@ pub struct ServerData {
     pub smartcard: Smartcard,
     pub certificates: Vec<X509ClmCertificate>,
     pub operations: Vec<String>,
-    /// `rfc4122` or `windows`.
-    pub card_id_form: String,
+    pub card_id_form: CardIdForm,
 }
 
 /// The outcome of asking the server.
@@ -194,7 +193,7 @@ pub fn reconcile(card: &Card, lookup: &Lookup, now: OffsetDateTime) -> Reconcili
 /// table points at a named rule.
 fn compare(card: &Card, data: &ServerData, r: &mut Reconciliation) {
     let sc = &data.smartcard;
-    r.card_id_form = Some(data.card_id_form.clone());
+    r.card_id_form = Some(data.card_id_form);
     r.operations = data.operations.clone();
     r.server_card = Some(server_card(sc));
     status_rule(sc, &mut r.findings);
@@ -398,9 +397,34 @@ pub fn verdict(state: State, findings: &[Finding]) -> Verdict {
     }
 }
 
+/// The byte order in which a card id was written as the GUID the server answered to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CardIdForm {
+    #[default]
+    Rfc4122,
+    Windows,
+}
+
+impl CardIdForm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CardIdForm::Rfc4122 => "rfc4122",
+            CardIdForm::Windows => "windows",
+        }
+    }
+
+    /// A stored name; `None` for one this version does not know.
+    pub fn parse(name: &str) -> Option<CardIdForm> {
+        [CardIdForm::Rfc4122, CardIdForm::Windows]
+            .into_iter()
+            .find(|f| f.as_str() == name)
+    }
+}
+
 /// The card id as the server may know it: RFC 4122 order, or Windows `GUID` order (the first
 /// three fields little-endian).
-pub fn card_id_forms(card_id: &[u8; 16], order: CardIdOrder) -> Vec<(&'static str, String)> {
+pub fn card_id_forms(card_id: &[u8; 16], order: CardIdOrder) -> Vec<(CardIdForm, String)> {
     let rfc = crate::card::guid_string(card_id);
     let mut swapped = *card_id;
     swapped[0..4].reverse();
@@ -408,9 +432,9 @@ pub fn card_id_forms(card_id: &[u8; 16], order: CardIdOrder) -> Vec<(&'static st
     swapped[6..8].reverse();
     let windows = crate::card::guid_string(&swapped);
     match order {
-        CardIdOrder::Rfc4122 => vec![("rfc4122", rfc)],
-        CardIdOrder::Windows => vec![("windows", windows)],
-        CardIdOrder::Auto => vec![("rfc4122", rfc), ("windows", windows)],
+        CardIdOrder::Rfc4122 => vec![(CardIdForm::Rfc4122, rfc)],
+        CardIdOrder::Windows => vec![(CardIdForm::Windows, windows)],
+        CardIdOrder::Auto => vec![(CardIdForm::Rfc4122, rfc), (CardIdForm::Windows, windows)],
     }
 }
 
@@ -419,7 +443,7 @@ pub fn card_id_forms(card_id: &[u8; 16], order: CardIdOrder) -> Vec<(&'static st
 pub struct Reconciler {
     client: Option<CmClient>,
     order: CardIdOrder,
-    preferred_form: Mutex<Option<&'static str>>,
+    preferred_form: Mutex<Option<CardIdForm>>,
 }
 
 impl Reconciler {
@@ -452,14 +476,14 @@ impl Reconciler {
 
     /// Remembers a form learnt earlier (from the store).
     pub fn prefer_form(&self, form: &str) {
-        let known = ["rfc4122", "windows"].into_iter().find(|f| *f == form);
+        let known = CardIdForm::parse(form);
         *self
             .preferred_form
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = known;
     }
 
-    pub fn preferred_form(&self) -> Option<&'static str> {
+    pub fn preferred_form(&self) -> Option<CardIdForm> {
         *self
             .preferred_form
             .lock()
@@ -519,7 +543,7 @@ impl Reconciler {
                 smartcard,
                 certificates,
                 operations,
-                card_id_form: form.to_string(),
+                card_id_form: form,
             }));
         }
         Lookup::NotFound
@@ -593,7 +617,7 @@ mod tests {
                 })
                 .collect(),
             operations: vec!["retire".into(), "revoke".into()],
-            card_id_form: "rfc4122".into(),
+            card_id_form: CardIdForm::Rfc4122,
         }))
     }
 
@@ -791,14 +815,14 @@ mod tests {
         assert_eq!(
             forms[0],
             (
-                "rfc4122",
+                CardIdForm::Rfc4122,
                 "d1ef6869-5517-42a0-8f05-16ca1a0b834d".to_string()
             )
         );
         assert_eq!(
             forms[1],
             (
-                "windows",
+                CardIdForm::Windows,
                 "6968efd1-1755-a042-8f05-16ca1a0b834d".to_string()
             )
         );

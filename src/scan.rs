@@ -131,7 +131,7 @@ pub fn reconcile_all(
         });
     }
     if let Some(form) = reconciler.preferred_form() {
-        store.set_setting(CARD_ID_FORM, form)?;
+        store.set_setting(CARD_ID_FORM, form.as_str())?;
     }
     Ok(out)
 }
