@@ -220,6 +220,17 @@ mod tests {
             same(o, o.as_str());
             assert_eq!(CardOperation::parse(o.as_str()), Some(o));
         }
+        use crate::revoke::Reason;
+        for r in Reason::ALL {
+            same(r, r.as_str());
+            assert_eq!(Reason::parse(&r.as_str().to_ascii_uppercase()), Some(r));
+        }
+        let codes: Vec<i64> = Reason::ALL.map(Reason::code).to_vec();
+        assert_eq!(
+            codes,
+            [0, 1, 2, 3, 4, 5, 6, 8, 9, 10],
+            "RFC 5280 CRLReason numbers"
+        );
         use crate::reconcile::CardIdForm;
         for f in [CardIdForm::Rfc4122, CardIdForm::Windows] {
             same(f, f.as_str());

@@ -14,33 +14,88 @@ use crate::cm::model::normalize_hex;
 use crate::reconcile::Reconciliation;
 
 /// RFC 5280 CRLReason, by the names the RFC gives them; the numbers are what SCEPman takes.
-pub const REASONS: [(&str, i64); 10] = [
-    ("unspecified", 0),
-    ("keyCompromise", 1),
-    ("cACompromise", 2),
-    ("affiliationChanged", 3),
-    ("superseded", 4),
-    ("cessationOfOperation", 5),
-    ("certificateHold", 6),
-    ("removeFromCRL", 8),
-    ("privilegeWithdrawn", 9),
-    ("aACompromise", 10),
-];
+/// The API accepts the names in any case; its OpenAPI schema lists them as written here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub enum Reason {
+    #[serde(rename = "unspecified")]
+    Unspecified,
+    #[serde(rename = "keyCompromise")]
+    KeyCompromise,
+    #[serde(rename = "cACompromise")]
+    CaCompromise,
+    #[serde(rename = "affiliationChanged")]
+    AffiliationChanged,
+    #[serde(rename = "superseded")]
+    Superseded,
+    #[serde(rename = "cessationOfOperation")]
+    CessationOfOperation,
+    #[serde(rename = "certificateHold")]
+    CertificateHold,
+    #[serde(rename = "removeFromCRL")]
+    RemoveFromCrl,
+    #[serde(rename = "privilegeWithdrawn")]
+    PrivilegeWithdrawn,
+    #[serde(rename = "aACompromise")]
+    AaCompromise,
+}
 
-/// The reason names, for the OpenAPI document (the API also accepts them in any case).
-#[derive(utoipa::ToSchema)]
-#[allow(dead_code, non_camel_case_types)] // Only its schema is used.
-enum ReasonName {
-    unspecified,
-    keyCompromise,
-    cACompromise,
-    affiliationChanged,
-    superseded,
-    cessationOfOperation,
-    certificateHold,
-    removeFromCRL,
-    privilegeWithdrawn,
-    aACompromise,
+impl Reason {
+    pub const ALL: [Reason; 10] = [
+        Reason::Unspecified,
+        Reason::KeyCompromise,
+        Reason::CaCompromise,
+        Reason::AffiliationChanged,
+        Reason::Superseded,
+        Reason::CessationOfOperation,
+        Reason::CertificateHold,
+        Reason::RemoveFromCrl,
+        Reason::PrivilegeWithdrawn,
+        Reason::AaCompromise,
+    ];
+
+    /// The RFC's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Unspecified => "unspecified",
+            Reason::KeyCompromise => "keyCompromise",
+            Reason::CaCompromise => "cACompromise",
+            Reason::AffiliationChanged => "affiliationChanged",
+            Reason::Superseded => "superseded",
+            Reason::CessationOfOperation => "cessationOfOperation",
+            Reason::CertificateHold => "certificateHold",
+            Reason::RemoveFromCrl => "removeFromCRL",
+            Reason::PrivilegeWithdrawn => "privilegeWithdrawn",
+            Reason::AaCompromise => "aACompromise",
+        }
+    }
+
+    /// The CRLReason number (7 is unused by the RFC).
+    pub fn code(self) -> i64 {
+        match self {
+            Reason::Unspecified => 0,
+            Reason::KeyCompromise => 1,
+            Reason::CaCompromise => 2,
+            Reason::AffiliationChanged => 3,
+            Reason::Superseded => 4,
+            Reason::CessationOfOperation => 5,
+            Reason::CertificateHold => 6,
+            Reason::RemoveFromCrl => 8,
+            Reason::PrivilegeWithdrawn => 9,
+            Reason::AaCompromise => 10,
+        }
+    }
+
+    /// A name in any case.
+    pub fn parse(name: &str) -> Option<Reason> {
+        Reason::ALL
+            .into_iter()
+            .find(|r| r.as_str().eq_ignore_ascii_case(name))
+    }
+
+    /// Every name, for messages.
+    pub fn names() -> String {
+        Reason::ALL.map(Reason::as_str).join(", ")
+    }
 }
 
 /// A SHA-1 thumbprint in hex, for the OpenAPI document.
@@ -48,14 +103,6 @@ enum ReasonName {
 #[schema(pattern = "^[0-9A-Fa-f]{2}([ :-]?[0-9A-Fa-f]{2}){19}$")]
 #[allow(dead_code)] // Only its schema is used.
 struct Thumbprint(String);
-
-/// The RFC 5280 name (any case) as its canonical spelling and number.
-pub fn reason_code(name: &str) -> Option<(&'static str, i64)> {
-    REASONS
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(name))
-        .copied()
-}
 
 /// What is revoked.
 #[derive(
@@ -151,7 +198,7 @@ pub struct Submission {
     #[schema(inline, value_type = Option<Vec<Thumbprint>>)]
     pub thumbprints: Option<Vec<String>>,
     /// RFC 5280 reason name, e.g. `keyCompromise`.
-    #[schema(value_type = ReasonName, inline)]
+    #[schema(value_type = Reason, inline)]
     pub reason: String,
     /// For `target: "card"`: `revoke` (default) or `retire`.
     #[serde(default)]
@@ -229,7 +276,7 @@ pub struct Plan {
 /// Why a request cannot be planned; each maps to an HTTP status and an error code.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum PlanError {
-    #[error("unknown reason {0:?}; use an RFC 5280 name: unspecified, keyCompromise, cACompromise, affiliationChanged, superseded, cessationOfOperation, certificateHold, removeFromCRL, privilegeWithdrawn, aACompromise")]
+    #[error("unknown reason {0:?}; use an RFC 5280 name: {names}", names = Reason::names())]
     BadReason(String),
     #[error("{0}")]
     BadField(String),
@@ -326,7 +373,7 @@ fn caller_hex(name: &str, text: &str, bytes: usize) -> Result<String, PlanError>
 
 /// Turns a submission into a plan, or says why it cannot be carried out.
 pub fn plan(submission: &Submission, known: &Known) -> Result<Plan, PlanError> {
-    let (reason, reason_code) = reason_code(&submission.reason)
+    let reason = Reason::parse(&submission.reason)
         .ok_or_else(|| PlanError::BadReason(submission.reason.clone()))?;
     let revoker = check_text("revoker", &submission.revoker)?;
     let comment = check_text("comment", &submission.comment)?;
@@ -392,8 +439,8 @@ pub fn plan(submission: &Submission, known: &Known) -> Result<Plan, PlanError> {
     Ok(Plan {
         card_id,
         target: submission.target,
-        reason,
-        reason_code,
+        reason: reason.as_str(),
+        reason_code: reason.code(),
         operation: (submission.target == Target::Card)
             .then(|| submission.operation.unwrap_or_default()),
         revoker,
