@@ -13,7 +13,7 @@ use thiserror::Error;
 use crate::api::events::Bus;
 use crate::api::security::Clients;
 use crate::api::serve::{serve, Connections, Limits};
-use crate::api::{self, Shared, Station};
+use crate::api::{self, Shared};
 use crate::card::ReadOptions;
 use crate::cm::CmClient;
 use crate::config::{ApiClient, Config, Scope};
@@ -164,7 +164,7 @@ impl Running {
         let shared = Arc::new(Shared {
             clients: Clients::new(&opened.clients),
             bus: Bus::default(),
-            station: Mutex::new(Station::default()),
+            station: Default::default(),
             reconciliations: engine.cache(),
             stopping: tokio::sync::watch::channel(false).0,
             reads: Mutex::new(engine.read_requester()),
@@ -248,9 +248,14 @@ impl Running {
             });
             let api_alive = Arc::new(AtomicBool::new(true));
             let supervisor = health.map(|health| {
+                let watched = crate::service::Watched {
+                    station: shared.station.clone(),
+                    reconciliations: shared.reconciliations.clone(),
+                    stopping: shared.stopping.subscribe(),
+                };
                 tokio::spawn(crate::service::supervise(
                     health,
-                    shared.clone(),
+                    watched,
                     api_alive.clone(),
                 ))
             });
@@ -374,27 +379,14 @@ fn pump(events: Receiver<Event>, shared: &Shared) {
 fn apply(event: &Event, shared: &Shared) {
     let mut station = shared.station.lock().unwrap_or_else(|p| p.into_inner());
     match event {
-        Event::ReaderAdded { reader } => {
-            station.readers.entry(reader.clone()).or_insert(None);
-        }
-        Event::ReaderRemoved { reader } => {
-            station.readers.remove(reader);
-            station.cards_changed();
-        }
-        Event::CardRemoved { reader } => {
-            if let Some(slot) = station.readers.get_mut(reader) {
-                *slot = None;
-            }
-            station.cards_changed();
-        }
+        Event::ReaderAdded { reader } => station.add_reader(reader),
+        Event::ReaderRemoved { reader } => station.remove_reader(reader),
+        Event::CardRemoved { reader } => station.card_removed(reader),
         Event::CardRead(card) | Event::CardReadFailed(card) => {
             shared
                 .metrics
                 .read(card.read_ms, card.error.as_ref().map(|e| e.code));
-            station
-                .readers
-                .insert(card.reader.clone(), Some(card.as_ref().clone()));
-            station.cards_changed();
+            station.card_read(card.as_ref().clone());
         }
         Event::CardReconciled(r) => {
             let server_error = r

@@ -14,6 +14,7 @@
 //! - [`outbox`]: the worker that delivers stored revocations exactly once.
 //! - [`reconcile`]: the rules that compare a card with the server's record, and the lookup.
 //! - [`store`]: the SQLite state database.
+//! - [`station`]: the readers and cards the station has now.
 //! - [`state_dir`]: the state directory and its private files (modes, safe replacement).
 //! - [`config`]: the TOML configuration.
 //! - [`event`]: the station's events, typed, serialised once at the edge.
@@ -51,4 +52,5 @@ pub mod scan;
 pub mod scepman;
 pub mod service;
 pub mod state_dir;
+pub mod station;
 pub mod store;

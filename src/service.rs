@@ -15,9 +15,17 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 
-use crate::api::Shared;
 use crate::pcsc::monitor::{Health, MonitorState};
 use crate::reconcile::State;
+use crate::station::Station;
+
+/// What the supervisor looks at: the station, the last reconciliations, and whether the daemon
+/// is stopping. (Not the API's state: supervision does not depend on the HTTP layer.)
+pub struct Watched {
+    pub station: Arc<std::sync::Mutex<Station>>,
+    pub reconciliations: crate::engine::Cache,
+    pub stopping: tokio::sync::watch::Receiver<bool>,
+}
 
 /// A monitor that has not beaten for this long is stuck (it beats at least every 250 ms).
 const STUCK_AFTER: Duration = Duration::from_secs(3);
@@ -26,14 +34,12 @@ const STUCK_AFTER: Duration = Duration::from_secs(3);
 const TICK: Duration = Duration::from_secs(1);
 
 /// The one-line summary for `STATUS=`.
-pub fn status_line(shared: &Shared, monitor: MonitorState) -> String {
-    let (readers, cards) = {
-        let station = shared.station.lock().unwrap_or_else(|p| p.into_inner());
-        (
-            station.readers.len(),
-            station.readers.values().flatten().count(),
-        )
-    };
+pub fn status_line(watched: &Watched, monitor: MonitorState) -> String {
+    let (readers, cards) = watched
+        .station
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .counts();
     let plural = |n: usize, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
     let mut line = match monitor {
         MonitorState::Starting => "starting".to_string(),
@@ -42,7 +48,7 @@ pub fn status_line(shared: &Shared, monitor: MonitorState) -> String {
             format!("{}, {}", plural(readers, "reader"), plural(cards, "card"))
         }
     };
-    let unreachable = shared
+    let unreachable = watched
         .reconciliations
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -61,13 +67,16 @@ fn notify(states: &[NotifyState]) {
 }
 
 /// Runs until the daemon stops: readiness, status and watchdog pings.
-pub async fn supervise(health: Arc<Health>, shared: Arc<Shared>, api_alive: Arc<AtomicBool>) {
+pub async fn supervise(health: Arc<Health>, watched: Watched, api_alive: Arc<AtomicBool>) {
     let mut usec = 0;
     let watchdog =
         sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec));
     let tick = watchdog.map_or(TICK, |w| (w / 2).min(TICK));
     let mut interval = tokio::time::interval(tick);
-    let stopped = shared.stopped();
+    let mut stopping = watched.stopping.clone();
+    let stopped = async move {
+        let _ = stopping.wait_for(|stop| *stop).await;
+    };
     tokio::pin!(stopped);
     let (mut ready, mut last_status, mut pinging) = (false, String::new(), true);
     loop {
@@ -87,7 +96,7 @@ pub async fn supervise(health: Arc<Health>, shared: Arc<Shared>, api_alive: Arc<
                 "ready: the API listens and the PC/SC monitor runs"
             );
         }
-        let status = status_line(&shared, state);
+        let status = status_line(&watched, state);
         if status != last_status {
             notify(&[NotifyState::Status(&status)]);
             tracing::info!(event = "status", "{status}");

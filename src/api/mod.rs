@@ -16,7 +16,6 @@ pub fn announce(bus: &Bus, event: &crate::event::StationEvent) {
     bus.publish(event.name(), event.data());
 }
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,44 +42,16 @@ use utoipa_axum::routes;
 use crate::card::Card;
 use crate::config::Scope;
 use crate::engine::ReadRequester;
+pub use crate::station::Station;
 use crate::store::Store;
 use events::{Backlog, Bus, Numbered};
 use security::Clients;
-
-/// What the station looks like now, kept up to date from the engine's events.
-#[derive(Debug)]
-pub struct Station {
-    /// Readers by name, with the card in each (a failed read keeps its error).
-    pub readers: BTreeMap<String, Option<Card>>,
-    /// `GET /v1/cards` as sent: the cards change a few times a minute and are asked for far more
-    /// often, so they are serialised once per change ([`Station::cards_changed`]).
-    cards_json: Bytes,
-}
-
-impl Default for Station {
-    fn default() -> Self {
-        Station {
-            readers: BTreeMap::new(),
-            cards_json: Bytes::from_static(b"[]"),
-        }
-    }
-}
-
-impl Station {
-    /// Call after changing `readers`: renews the serialised card list.
-    pub fn cards_changed(&mut self) {
-        let cards: Vec<&Card> = self.readers.values().flatten().collect();
-        self.cards_json = serde_json::to_vec(&cards)
-            .map(Bytes::from)
-            .unwrap_or_else(|_| Bytes::from_static(b"[]"));
-    }
-}
 
 /// Shared by all listeners.
 pub struct Shared {
     pub clients: Clients,
     pub bus: Bus,
-    pub station: Mutex<Station>,
+    pub station: Arc<Mutex<Station>>,
     /// The engine's last reconciliation per card id (shared, not copied from the events).
     pub reconciliations: crate::engine::Cache,
     /// Set to true to stop: servers stop accepting and event streams end, so a graceful
@@ -673,9 +644,7 @@ fn station<T>(l: &Listener, f: impl FnOnce(&Station) -> T) -> T {
 
 #[utoipa::path(get, path = "/metrics", responses(Refusals, (status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
 async fn metrics_text(State(l): State<Listener>) -> Response {
-    let (readers, cards) = station(&l, |s| {
-        (s.readers.len(), s.readers.values().flatten().count())
-    });
+    let (readers, cards) = station(&l, Station::counts);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         l.shared.metrics.render(readers, cards),
@@ -685,9 +654,7 @@ async fn metrics_text(State(l): State<Listener>) -> Response {
 
 #[utoipa::path(get, path = "/v1/health", responses(Refusals, (status = 200, description = "Station health: reader and card counts")))]
 async fn health(State(l): State<Listener>) -> Response {
-    let (readers, cards) = station(&l, |s| {
-        (s.readers.len(), s.readers.values().flatten().count())
-    });
+    let (readers, cards) = station(&l, Station::counts);
     Json(json!({"status": "ok", "readers": readers, "cards": cards})).into_response()
 }
 
@@ -701,8 +668,7 @@ struct ReaderView {
 #[utoipa::path(get, path = "/v1/readers", responses(Refusals, (status = 200, description = "Readers and whether each holds a card")))]
 async fn readers(State(l): State<Listener>) -> Response {
     let list: Vec<ReaderView> = station(&l, |s| {
-        s.readers
-            .iter()
+        s.readers()
             .map(|(name, card)| ReaderView {
                 name: name.clone(),
                 card_present: card.is_some(),
@@ -715,20 +681,12 @@ async fn readers(State(l): State<Listener>) -> Response {
 
 #[utoipa::path(get, path = "/v1/cards", responses(Refusals, (status = 200, description = "Every Card object in a reader")))]
 async fn cards(State(l): State<Listener>) -> Response {
-    let body = station(&l, |s| s.cards_json.clone());
+    let body = station(&l, Station::cards_json);
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 fn find_card(s: &Station, card_id: &str) -> Option<Card> {
-    s.readers
-        .values()
-        .flatten()
-        .find(|c| {
-            c.card_id
-                .as_deref()
-                .is_some_and(|id| id.eq_ignore_ascii_case(card_id))
-        })
-        .cloned()
+    s.find_card(card_id)
 }
 
 #[utoipa::path(get, path = "/v1/cards/{card_id}", params(("card_id" = String, Path, description = "Hex card id")), responses(Refusals, (status = 200, description = "The Card"), (status = 404, description = "No such card in a reader")))]
@@ -1016,7 +974,7 @@ mod tests {
                 origins: Vec::new(),
             }]),
             bus: Bus::default(),
-            station: Mutex::new(Station::default()),
+            station: Default::default(),
             reconciliations: Default::default(),
             stopping: tokio::sync::watch::channel(true).0,
             reads: Mutex::new(None),

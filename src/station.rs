@@ -1,0 +1,85 @@
+//! What the station looks like now: its readers and the card in each, kept up to date from the
+//! engine's events by the daemon, read by the API and by the systemd supervisor. It lives
+//! outside `api` so that the supervisor does not reach into the HTTP layer.
+
+use std::collections::BTreeMap;
+
+use axum::body::Bytes;
+
+use crate::card::Card;
+
+/// Readers by name, with the card in each (a failed read keeps its error), and `GET /v1/cards`
+/// as sent: the cards change a few times a minute and are asked for far more often, so they
+/// are serialised once per change, by the methods that change them.
+#[derive(Debug)]
+pub struct Station {
+    readers: BTreeMap<String, Option<Card>>,
+    cards_json: Bytes,
+}
+
+impl Default for Station {
+    fn default() -> Self {
+        Station {
+            readers: BTreeMap::new(),
+            cards_json: Bytes::from_static(b"[]"),
+        }
+    }
+}
+
+impl Station {
+    pub fn add_reader(&mut self, reader: &str) {
+        self.readers.entry(reader.to_string()).or_insert(None);
+    }
+
+    pub fn remove_reader(&mut self, reader: &str) {
+        self.readers.remove(reader);
+        self.cards_changed();
+    }
+
+    pub fn card_removed(&mut self, reader: &str) {
+        if let Some(slot) = self.readers.get_mut(reader) {
+            *slot = None;
+        }
+        self.cards_changed();
+    }
+
+    /// A card read (or failed to read) in its reader.
+    pub fn card_read(&mut self, card: Card) {
+        self.readers.insert(card.reader.clone(), Some(card));
+        self.cards_changed();
+    }
+
+    /// Readers, and cards in them.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.readers.len(), self.readers.values().flatten().count())
+    }
+
+    pub fn readers(&self) -> impl Iterator<Item = (&String, &Option<Card>)> {
+        self.readers.iter()
+    }
+
+    /// The card list as `GET /v1/cards` sends it.
+    pub fn cards_json(&self) -> Bytes {
+        self.cards_json.clone()
+    }
+
+    /// The card with this id (hex, any case) in a reader.
+    pub fn find_card(&self, card_id: &str) -> Option<Card> {
+        self.readers
+            .values()
+            .flatten()
+            .find(|c| {
+                c.card_id
+                    .as_deref()
+                    .is_some_and(|id| id.eq_ignore_ascii_case(card_id))
+            })
+            .cloned()
+    }
+
+    fn cards_changed(&mut self) {
+        let cards: Vec<&Card> = self.readers.values().flatten().collect();
+        self.cards_json = serde_json::to_vec(&cards)
+            .map(Bytes::from)
+            .unwrap_or_else(|_| Bytes::from_static(b"[]"));
+    }
+}
