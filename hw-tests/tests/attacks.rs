@@ -53,8 +53,9 @@ fn f1_requests_without_a_token_lock_nobody_out() {
     let from_page = [("Authorization", auth.as_str()), ("Origin", ORIGIN)];
     assert_eq!(daemon.get("/v1/health", &from_page).0, 200);
     let config = daemon.dir.join("config.toml").display().to_string();
+    let url = format!("http://127.0.0.1:{}", daemon.port);
     let cli = common::run_cardbridge(
-        &["cards", "--config", &config],
+        &["cards", "--config", &config, "--url", &url],
         &[("CARDBRIDGE_TOKEN", TOKEN)],
         Duration::from_secs(10),
     );

@@ -59,11 +59,8 @@ fn station(realm: &Realm, name: &str, max_life: Option<&str>, dir: &Path) -> Pat
     keytab
 }
 
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("cardbridge-krb-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
+fn temp_dir(name: &str) -> common::TempDir {
+    common::TempDir::new(&format!("krb-{name}"))
 }
 
 fn cm_section(sim: &Simulator, keytab: &Path, extra: &str) -> String {

@@ -13,6 +13,7 @@ use cardbridge::config::Config;
 use cardbridge::http::ServerError;
 use cardbridge::scepman::ScepmanClient;
 use common::daemon::{Daemon, ADMIN, TOKEN};
+use common::eventually;
 use hw_tests::rig::Rig;
 use hw_tests::sim::{matching_record, scepman_certs, Fixture, ScepmanCert, Simulator};
 use hw_tests::sim_auth::{OAuthApp, SimAuth};
@@ -23,11 +24,8 @@ const CLIENT_ID: &str = "6c1b2f0e-cardbridge-station";
 const SECRET: &str = "Qm9vdHN0cmFwLXNlY3JldC1kby1ub3QtbG9n";
 const SCOPE: &str = "api://16b6a4d1-scepman/.default";
 
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("cardbridge-oauth-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
+fn temp_dir(name: &str) -> common::TempDir {
+    common::TempDir::new(&format!("oauth-{name}"))
 }
 
 fn private_file(path: &Path, contents: &str) {
@@ -355,20 +353,13 @@ fn secrets_and_tokens_never_reach_logs_answers_or_the_database() {
     );
     assert_eq!(status, 202, "{text}");
     let kiosk = format!("Bearer {TOKEN}");
-    let until = Instant::now() + Duration::from_secs(20);
-    let answers = loop {
+    let answers = eventually("the revocation to succeed", Duration::from_secs(20), || {
         let (_, list) = daemon.get("/v1/revocations", &[("Authorization", &kiosk)]);
-        if list.contains("\"status\":\"succeeded\"") {
+        list.contains("\"status\":\"succeeded\"").then(|| {
             let (_, cards) = daemon.get("/v1/cards", &[("Authorization", &kiosk)]);
-            break format!("{list}\n{cards}");
-        }
-        assert!(
-            Instant::now() < until,
-            "the revocation did not succeed: {list}\n{}",
-            daemon.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+            format!("{list}\n{cards}")
+        })
+    });
     let stats = sim.auth_stats();
     assert_eq!(stats.tokens_issued, 1, "{stats:?}");
     let mut secrets = vec![SECRET.to_string()];
@@ -427,18 +418,10 @@ fn a_revocation_refused_for_authentication_waits_until_the_secret_is_fixed() {
     let pacing = "[revocation]\nretry_initial_ms = 200\nretry_max_ms = 500\n";
     let daemon = Daemon::start("oauth-fix", &format!("{scepman}{pacing}"));
     let kiosk = format!("Bearer {TOKEN}");
-    let until = Instant::now() + Duration::from_secs(20);
-    while daemon
-        .get(
-            &format!("/v1/cards/{card_id}"),
-            &[("Authorization", &kiosk)],
-        )
-        .0
-        != 200
-    {
-        assert!(Instant::now() < until, "the card was not read");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually("the card read", Duration::from_secs(20), || {
+        let path = format!("/v1/cards/{card_id}");
+        (daemon.get(&path, &[("Authorization", &kiosk)]).0 == 200).then_some(())
+    });
     let thumbprint = &card.truth.certificates[0].thumbprint;
     let body = json!({"card_id": card_id, "target": "certificates", "reason": "superseded", "thumbprints": [thumbprint]});
     let admin = format!("Bearer {ADMIN}");
@@ -463,15 +446,9 @@ fn a_revocation_refused_for_authentication_waits_until_the_secret_is_fixed() {
         );
         serde_json::from_str::<serde_json::Value>(&text).expect("JSON")
     };
-    let until = Instant::now() + Duration::from_secs(20);
-    let refused = loop {
-        let r = revocation();
-        if r["actions"][0]["attempts"].as_i64() >= Some(2) {
-            break r;
-        }
-        assert!(Instant::now() < until, "no retries: {r:#}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let refused = eventually("two attempts", Duration::from_secs(20), || {
+        Some(revocation()).filter(|r| r["actions"][0]["attempts"].as_i64() >= Some(2))
+    });
     assert_eq!(
         refused["status"], "queued",
         "an auth failure is retried: {refused:#}"
@@ -489,15 +466,9 @@ fn a_revocation_refused_for_authentication_waits_until_the_secret_is_fixed() {
 
     // The administrator puts the right secret in place; no restart.
     private_file(&dir.join("scepman.secret"), SECRET);
-    let until = Instant::now() + Duration::from_secs(20);
-    loop {
-        let r = revocation();
-        if r["status"] == "succeeded" {
-            break;
-        }
-        assert!(Instant::now() < until, "never succeeded: {r:#}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually("the revocation to succeed", Duration::from_secs(20), || {
+        (revocation()["status"] == "succeeded").then_some(())
+    });
     assert_eq!(sim.log().iter().filter(|l| l.method == "PATCH").count(), 1);
     drop(card);
 }

@@ -4,10 +4,10 @@
 mod common;
 
 use std::sync::RwLockReadGuard;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::daemon::{next_event, Daemon, ADMIN, TOKEN};
-use common::{insert, run_cardbridge};
+use common::{eventually, insert, run_cardbridge};
 use hw_tests::rig::{Rig, Slot};
 use hw_tests::sim::{
     matching_record, scepman_certs, Fault, Fixture, Logged, ScepmanCert, SimCard, Simulator,
@@ -56,15 +56,11 @@ fn revocation(daemon: &Daemon, id: i64) -> Value {
 
 /// Waits until the revocation's status is `status` (panics with the last state after 15 s).
 fn wait_status(daemon: &Daemon, id: i64, status: &str) -> Value {
-    let until = Instant::now() + Duration::from_secs(15);
-    loop {
-        let r = revocation(daemon, id);
-        if r["status"] == status {
-            return r;
-        }
-        assert!(Instant::now() < until, "never {status}: {r:#}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually(
+        &format!("revocation {id} {status}"),
+        Duration::from_secs(15),
+        || Some(revocation(daemon, id)).filter(|r| r["status"] == status),
+    )
 }
 
 /// Waits until the daemon has read (and, with CM, reconciled) the card.
@@ -75,15 +71,10 @@ fn wait_card(daemon: &Daemon, card_id: &str, reconciled: bool) {
     } else {
         format!("/v1/cards/{card_id}")
     };
-    let until = Instant::now() + Duration::from_secs(15);
-    loop {
+    eventually(&path, Duration::from_secs(15), || {
         let (status, body) = daemon.get(&path, &[("Authorization", &auth)]);
-        if status == 200 && (!reconciled || body.contains("\"state\":\"matched\"")) {
-            return;
-        }
-        assert!(Instant::now() < until, "{path}: {status} {body}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        (status == 200 && (!reconciled || body.contains("\"state\":\"matched\""))).then_some(())
+    })
 }
 
 /// A 4-certificate PIV card in a leased reader slot, with its card id. Keep the guard and the
@@ -372,15 +363,9 @@ fn a_revocation_waits_for_the_server_and_survives_a_kill() {
     assert_eq!(status, 202, "{stored}");
     let id = stored["id"].as_i64().expect("id");
     // Tried, refused by the network, still queued.
-    let until = Instant::now() + Duration::from_secs(10);
-    let queued = loop {
-        let r = revocation(&daemon, id);
-        if r["actions"][0]["attempts"].as_i64() >= Some(2) {
-            break r;
-        }
-        assert!(Instant::now() < until, "no retries: {r:#}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let queued = eventually("two attempts", Duration::from_secs(10), || {
+        Some(revocation(&daemon, id)).filter(|r| r["actions"][0]["attempts"].as_i64() >= Some(2))
+    });
     assert_eq!(queued["status"], "queued", "{queued:#}");
     assert_eq!(
         queued["actions"][0]["last_outcome"]["code"],
@@ -423,11 +408,9 @@ fn card_revocation(name: &str, sim: &Simulator, card_id: &str, operation: &str) 
 }
 
 fn wait_requests(sim: &Simulator, n: usize) {
-    let until = Instant::now() + Duration::from_secs(10);
-    while sim.requests().len() < n {
-        assert!(Instant::now() < until, "no CM request created");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eventually("a CM request created", Duration::from_secs(10), || {
+        (sim.requests().len() >= n).then_some(())
+    })
 }
 
 #[test]
@@ -451,15 +434,10 @@ fn a_card_is_retired_through_one_cm_request_followed_to_its_end() {
         .starts_with("keyCompromise: stolen [cardbridge:"));
     // In progress from the moment the action is marked sending; the request's URI is
     // recorded once the server's answer is in.
-    let until = Instant::now() + Duration::from_secs(15);
-    let r = loop {
-        let r = wait_status(&daemon, id, "in_progress");
-        if r["actions"][0]["request_uri"].is_string() {
-            break r;
-        }
-        assert!(Instant::now() < until, "no request URI recorded: {r:#}");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let r = eventually("the request URI recorded", Duration::from_secs(15), || {
+        Some(wait_status(&daemon, id, "in_progress"))
+            .filter(|r| r["actions"][0]["request_uri"].is_string())
+    });
     let action = &r["actions"][0];
     assert_eq!(action["status"], "sending", "{r:#}");
     assert!(action["request_uri"]
@@ -543,11 +521,11 @@ fn a_kill_during_a_cm_request_neither_loses_nor_repeats_it() {
         let sim = simulator(vec![matching_record(&card.truth, false)], Vec::new());
         sim.set_fault("requests", fault);
         let (mut daemon, id) = card_revocation(name, &sim, &card_id, "revoke");
-        let until = Instant::now() + Duration::from_secs(10);
-        while posts_of_requests(&sim.log()) == 0 {
-            assert!(Instant::now() < until, "{name}: the request was never sent");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        eventually(
+            &format!("{name}: the request sent"),
+            Duration::from_secs(10),
+            || (posts_of_requests(&sim.log()) > 0).then_some(()),
+        );
         daemon.kill9();
         let r = {
             let store = cardbridge::store::Store::open(&daemon.dir.join("state")).expect("state");
@@ -561,15 +539,15 @@ fn a_kill_during_a_cm_request_neither_loses_nor_repeats_it() {
         assert_eq!(r.actions[0].request_uri, None, "{name}");
         sim.set_fault("requests", Fault::default());
         daemon.restart();
-        let until = Instant::now() + Duration::from_secs(15);
-        let uri = loop {
-            let r = revocation(&daemon, id);
-            if let Some(uri) = r["actions"][0]["request_uri"].as_str() {
-                break uri.to_string();
-            }
-            assert!(Instant::now() < until, "{name}: never found or sent: {r:#}");
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let uri = eventually(
+            &format!("{name}: found or sent"),
+            Duration::from_secs(15),
+            || {
+                revocation(&daemon, id)["actions"][0]["request_uri"]
+                    .as_str()
+                    .map(str::to_string)
+            },
+        );
         assert_eq!(sim.requests().len(), 1, "{name}: {:?}", sim.requests());
         let uuid = sim.requests()[0]["Uuid"]
             .as_str()

@@ -1,7 +1,8 @@
 //! Card names from the system's pcsc-tools list (`/usr/share/pcsc/smartcard_list.txt`).
 //!
-//! The list is GPL-licensed and updated by the distribution, so it is read at run time and never
-//! shipped with cardbridge. Its format: an ATR pattern line (upper-case hex bytes separated by
+//! The list is GPL-licensed and updated by the distribution, so it is read at run time (by the
+//! PC/SC side, `pcsc::reader`: this module only matches bytes) and never shipped with
+//! cardbridge. Its format: an ATR pattern line (upper-case hex bytes separated by
 //! spaces, `..` for any byte, other regular-expression syntax allowed), then description lines
 //! that start with a TAB, then an empty line.
 //!
@@ -10,17 +11,10 @@
 //! start matched the ATR, which keeps a lookup near a millisecond instead of compiling
 //! thousands of expressions.
 
-use std::path::Path;
-
 use regex::Regex;
 
 /// Where Debian, Ubuntu and Fedora install the list.
 pub const SYSTEM_LIST: &str = "/usr/share/pcsc/smartcard_list.txt";
-
-/// Looks `atr` up in the list at `path`; `None` when the file is absent or the ATR unknown.
-pub fn lookup(path: &Path, atr: &[u8]) -> Option<String> {
-    lookup_in(&std::fs::read(path).ok()?, atr)
-}
 
 /// Looks `atr` up in the bytes of a list. The list is mostly ASCII with a few Latin-1 or UTF-8
 /// descriptions, so it is scanned as bytes and only the description found is decoded.
@@ -141,13 +135,5 @@ mod tests {
             Some("Contactless pseudo ATR")
         );
         assert_eq!(lookup_in(LIST, &atr("3B 02 14 50")), None);
-    }
-
-    #[test]
-    fn a_missing_list_is_not_an_error() {
-        assert_eq!(
-            lookup(Path::new("/nonexistent/smartcard_list.txt"), &[0x3B]),
-            None
-        );
     }
 }

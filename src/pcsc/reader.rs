@@ -46,9 +46,15 @@ pub fn read_reader(ctx: &Context, reader: &CStr, options: &ReadOptions) -> Card 
     }
     snapshot.read_ms = started.elapsed().as_millis() as u64;
     if let Some(list) = &options.smartcard_list {
-        snapshot.atr_info.name = names::lookup(list, &atr);
+        snapshot.atr_info.name = card_name(list, &atr);
     }
     snapshot
+}
+
+/// The card's name from the system's list; an absent list (pcsc-tools not installed) just
+/// leaves it out. The file is read here, on the PC/SC side: `card` only matches bytes.
+fn card_name(list: &std::path::Path, atr: &[u8]) -> Option<String> {
+    names::lookup_in(&std::fs::read(list).ok()?, atr)
 }
 
 fn was_reset(result: &Result<Card, ::pcsc::Error>) -> bool {
@@ -95,5 +101,16 @@ fn reader_takes_extended(card: &::pcsc::Card) -> bool {
     match card.get_attribute(Attribute::Maxinput, &mut buf) {
         Ok(&[a, b, c, d]) => u32::from_le_bytes([a, b, c, d]) > 261,
         _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_list_is_not_an_error() {
+        let missing = std::path::Path::new("/nonexistent/smartcard_list.txt");
+        assert_eq!(card_name(missing, &[0x3B]), None);
     }
 }

@@ -9,6 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hw_tests::rig::cardbridge_bin;
+
+use super::eventually;
 use sha2::{Digest, Sha256};
 
 /// A read-only client whose pages may come from [`ORIGIN`].
@@ -61,14 +63,13 @@ impl Daemon {
         env: Vec<(String, String)>,
         nofile: Option<u64>,
     ) -> Daemon {
-        let port = hw_tests::rig::free_port().expect("free port");
         let dir =
             std::env::temp_dir().join(format!("cardbridge-api-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temp dir");
         let hash = |t: &str| hex::encode(Sha256::digest(t.as_bytes()));
         let config = format!(
-            "state_dir = \"{}\"\n[api]\nlisten = [\"127.0.0.1:{port}\"]\n{api}\
+            "state_dir = \"{}\"\n[api]\nlisten = [\"127.0.0.1:0\"]\n{api}\
              [[api.clients]]\nname = \"kiosk\"\ntoken_sha256 = \"{}\"\nscopes = [\"read\"]\norigins = [\"{ORIGIN}\"]\n\
              [[api.clients]]\nname = \"helpdesk\"\ntoken_sha256 = \"{}\"\nscopes = [\"read\", \"sync\"]\n\
              [[api.clients]]\nname = \"admin\"\ntoken_sha256 = \"{}\"\nscopes = [\"read\", \"sync\", \"revoke\"]\n{rest}",
@@ -79,27 +80,33 @@ impl Daemon {
         );
         std::fs::write(dir.join("config.toml"), config).expect("config");
         let child = spawn(&dir, &env, nofile);
-        let daemon = Daemon {
+        let mut daemon = Daemon {
             child,
-            port,
+            port: 0,
             dir,
             env,
             nofile,
         };
-        daemon.wait_listening();
+        daemon.port = daemon.wait_listening(0);
         daemon
     }
 
-    fn wait_listening(&self) {
-        let until = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < until,
-                "cardbridge run did not listen:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    /// The daemon binds port 0 and logs the port it got ("API listening on …"): the
+    /// `seen`+1-th such line is this start's, and it comes once the listener is bound.
+    fn wait_listening(&self, seen: usize) -> u16 {
+        const LINE: &str = "API listening on http://127.0.0.1:";
+        let port = eventually("cardbridge run to listen", Duration::from_secs(10), || {
+            let log = self.log();
+            let line = log
+                .lines()
+                .filter(|l| l.contains(LINE))
+                .nth(seen)?
+                .to_string();
+            let after = &line[line.find(LINE)? + LINE.len()..];
+            after.split('/').next()?.parse::<u16>().ok()
+        });
+        assert!(port != 0, "{}", self.log());
+        port
     }
 
     /// SIGKILL: the daemon dies wherever it is, as in a crash or power cut.
@@ -108,10 +115,15 @@ impl Daemon {
         let _ = self.child.wait();
     }
 
-    /// Starts the daemon again with the same configuration and state.
+    /// Starts the daemon again with the same configuration and state (on a new port).
     pub fn restart(&mut self) {
+        let seen = self
+            .log()
+            .lines()
+            .filter(|l| l.contains("API listening on"))
+            .count();
         self.child = spawn(&self.dir, &self.env, self.nofile);
-        self.wait_listening();
+        self.port = self.wait_listening(seen);
     }
 
     /// `GET /v1/cards/{id}/reconciliation` as the read-only client (`None` until there is one).

@@ -13,6 +13,45 @@ use hw_tests::vcard::CardSpec;
 use hw_tests::vpcd::Inserted;
 use serde_json::Value;
 
+/// A fresh temporary directory that is removed when the guard is dropped, a failing test's
+/// unwinding included.
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("cardbridge-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Polls `f` until it gives a value, for at most `timeout`; panics naming `what` when it never
+/// does. Every wait in the tests goes through here, so none is without a deadline.
+pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let until = Instant::now() + timeout;
+    loop {
+        if let Some(value) = f() {
+            return value;
+        }
+        assert!(Instant::now() < until, "waited {timeout:?} for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Puts a card built from `spec` into `slot` and waits until pcscd sees it.
 pub fn insert(spec: CardSpec, slot: &Slot) -> Inserted {
     match hw_tests::rig::insert_card(spec, slot) {
