@@ -83,6 +83,7 @@ fn f2_a_new_origin_buys_no_new_guesses() {
         })
         .collect();
     let answered = statuses.iter().filter(|s| **s == 401).count();
+    println!("{answered} of 200 guesses with 200 distinct Origins answered 401, the rest 429");
     // 20 at once, then 5 a second while the loop ran.
     let allowed = 20 + (started.elapsed().as_secs_f64() * 5.0).ceil() as usize;
     assert!(
@@ -119,6 +120,7 @@ fn f3_distinct_origins_do_not_grow_memory() {
         send(&mut s, &mut buffer, i);
     }
     let after = rss_kib(daemon.pid());
+    println!("RSS {before} KiB before, {after} KiB after 20,000 distinct 4 KB Origins");
     assert!(
         after < before + 4 * 1024,
         "20,000 distinct 4 KB Origins grew the daemon from {before} to {after} KiB"
@@ -195,6 +197,10 @@ fn f5_a_flood_of_idle_connections_leaves_room_for_a_real_request() {
         &[("Authorization", &format!("Bearer {TOKEN}"))],
     );
     let took = started.elapsed();
+    println!(
+        "a valid request answered in {took:?} during a flood of {} connections",
+        flood.len()
+    );
     assert_eq!(status, 200, "{body}");
     assert!(took < Duration::from_secs(1), "answered in {took:?}");
     // The idle keep-alive connection was among those closed to make room.
