@@ -14,11 +14,13 @@
 //!   marker, and sent again only when the server has no such request. A failure to look is
 //!   retried later: the worker never sends blind.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cm::model::{RequestProgress, RequestStatus};
-use crate::cm::{CmClient, NewRequest};
+use crate::cm::{CmClient, NewRequest, Request};
+use crate::http::ServerError;
 use crate::revoke::{ActionKind, ActionStatus, Outcome, Revocation};
 use crate::scepman::ScepmanClient;
 use crate::store::{blocking, ActionUpdate, DueAction, Schedule, Store, StoreError};
@@ -83,12 +85,69 @@ enum Looked {
 /// Tells the daemon that a revocation changed (it publishes `revocation.updated`).
 pub type Publish = Box<dyn Fn(&Revocation) + Send>;
 
-pub struct Worker {
+/// The time in Unix milliseconds. The worker's rules (settle, backoff, polling) read it only
+/// through this, so tests drive them with a clock of their own.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// The MIM CM calls the worker makes: [`CmClient`], or a scripted server in the tests.
+pub trait CmCalls: Clone + Send + Sync + 'static {
+    fn requests(&self) -> impl Future<Output = Result<Vec<Request>, ServerError>> + Send;
+    fn create_request(
+        &self,
+        body: &NewRequest,
+    ) -> impl Future<Output = Result<String, ServerError>> + Send;
+    fn request(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<Request>, ServerError>> + Send;
+}
+
+/// The SCEPman call the worker makes: [`ScepmanClient`], or a scripted server in the tests.
+pub trait ScepmanCalls: Clone + Send + Sync + 'static {
+    fn revoke(
+        &self,
+        serial_number: &str,
+        reason_code: i64,
+        revoker: Option<&str>,
+    ) -> impl Future<Output = Result<u16, ServerError>> + Send;
+}
+
+impl CmCalls for CmClient {
+    fn requests(&self) -> impl Future<Output = Result<Vec<Request>, ServerError>> + Send {
+        CmClient::requests(self)
+    }
+    fn create_request(
+        &self,
+        body: &NewRequest,
+    ) -> impl Future<Output = Result<String, ServerError>> + Send {
+        CmClient::create_request(self, body)
+    }
+    fn request(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<Request>, ServerError>> + Send {
+        CmClient::request(self, id)
+    }
+}
+
+impl ScepmanCalls for ScepmanClient {
+    fn revoke(
+        &self,
+        serial_number: &str,
+        reason_code: i64,
+        revoker: Option<&str>,
+    ) -> impl Future<Output = Result<u16, ServerError>> + Send {
+        ScepmanClient::revoke(self, serial_number, reason_code, revoker)
+    }
+}
+
+pub struct Worker<C: CmCalls = CmClient, S: ScepmanCalls = ScepmanClient> {
     store: Store,
-    scepman: Option<ScepmanClient>,
-    cm: Option<CmClient>,
+    scepman: Option<S>,
+    cm: Option<C>,
     pacing: Pacing,
     publish: Publish,
+    clock: Clock,
 }
 
 /// The marker that identifies an action's CM request in its comment.
@@ -96,25 +155,36 @@ fn comment_marker(marker: &str) -> String {
     format!("[cardbridge:{marker}]")
 }
 
-fn now_ms() -> i64 {
-    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+/// The system's clock, in Unix milliseconds.
+pub fn system_clock() -> Clock {
+    Arc::new(|| (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64)
 }
 
-impl Worker {
+impl<C: CmCalls, S: ScepmanCalls> Worker<C, S> {
     pub fn new(
         store: Store,
-        scepman: Option<ScepmanClient>,
-        cm: Option<CmClient>,
+        scepman: Option<S>,
+        cm: Option<C>,
         pacing: Pacing,
         publish: Publish,
-    ) -> Worker {
+    ) -> Worker<C, S> {
         Worker {
             store,
             scepman,
             cm,
             pacing,
             publish,
+            clock: system_clock(),
         }
+    }
+
+    /// The same worker on another clock (tests).
+    pub fn with_clock(self, clock: Clock) -> Worker<C, S> {
+        Worker { clock, ..self }
+    }
+
+    fn now_ms(&self) -> i64 {
+        (self.clock)()
     }
 
     /// Works until `stop` resolves: every due action, then sleeps until the next one is due or
@@ -134,7 +204,7 @@ impl Worker {
             };
             let wait = match (passed, blocking(|| self.store.next_due_ms())) {
                 (Ok(()), Ok(Some(due))) => {
-                    Duration::from_millis(due.saturating_sub(now_ms()).max(0) as u64)
+                    Duration::from_millis(due.saturating_sub(self.now_ms()).max(0) as u64)
                 }
                 (Ok(()), Ok(None)) => Duration::from_secs(60),
                 // The database is unwell: try again later rather than spin.
@@ -154,7 +224,7 @@ impl Worker {
 
     /// Handles every action due now.
     async fn pass(&mut self) -> Result<(), StoreError> {
-        for due in blocking(|| self.store.due_actions(now_ms()))? {
+        for due in blocking(|| self.store.due_actions(self.now_ms()))? {
             let changed = match &due.action.kind {
                 ActionKind::ScepmanRevoke { serial_number, .. } => {
                     let serial = serial_number.clone();
@@ -189,13 +259,13 @@ impl Worker {
             .saturating_mul(1i64 << attempts.clamp(0, 30))
             .min(max)
             .max(1);
-        now_ms() + base + fastrand::i64(0..=base / 2)
+        self.now_ms() + base + fastrand::i64(0..=base / 2)
     }
 
     fn mark_sending(&self, due: &DueAction) -> Result<(), StoreError> {
         let sending = ActionUpdate {
             status: Some(ActionStatus::Sending),
-            schedule: Schedule::At(now_ms()),
+            schedule: Schedule::At(self.now_ms()),
             ..ActionUpdate::default()
         };
         blocking(|| self.store.update_action(due.action.id, &sending))
@@ -342,14 +412,14 @@ impl Worker {
         )
         .map_or(0, |t| (t.unix_timestamp_nanos() / 1_000_000) as i64);
         let settled_ms = sent_ms + self.pacing.settle.as_millis() as i64;
-        (settled_ms > now_ms()).then_some(settled_ms)
+        (settled_ms > self.now_ms()).then_some(settled_ms)
     }
 
     /// Looks among the server's requests for one carrying the action's marker: found, its URI
     /// is adopted; a failure to look is retried later (never send blind).
     async fn look_for_sent_request(
         &mut self,
-        cm: &CmClient,
+        cm: &C,
         due: &DueAction,
     ) -> Result<Looked, StoreError> {
         let call = "GET api/v1.0/requests";
@@ -375,7 +445,7 @@ impl Worker {
         let update = ActionUpdate {
             request_uri: Some(uri.clone()),
             request_status: Some(crate::cm::model::request_status_name(request.status)),
-            schedule: Schedule::At(now_ms()),
+            schedule: Schedule::At(self.now_ms()),
             ..ActionUpdate::default()
         };
         let outcome = Outcome::ok(200, &format!("found the request sent before: {uri}"));
@@ -387,7 +457,7 @@ impl Worker {
     /// created: the action stays `sending`, to be looked for first next time.
     async fn send_request(
         &mut self,
-        cm: &CmClient,
+        cm: &C,
         due: &DueAction,
         request_type: &str,
         smartcard_uuid: &str,
@@ -410,7 +480,7 @@ impl Worker {
                 Outcome::ok(201, &uri),
                 ActionUpdate {
                     request_uri: Some(uri),
-                    schedule: Schedule::At(now_ms() + self.poll_ms()),
+                    schedule: Schedule::At(self.now_ms() + self.poll_ms()),
                     ..ActionUpdate::default()
                 },
             ),
@@ -443,12 +513,7 @@ impl Worker {
 
     /// Looks at a sent CM request and records what changed: followed to its end (completed,
     /// or denied, failed, canceled), polled while the server works on it.
-    async fn follow(
-        &mut self,
-        cm: &CmClient,
-        due: &DueAction,
-        uri: &str,
-    ) -> Result<bool, StoreError> {
+    async fn follow(&mut self, cm: &C, due: &DueAction, uri: &str) -> Result<bool, StoreError> {
         let Some(id) = request_id(uri) else {
             let outcome = Outcome {
                 code: "bad_body".into(),
@@ -458,7 +523,7 @@ impl Worker {
             return self.finish(due, "-", outcome, failed()).map(|()| true);
         };
         let call = format!("GET api/v1.0/requests/{id}");
-        let later = now_ms() + self.poll_ms();
+        let later = self.now_ms() + self.poll_ms();
         match cm.request(id).await {
             Err(e) => {
                 let update = ActionUpdate {
@@ -523,6 +588,332 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::VecDeque;
+    use std::sync::atomic::{AtomicI64, Ordering};
+    use std::sync::Mutex;
+
+    use crate::revoke::{Plan, Target};
+
+    /// A MIM CM that keeps the requests it was sent, and can lose answers: a POST that fails
+    /// may still have created its request (`created_anyway`), as a timeout or a 409 can.
+    #[derive(Clone, Default)]
+    struct ScriptedCm(Arc<Mutex<CmState>>);
+
+    #[derive(Default)]
+    struct CmState {
+        requests: Vec<Request>,
+        post_failures: VecDeque<(ServerError, bool)>,
+        lookup_failures: VecDeque<ServerError>,
+        posts: usize,
+        lookups: usize,
+    }
+
+    impl ScriptedCm {
+        fn state(&self) -> std::sync::MutexGuard<'_, CmState> {
+            self.0.lock().unwrap()
+        }
+
+        /// POSTs and look-ups so far (one lock: two in one expression would deadlock).
+        fn calls(&self) -> (usize, usize) {
+            let s = self.state();
+            (s.posts, s.lookups)
+        }
+    }
+
+    impl CmCalls for ScriptedCm {
+        fn requests(&self) -> impl Future<Output = Result<Vec<Request>, ServerError>> + Send {
+            let mut s = self.state();
+            s.lookups += 1;
+            let answer = match s.lookup_failures.pop_front() {
+                Some(e) => Err(e),
+                None => Ok(s.requests.clone()),
+            };
+            async move { answer }
+        }
+        fn create_request(
+            &self,
+            body: &NewRequest,
+        ) -> impl Future<Output = Result<String, ServerError>> + Send {
+            let mut s = self.state();
+            s.posts += 1;
+            let uuid = format!("00000000-0000-4000-8000-{:012}", s.posts);
+            let created = Request {
+                uuid: uuid.clone(),
+                status: 16,
+                comment: Some(body.comment.clone()),
+                ..Request::default()
+            };
+            let answer = match s.post_failures.pop_front() {
+                Some((e, created_anyway)) => {
+                    if created_anyway {
+                        s.requests.push(created);
+                    }
+                    Err(e)
+                }
+                None => {
+                    s.requests.push(created);
+                    Ok(format!("api/v1.0/requests/{uuid}"))
+                }
+            };
+            async move { answer }
+        }
+        fn request(
+            &self,
+            id: &str,
+        ) -> impl Future<Output = Result<Option<Request>, ServerError>> + Send {
+            let found = self.state().requests.iter().find(|r| r.uuid == id).cloned();
+            async move { Ok(found) }
+        }
+    }
+
+    /// A SCEPman whose answers to revocations are given in order.
+    #[derive(Clone, Default)]
+    struct ScriptedScepman(Arc<Mutex<VecDeque<Result<u16, ServerError>>>>);
+
+    impl ScepmanCalls for ScriptedScepman {
+        fn revoke(
+            &self,
+            _serial: &str,
+            _reason: i64,
+            _revoker: Option<&str>,
+        ) -> impl Future<Output = Result<u16, ServerError>> + Send {
+            let answer = self.0.lock().unwrap().pop_front().unwrap_or(Ok(200));
+            async move { answer }
+        }
+    }
+
+    const SETTLE_MS: i64 = 1000;
+
+    /// A store with one revocation of `kind`, and a worker on a clock the test moves.
+    struct Bench {
+        worker: Worker<ScriptedCm, ScriptedScepman>,
+        cm: ScriptedCm,
+        scepman: ScriptedScepman,
+        offset: Arc<AtomicI64>,
+        dir: std::path::PathBuf,
+        runtime: tokio::runtime::Runtime,
+    }
+
+    impl Bench {
+        fn new(name: &str, kind: ActionKind) -> Bench {
+            let dir = std::env::temp_dir()
+                .join(format!("cardbridge-worker-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let store = Store::open(&dir).unwrap();
+            let plan = Plan {
+                card_id: "00112233445566778899AABBCCDDEEFF".into(),
+                target: Target::Card,
+                reason: "superseded",
+                reason_code: 4,
+                operation: None,
+                revoker: None,
+                comment: None,
+                actions: vec![kind],
+            };
+            store
+                .insert_revocation("kiosk", "k", "h", &plan, &["m1".into()])
+                .unwrap();
+            let (cm, scepman) = (ScriptedCm::default(), ScriptedScepman::default());
+            let offset = Arc::new(AtomicI64::new(0));
+            let clock = {
+                let offset = offset.clone();
+                let system = system_clock();
+                Arc::new(move || system() + offset.load(Ordering::Relaxed)) as Clock
+            };
+            let pacing = Pacing {
+                retry_initial: Duration::from_millis(10),
+                retry_max: Duration::from_millis(10),
+                poll_interval: Duration::from_millis(10),
+                settle: Duration::from_millis(SETTLE_MS as u64),
+            };
+            let worker = Worker::new(
+                store,
+                Some(scepman.clone()),
+                Some(cm.clone()),
+                pacing,
+                Box::new(|_| {}),
+            )
+            .with_clock(clock);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            Bench {
+                worker,
+                cm,
+                scepman,
+                offset,
+                dir,
+                runtime,
+            }
+        }
+
+        fn cm_card() -> ActionKind {
+            ActionKind::CmRequest {
+                request_type: "Revoke".into(),
+                smartcard_uuid: "438d1b30-f3b4-4bed-85fa-285e08605ba7".into(),
+            }
+        }
+
+        /// One pass, `later_ms` after the last one (far enough for any backoff or poll).
+        fn pass_after(&mut self, later_ms: i64) {
+            self.offset.fetch_add(later_ms, Ordering::Relaxed);
+            let worker = &mut self.worker;
+            self.runtime.block_on(worker.pass()).unwrap();
+        }
+
+        fn action(&self) -> crate::revoke::Action {
+            let r = self.worker.store.revocation(1, false).unwrap().unwrap();
+            r.actions[0].clone()
+        }
+
+        /// A crash: a new worker on the same database and servers.
+        fn restart(&mut self) {
+            let store = Store::open(&self.dir).unwrap();
+            let clock = self.worker.clock.clone();
+            let pacing = self.worker.pacing;
+            self.worker = Worker::new(
+                store,
+                Some(self.scepman.clone()),
+                Some(self.cm.clone()),
+                pacing,
+                Box::new(|_| {}),
+            )
+            .with_clock(clock);
+        }
+    }
+
+    impl Drop for Bench {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[test]
+    fn a_request_is_sent_once_and_followed_to_its_end() {
+        let mut b = Bench::new("once", Bench::cm_card());
+        b.pass_after(0);
+        assert_eq!(b.cm.state().posts, 1);
+        assert!(b.action().request_uri.is_some());
+        b.cm.state().requests[0].status = 8;
+        b.pass_after(100);
+        assert_eq!(b.action().status, ActionStatus::Done);
+        assert_eq!(b.cm.calls(), (1, 0));
+    }
+
+    /// (what the lost POST did, whether a look-up fails first, POSTs in the end, outcome)
+    #[test]
+    fn a_lost_answer_is_looked_for_before_anything_is_sent_again() {
+        let timeout = || ServerError::Timeout;
+        let conflict = || ServerError::Status {
+            status: 409,
+            error_code: None,
+            correlation_id: None,
+            message: "conflict".into(),
+        };
+        let cases: [(&str, ServerError, bool, bool, usize); 5] = [
+            ("timeout, created", timeout(), true, false, 1),
+            ("timeout, not created", timeout(), false, false, 2),
+            ("409, created", conflict(), true, false, 1),
+            (
+                "timeout, created, look-up fails once",
+                timeout(),
+                true,
+                true,
+                1,
+            ),
+            (
+                "timeout, not created, look-up fails once",
+                timeout(),
+                false,
+                true,
+                2,
+            ),
+        ];
+        for (name, failure, created, lookup_fails, posts) in cases {
+            let mut b = Bench::new("lost", Bench::cm_card());
+            b.cm.state().post_failures.push_back((failure, created));
+            b.pass_after(0);
+            assert_eq!(b.action().status, ActionStatus::Sending, "{name}");
+            assert!(b.action().request_uri.is_none(), "{name}");
+            // Before the settle time nothing is asked, nothing is sent.
+            b.pass_after(100);
+            assert_eq!(b.cm.calls(), (1, 0), "{name}: settle");
+            if lookup_fails {
+                b.cm.state().lookup_failures.push_back(ServerError::Timeout);
+                b.pass_after(SETTLE_MS);
+                assert_eq!(b.cm.state().posts, 1, "{name}: never sent blind");
+            }
+            b.pass_after(SETTLE_MS);
+            assert_eq!(b.cm.state().posts, posts, "{name}");
+            assert!(b.action().request_uri.is_some(), "{name}: found or sent");
+        }
+    }
+
+    #[test]
+    fn a_crash_at_each_step_neither_loses_nor_repeats_the_request() {
+        // Killed after marking `sending`, before the POST left.
+        let mut b = Bench::new("crash-before", Bench::cm_card());
+        let due = b.worker.store.due_actions(i64::MAX).unwrap().remove(0);
+        b.worker.mark_sending(&due).unwrap();
+        b.restart();
+        b.pass_after(SETTLE_MS + 1);
+        assert_eq!(b.cm.state().posts, 1, "looked, not found, sent once");
+        // Killed after the server created it, before the answer was recorded.
+        let mut b = Bench::new("crash-after", Bench::cm_card());
+        b.cm.state()
+            .post_failures
+            .push_back((ServerError::Timeout, true));
+        b.pass_after(0);
+        b.restart();
+        b.pass_after(SETTLE_MS + 1);
+        assert_eq!(b.cm.state().posts, 1, "found by its marker");
+        assert!(b.action().request_uri.is_some());
+    }
+
+    #[test]
+    fn scepman_answers_decide_the_action() {
+        let status = |code: u16, error_code: Option<i64>| ServerError::Status {
+            status: code,
+            error_code,
+            correlation_id: None,
+            message: String::new(),
+        };
+        let revoke = || ActionKind::ScepmanRevoke {
+            serial_number: "01".into(),
+            thumbprint: "AA".repeat(20),
+        };
+        let cases = [
+            ("revoked", Ok(200), ActionStatus::Done),
+            (
+                "5013",
+                Err(status(409, Some(crate::scepman::ALREADY_REVOKED))),
+                ActionStatus::AlreadyRevoked,
+            ),
+            (
+                "another 409",
+                Err(status(409, Some(4711))),
+                ActionStatus::Failed,
+            ),
+            (
+                "404",
+                Err(status(404, Some(crate::scepman::NOT_FOUND))),
+                ActionStatus::Failed,
+            ),
+            ("503: retried", Err(status(503, None)), ActionStatus::Queued),
+            (
+                "timeout: retried",
+                Err(ServerError::Timeout),
+                ActionStatus::Queued,
+            ),
+        ];
+        for (name, answer, expected) in cases {
+            let mut b = Bench::new("scepman", revoke());
+            b.scepman.0.lock().unwrap().push_back(answer);
+            b.pass_after(0);
+            assert_eq!(b.action().status, expected, "{name}");
+        }
+    }
 
     #[test]
     fn only_a_guid_from_the_server_goes_into_the_next_url() {
