@@ -161,7 +161,7 @@ fn main() -> Result<()> {
         let connections: std::collections::HashSet<_> = log.iter().map(|l| l.client).collect();
         let stats = case.sim.auth_stats();
         println!(
-            "{:<32} median {med:>6.2} ms  p95 {p95:>6.2} ms  +{:>5.2} ms over none   requests {:>5}  connections {:>3}  kerberos exchanges {:>5}  tokens {}",
+            "{:<32} median {med:>6.2} ms  p95 {p95:>6.2} ms  {:>+6.2} ms over none   requests {:>5}  connections {:>3}  kerberos exchanges {:>5}  tokens {}",
             case.name,
             med - baseline,
             log.len(),
