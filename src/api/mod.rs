@@ -548,7 +548,7 @@ fn refused(
 /// how many were refused since; no header value is ever logged.
 #[derive(Default)]
 pub struct RefusalLog {
-    last: Mutex<std::collections::HashMap<&'static str, (Instant, u64)>>,
+    last: Mutex<std::collections::HashMap<&'static str, (Option<Instant>, u64)>>,
 }
 
 impl RefusalLog {
@@ -556,14 +556,16 @@ impl RefusalLog {
 
     pub fn note(&self, code: &'static str, now: Instant) {
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        let (at, suppressed) = last.entry(code).or_insert((now - Self::EVERY, 0));
-        if now.saturating_duration_since(*at) >= Self::EVERY {
+        // (Not `now - EVERY` for the first time: that underflows in the first seconds after
+        // boot, when a udev-started daemon may well be refusing calls.)
+        let (at, suppressed) = last.entry(code).or_insert((None, 0));
+        if at.is_none_or(|at| now.saturating_duration_since(at) >= Self::EVERY) {
             tracing::warn!(
                 refusal = code,
                 "local API call refused ({code}; {} more since the last report)",
                 *suppressed
             );
-            *at = now;
+            *at = Some(now);
             *suppressed = 0;
         } else {
             *suppressed += 1;

@@ -212,9 +212,9 @@ impl Connections {
                 every.tick().await;
                 let now = Instant::now();
                 for e in lock(&self.table).values() {
-                    if e.idle_since()
-                        .is_some_and(|since| now - since > self.limits.idle)
-                    {
+                    if e.idle_since().is_some_and(|since| {
+                        now.saturating_duration_since(since) > self.limits.idle
+                    }) {
                         e.close.notify_one();
                     }
                 }
