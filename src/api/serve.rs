@@ -72,11 +72,13 @@ struct Entry {
     in_flight: usize,
     streams: usize,
     close: Arc<Notify>,
+    /// Told to close; its task has not ended yet.
+    closing: bool,
 }
 
 impl Entry {
     fn idle_since(&self) -> Option<Instant> {
-        (self.in_flight == 0 && self.streams == 0).then_some(self.last_active)
+        (self.in_flight == 0 && self.streams == 0 && !self.closing).then_some(self.last_active)
     }
 }
 
@@ -150,29 +152,25 @@ impl Connections {
         self.limits
     }
 
-    /// Open connections now.
-    pub fn len(&self) -> usize {
-        lock(&self.table).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Makes room for one more connection: at the cap, closes the one idle longest. False when
     /// every connection is busy (the new one is then refused).
     fn admit(&self) -> bool {
-        let table = lock(&self.table);
-        if table.len() < self.limits.max_connections {
+        let mut table = lock(&self.table);
+        // Connections told to close still count until their task ends; each admission beyond
+        // the cap closes one more, so a burst cannot overshoot it.
+        let open = table.values().filter(|e| !e.closing).count();
+        if open < self.limits.max_connections {
             return true;
         }
         let oldest = table
-            .values()
-            .filter_map(|e| e.idle_since().map(|since| (since, e.close.clone())))
-            .min_by_key(|(since, _)| *since);
-        match oldest {
-            Some((_, close)) => {
-                close.notify_one();
+            .iter()
+            .filter_map(|(id, e)| e.idle_since().map(|since| (since, *id)))
+            .min_by_key(|(since, _)| *since)
+            .map(|(_, id)| id);
+        match oldest.and_then(|id| table.get_mut(&id)) {
+            Some(entry) => {
+                entry.closing = true;
+                entry.close.notify_one();
                 true
             }
             None => false,
@@ -189,6 +187,7 @@ impl Connections {
                 in_flight: 0,
                 streams: 0,
                 close: close.clone(),
+                closing: false,
             },
         );
         (
@@ -211,10 +210,11 @@ impl Connections {
             loop {
                 every.tick().await;
                 let now = Instant::now();
-                for e in lock(&self.table).values() {
+                for e in lock(&self.table).values_mut() {
                     if e.idle_since().is_some_and(|since| {
                         now.saturating_duration_since(since) > self.limits.idle
                     }) {
+                        e.closing = true;
                         e.close.notify_one();
                     }
                 }
@@ -381,14 +381,27 @@ mod tests {
                 tokio::time::timeout(Duration::from_secs(1), first_close.notified()).await
             });
         assert!(closed.is_ok(), "the idle connection was told to close");
-        // A streaming connection is never the one closed.
-        let stream = first.open_stream("kiosk").expect("first stream");
+        // A burst does not overshoot: the closing one is not closed twice, and with the
+        // newcomer busy and `second` busy there is nothing left to close.
+        let (third, _) = table.register();
+        third.update(|e| e.in_flight = 1);
         assert!(
-            first.open_stream("kiosk").is_none(),
+            !table.admit(),
+            "all busy or closing: the new connection is refused"
+        );
+        // A streaming connection is never the one closed.
+        third.update(|e| e.in_flight = 0);
+        let stream = third.open_stream("kiosk").expect("a stream");
+        assert!(
+            third.open_stream("kiosk").is_none(),
             "one stream per client here"
         );
-        assert!(!table.admit(), "both busy: the new connection is refused");
+        assert!(!table.admit(), "the streaming connection stays");
         drop(stream);
-        assert!(table.admit());
+        assert!(
+            table.admit(),
+            "once its stream ends it is idle, and goes first"
+        );
+        drop(first);
     }
 }
