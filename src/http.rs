@@ -496,22 +496,15 @@ fn refused(n: &Negotiator, detail: String) -> ServerError {
 /// OAuth: the cached token; a `401` drops it and the request is sent once more with a new one.
 async fn oauth(tokens: &TokenSource, request: RequestBuilder) -> Result<Response, ServerError> {
     let retry = replay(&request)?;
+    let send = |request: RequestBuilder, token: &str| request.bearer_auth(token).send();
     let token = tokens.token().await?;
-    let response = request
-        .bearer_auth(&*token.value)
-        .send()
-        .await
-        .map_err(classify)?;
+    let response = send(request, &token.value).await.map_err(classify)?;
     if response.status() != StatusCode::UNAUTHORIZED {
         return Ok(response);
     }
     let _ = read_body(response).await;
     let token = tokens.token_after_rejection(&token).await?;
-    let response = retry
-        .bearer_auth(&*token.value)
-        .send()
-        .await
-        .map_err(classify)?;
+    let response = send(retry, &token.value).await.map_err(classify)?;
     if response.status() != StatusCode::UNAUTHORIZED {
         return Ok(response);
     }

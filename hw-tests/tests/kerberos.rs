@@ -13,12 +13,11 @@ use std::sync::{OnceLock, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
-use common::{insert, run_cardbridge};
+use common::run_cardbridge;
 use hw_tests::kdc::{Kdc, CM_SPN, REALM};
-use hw_tests::rig::{Rig, Slot};
+use hw_tests::rig::Slot;
 use hw_tests::sim::{matching_record, Fixture, Simulator};
 use hw_tests::sim_auth::{NegotiateStyle, SimAuth};
-use hw_tests::vcard::CardSpec;
 use hw_tests::vpcd::Inserted;
 
 struct Realm {
@@ -81,12 +80,7 @@ struct Scene {
 }
 
 fn scene(style: NegotiateStyle) -> Scene {
-    let rig = Rig::get();
-    let shared = rig.shared();
-    let slot = rig.slot();
-    common::wait_for_card(&slot.reader, false);
-    let card = insert(CardSpec::piv_four_certs(), &slot);
-    let card_id = card.truth.card_id.clone().expect("card id");
+    let (shared, slot, card, card_id) = common::piv_card();
     let fixture = Fixture {
         smartcards: vec![matching_record(&card.truth, false)],
         ..Fixture::default()

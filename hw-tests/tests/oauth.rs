@@ -14,10 +14,8 @@ use cardbridge::http::ServerError;
 use cardbridge::scepman::ScepmanClient;
 use common::daemon::{Daemon, ADMIN, TOKEN};
 use common::eventually;
-use hw_tests::rig::Rig;
 use hw_tests::sim::{matching_record, scepman_certs, Fixture, ScepmanCert, Simulator};
 use hw_tests::sim_auth::{OAuthApp, SimAuth};
-use hw_tests::vcard::CardSpec;
 use serde_json::json;
 
 const CLIENT_ID: &str = "6c1b2f0e-cardbridge-station";
@@ -308,12 +306,7 @@ fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 
 #[test]
 fn secrets_and_tokens_never_reach_logs_answers_or_the_database() {
-    let rig = Rig::get();
-    let _shared = rig.shared();
-    let slot = rig.slot();
-    common::wait_for_card(&slot.reader, false);
-    let card = common::insert(CardSpec::piv_four_certs(), &slot);
-    let card_id = card.truth.card_id.clone().expect("card id");
+    let (_shared, _slot, card, card_id) = common::piv_card();
     // Two servers, as in a deployment: MIM CM (no authentication here) and SCEPman (OAuth).
     let cm_sim = Simulator::start(
         Fixture {
@@ -396,12 +389,7 @@ fn secrets_and_tokens_never_reach_logs_answers_or_the_database() {
 
 #[test]
 fn a_revocation_refused_for_authentication_waits_until_the_secret_is_fixed() {
-    let rig = Rig::get();
-    let _shared = rig.shared();
-    let slot = rig.slot();
-    common::wait_for_card(&slot.reader, false);
-    let card = common::insert(CardSpec::piv_four_certs(), &slot);
-    let card_id = card.truth.card_id.clone().expect("card id");
+    let (_shared, _slot, card, card_id) = common::piv_card();
     let sim = Simulator::start(
         Fixture {
             smartcards: vec![matching_record(&card.truth, false)],

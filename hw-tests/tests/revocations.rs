@@ -3,17 +3,13 @@
 
 mod common;
 
-use std::sync::RwLockReadGuard;
 use std::time::Duration;
 
 use common::daemon::{next_event, Daemon, ADMIN, TOKEN};
-use common::{eventually, insert, run_cardbridge};
-use hw_tests::rig::{Rig, Slot};
+use common::{eventually, piv_card, run_cardbridge};
 use hw_tests::sim::{
     matching_record, scepman_certs, Fault, Fixture, Logged, ScepmanCert, SimCard, Simulator,
 };
-use hw_tests::vcard::CardSpec;
-use hw_tests::vpcd::Inserted;
 use serde_json::{json, Value};
 
 /// Fast pacing, so retries and request polling happen within a test's patience.
@@ -75,18 +71,6 @@ fn wait_card(daemon: &Daemon, card_id: &str, reconciled: bool) {
         let (status, body) = daemon.get(&path, &[("Authorization", &auth)]);
         (status == 200 && (!reconciled || body.contains("\"state\":\"matched\""))).then_some(())
     })
-}
-
-/// A 4-certificate PIV card in a leased reader slot, with its card id. Keep the guard and the
-/// slot for the whole test (they drop after the card).
-fn piv_card() -> (RwLockReadGuard<'static, ()>, Slot, Inserted, String) {
-    let rig = Rig::get();
-    let shared = rig.shared();
-    let slot = rig.slot();
-    common::wait_for_card(&slot.reader, false);
-    let card = insert(CardSpec::piv_four_certs(), &slot);
-    let card_id = card.truth.card_id.clone().expect("card id");
-    (shared, slot, card, card_id)
 }
 
 /// The MIM CM / SCEPman simulator on a free port with these records.

@@ -52,6 +52,23 @@ pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
     }
 }
 
+/// A 4-certificate PIV card in a leased reader slot, with its card id. Keep the guard and the
+/// slot for the whole test (they drop after the card).
+pub fn piv_card() -> (
+    std::sync::RwLockReadGuard<'static, ()>,
+    Slot,
+    Inserted,
+    String,
+) {
+    let rig = hw_tests::rig::Rig::get();
+    let shared = rig.shared();
+    let slot = rig.slot();
+    wait_for_card(&slot.reader, false);
+    let card = insert(CardSpec::piv_four_certs(), &slot);
+    let card_id = card.truth.card_id.clone().expect("card id");
+    (shared, slot, card, card_id)
+}
+
 /// Puts a card built from `spec` into `slot` and waits until pcscd sees it.
 pub fn insert(spec: CardSpec, slot: &Slot) -> Inserted {
     match hw_tests::rig::insert_card(spec, slot) {
