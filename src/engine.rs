@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::card::{Card, ReadOptions};
+use crate::card::{Card, ReadOptions, TransportError};
 use crate::pcsc::{self, Monitor, MonitorEvent};
 use crate::reconcile::{Reconciler, Reconciliation, State};
 use crate::store::{Store, CARD_ID_FORM};
@@ -234,15 +234,13 @@ impl Dispatcher {
                 self.workers.insert(reader.to_string(), (tx, thread));
             }
             Err(e) => {
-                let error = crate::card::ReadError::Transport(crate::card::TransportError::Failed(
-                    format!("cannot start a reader thread: {e}"),
-                ));
+                let error = TransportError::Failed(format!("cannot start a reader thread: {e}"));
                 let _ = self
                     .events
-                    .send(Event::CardReadFailed(Box::new(Card::failed(
+                    .send(Event::CardReadFailed(Box::new(pcsc::unreadable(
                         reader,
                         &[],
-                        &error,
+                        error,
                     ))));
             }
         }
@@ -270,14 +268,10 @@ impl ReaderWorker {
             }
             let card = match &ctx {
                 Some(c) => pcsc::read_reader(c, &name, &self.read),
-                None => Card::failed(
+                None => pcsc::unreadable(
                     &self.reader,
                     &[],
-                    &crate::card::ReadError::Transport(
-                        crate::card::TransportError::ServiceUnavailable(
-                            "cannot open a PC/SC context".into(),
-                        ),
-                    ),
+                    TransportError::ServiceUnavailable("cannot open a PC/SC context".into()),
                 ),
             };
             if card

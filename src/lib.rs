@@ -22,6 +22,7 @@
 //! - [`api`]: the local REST + Server-Sent Events API and its security checks.
 //! - [`daemon`]: `cardbridge run`, the engine behind the local API.
 //! - [`service`]: the daemon as a systemd service (readiness, status, watchdog).
+//! - [`clock`]: the system clock, handed to the card layer, and the timestamp format.
 //! - [`random`]: random tokens and keys from the system's source.
 //! - [`logging`]: `tracing` output for a terminal or the journal.
 //! - [`scan`]: the `cardbridge scan` command.
@@ -33,9 +34,9 @@
 
 pub mod api;
 pub mod auth;
-pub mod card;
 pub mod check;
 pub mod client;
+pub mod clock;
 pub mod cm;
 pub mod config;
 pub mod daemon;
@@ -54,3 +55,6 @@ pub mod service;
 pub mod state_dir;
 pub mod station;
 pub mod store;
+
+/// The card layer is its own crate so the compiler keeps it free of I/O; see its crate docs.
+pub use cardbridge_card as card;

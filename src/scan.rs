@@ -7,7 +7,7 @@ use std::io::Write;
 
 use serde::Serialize;
 
-use crate::card::{Card, ReadError, ReadOptions, TransportError};
+use crate::card::{Card, ReadOptions, TransportError};
 use crate::config::Config;
 use crate::http::ServerError;
 use crate::pcsc::{self, PcscError};
@@ -74,10 +74,10 @@ pub fn scan(only_reader: Option<&str>, options: &ReadOptions) -> Result<ScanResu
 fn read_on_own_context(reader: &std::ffi::CStr, options: &ReadOptions) -> Card {
     match pcsc::connect() {
         Ok(ctx) => pcsc::read_reader(&ctx, reader, options),
-        Err(e) => Card::failed(
+        Err(e) => pcsc::unreadable(
             &reader.to_string_lossy(),
             &[],
-            &ReadError::Transport(TransportError::ServiceUnavailable(e.to_string())),
+            TransportError::ServiceUnavailable(e.to_string()),
         ),
     }
 }

@@ -575,7 +575,13 @@ mod tests {
             ..ReadOptions::default()
         };
         (
-            read_card(&mut Direct(&mut card), "direct", &atr, &options),
+            read_card(
+                &mut Direct(&mut card),
+                "direct",
+                &atr,
+                &options,
+                &cardbridge::clock::SystemClock,
+            ),
             card.truth.clone(),
         )
     }

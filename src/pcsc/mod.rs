@@ -14,7 +14,7 @@ use ::pcsc::{Context, ReaderState, Scope, State};
 use thiserror::Error;
 
 pub use monitor::{Monitor, MonitorEvent};
-pub use reader::read_reader;
+pub use reader::{read_reader, unreadable};
 
 /// Failures to talk to pcscd at all.
 #[derive(Debug, Error)]

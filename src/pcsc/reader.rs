@@ -12,7 +12,8 @@ use std::time::Instant;
 use ::pcsc::{Attribute, Context, Disposition, Protocols, ShareMode};
 
 use super::transport::{map_error, PcscTransport};
-use crate::card::{names, read_card, Card, ReadError, ReadOptions};
+use crate::card::{names, read_card, Card, Clock, ReadError, ReadOptions, TransportError};
+use crate::clock::SystemClock;
 
 /// Reads the card in `reader`. Never fails: a card that cannot be read comes back with `error`.
 pub fn read_reader(ctx: &Context, reader: &CStr, options: &ReadOptions) -> Card {
@@ -20,7 +21,7 @@ pub fn read_reader(ctx: &Context, reader: &CStr, options: &ReadOptions) -> Card 
     let name = reader.to_string_lossy();
     let mut card = match ctx.connect(reader, ShareMode::Shared, Protocols::ANY) {
         Ok(card) => card,
-        Err(e) => return Card::failed(&name, &[], &ReadError::Transport(map_error(e))),
+        Err(e) => return unreadable(&name, &[], map_error(e)),
     };
     let atr = card_atr(&card);
     let options = ReadOptions {
@@ -38,7 +39,7 @@ pub fn read_reader(ctx: &Context, reader: &CStr, options: &ReadOptions) -> Card 
     }
     let mut snapshot = match result {
         Ok(snapshot) => snapshot,
-        Err(e) => Card::failed(&name, &atr, &ReadError::Transport(map_error(e))),
+        Err(e) => unreadable(&name, &atr, map_error(e)),
     };
     // A failed disconnect leaves nothing to do: the handle is gone either way.
     if let Err((card, _)) = card.disconnect(Disposition::LeaveCard) {
@@ -53,6 +54,16 @@ pub fn read_reader(ctx: &Context, reader: &CStr, options: &ReadOptions) -> Card 
 
 /// The card's name from the system's list; an absent list (pcsc-tools not installed) just
 /// leaves it out. The file is read here, on the PC/SC side: `card` only matches bytes.
+/// The entry for a reader whose card could not be connected to or read at all, timed now.
+pub fn unreadable(name: &str, atr: &[u8], error: TransportError) -> Card {
+    Card::failed(
+        name,
+        atr,
+        &ReadError::Transport(error),
+        SystemClock.now_utc(),
+    )
+}
+
 fn card_name(list: &std::path::Path, atr: &[u8]) -> Option<String> {
     names::lookup_in(&std::fs::read(list).ok()?, atr)
 }
@@ -76,7 +87,7 @@ fn read_in_transaction(
     let tx = card.transaction()?;
     let snapshot = {
         let mut transport = PcscTransport::new(&tx);
-        read_card(&mut transport, name, atr, options)
+        read_card(&mut transport, name, atr, options, &SystemClock)
     };
     // Ending can only fail when the card is already gone, which the snapshot reports.
     let _ = tx.end(Disposition::LeaveCard);

@@ -685,13 +685,10 @@ mod tests {
     }
 
     fn reconciliation(operations: &[&str]) -> Reconciliation {
-        let mut failed = Card::failed("r", &[0x3B, 0x00], &crate::card::ReadError::Deadline);
+        let now = time::OffsetDateTime::now_utc();
+        let mut failed = Card::failed("r", &[0x3B, 0x00], &crate::card::ReadError::Deadline, now);
         failed.card_id = Some("00112233445566778899AABBCCDDEEFF".into());
-        let mut r = crate::reconcile::reconcile(
-            &failed,
-            &crate::reconcile::Lookup::NotFound,
-            time::OffsetDateTime::now_utc(),
-        );
+        let mut r = crate::reconcile::reconcile(&failed, &crate::reconcile::Lookup::NotFound, now);
         r.state = State::Matched;
         r.server_card = Some(ServerCard {
             uuid: "17cf063d-e337-4aa9-a822-346554ddd3c9".into(),

@@ -231,9 +231,7 @@ impl Store {
         route: &str,
         outcome: u16,
     ) -> Result<(), StoreError> {
-        let at = time::OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default();
+        let at = crate::clock::now_rfc3339();
         self.conn.execute(
             "INSERT INTO audit (at, client, origin, route, outcome) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![at, client, origin, route, outcome],
@@ -293,6 +291,7 @@ mod tests {
             "reader",
             &[0x3B, 0x80, 0x80, 0x01, 0x01],
             &crate::card::ReadError::Deadline,
+            time::OffsetDateTime::now_utc(),
         )
     }
 

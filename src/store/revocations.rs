@@ -114,7 +114,7 @@ pub enum Schedule {
 }
 
 fn now() -> String {
-    crate::card::now_rfc3339()
+    crate::clock::now_rfc3339()
 }
 
 fn ms_to_rfc3339(ms: i64) -> Option<String> {

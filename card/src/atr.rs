@@ -81,7 +81,7 @@ const DI: [Option<u16>; 16] = [
     None,
 ];
 
-/// Parses an ATR. `name` is left empty; see [`crate::card::names`].
+/// Parses an ATR. `name` is left empty; see [`crate::names`].
 pub fn parse(atr: &[u8]) -> AtrInfo {
     let mut info = AtrInfo {
         convention: None,

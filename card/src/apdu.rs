@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use thiserror::Error;
 
-use super::ReadError;
+use super::{Clock, ReadError};
 
 /// No object read from a card may be larger than this (after chaining). PIV guarantees 1857 to
 /// 2881 bytes per container and real certificates stay well under 8 KiB; 64 KiB leaves room for
@@ -83,17 +83,25 @@ pub struct Channel<'t> {
     transport: &'t mut dyn Transport,
     extended: bool,
     deadline: Instant,
+    clock: &'t dyn Clock,
     apdus: u32,
 }
 
 impl<'t> Channel<'t> {
     /// `extended` asks for extended-length APDUs (the ATR and the reader allow them); the
-    /// channel falls back to short APDUs on its own if the card rejects the encoding.
-    pub fn new(transport: &'t mut dyn Transport, extended: bool, deadline: Instant) -> Self {
+    /// channel falls back to short APDUs on its own if the card rejects the encoding. No
+    /// command goes out once `clock` has passed `deadline`.
+    pub fn new(
+        transport: &'t mut dyn Transport,
+        extended: bool,
+        deadline: Instant,
+        clock: &'t dyn Clock,
+    ) -> Self {
         Channel {
             transport,
             extended,
             deadline,
+            clock,
             apdus: 0,
         }
     }
@@ -131,7 +139,7 @@ impl<'t> Channel<'t> {
     }
 
     fn transmit(&mut self, command: &[u8]) -> Result<Vec<u8>, ReadError> {
-        if Instant::now() > self.deadline {
+        if self.clock.now() > self.deadline {
             return Err(ReadError::Deadline);
         }
         self.apdus += 1;
@@ -243,6 +251,7 @@ fn with_short_le(command: &[u8], le: u8) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::replay::SteppingClock;
     use std::collections::VecDeque;
     use std::time::Duration;
 
@@ -270,6 +279,11 @@ mod tests {
         }
     }
 
+    /// A clock that never reaches the channel's deadline.
+    fn still() -> SteppingClock {
+        SteppingClock::new(Duration::ZERO)
+    }
+
     fn later() -> Instant {
         Instant::now() + Duration::from_secs(5)
     }
@@ -283,7 +297,8 @@ mod tests {
             &[3, 4, 5, 0x61, 0x00],
             &[6, 0x90, 0x00],
         ]);
-        let mut ch = Channel::new(&mut script, false, later());
+        let clock = still();
+        let mut ch = Channel::new(&mut script, false, later(), &clock);
         let r = ch.send(GET_CHUID, &[0x5C, 0x03, 0x5F, 0xC1, 0x02]).unwrap();
         assert_eq!(
             r,
@@ -300,7 +315,8 @@ mod tests {
     #[test]
     fn retries_6cxx_with_the_right_le() {
         let mut script = Script::new(&[&[0x6C, 0x04], &[9, 9, 9, 9, 0x90, 0x00]]);
-        let mut ch = Channel::new(&mut script, false, later());
+        let clock = still();
+        let mut ch = Channel::new(&mut script, false, later(), &clock);
         let r = ch.send([0x00, 0xFD, 0x00, 0x00], &[]).unwrap();
         assert_eq!(r.data, [9, 9, 9, 9]);
         assert_eq!(script.sent[1], [0x00, 0xFD, 0x00, 0x00, 0x04]);
@@ -322,7 +338,8 @@ mod tests {
     #[test]
     fn falls_back_to_short_apdus_on_6700() {
         let mut script = Script::new(&[&[0x67, 0x00], &[7, 0x90, 0x00]]);
-        let mut ch = Channel::new(&mut script, true, later());
+        let clock = still();
+        let mut ch = Channel::new(&mut script, true, later(), &clock);
         let r = ch.send(GET_CHUID, &[0x5C, 0x01, 0x7E]).unwrap();
         assert_eq!(r.data, [7]);
         assert!(!ch.uses_extended_length());
@@ -337,7 +354,8 @@ mod tests {
         let chunk: Vec<u8> = std::iter::repeat_n(0xAA, 256).chain([0x61, 0x00]).collect();
         let responses: Vec<&[u8]> = std::iter::repeat_n(&chunk[..], 400).collect();
         let mut script = Script::new(&responses);
-        let mut ch = Channel::new(&mut script, false, later());
+        let clock = still();
+        let mut ch = Channel::new(&mut script, false, later(), &clock);
         let err = ch.send(GET_CHUID, &[]).unwrap_err();
         assert!(matches!(err, ReadError::TooLarge { .. }), "{err:?}");
         assert!(ch.apdu_count() <= (MAX_OBJECT_SIZE / 256 + 2) as u32);
@@ -347,7 +365,8 @@ mod tests {
     fn an_endless_chain_of_empty_steps_ends() {
         let responses: Vec<&[u8]> = std::iter::repeat_n(&[0x61u8, 0x01][..], 10_000).collect();
         let mut script = Script::new(&responses);
-        let mut ch = Channel::new(&mut script, false, later());
+        let clock = still();
+        let mut ch = Channel::new(&mut script, false, later(), &clock);
         assert!(matches!(
             ch.send(GET_CHUID, &[]),
             Err(ReadError::Malformed(_))
@@ -357,7 +376,8 @@ mod tests {
     #[test]
     fn a_response_without_status_word_is_malformed() {
         let mut script = Script::new(&[&[0x90]]);
-        let mut ch = Channel::new(&mut script, false, later());
+        let clock = still();
+        let mut ch = Channel::new(&mut script, false, later(), &clock);
         assert!(matches!(
             ch.send(GET_CHUID, &[]),
             Err(ReadError::Malformed(_))
@@ -367,10 +387,12 @@ mod tests {
     #[test]
     fn a_passed_deadline_stops_the_read() {
         let mut script = Script::new(&[&[0x90, 0x00]]);
+        let clock = still();
         let mut ch = Channel::new(
             &mut script,
             false,
-            Instant::now() - Duration::from_millis(1),
+            clock.now() - Duration::from_millis(1),
+            &clock,
         );
         assert!(matches!(ch.send(GET_CHUID, &[]), Err(ReadError::Deadline)));
         assert!(script.sent.is_empty());
@@ -379,7 +401,8 @@ mod tests {
     #[test]
     fn a_removed_card_is_a_transport_error() {
         let mut script = Script::new(&[&[1, 0x61, 0x10]]);
-        let mut ch = Channel::new(&mut script, false, later());
+        let clock = still();
+        let mut ch = Channel::new(&mut script, false, later(), &clock);
         let err = ch.send(GET_CHUID, &[]).unwrap_err();
         assert_eq!(err, ReadError::Transport(TransportError::CardRemoved));
     }

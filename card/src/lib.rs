@@ -3,6 +3,12 @@
 //!
 //! A card is untrusted input. Everything here works on bounded byte slices and returns a typed
 //! [`ReadError`] for anything unexpected; nothing panics on card bytes.
+//!
+//! This crate does no I/O of its own, and the compiler holds it to that: it does not depend on
+//! PC/SC, it opens no file, and it reads no clock. The card arrives through a [`Transport`],
+//! time through a [`Clock`], and the card-name list as text (see [`names`]).
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod apdu;
 pub mod atr;
@@ -20,6 +26,15 @@ use serde::Serialize;
 use thiserror::Error;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
+
+/// Where a read takes its time from. The caller passes the system clock; tests pass one that
+/// moves when they say, so the deadline rules are checked without waiting.
+pub trait Clock {
+    /// Monotonic time, for the read deadline and `read_ms`.
+    fn now(&self) -> Instant;
+    /// Wall-clock time, for `read_at`.
+    fn now_utc(&self) -> OffsetDateTime;
+}
 
 pub use apdu::{Channel, Transport, TransportError};
 pub use atr::AtrInfo;
@@ -156,14 +171,14 @@ pub struct Card {
 }
 
 impl Card {
-    /// A card entry for a reader whose card could not even be connected to.
-    pub fn failed(reader: &str, atr: &[u8], error: &ReadError) -> Card {
-        let mut card = Card::empty(reader, atr);
+    /// A card entry for a reader whose card could not even be connected to, at `read_at`.
+    pub fn failed(reader: &str, atr: &[u8], error: &ReadError, read_at: OffsetDateTime) -> Card {
+        let mut card = Card::empty(reader, atr, read_at);
         card.error = Some(error.into());
         card
     }
 
-    fn empty(reader: &str, atr: &[u8]) -> Card {
+    fn empty(reader: &str, atr: &[u8], read_at: OffsetDateTime) -> Card {
         Card {
             reader: reader.to_string(),
             atr: hex::encode_upper(atr),
@@ -175,7 +190,7 @@ impl Card {
             piv: None,
             gids: None,
             certificates: Vec::new(),
-            read_at: now_rfc3339(),
+            read_at: rfc3339(read_at),
             read_ms: 0,
             apdu_count: 0,
             error: None,
@@ -222,11 +237,12 @@ pub fn read_card(
     reader: &str,
     atr: &[u8],
     options: &ReadOptions,
+    clock: &dyn Clock,
 ) -> Card {
-    let started = Instant::now();
-    let mut card = Card::empty(reader, atr);
+    let started = clock.now();
+    let mut card = Card::empty(reader, atr, clock.now_utc());
     let extended = card.atr_info.extended_length && options.reader_extended_length;
-    let mut channel = Channel::new(transport, extended, started + options.timeout);
+    let mut channel = Channel::new(transport, extended, started + options.timeout, clock);
     let gids_first = card
         .atr_info
         .application_id
@@ -248,7 +264,7 @@ pub fn read_card(
             card.error = Some((&e).into());
         }
     }
-    card.read_ms = started.elapsed().as_millis() as u64;
+    card.read_ms = clock.now().saturating_duration_since(started).as_millis() as u64;
     card
 }
 
@@ -296,17 +312,52 @@ pub fn guid_string(bytes: &[u8; 16]) -> String {
     )
 }
 
-pub(crate) fn now_rfc3339() -> String {
-    OffsetDateTime::now_utc()
-        .format(&Rfc3339)
-        .unwrap_or_default()
+/// Formats a time the way every timestamp in cardbridge's JSON is written (RFC 3339, UTC).
+pub fn rfc3339(at: OffsetDateTime) -> String {
+    at.format(&Rfc3339).unwrap_or_default()
 }
 
-/// A [`Transport`] that replays recorded responses, for the protocol unit tests.
+/// A [`Transport`] that replays recorded responses and a [`Clock`] that moves when read, for
+/// the protocol unit tests.
 #[cfg(test)]
 pub(crate) mod replay {
-    use super::{Transport, TransportError};
+    use super::{Clock, Transport, TransportError};
+    use std::cell::Cell;
     use std::collections::HashMap;
+    use std::time::{Duration, Instant};
+    use time::OffsetDateTime;
+
+    /// Moves `step` forward every time it is read; its wall clock is a fixed instant.
+    pub struct SteppingClock {
+        at: Cell<Instant>,
+        step: Duration,
+    }
+
+    impl SteppingClock {
+        pub fn new(step: Duration) -> Self {
+            SteppingClock {
+                at: Cell::new(Instant::now()),
+                step,
+            }
+        }
+
+        /// The wall-clock time every read with this clock reports.
+        pub fn wall() -> OffsetDateTime {
+            OffsetDateTime::from_unix_timestamp(1_795_000_000).unwrap()
+        }
+    }
+
+    impl Clock for SteppingClock {
+        fn now(&self) -> Instant {
+            let now = self.at.get();
+            self.at.set(now + self.step);
+            now
+        }
+
+        fn now_utc(&self) -> OffsetDateTime {
+            Self::wall()
+        }
+    }
 
     /// Answers each command from a table (command hex → response hex); unknown commands get
     /// `6D00`. Records what was sent.
@@ -359,9 +410,32 @@ mod tests {
             smartcard_list: None,
             ..ReadOptions::default()
         };
-        let card = read_card(&mut t, "r", &[0x3B, 0x02, 0x14, 0x50], &options);
+        let clock = replay::SteppingClock::new(Duration::from_millis(7));
+        let card = read_card(&mut t, "r", &[0x3B, 0x02, 0x14, 0x50], &options, &clock);
         assert_eq!(card.kind, CardKind::Unknown);
         assert_eq!(card.error, None);
         assert_eq!(card.apdu_count, 2);
+        assert_eq!(card.read_at, "2026-11-18T11:06:40Z");
+        // Read at the start, before each of the two commands, and at the end.
+        assert_eq!(card.read_ms, 21);
+    }
+
+    #[test]
+    fn a_read_that_runs_past_its_timeout_fails_with_timeout_and_no_content() {
+        let mut t = replay::Replay::new::<&str>(&[]);
+        let options = ReadOptions {
+            timeout: Duration::from_secs(1),
+            smartcard_list: None,
+            ..ReadOptions::default()
+        };
+        let clock = replay::SteppingClock::new(Duration::from_millis(600));
+        let card = read_card(&mut t, "r", &[0x3B, 0x02, 0x14, 0x50], &options, &clock);
+        let error = card.error.expect("the read must fail");
+        assert_eq!(error.kind, ReadErrorKind::Timeout);
+        assert_eq!(
+            card.apdu_count, 1,
+            "the second command is past the deadline"
+        );
+        assert!(card.piv.is_none() && card.certificates.is_empty());
     }
 }

@@ -312,8 +312,9 @@ fn read_yubikey(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::card::replay::Replay;
-    use std::time::{Duration, Instant};
+    use crate::replay::{Replay, SteppingClock};
+    use crate::Clock;
+    use std::time::Duration;
 
     const YKP_FASCN: &str = "D4E739DA739CED39CE739D836858210842108421C84210C3EB";
 
@@ -399,7 +400,8 @@ mod tests {
             ("00FD000000".into(), ok(vec![5, 4, 3])),
             ("00F8000000".into(), ok(vec![0x00, 0xAE, 0x17, 0xCB])),
         ]);
-        let mut ch = Channel::new(&mut t, false, Instant::now() + Duration::from_secs(5));
+        let clock = SteppingClock::new(Duration::ZERO);
+        let mut ch = Channel::new(&mut t, false, clock.now() + Duration::from_secs(5), &clock);
         assert!(select(&mut ch).unwrap());
         let (details, data) = read(&mut ch).unwrap();
         assert_eq!(ch.apdu_count(), 10);
@@ -426,7 +428,8 @@ mod tests {
                 vec![0x6A, 0x82],
             );
         }
-        let mut ch = Channel::new(&mut t, false, Instant::now() + Duration::from_secs(5));
+        let clock = SteppingClock::new(Duration::ZERO);
+        let mut ch = Channel::new(&mut t, false, clock.now() + Duration::from_secs(5), &clock);
         assert!(select(&mut ch).unwrap());
         let (details, data) = read(&mut ch).unwrap();
         // SELECT, CHUID, 4 active, key history, 20 retired, GET VERSION.
@@ -444,7 +447,8 @@ mod tests {
             ("00011000", ok(vec![0x00, 0x12, 0xD6, 0x87])),
             ("00A4040009A0000003080000100000", ok(vec![])),
         ]);
-        let mut ch = Channel::new(&mut t, false, Instant::now() + Duration::from_secs(5));
+        let clock = SteppingClock::new(Duration::ZERO);
+        let mut ch = Channel::new(&mut t, false, clock.now() + Duration::from_secs(5), &clock);
         let mut details = PivDetails::default();
         let mut data = AppletData::default();
         read_yubikey(&mut ch, &mut details, &mut data).unwrap();
@@ -458,7 +462,8 @@ mod tests {
     #[test]
     fn a_wrong_outer_tag_is_malformed() {
         let mut t = Replay::new(&[("00CB3FFF055C035FC10200", ok(tlv::encode(0x54, &[1])))]);
-        let mut ch = Channel::new(&mut t, false, Instant::now() + Duration::from_secs(5));
+        let clock = SteppingClock::new(Duration::ZERO);
+        let mut ch = Channel::new(&mut t, false, clock.now() + Duration::from_secs(5), &clock);
         let mut details = PivDetails::default();
         assert!(matches!(
             get_object(&mut ch, TAG_CHUID, "CHUID", &mut details),
