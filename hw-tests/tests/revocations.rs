@@ -96,58 +96,93 @@ fn posts_of_requests(log: &[Logged]) -> usize {
         .count()
 }
 
-#[test]
-fn certificates_are_revoked_once_each_with_every_answer_kept() {
-    let (_shared, _slot, card, card_id) = piv_card();
-    // SCEPman knows three of the four certificates, one of them already revoked.
-    let mut known = scepman_certs(&card.truth);
-    assert_eq!(known.len(), 4);
-    let unknown = known.pop().expect("fourth certificate");
-    known[2].revocation_date = Some("2026-01-01T00:00:00Z".into());
-    let sim = simulator(vec![matching_record(&card.truth, false)], known.clone());
-    let daemon = Daemon::start(
-        "revoke-certs",
-        &servers(&sim.cm_base_url(), &sim.scepman_base_url()),
-    );
-    wait_card(&daemon, &card_id, true);
-    let mut events = daemon.events(None);
+/// A PIV card with four certificates, read and matched: SCEPman knows three of them, the third
+/// already revoked; the fourth is unknown to it.
+struct FourCertificates {
+    _shared: std::sync::RwLockReadGuard<'static, ()>,
+    _slot: hw_tests::rig::Slot,
+    card: hw_tests::vpcd::Inserted,
+    card_id: String,
+    known: Vec<ScepmanCert>,
+    unknown: ScepmanCert,
+    sim: Simulator,
+    daemon: Daemon,
+}
 
-    // Every refusal, before anything is stored.
-    let auth = format!("Bearer {ADMIN}");
+impl FourCertificates {
+    fn start(name: &str) -> FourCertificates {
+        let (_shared, _slot, card, card_id) = piv_card();
+        let mut known = scepman_certs(&card.truth);
+        assert_eq!(known.len(), 4);
+        let unknown = known.pop().expect("fourth certificate");
+        known[2].revocation_date = Some("2026-01-01T00:00:00Z".into());
+        let sim = simulator(vec![matching_record(&card.truth, false)], known.clone());
+        let daemon = Daemon::start(name, &servers(&sim.cm_base_url(), &sim.scepman_base_url()));
+        wait_card(&daemon, &card_id, true);
+        FourCertificates {
+            _shared,
+            _slot,
+            card,
+            card_id,
+            known,
+            unknown,
+            sim,
+            daemon,
+        }
+    }
+
+    /// The helpdesk's request: every certificate on the card, key compromise.
+    fn all_certificates(&self) -> Value {
+        json!({"card_id": self.card_id, "target": "certificates", "reason": "keyCompromise",
+               "revoker": "helpdesk@contoso.com", "comment": "reported lost"})
+    }
+}
+
+#[test]
+fn a_request_without_key_scope_or_json_is_refused() {
+    let t = FourCertificates::start("revoke-headers");
+    let body = t.all_certificates().to_string();
+    let admin = format!("Bearer {ADMIN}");
     let kiosk = format!("Bearer {TOKEN}");
-    let body = json!({"card_id": card_id, "target": "certificates", "reason": "keyCompromise",
-                      "revoker": "helpdesk@contoso.com", "comment": "reported lost"});
     let json_type = ("Content-Type", "application/json");
-    let (status, text) = daemon.request(
-        "POST",
-        "/v1/revocations",
-        &[("Authorization", &auth), json_type],
-        &body.to_string(),
-    );
-    assert_eq!(status, 400, "no Idempotency-Key: {text}");
-    assert!(text.contains("missing_idempotency_key"), "{text}");
-    let (status, _) = daemon.request(
-        "POST",
-        "/v1/revocations",
-        &[
-            ("Authorization", &kiosk),
-            json_type,
-            ("Idempotency-Key", "k"),
-        ],
-        &body.to_string(),
-    );
-    assert_eq!(status, 403, "the kiosk client has no revoke scope");
-    let (status, _) = daemon.request(
-        "POST",
-        "/v1/revocations",
-        &[
-            ("Authorization", &auth),
-            ("Content-Type", "text/plain"),
-            ("Idempotency-Key", "k"),
-        ],
-        &body.to_string(),
-    );
-    assert_eq!(status, 415);
+    let key = ("Idempotency-Key", "k");
+    let cases = [
+        (
+            vec![("Authorization", admin.as_str()), json_type],
+            400,
+            "missing_idempotency_key",
+        ),
+        (
+            vec![("Authorization", kiosk.as_str()), json_type, key],
+            403,
+            "missing_scope",
+        ),
+        (
+            vec![
+                ("Authorization", admin.as_str()),
+                ("Content-Type", "text/plain"),
+                key,
+            ],
+            415,
+            "unsupported_media_type",
+        ),
+    ];
+    for (headers, status, code) in cases {
+        let (got, text) = t.daemon.request("POST", "/v1/revocations", &headers, &body);
+        let answer: Value = serde_json::from_str(&text).unwrap_or_default();
+        assert_eq!(
+            (got, answer["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{text}"
+        );
+    }
+    assert!(patches(&t.sim.log()).is_empty());
+}
+
+#[test]
+fn a_bad_body_is_refused_with_its_code_and_nothing_is_sent() {
+    let t = FourCertificates::start("revoke-refusals");
+    let card_id = &t.card_id;
     let refusals = [
         (
             json!({"card_id": card_id, "target": "certificates", "reason": "stolen"}),
@@ -181,30 +216,42 @@ fn certificates_are_revoked_once_each_with_every_answer_kept() {
         ),
     ];
     for (i, (body, status, code)) in refusals.iter().enumerate() {
-        let (got, answer) = submit(&daemon, &format!("refused-{i}"), body);
+        let (got, answer) = submit(&t.daemon, &format!("refused-{i}"), body);
         assert_eq!(
             (got, answer["error"]["code"].as_str()),
             (*status, Some(*code)),
             "{body}: {answer}"
         );
     }
-    let (status, plan) = submit(
-        &daemon,
-        "dry",
-        &json!({"card_id": card_id, "target": "certificates", "reason": "superseded", "dry_run": true}),
+    assert!(patches(&t.sim.log()).is_empty());
+    let (status, list) = list(&t.daemon, "");
+    assert_eq!(
+        (status, list.as_array().map(Vec::len)),
+        (200, Some(0)),
+        "{list}"
     );
+}
+
+#[test]
+fn a_dry_run_plans_every_certificate_and_sends_nothing() {
+    let t = FourCertificates::start("revoke-dry");
+    let mut body = t.all_certificates();
+    body["dry_run"] = json!(true);
+    let (status, plan) = submit(&t.daemon, "dry", &body);
     assert_eq!(status, 200, "{plan}");
     assert_eq!(plan["plan"]["actions"].as_array().map(Vec::len), Some(4));
-    assert!(
-        sim.log().iter().all(|l| l.method != "PATCH"),
-        "refusals and a dry run send nothing"
-    );
+    assert!(patches(&t.sim.log()).is_empty());
+}
 
-    let (status, stored) = submit(&daemon, "lost-card-1", &body);
+#[test]
+fn certificates_are_revoked_once_each_with_every_answer_kept() {
+    let t = FourCertificates::start("revoke-certs");
+    let mut events = t.daemon.events(None);
+    let (status, stored) = submit(&t.daemon, "lost-card-1", &t.all_certificates());
     assert_eq!(status, 202, "{stored}");
     let id = stored["id"].as_i64().expect("id");
     assert_eq!(stored["actions"].as_array().map(Vec::len), Some(4));
-    let done = wait_status(&daemon, id, "partially_failed");
+    let done = wait_status(&t.daemon, id, "partially_failed");
     let by_serial = |serial: &str| {
         done["actions"]
             .as_array()
@@ -214,13 +261,13 @@ fn certificates_are_revoked_once_each_with_every_answer_kept() {
             .cloned()
             .unwrap_or_default()
     };
-    assert_eq!(by_serial(&known[0].serial_number)["status"], "done");
-    assert_eq!(by_serial(&known[1].serial_number)["status"], "done");
+    assert_eq!(by_serial(&t.known[0].serial_number)["status"], "done");
+    assert_eq!(by_serial(&t.known[1].serial_number)["status"], "done");
     assert_eq!(
-        by_serial(&known[2].serial_number)["status"],
+        by_serial(&t.known[2].serial_number)["status"],
         "already_revoked"
     );
-    let failed = by_serial(&unknown.serial_number);
+    let failed = by_serial(&t.unknown.serial_number);
     assert_eq!(failed["status"], "failed", "{failed}");
     assert_eq!(failed["last_outcome"]["server_error_code"], 7012);
     let attempts = done["attempts"].as_array().expect("attempts");
@@ -230,10 +277,10 @@ fn certificates_are_revoked_once_each_with_every_answer_kept() {
         .any(|a| a["server_error_code"] == 5013 && a["http_status"] == 409));
 
     // SCEPman got exactly one PATCH per serial, with the reason number and the revoker.
-    let log = sim.log();
+    let log = t.sim.log();
     let sent = patches(&log);
     assert_eq!(sent.len(), 4, "{sent:?}");
-    for cert in known.iter().chain([&unknown]) {
+    for cert in t.known.iter().chain([&t.unknown]) {
         let mine: Vec<&&Logged> = sent
             .iter()
             .filter(|l| l.path.ends_with(&cert.serial_number))
@@ -245,87 +292,118 @@ fn certificates_are_revoked_once_each_with_every_answer_kept() {
             json!({"revocationReason": 1, "revoker": "helpdesk@contoso.com"})
         );
     }
-    let revoked = sim.scepman();
-    assert_eq!(revoked[0].revocation_reason, Some(1));
+    assert_eq!(t.sim.scepman()[0].revocation_reason, Some(1));
 
-    // Each change was an event.
     let (_, _, data) = next_event(&mut events, |n, d| {
         n == "revocation.updated" && d.contains("partially_failed")
     });
     assert!(data.contains(&format!("\"id\":{id}")), "{data}");
+}
 
-    // The same key and body: the same revocation, nothing sent again; another body: 409.
-    let (status, again) = submit(&daemon, "lost-card-1", &body);
+#[test]
+fn the_same_idempotency_key_returns_the_same_revocation_and_another_body_conflicts() {
+    let t = FourCertificates::start("revoke-idempotent");
+    let body = t.all_certificates();
+    let (status, stored) = submit(&t.daemon, "lost-card-1", &body);
+    assert_eq!(status, 202, "{stored}");
+    let id = stored["id"].as_i64().expect("id");
+    wait_status(&t.daemon, id, "partially_failed");
+
+    let (status, again) = submit(&t.daemon, "lost-card-1", &body);
     assert_eq!((status, again["id"].as_i64()), (202, Some(id)), "{again}");
     let mut other = body.clone();
     other["reason"] = json!("superseded");
-    let (status, answer) = submit(&daemon, "lost-card-1", &other);
+    let (status, answer) = submit(&t.daemon, "lost-card-1", &other);
     assert_eq!(status, 409, "{answer}");
-    assert_eq!(patches(&sim.log()).len(), 4);
+    assert_eq!(patches(&t.sim.log()).len(), 4, "nothing is sent again");
+}
 
-    // The audit trail from the command line, and a revocation submitted with it.
-    let url = format!("http://127.0.0.1:{}", daemon.port);
-    let token_file = daemon.dir.join("admin-token");
+#[test]
+fn the_command_line_submits_and_lists_revocations() {
+    let t = FourCertificates::start("revoke-cli");
+    let url = format!("http://127.0.0.1:{}", t.daemon.port);
+    let token_file = t.daemon.dir.join("admin-token");
     std::fs::write(&token_file, ADMIN).expect("token file");
     let token = token_file.to_string_lossy().into_owned();
-    let out = run_cardbridge(
-        &[
-            "revocations",
-            "--json",
-            "--url",
-            &url,
-            "--token-file",
-            &token,
-        ],
-        &[],
-        Duration::from_secs(20),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let listed: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let thumbprint = &t.card.truth.certificates[0].thumbprint;
+    let revoke = [
+        "revoke",
+        "--card",
+        &t.card_id,
+        "--target",
+        "certificates",
+        "--reason",
+        "superseded",
+        "--thumbprint",
+        thumbprint,
+        "--url",
+        &url,
+        "--token-file",
+        &token,
+    ];
+    let submitted = cli_json(&revoke);
+    let id = submitted["id"].as_i64().expect("id");
+    let r = wait_status(&t.daemon, id, "succeeded");
+    assert_eq!(r["actions"][0]["status"], "done", "{r:#}");
+
+    let listed = cli_json(&[
+        "revocations",
+        "--json",
+        "--url",
+        &url,
+        "--token-file",
+        &token,
+    ]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
     assert_eq!(listed[0]["id"].as_i64(), Some(id));
-    assert_eq!(listed[0]["attempts"].as_array().map(Vec::len), Some(4));
-    let out = run_cardbridge(
-        &[
-            "revoke",
-            "--card",
-            &card_id,
-            "--target",
-            "certificates",
-            "--reason",
-            "superseded",
-            "--thumbprint",
-            &card.truth.certificates[0].thumbprint,
-            "--url",
-            &url,
-            "--token-file",
-            &token,
-        ],
-        &[],
-        Duration::from_secs(20),
+    assert_eq!(listed[0]["attempts"].as_array().map(Vec::len), Some(1));
+    assert_eq!(patches(&t.sim.log()).len(), 1);
+}
+
+#[test]
+fn the_list_filters_by_status_and_refuses_an_unknown_one() {
+    let t = FourCertificates::start("revoke-list");
+    let (status, stored) = submit(&t.daemon, "lost-card-1", &t.all_certificates());
+    assert_eq!(status, 202, "{stored}");
+    wait_status(
+        &t.daemon,
+        stored["id"].as_i64().expect("id"),
+        "partially_failed",
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let second: Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    let second_id = second["id"].as_i64().expect("id");
-    let r = wait_status(&daemon, second_id, "succeeded");
-    assert_eq!(r["actions"][0]["status"], "already_revoked");
+    for (query, count) in [("?status=partially_failed", 1), ("?status=succeeded", 0)] {
+        let (status, list) = list(&t.daemon, query);
+        assert_eq!(
+            (status, list.as_array().map(Vec::len)),
+            (200, Some(count)),
+            "{query}: {list}"
+        );
+    }
+    let (status, _) = list(&t.daemon, "?status=lost");
+    assert_eq!(status, 400);
+}
+
+/// GET /v1/revocations with `query`, as the kiosk client.
+fn list(daemon: &Daemon, query: &str) -> (u16, Value) {
+    let kiosk = format!("Bearer {TOKEN}");
     let (status, text) = daemon.get(
-        "/v1/revocations?status=succeeded",
+        &format!("/v1/revocations{query}"),
         &[("Authorization", &kiosk)],
     );
-    assert_eq!(status, 200);
-    let list: Value = serde_json::from_str(&text).expect("JSON");
-    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
-    let (status, _) = daemon.get("/v1/revocations?status=lost", &[("Authorization", &kiosk)]);
-    assert_eq!(status, 400);
-    card.remove();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// Runs `cardbridge args` and parses what it printed as JSON; panics with stderr on failure.
+fn cli_json(args: &[&str]) -> Value {
+    let out = run_cardbridge(args, &[], Duration::from_secs(20));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON")
 }
 
 #[test]
