@@ -8,83 +8,160 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::daemon::{next_event, read_answer, Daemon, HELPDESK, ORIGIN, TOKEN};
-use common::{insert, run_cardbridge};
+use common::{eventually, insert, run_cardbridge};
 use hw_tests::rig::{cardbridge_bin, Rig};
 use hw_tests::sim::{matching_record, Fixture, Simulator};
 use hw_tests::vcard::CardSpec;
 
+/// A daemon with the CM simulator, an event stream opened before the insertion, and a PIV card
+/// inserted, read and reconciled; `ids` are the event ids of `card.inserted`, `card.read` and
+/// `card.reconciled`.
+struct Reconciled {
+    _shared: std::sync::RwLockReadGuard<'static, ()>,
+    slot: hw_tests::rig::Slot,
+    _sim: Simulator,
+    daemon: Daemon,
+    stream: BufReader<TcpStream>,
+    card: hw_tests::vpcd::Inserted,
+    card_id: String,
+    ids: [u64; 3],
+    read: String,
+    reconciled: String,
+}
+
+impl Reconciled {
+    fn start(name: &str) -> Reconciled {
+        let rig = Rig::get();
+        let _shared = rig.shared();
+        let slot = rig.slot();
+        common::wait_for_card(&slot.reader, false);
+        let sim = Simulator::start(Fixture::default(), 0).expect("simulator");
+        let daemon = Daemon::start(
+            name,
+            &format!("[cm]\nbase_url = \"{}\"\n", sim.cm_base_url()),
+        );
+        let mut stream = daemon.events(None);
+        let card = insert(CardSpec::piv_four_certs(), &slot);
+        sim.replace_fixture(Fixture {
+            smartcards: vec![matching_record(&card.truth, false)],
+            ..Fixture::default()
+        });
+        let card_id = card.truth.card_id.clone().expect("card id");
+        let mine = |d: &str| d.contains(&slot.reader) || d.contains(&card_id);
+        let (inserted, ..) = next_event(&mut stream, |n, d| n == "card.inserted" && mine(d));
+        let (read_id, _, read) =
+            next_event(&mut stream, |n, d| n.starts_with("card.read") && mine(d));
+        let (reconciled_id, _, reconciled) =
+            next_event(&mut stream, |n, d| n == "card.reconciled" && mine(d));
+        Reconciled {
+            _shared,
+            slot,
+            _sim: sim,
+            daemon,
+            stream,
+            card,
+            card_id,
+            ids: [inserted, read_id, reconciled_id],
+            read,
+            reconciled,
+        }
+    }
+
+    /// Whether an event's data is about this test's reader or card.
+    fn mine(&self, data: &str) -> bool {
+        data.contains(&self.slot.reader) || data.contains(&self.card_id)
+    }
+
+    /// POST /v1/cards/{id}/sync with these headers and body.
+    fn sync(&self, token: &str, content_type: &str, body: &str) -> (u16, String) {
+        let auth = format!("Bearer {token}");
+        self.daemon.request(
+            "POST",
+            &format!("/v1/cards/{}/sync", self.card_id),
+            &[("Authorization", &auth), ("Content-Type", content_type)],
+            body,
+        )
+    }
+
+    /// A token file for the client commands, and the daemon's URL.
+    fn client_args(&self) -> (String, String) {
+        let token_file = self.daemon.dir.join("token");
+        std::fs::write(&token_file, TOKEN).expect("token file");
+        let url = format!("http://127.0.0.1:{}", self.daemon.port);
+        (url, token_file.to_string_lossy().into_owned())
+    }
+}
+
+fn kiosk() -> String {
+    format!("Bearer {TOKEN}")
+}
+
 #[test]
-fn events_in_order_resume_and_rest() {
-    let rig = Rig::get();
-    let _shared = rig.shared();
-    let slot = rig.slot();
-    common::wait_for_card(&slot.reader, false);
-    let sim = Simulator::start(Fixture::default(), 0).expect("simulator");
-    let daemon = Daemon::start(
-        "events",
-        &format!("[cm]\nbase_url = \"{}\"\n", sim.cm_base_url()),
+fn an_insertion_is_inserted_read_and_reconciled_in_order() {
+    let t = Reconciled::start("events-order");
+    let [inserted, read, reconciled] = t.ids;
+    assert!(inserted < read && read < reconciled, "{:?}", t.ids);
+    assert!(t
+        .read
+        .contains(t.card.truth.certificates[0].thumbprint.as_str()));
+    assert!(
+        t.reconciled.contains("\"state\":\"matched\""),
+        "{}",
+        t.reconciled
     );
-    let mut stream = daemon.events(None);
+}
 
-    let card = insert(CardSpec::piv_four_certs(), &slot);
-    sim.replace_fixture(Fixture {
-        smartcards: vec![matching_record(&card.truth, false)],
-        ..Fixture::default()
-    });
-    let mine = |data: &str| {
-        data.contains(&slot.reader)
-            || card
-                .truth
-                .card_id
-                .as_deref()
-                .is_some_and(|id| data.contains(id))
-    };
-    let (id1, ..) = next_event(&mut stream, |n, d| n == "card.inserted" && mine(d));
-    let (id2, _, read) = next_event(&mut stream, |n, d| n.starts_with("card.read") && mine(d));
-    let (id3, _, reconciled) = next_event(&mut stream, |n, d| n == "card.reconciled" && mine(d));
-    assert!(id1 < id2 && id2 < id3, "{id1} {id2} {id3}");
-    assert!(read.contains(card.truth.certificates[0].thumbprint.as_str()));
-    assert!(reconciled.contains("\"state\":\"matched\""), "{reconciled}");
-
-    // REST sees the same card.
-    let auth = format!("Bearer {TOKEN}");
-    let id = card.truth.card_id.clone().unwrap_or_default();
-    let (status, body) = daemon.get(&format!("/v1/cards/{id}"), &[("Authorization", &auth)]);
+#[test]
+fn rest_shows_the_card_and_its_reconciliation() {
+    let t = Reconciled::start("events-rest");
+    let auth = kiosk();
+    let (status, body) = t.daemon.get(
+        &format!("/v1/cards/{}", t.card_id),
+        &[("Authorization", &auth)],
+    );
     assert_eq!(status, 200, "{body}");
-    let (status, body) = daemon.get(
-        &format!("/v1/cards/{id}/reconciliation"),
+    assert!(
+        body.contains(t.card.truth.certificates[0].thumbprint.as_str()),
+        "{body}"
+    );
+    let (status, body) = t.daemon.get(
+        &format!("/v1/cards/{}/reconciliation", t.card_id),
         &[("Authorization", &auth)],
     );
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"verdict\":\"ok\""), "{body}");
+}
 
-    // A sync reads the card again and reconciles it again; it needs the sync scope and JSON.
-    let sync = format!("/v1/cards/{id}/sync");
-    let helpdesk = format!("Bearer {HELPDESK}");
-    let json = ("Content-Type", "application/json");
-    let (status, body) = daemon.request("POST", &sync, &[("Authorization", &auth), json], "{}");
+#[test]
+fn a_sync_needs_its_scope_and_json_and_every_attempt_is_audited() {
+    let mut t = Reconciled::start("events-sync");
+    let json = "application/json";
+    let (status, body) = t.sync(TOKEN, json, "{}");
     assert_eq!(status, 403, "read-only client: {body}");
-    let (status, body) = daemon.request(
-        "POST",
-        &sync,
-        &[("Authorization", &helpdesk), ("Content-Type", "text/plain")],
-        "{}",
-    );
+    let (status, body) = t.sync(HELPDESK, "text/plain", "{}");
     assert_eq!(status, 415, "{body}");
     let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(100 * 1024));
-    let (status, _) = daemon.request("POST", &sync, &[("Authorization", &helpdesk), json], &big);
+    let (status, _) = t.sync(HELPDESK, json, &big);
     assert_eq!(status, 413);
-    let (status, body) = daemon.request("POST", &sync, &[("Authorization", &helpdesk), json], "{}");
+    let (status, body) = t.sync(HELPDESK, json, "{}");
     assert_eq!(status, 202, "{body}");
-    next_event(&mut stream, |n, d| n == "card.read" && mine(d));
-    next_event(&mut stream, |n, d| n == "card.reconciled" && mine(d));
-    let store = cardbridge::store::Store::open(&daemon.dir.join("state")).expect("state database");
+    // The sync reads the card again and reconciles it again.
+    let (read, ..) = next_event(&mut t.stream, |n, d| {
+        n == "card.read" && d.contains(&t.card_id)
+    });
+    let (reconciled, ..) = next_event(&mut t.stream, |n, d| {
+        n == "card.reconciled" && d.contains(&t.card_id)
+    });
+    assert!(t.ids[2] < read && read < reconciled);
+
+    // Every state-changing attempt of a known client is in the audit trail, refused ones too.
+    let store =
+        cardbridge::store::Store::open(&t.daemon.dir.join("state")).expect("state database");
     let audit = store.audit().expect("audit");
     let outcomes: Vec<(String, u16)> = audit
         .iter()
         .map(|a| (a.client.clone(), a.outcome))
         .collect();
-    // Every state-changing attempt of a known client is in the audit trail, refused ones too.
     let expected = [
         ("kiosk", 403),
         ("helpdesk", 415),
@@ -96,12 +173,20 @@ fn events_in_order_resume_and_rest() {
         expected.map(|(c, s)| (c.to_string(), s)),
         "{audit:?}"
     );
+}
 
-    // Metrics count what happened.
-    let (status, metrics) = daemon.get("/metrics", &[("Authorization", &auth)]);
+#[test]
+fn metrics_count_reads_reconciliations_and_requests() {
+    let mut t = Reconciled::start("events-metrics");
+    let (status, body) = t.sync(HELPDESK, "application/json", "{}");
+    assert_eq!(status, 202, "{body}");
+    next_event(&mut t.stream, |n, d| {
+        n == "card.reconciled" && d.contains(&t.card_id)
+    });
+    let (status, metrics) = t.daemon.get("/metrics", &[("Authorization", &kiosk())]);
     assert_eq!(status, 200);
     for line in [
-        "cardbridge_reconciliations_total{verdict=\"ok\"}",
+        "cardbridge_reconciliations_total{verdict=\"ok\"} 2",
         "cardbridge_api_requests_total{route=\"/v1/cards/{card_id}/sync\",status=\"202\"} 1",
         // The insertion and the sync: two reads.
         "cardbridge_reads_total 2",
@@ -109,20 +194,23 @@ fn events_in_order_resume_and_rest() {
     ] {
         assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
     }
+}
 
-    // A client that reconnects after card.inserted gets what it missed, in order.
-    let mut resumed = daemon.events(Some(id1));
-    let (r2, ..) = next_event(&mut resumed, |_, _| true);
-    assert_eq!(r2, id1 + 1);
-    let (r3, ..) = next_event(&mut resumed, |n, d| n == "card.reconciled" && mine(d));
-    assert_eq!(r3, id3);
-    drop(resumed);
+#[test]
+fn a_client_that_reconnects_gets_what_it_missed_in_order() {
+    let t = Reconciled::start("events-resume");
+    let [inserted, _, reconciled] = t.ids;
+    let mut resumed = t.daemon.events(Some(inserted));
+    let (next, ..) = next_event(&mut resumed, |_, _| true);
+    assert_eq!(next, inserted + 1);
+    let (last, ..) = next_event(&mut resumed, |n, d| n == "card.reconciled" && t.mine(d));
+    assert_eq!(last, reconciled);
+}
 
-    // The client commands: `cards` and `events`.
-    let token_file = daemon.dir.join("token");
-    std::fs::write(&token_file, TOKEN).expect("token file");
-    let url = format!("http://127.0.0.1:{}", daemon.port);
-    let token = token_file.to_string_lossy().into_owned();
+#[test]
+fn the_cards_command_prints_the_card() {
+    let t = Reconciled::start("events-cards-cli");
+    let (url, token) = t.client_args();
     let out = run_cardbridge(
         &["cards", "--json", "--url", &url, "--token-file", &token],
         &[],
@@ -134,71 +222,104 @@ fn events_in_order_resume_and_rest() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout)
-        .contains(card.truth.certificates[0].thumbprint.as_str()));
-    let mut watcher = Command::new(cardbridge_bin())
-        .args(["events", "--url", &url, "--token-file", &token])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("cardbridge events");
-    // The watcher's lines go through a channel, so every wait for one has a deadline.
-    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
-    let stdout = watcher.stdout.take().expect("stdout");
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if lines_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let printed = |what: &str, wanted: &dyn Fn(&str) -> bool| {
-        let until = Instant::now() + Duration::from_secs(15);
-        loop {
-            let left = until.saturating_duration_since(Instant::now());
-            match lines.recv_timeout(left) {
-                Ok(line) if wanted(&line) => return line,
-                Ok(_) => {}
-                Err(_) => panic!("cardbridge events did not print {what} within 15 s"),
-            }
-        }
-    };
-    // Readiness: the watcher is connected once it prints an event caused after it started.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        assert!(
-            Instant::now() < deadline,
-            "cardbridge events never connected"
-        );
-        let (status, _) =
-            daemon.request("POST", &sync, &[("Authorization", &helpdesk), json], "{}");
-        assert_eq!(status, 202);
-        let until = Instant::now() + Duration::from_secs(2);
-        let mut connected = false;
-        while let Ok(line) = lines.recv_timeout(until.saturating_duration_since(Instant::now())) {
-            if line.contains("card.read") {
-                connected = true;
-                break;
-            }
-        }
-        if connected {
-            break;
-        }
-    }
+        .contains(t.card.truth.certificates[0].thumbprint.as_str()));
+}
 
+#[test]
+fn a_removed_card_is_announced_and_leaves_the_list() {
+    let Reconciled {
+        mut stream,
+        card,
+        slot,
+        daemon,
+        card_id,
+        _shared,
+        ..
+    } = Reconciled::start("events-removal");
     card.remove();
     next_event(&mut stream, |n, d| {
         n == "card.removed" && d.contains(&slot.reader)
     });
-    let (status, cards) = daemon.get("/v1/cards", &[("Authorization", &auth)]);
+    let (status, cards) = daemon.get("/v1/cards", &[("Authorization", &kiosk())]);
     assert_eq!(status, 200);
     assert!(
-        !cards.contains(&id),
+        !cards.contains(&card_id),
         "a removed card is gone from /v1/cards: {cards}"
     );
-    printed("the removal", &|l| {
+}
+
+/// `cardbridge events` as a child process whose lines arrive through a channel, so every wait
+/// for one has a deadline.
+struct Watcher {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Watcher {
+    fn start(url: &str, token: &str) -> Watcher {
+        let mut child = Command::new(cardbridge_bin())
+            .args(["events", "--url", url, "--token-file", token])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("cardbridge events");
+        let (tx, lines) = std::sync::mpsc::channel::<String>();
+        let stdout = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Watcher { child, lines }
+    }
+
+    /// The first line within `within` for which `wanted` holds.
+    fn printed(&self, within: Duration, wanted: impl Fn(&str) -> bool) -> Option<String> {
+        let until = Instant::now() + within;
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(until.saturating_duration_since(Instant::now()))
+        {
+            if wanted(&line) {
+                return Some(line);
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn the_events_command_prints_events_as_they_happen() {
+    let t = Reconciled::start("events-cli");
+    let (url, token) = t.client_args();
+    let watcher = Watcher::start(&url, &token);
+    // Readiness: the watcher is connected once it prints an event caused after it started.
+    eventually(
+        "cardbridge events to connect",
+        Duration::from_secs(15),
+        || {
+            let (status, _) = t.sync(HELPDESK, "application/json", "{}");
+            assert_eq!(status, 202);
+            watcher.printed(Duration::from_secs(2), |l| l.contains("card.read"))
+        },
+    );
+    let Reconciled { card, slot, .. } = t;
+    card.remove();
+    let removal = watcher.printed(Duration::from_secs(15), |l| {
         l.contains("card.removed") && l.contains(&slot.reader)
     });
-    let _ = watcher.kill();
-    let _ = watcher.wait();
+    assert!(
+        removal.is_some(),
+        "cardbridge events did not print the removal within 15 s"
+    );
 }
 
 /// Name, request headers, expected status and error code.
