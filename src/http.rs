@@ -586,13 +586,7 @@ pub fn classify(e: reqwest::Error) -> ServerError {
     if e.is_timeout() {
         return ServerError::Timeout;
     }
-    let mut chain = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        chain.push_str(": ");
-        chain.push_str(&s.to_string());
-        source = s.source();
-    }
+    let chain = crate::error_text::chain(&e);
     let lower = chain.to_lowercase();
     if lower.contains("dns error") || lower.contains("failed to lookup address") {
         ServerError::Dns(chain)

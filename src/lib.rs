@@ -23,6 +23,7 @@
 //! - [`daemon`]: `cardbridge run`, the engine behind the local API.
 //! - [`service`]: the daemon as a systemd service (readiness, status, watchdog).
 //! - [`clock`]: the system clock, handed to the card layer, and the timestamp format.
+//! - [`error_text`]: an error and its causes as one line.
 //! - [`random`]: random tokens and keys from the system's source.
 //! - [`logging`]: `tracing` output for a terminal or the journal.
 //! - [`scan`]: the `cardbridge scan` command.
@@ -41,6 +42,7 @@ pub mod cm;
 pub mod config;
 pub mod daemon;
 pub mod engine;
+pub mod error_text;
 pub mod event;
 pub mod http;
 pub mod logging;

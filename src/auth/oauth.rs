@@ -187,13 +187,19 @@ impl TokenSource {
             .form(&form)
             .send()
             .await
-            .map_err(|e| endpoint(format!("{}: {}", self.token_url, error_chain(&e))))?;
+            .map_err(|e| {
+                endpoint(format!(
+                    "{}: {}",
+                    self.token_url,
+                    crate::error_text::chain(&e)
+                ))
+            })?;
         let status = response.status().as_u16();
         let mut body = Vec::new();
         while let Some(chunk) = response
             .chunk()
             .await
-            .map_err(|e| endpoint(error_chain(&e)))?
+            .map_err(|e| endpoint(crate::error_text::chain(&e)))?
         {
             if body.len() + chunk.len() > MAX_BODY {
                 return Err(endpoint(format!(
@@ -373,17 +379,6 @@ fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]
