@@ -153,9 +153,17 @@ pub fn wait_for_card(reader: &str, present: bool) -> Result<()> {
 /// Puts a card built from `spec` into `slot` once pcscd shows the slot empty (it polls vpcd, so
 /// it may still show the previous card), and waits until pcscd sees the new one.
 pub fn insert_card(spec: crate::vcard::CardSpec, slot: &Slot) -> Result<crate::vpcd::Inserted> {
+    insert_virtual(crate::vcard::VirtualCard::new(spec)?, slot)
+}
+
+/// [`insert_card`] for a card already built, whose truth the caller has used (e.g. to give the
+/// simulator its record before the daemon can look the card up).
+pub fn insert_virtual(
+    card: crate::vcard::VirtualCard,
+    slot: &Slot,
+) -> Result<crate::vpcd::Inserted> {
     wait_for_card(&slot.reader, false)?;
-    let inserted =
-        crate::vpcd::Inserted::insert(crate::vcard::VirtualCard::new(spec)?, slot.port, false)?;
+    let inserted = crate::vpcd::Inserted::insert(card, slot.port, false)?;
     wait_for_card(&slot.reader, true)?;
     Ok(inserted)
 }

@@ -8,16 +8,22 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::daemon::{next_event, read_answer, Daemon, HELPDESK, ORIGIN, TOKEN};
-use common::{eventually, insert, run_cardbridge};
-use hw_tests::rig::{cardbridge_bin, Rig};
+use common::{eventually, run_cardbridge};
+use hw_tests::rig::{cardbridge_bin, insert_virtual, Rig};
 use hw_tests::sim::{matching_record, Fixture, Simulator};
-use hw_tests::vcard::CardSpec;
+use hw_tests::vcard::{CardSpec, VirtualCard};
+
+/// A hold on the shared rig: shared with other tests, or exclusive.
+enum RigLease {
+    Shared(#[allow(dead_code)] std::sync::RwLockReadGuard<'static, ()>),
+    Exclusive(#[allow(dead_code)] std::sync::RwLockWriteGuard<'static, ()>),
+}
 
 /// A daemon with the CM simulator, an event stream opened before the insertion, and a PIV card
 /// inserted, read and reconciled; `ids` are the event ids of `card.inserted`, `card.read` and
 /// `card.reconciled`.
 struct Reconciled {
-    _shared: std::sync::RwLockReadGuard<'static, ()>,
+    _rig: RigLease,
     slot: hw_tests::rig::Slot,
     _sim: Simulator,
     daemon: Daemon,
@@ -31,21 +37,32 @@ struct Reconciled {
 
 impl Reconciled {
     fn start(name: &str) -> Reconciled {
-        let rig = Rig::get();
-        let _shared = rig.shared();
-        let slot = rig.slot();
+        Reconciled::start_leased(name, RigLease::Shared(Rig::get().shared()))
+    }
+
+    /// With the rig to itself: no other test's card is read by this daemon, so station-wide
+    /// counts are this test's alone.
+    fn start_alone(name: &str) -> Reconciled {
+        Reconciled::start_leased(name, RigLease::Exclusive(Rig::get().exclusive()))
+    }
+
+    /// The simulator has the card's record before the card goes in, so the first
+    /// reconciliation already matches.
+    fn start_leased(name: &str, lease: RigLease) -> Reconciled {
+        let slot = Rig::get().slot();
         common::wait_for_card(&slot.reader, false);
-        let sim = Simulator::start(Fixture::default(), 0).expect("simulator");
+        let vcard = VirtualCard::new(CardSpec::piv_four_certs()).expect("virtual card");
+        let fixture = Fixture {
+            smartcards: vec![matching_record(&vcard.truth, false)],
+            ..Fixture::default()
+        };
+        let sim = Simulator::start(fixture, 0).expect("simulator");
         let daemon = Daemon::start(
             name,
             &format!("[cm]\nbase_url = \"{}\"\n", sim.cm_base_url()),
         );
         let mut stream = daemon.events(None);
-        let card = insert(CardSpec::piv_four_certs(), &slot);
-        sim.replace_fixture(Fixture {
-            smartcards: vec![matching_record(&card.truth, false)],
-            ..Fixture::default()
-        });
+        let card = insert_virtual(vcard, &slot).expect("insert the virtual card");
         let card_id = card.truth.card_id.clone().expect("card id");
         let mine = |d: &str| d.contains(&slot.reader) || d.contains(&card_id);
         let (inserted, ..) = next_event(&mut stream, |n, d| n == "card.inserted" && mine(d));
@@ -54,7 +71,7 @@ impl Reconciled {
         let (reconciled_id, _, reconciled) =
             next_event(&mut stream, |n, d| n == "card.reconciled" && mine(d));
         Reconciled {
-            _shared,
+            _rig: lease,
             slot,
             _sim: sim,
             daemon,
@@ -177,7 +194,7 @@ fn a_sync_needs_its_scope_and_json_and_every_attempt_is_audited() {
 
 #[test]
 fn metrics_count_reads_reconciliations_and_requests() {
-    let mut t = Reconciled::start("events-metrics");
+    let mut t = Reconciled::start_alone("events-metrics");
     let (status, body) = t.sync(HELPDESK, "application/json", "{}");
     assert_eq!(status, 202, "{body}");
     next_event(&mut t.stream, |n, d| {
@@ -233,7 +250,7 @@ fn a_removed_card_is_announced_and_leaves_the_list() {
         slot,
         daemon,
         card_id,
-        _shared,
+        _rig,
         ..
     } = Reconciled::start("events-removal");
     card.remove();
