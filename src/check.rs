@@ -15,7 +15,7 @@ use crate::auth::oauth::peek_claims;
 use crate::cm::CmClient;
 use crate::config::Config;
 use crate::http::{Server, ServerError};
-use crate::scepman::ScepmanClient;
+use crate::scepman::{ScepmanClient, SearchQuery};
 
 /// An all-zero card id: no card has it, so MIM CM answers `204` once authentication passed.
 const NO_CARD: &str = "00000000-0000-0000-0000-000000000000";
@@ -55,12 +55,18 @@ pub async fn online(config: &Config, out: &mut dyn Write) -> std::io::Result<boo
             scepman.auth.as_str()
         )?;
         let result = match ScepmanClient::new(scepman) {
-            Ok(client) => client.search(None, 1).await.map(|_| {
-                (
-                    "GET api/manage/search?pageSize=1 answered".to_string(),
-                    client,
-                )
-            }),
+            Ok(client) => client
+                .search(&SearchQuery {
+                    page_size: 1,
+                    ..SearchQuery::default()
+                })
+                .await
+                .map(|_| {
+                    (
+                        "GET api/manage/search?pageSize=1 answered".to_string(),
+                        client,
+                    )
+                }),
             Err(e) => Err(e),
         };
         all_ok &= report(out, result).await?;

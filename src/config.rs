@@ -250,6 +250,9 @@ pub struct ServerConfig {
     /// `[cm]` only: byte order of the PIV card id as the server knows it; absent or `auto`
     /// tries both.
     pub card_id_order: Option<CardIdOrder>,
+    /// `[scepman]` only: how long SCEPman's answer about a certificate is reused before it is
+    /// asked again (a sync and a revocation always ask again). Default 300.
+    pub status_cache_seconds: Option<u64>,
     /// `auth = "negotiate"`: the station's client keytab (a path, or a credential name in
     /// `$CREDENTIALS_DIRECTORY`). Absent: `KRB5_CLIENT_KTNAME`, the default client keytab, or
     /// the credential cache.
@@ -274,6 +277,13 @@ pub struct ServerConfig {
     pub client_assertion_certificate: Option<PathBuf>,
     /// `auth = "oauth"`: PEM private key of that certificate (a path or a credential name).
     pub client_assertion_key: Option<PathBuf>,
+}
+
+impl ServerConfig {
+    /// How long a SCEPman certificate status is reused.
+    pub fn status_cache(&self) -> Duration {
+        Duration::from_secs(self.status_cache_seconds.unwrap_or(300))
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -305,7 +315,8 @@ impl ServerAuth {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CardIdOrder {
-    /// RFC 4122 order first, Windows order second; the form that answered is remembered.
+    /// Windows GUID order first (how Windows prints a card id), RFC 4122 order second; the form
+    /// that answered is remembered.
     #[default]
     Auto,
     Rfc4122,
@@ -536,6 +547,16 @@ impl Config {
             .is_some_and(|s| s.card_id_order.is_some())
         {
             return Err("scepman.card_id_order: only the [cm] section has a card id order".into());
+        }
+        if self
+            .cm
+            .as_ref()
+            .is_some_and(|c| c.status_cache_seconds.is_some())
+        {
+            return Err(
+                "cm.status_cache_seconds: only the [scepman] section caches certificate statuses"
+                    .into(),
+            );
         }
         Ok(())
     }

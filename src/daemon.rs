@@ -89,7 +89,7 @@ impl Opened {
         } else {
             config.api.clients.clone()
         };
-        let reconciler = Reconciler::configured(config.cm.as_ref(), store.setting(CARD_ID_FORM)?)?;
+        let reconciler = Reconciler::configured(config, store.setting(CARD_ID_FORM)?)?;
         let stores = [store, Store::open(&state_dir)?, Store::open(&state_dir)?];
         let scepman = config
             .scepman
@@ -385,7 +385,7 @@ fn apply(event: &Event, shared: &Shared) {
         Event::CardRead(card) | Event::CardReadFailed(card) => {
             shared
                 .metrics
-                .read(card.read_ms, card.error.as_ref().map(|e| e.code));
+                .read(card.read_ms, card.error.as_ref().map(|e| e.code()));
             station.card_read(card.as_ref().clone());
         }
         Event::CardReconciled(r) => {

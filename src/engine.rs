@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use crate::card::{Card, ReadOptions, TransportError};
 use crate::pcsc::{self, Monitor, MonitorEvent};
+use crate::reconcile::history::History;
 use crate::reconcile::{Reconciler, Reconciliation, State};
 use crate::store::{Store, CARD_ID_FORM};
 
@@ -69,6 +70,7 @@ pub struct Engine {
     threads: Vec<JoinHandle<()>>,
     cache: Cache,
     requests: Option<Sender<Input>>,
+    jobs: Option<JobSender>,
 }
 
 impl Engine {
@@ -92,7 +94,7 @@ impl Engine {
         };
         let dispatcher = Dispatcher {
             events,
-            cards: card_tx,
+            cards: card_tx.clone(),
             read: config.read,
             workers: HashMap::new(),
         };
@@ -105,6 +107,7 @@ impl Engine {
             threads: vec![dispatch_thread, reconcile_thread],
             cache,
             requests: Some(monitor_tx),
+            jobs: Some(card_tx),
         })
     }
 
@@ -116,6 +119,11 @@ impl Engine {
     /// A handle that asks for a fresh read of a reader.
     pub fn read_requester(&self) -> Option<ReadRequester> {
         self.requests.clone().map(ReadRequester)
+    }
+
+    /// A handle that asks for a card to be reconciled again (after a revocation).
+    pub fn reconcile_requester(&self) -> Option<ReconcileRequester> {
+        self.jobs.clone().map(ReconcileRequester)
     }
 
     /// The cache of last reconciliations, for readers such as the local API.
@@ -142,9 +150,10 @@ impl Engine {
         if let Some(monitor) = self.monitor.take() {
             monitor.stop();
         }
-        // With the monitor's and our own sender gone (and the API's requesters dropped by then),
-        // the dispatcher's channel closes.
+        // With the monitor's and our own senders gone (and the API's and the outbox's requesters
+        // dropped by then), the dispatcher's and the reconcile thread's channels close.
         self.requests = None;
+        self.jobs = None;
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -157,15 +166,38 @@ impl Drop for Engine {
     }
 }
 
-/// A card snapshot on its way to reconciliation.
-type CardSender = tokio::sync::mpsc::UnboundedSender<Card>;
+/// What the reconcile thread is asked to do.
+enum Job {
+    /// A card was read (a sighting). `fresh` when a sync asked for the read: SCEPman is asked
+    /// again instead of its recent answers being reused.
+    Read { card: Card, fresh: bool },
+    /// Reconcile a card again without reading it, with fresh answers (after a revocation ended):
+    /// the card as its reader has it now, else its last successful read from the store.
+    Again { card_id: String, card: Option<Card> },
+}
+
+type JobSender = tokio::sync::mpsc::UnboundedSender<Job>;
+
+/// Asks the engine to reconcile a card again, whether it is in a reader or known from its last
+/// read.
+#[derive(Clone)]
+pub struct ReconcileRequester(JobSender);
+
+impl ReconcileRequester {
+    /// `card` is the card as a reader has it now, if it is in one. False when the engine has
+    /// stopped.
+    pub fn reconcile_again(&self, card_id: &str, card: Option<Card>) -> bool {
+        let card_id = card_id.to_string();
+        self.0.send(Job::Again { card_id, card }).is_ok()
+    }
+}
 
 struct Dispatcher {
     events: Sender<Event>,
-    cards: CardSender,
+    cards: JobSender,
     read: ReadOptions,
-    /// One worker per reader; a message asks it to read the card now.
-    workers: HashMap<String, (Sender<()>, JoinHandle<()>)>,
+    /// One worker per reader; a message asks it to read the card now (`true`: for a sync).
+    workers: HashMap<String, (Sender<bool>, JoinHandle<()>)>,
 }
 
 impl Dispatcher {
@@ -174,7 +206,7 @@ impl Dispatcher {
             let event = match input {
                 Input::Monitor(event) => event,
                 Input::Read(reader) => {
-                    self.request_read(&reader);
+                    self.request_read(&reader, true);
                     continue;
                 }
             };
@@ -191,7 +223,7 @@ impl Dispatcher {
                         reader: reader.clone(),
                         atr,
                     });
-                    self.request_read(&reader);
+                    self.request_read(&reader, false);
                     continue;
                 }
                 MonitorEvent::CardRemoved { reader } => Event::CardRemoved { reader },
@@ -212,9 +244,9 @@ impl Dispatcher {
         }
     }
 
-    fn request_read(&mut self, reader: &str) {
+    fn request_read(&mut self, reader: &str, fresh: bool) {
         if let Some((tx, _)) = self.workers.get(reader) {
-            if tx.send(()).is_ok() {
+            if tx.send(fresh).is_ok() {
                 return;
             }
         }
@@ -230,7 +262,7 @@ impl Dispatcher {
             .spawn(move || worker.run(rx))
         {
             Ok(thread) => {
-                let _ = tx.send(());
+                let _ = tx.send(fresh);
                 self.workers.insert(reader.to_string(), (tx, thread));
             }
             Err(e) => {
@@ -251,18 +283,21 @@ struct ReaderWorker {
     reader: String,
     read: ReadOptions,
     events: Sender<Event>,
-    cards: CardSender,
+    cards: JobSender,
 }
 
 impl ReaderWorker {
-    fn run(self, requests: Receiver<()>) {
+    fn run(self, requests: Receiver<bool>) {
         let Ok(name) = std::ffi::CString::new(self.reader.clone()) else {
             return;
         };
         let mut ctx = None;
-        while requests.recv().is_ok() {
-            // Insert events that piled up during a read ask for the same thing: read once.
-            while requests.try_recv().is_ok() {}
+        while let Ok(mut fresh) = requests.recv() {
+            // Requests that piled up during a read ask for the same thing: read once, fresh if
+            // any of them was a sync.
+            while let Ok(more) = requests.try_recv() {
+                fresh |= more;
+            }
             if ctx.is_none() {
                 ctx = pcsc::connect().ok();
             }
@@ -288,7 +323,7 @@ impl ReaderWorker {
                 Event::CardReadFailed(Box::new(card.clone()))
             };
             let _ = self.events.send(event);
-            let _ = self.cards.send(card);
+            let _ = self.cards.send(Job::Read { card, fresh });
         }
     }
 }
@@ -305,7 +340,7 @@ struct ReconcileLoop {
 }
 
 impl ReconcileLoop {
-    fn run(self, mut cards: tokio::sync::mpsc::UnboundedReceiver<Card>) {
+    fn run(self, mut jobs: tokio::sync::mpsc::UnboundedReceiver<Job>) {
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -321,21 +356,50 @@ impl ReconcileLoop {
         };
         let this = Arc::new(self);
         runtime.block_on(async {
-            while let Some(card) = cards.recv().await {
-                this.with_store(|s| s.record_sighting(&card));
-                if card.error.is_some() {
+            while let Some(job) = jobs.recv().await {
+                let Some((card, fresh)) = this.card_of(job) else {
                     continue;
-                }
+                };
                 let generation = this.next_generation(&card);
-                tokio::spawn(this.clone().reconcile_until_answered(card, generation));
+                tokio::spawn(
+                    this.clone()
+                        .reconcile_until_answered(card, fresh, generation),
+                );
             }
         });
     }
 
-    async fn reconcile_until_answered(self: Arc<Self>, card: Card, generation: u64) {
+    /// The card a job reconciles: a read is recorded as a sighting first (a failed read stops
+    /// there); a card reconciled again comes from its reader or from the store.
+    fn card_of(&self, job: Job) -> Option<(Card, bool)> {
+        match job {
+            Job::Read { card, fresh } => {
+                self.with_store(|s| s.record_sighting(&card));
+                card.error.is_none().then_some((card, fresh))
+            }
+            Job::Again { card, .. } if card.is_some() => card.map(|c| (c, true)),
+            Job::Again { card_id, .. } => {
+                let guard = self.store.lock().unwrap_or_else(|p| p.into_inner());
+                let last = guard.as_ref().map(|s| s.last_card(&card_id));
+                match last {
+                    Some(Ok(card)) => card.map(|c| (c, true)),
+                    Some(Err(e)) => {
+                        tracing::error!("state database: {e}");
+                        None
+                    }
+                    None => None,
+                }
+            }
+        }
+    }
+
+    async fn reconcile_until_answered(self: Arc<Self>, card: Card, fresh: bool, generation: u64) {
         let mut delay = self.retry_initial;
+        let mut fresh = fresh;
         loop {
-            let r = self.reconciler.reconcile(&card).await;
+            let history = self.history(&card);
+            let r = self.reconciler.reconcile(&card, fresh, &history).await;
+            fresh = false;
             if !self.is_current(&card, generation) {
                 return;
             }
@@ -377,6 +441,19 @@ impl ReconcileLoop {
             .unwrap_or_else(|p| p.into_inner())
             .get(&key)
             .is_some_and(|g| *g == generation)
+    }
+
+    /// What the store knows about the card; nothing when there is no store or it fails.
+    fn history(&self, card: &Card) -> History {
+        let guard = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        match guard.as_ref().map(|s| s.history(card)) {
+            Some(Ok(history)) => history,
+            Some(Err(e)) => {
+                tracing::error!("state database: {e}");
+                History::default()
+            }
+            None => History::default(),
+        }
     }
 
     /// Runs a store operation; a failing database is reported but never stops reconciling.

@@ -101,7 +101,7 @@ impl StationEvent {
             StationEvent::CardReadFailed(card) => tracing::warn!(
                 event,
                 reader = %card.reader,
-                error = %card.error.as_ref().map_or("", |e| e.code),
+                error = %card.error.as_ref().map_or("", |e| e.code()),
             ),
             StationEvent::CardReconciled(r) => tracing::info!(
                 event,

@@ -23,6 +23,7 @@
 //! - [`daemon`]: `cardbridge run`, the engine behind the local API.
 //! - [`service`]: the daemon as a systemd service (readiness, status, watchdog).
 //! - [`clock`]: the system clock, handed to the card layer, and the timestamp format.
+//! - [`crl_reason`]: RFC 5280 revocation reasons, by name and number.
 //! - [`error_text`]: an error and its causes as one line.
 //! - [`random`]: random tokens and keys from the system's source.
 //! - [`logging`]: `tracing` output for a terminal or the journal.
@@ -40,6 +41,7 @@ pub mod client;
 pub mod clock;
 pub mod cm;
 pub mod config;
+pub mod crl_reason;
 pub mod daemon;
 pub mod engine;
 pub mod error_text;

@@ -110,7 +110,7 @@ pub fn reconcile_all(
     config: &Config,
 ) -> Result<Vec<Reconciled>, ReconcileSetupError> {
     let store = Store::open(&config.state_dir())?;
-    let reconciler = Reconciler::configured(config.cm.as_ref(), store.setting(CARD_ID_FORM)?)?;
+    let reconciler = Reconciler::configured(config, store.setting(CARD_ID_FORM)?)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -119,7 +119,8 @@ pub fn reconcile_all(
     for card in cards {
         store.record_sighting(&card)?;
         let reconciliation = if card.error.is_none() {
-            let r = runtime.block_on(reconciler.reconcile(&card));
+            let history = store.history(&card)?;
+            let r = runtime.block_on(reconciler.reconcile(&card, true, &history));
             store.save_reconciliation(&r)?;
             Some(r)
         } else {
@@ -159,7 +160,7 @@ pub fn print_table(
         let name = card.atr_info.name.as_deref().map(|n| format!("  ({n})"));
         writeln!(out, "ATR:      {}{}", card.atr, name.unwrap_or_default())?;
         if let Some(e) = &card.error {
-            writeln!(out, "Error:    {} ({})\n", e.message, e.code)?;
+            writeln!(out, "Error:    {} ({})\n", e.message, e.code())?;
             continue;
         }
         let serial = card

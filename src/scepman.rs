@@ -1,5 +1,5 @@
-//! The SCEPman Management API client (Enterprise Edition 3.1+): searching certificates and
-//! revoking one by its serial number. Revocations are never retried here; the outbox decides (a
+//! The SCEPman Management API client (Enterprise Edition 3.1+): searching certificates, finding
+//! one by its serial number, and revoking one by its serial number. Revocations are never retried here; the outbox decides (a
 //! repeated PATCH is harmless, SCEPman answers 409 with error code 5013 for an already revoked
 //! certificate).
 
@@ -10,13 +10,49 @@ use serde_json::json;
 use crate::config::ServerConfig;
 use crate::http::{read_body, status_error, Server, ServerError};
 
-/// One page of `GET api/manage/search`.
+/// One page of `GET api/manage/search`. Items stay loose JSON until [`SearchItem`] reads them,
+/// so one odd item does not lose the page.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SearchPage {
     #[serde(default)]
     pub items: Vec<serde_json::Value>,
     pub continuation_token: Option<String>,
+}
+
+/// The fields of a search item that say whether a certificate is still good.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SearchItem {
+    pub serial_number: String,
+    #[serde(default)]
+    pub expiration_date: Option<String>,
+    #[serde(default)]
+    pub revocation_date: Option<String>,
+    /// SCEPman documents only `null` here; a number (RFC 5280 reason) and a name are both
+    /// accepted.
+    #[serde(default)]
+    pub revocation_reason: Option<serde_json::Value>,
+    #[serde(default)]
+    pub revoked_by: Option<String>,
+}
+
+/// How many result pages a serial-number lookup follows before giving up. The search matches
+/// substrings of serials, subjects and requesters, so a short serial can have many neighbours;
+/// 10 pages of 100 is far beyond what a real serial (16 to 20 bytes) finds.
+pub const MAX_SEARCH_PAGES: usize = 10;
+const SERIAL_PAGE_SIZE: u32 = 100;
+
+/// What to ask `api/manage/search` for.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SearchQuery<'a> {
+    pub text: Option<&'a str>,
+    pub page_size: u32,
+    /// `Any`, `Active`, `Expired` or `Revoked`; the server's default is `Any`.
+    pub validity: Option<&'a str>,
+    /// The previous page's token; SCEPman's own client sends only this (and the page size) for
+    /// the next page, so the query travels inside the token.
+    pub continuation: Option<&'a str>,
 }
 
 /// SCEPman's `errorCode` for a certificate that is already revoked (with 409).
@@ -41,17 +77,22 @@ impl ScepmanClient {
         &self.server
     }
 
-    /// `GET api/manage/search?pageSize=N[&searchText=…]`: one page of certificates.
-    pub async fn search(
-        &self,
-        search_text: Option<&str>,
-        page_size: u32,
-    ) -> Result<SearchPage, ServerError> {
+    /// `GET api/manage/search`: one page of certificates.
+    pub async fn search(&self, query: &SearchQuery<'_>) -> Result<SearchPage, ServerError> {
         let mut url = self.server.url("api/manage/search")?;
-        url.query_pairs_mut()
-            .append_pair("pageSize", &page_size.to_string());
-        if let Some(text) = search_text {
-            url.query_pairs_mut().append_pair("searchText", text);
+        {
+            let mut pairs = url.query_pairs_mut();
+            pairs.append_pair("pageSize", &query.page_size.to_string());
+            if let Some(token) = query.continuation {
+                pairs.append_pair("continuationToken", token);
+            } else {
+                if let Some(text) = query.text {
+                    pairs.append_pair("searchText", text);
+                }
+                if let Some(validity) = query.validity {
+                    pairs.append_pair("certValidity", validity);
+                }
+            }
         }
         let response = self.server.execute(self.server.http.get(url)).await?;
         let status = response.status();
@@ -62,6 +103,45 @@ impl ScepmanClient {
         serde_json::from_slice(&body).map_err(|e| ServerError::BadBody {
             status: status.as_u16(),
             detail: format!("not a search page ({e})"),
+        })
+    }
+
+    /// The certificate with exactly this serial number (upper-case hex), or `None` when SCEPman
+    /// does not list it. The search matches substrings, so every item is compared whole, and
+    /// the pages are followed up to [`MAX_SEARCH_PAGES`] (more than that is a `bad_body`).
+    pub async fn find_serial(
+        &self,
+        serial_number: &str,
+    ) -> Result<Option<SearchItem>, ServerError> {
+        let serial = serial_number.to_ascii_uppercase();
+        let mut token: Option<String> = None;
+        for _ in 0..MAX_SEARCH_PAGES {
+            let page = self
+                .search(&SearchQuery {
+                    text: Some(&serial),
+                    page_size: SERIAL_PAGE_SIZE,
+                    validity: Some("Any"),
+                    continuation: token.as_deref(),
+                })
+                .await?;
+            let found = page
+                .items
+                .into_iter()
+                .filter_map(|item| serde_json::from_value::<SearchItem>(item).ok())
+                .find(|item| item.serial_number.eq_ignore_ascii_case(&serial));
+            if found.is_some() {
+                return Ok(found);
+            }
+            match page.continuation_token.filter(|t| !t.is_empty()) {
+                Some(next) => token = Some(next),
+                None => return Ok(None),
+            }
+        }
+        Err(ServerError::BadBody {
+            status: 200,
+            detail: format!(
+                "the search for serial {serial} went on for more than {MAX_SEARCH_PAGES} pages"
+            ),
         })
     }
 

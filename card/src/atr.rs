@@ -3,13 +3,13 @@
 //! The parser never fails on a strange ATR: it reports what it could decode and says what was
 //! wrong in `problems`, because an odd ATR is still worth showing to an administrator.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// What the ATR says about the card.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AtrInfo {
     /// `direct` (TS = 3B) or `inverse` (TS = 3F); null when TS is neither.
-    pub convention: Option<&'static str>,
+    pub convention: Option<Convention>,
     /// Protocols offered, e.g. `["T=0", "T=1"]` (T=0 when no TD byte names one).
     pub protocols: Vec<String>,
     /// Clock rate conversion factor and baud rate adjustment from TA1 (defaults 372/1).
@@ -18,9 +18,8 @@ pub struct AtrInfo {
     /// T=1 maximum information field size of the card (first TA after a TD announcing T=1).
     pub ifsc: Option<u8>,
     pub historical_bytes: String,
-    /// How the historical bytes are laid out: `compact-tlv`, `compact-tlv-with-status`,
-    /// `dir-reference`, `proprietary` or `none`.
-    pub historical_format: &'static str,
+    /// How the historical bytes are laid out.
+    pub historical_format: HistoricalFormat,
     /// The COMPACT-TLV objects of the historical bytes, when they are in that format.
     pub compact_tlv: Vec<CompactTlv>,
     /// Card capabilities (COMPACT-TLV tag 7, third byte): the card accepts extended Lc/Le.
@@ -37,8 +36,27 @@ pub struct AtrInfo {
     pub problems: Vec<String>,
 }
 
+/// The bit convention the TS byte announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Convention {
+    Direct,
+    Inverse,
+}
+
+/// The layout of the historical bytes (ISO/IEC 7816-4 §8.1.1, category indicator byte).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HistoricalFormat {
+    CompactTlv,
+    CompactTlvWithStatus,
+    DirReference,
+    Proprietary,
+    None,
+}
+
 /// One COMPACT-TLV object of the historical bytes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CompactTlv {
     pub tag: u8,
     pub value: String,
@@ -90,7 +108,7 @@ pub fn parse(atr: &[u8]) -> AtrInfo {
         di: Some(1),
         ifsc: None,
         historical_bytes: String::new(),
-        historical_format: "none",
+        historical_format: HistoricalFormat::None,
         compact_tlv: Vec::new(),
         extended_length: false,
         command_chaining: false,
@@ -110,8 +128,8 @@ pub fn parse(atr: &[u8]) -> AtrInfo {
         return info;
     };
     info.convention = match ts {
-        0x3B => Some("direct"),
-        0x3F => Some("inverse"),
+        0x3B => Some(Convention::Direct),
+        0x3F => Some(Convention::Inverse),
         _ => {
             info.problems
                 .push(format!("TS byte {ts:02X} is neither 3B nor 3F"));
@@ -242,20 +260,20 @@ fn parse_historical(historical: &[u8], info: &mut AtrInfo) {
     };
     let objects = match category {
         0x80 => {
-            info.historical_format = "compact-tlv";
+            info.historical_format = HistoricalFormat::CompactTlv;
             body
         }
         0x00 if body.len() >= 3 => {
             // The last three bytes are the status indicator (LCS, SW1, SW2).
-            info.historical_format = "compact-tlv-with-status";
+            info.historical_format = HistoricalFormat::CompactTlvWithStatus;
             &body[..body.len() - 3]
         }
         0x10 => {
-            info.historical_format = "dir-reference";
+            info.historical_format = HistoricalFormat::DirReference;
             return;
         }
         _ => {
-            info.historical_format = "proprietary";
+            info.historical_format = HistoricalFormat::Proprietary;
             return;
         }
     };
@@ -300,13 +318,13 @@ mod tests {
         let info = parse(&atr(
             "3B FD 13 00 00 81 31 FE 15 80 73 C0 21 C0 57 59 75 62 69 4B 65 79 40",
         ));
-        assert_eq!(info.convention, Some("direct"));
+        assert_eq!(info.convention, Some(Convention::Direct));
         assert_eq!(info.protocols, ["T=1"]);
         assert_eq!(info.fi, Some(372));
         assert_eq!(info.di, Some(4));
         assert_eq!(info.ifsc, Some(0xFE));
         assert_eq!(info.historical_bytes, "8073C021C057597562694B6579");
-        assert_eq!(info.historical_format, "compact-tlv");
+        assert_eq!(info.historical_format, HistoricalFormat::CompactTlv);
         assert!(info.extended_length);
         assert!(info.command_chaining);
         assert_eq!(info.tck_valid, Some(true));
@@ -330,7 +348,7 @@ mod tests {
         let info = parse(&atr(
             "3B FA 18 00 00 81 31 FE 45 4A 43 4F 50 33 31 56 32 33 32 98",
         ));
-        assert_eq!(info.historical_format, "proprietary");
+        assert_eq!(info.historical_format, HistoricalFormat::Proprietary);
         assert_eq!(info.tck_valid, Some(true));
         let info = parse(&atr("3B 80 80 01 01"));
         assert_eq!(info.protocols, ["T=0", "T=1"]);

@@ -7,7 +7,7 @@
 
 use std::borrow::Cow;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha1::{Digest, Sha1};
 use sha2::Sha256;
 use time::format_description::well_known::Rfc3339;
@@ -23,7 +23,7 @@ const OID_TEMPLATE_NAME: &str = "1.3.6.1.4.1.311.20.2";
 const OID_TEMPLATE_INFO: &str = "1.3.6.1.4.1.311.21.7";
 
 /// One certificate as the Card JSON contract defines it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CertificateInfo {
     /// PIV key reference (`9A`, `9C`, `9D`, `9E`, `82`…`95`) or GIDS container name.
     pub slot: String,

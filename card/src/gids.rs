@@ -4,7 +4,7 @@
 //! the masterfile maps names (`cardid`, `mscp/cmapfile`, `mscp/kxc00`…) to (EF, DO) pairs. A
 //! read is: SELECT, masterfile, cmapfile, cardid, then one GET DATA per certificate file.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::cert::CertificateInfo;
 use super::{compress, tlv, AppletData, Channel, ReadError};
@@ -21,7 +21,7 @@ const CMAP_RECORD: usize = 86;
 const MAX_CONTAINERS: usize = 256;
 
 /// GIDS details of the Card JSON contract.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GidsDetails {
     /// GIDS specification version from the SELECT answer (1 or 2), when the card gave it.
     pub version: Option<u8>,
@@ -29,7 +29,7 @@ pub struct GidsDetails {
 }
 
 /// One valid record of the cmapfile.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Container {
     pub index: u8,
     /// The container name (usually a `{GUID}`), a label rather than an identifier.

@@ -22,7 +22,7 @@ pub mod tlv;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -58,7 +58,8 @@ pub enum ReadError {
 
 /// What kind of failure a [`ReadError`] is, for code that acts on it (the engine, the reader
 /// loop) without comparing strings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ReadErrorKind {
     CardRemoved,
     CardReset,
@@ -109,26 +110,32 @@ impl ReadError {
 
 /// The error part of a [`Card`] that failed to read: its code and message in the JSON, its
 /// kind for the code that acts on it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CardError {
-    #[serde(skip)]
+    /// Written as the stable code (`timeout`, `card_removed`…).
+    #[serde(rename = "code")]
     pub kind: ReadErrorKind,
-    pub code: &'static str,
     pub message: String,
+}
+
+impl CardError {
+    /// The stable code of the JSON output and the metrics.
+    pub fn code(&self) -> &'static str {
+        self.kind.as_str()
+    }
 }
 
 impl From<&ReadError> for CardError {
     fn from(e: &ReadError) -> Self {
         CardError {
             kind: e.kind(),
-            code: e.code(),
             message: e.to_string(),
         }
     }
 }
 
 /// Which applet answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CardKind {
     Piv,
@@ -147,7 +154,7 @@ impl CardKind {
 }
 
 /// A snapshot of one card, exactly as `scan --json`, the API and events show it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Card {
     pub reader: String,
     pub atr: String,

@@ -5,7 +5,7 @@
 //! key-history object announces them (all twenty are probed only when it is missing), and the
 //! Discovery and CCC objects are not read because they carry nothing cardbridge reports.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::apdu::Response;
 use super::cert::CertificateInfo;
@@ -31,7 +31,7 @@ const ACTIVE_SLOTS: [(u8, u32, &str); 4] = [
 ];
 
 /// PIV details of the Card JSON contract.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PivDetails {
     /// FASC-N, hex of the 25 raw bytes.
     pub fascn: Option<String>,
@@ -50,7 +50,7 @@ pub struct PivDetails {
     pub unreadable_slots: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyHistory {
     pub keys_with_on_card_certs: u8,
     pub keys_with_off_card_certs: u8,

@@ -11,7 +11,15 @@ use std::time::{Duration, Instant};
 use cardbridge::auth::AuthError;
 use cardbridge::config::Config;
 use cardbridge::http::ServerError;
-use cardbridge::scepman::ScepmanClient;
+use cardbridge::scepman::{ScepmanClient, SearchQuery};
+
+/// The cheapest authenticated SCEPman call: one search result.
+const ONE_ITEM: SearchQuery<'static> = SearchQuery {
+    text: None,
+    page_size: 1,
+    validity: None,
+    continuation: None,
+};
 use common::daemon::{Daemon, ADMIN, TOKEN};
 use common::eventually;
 use hw_tests::sim::{matching_record, scepman_certs, Fixture, ScepmanCert, Simulator};
@@ -134,7 +142,14 @@ fn one_token_serves_many_calls() {
     let scepman = client(&with_secret(&sim, &dir, SECRET));
     runtime().block_on(async {
         for _ in 0..120 {
-            scepman.search(Some("480552"), 1).await.expect("search");
+            scepman
+                .search(&SearchQuery {
+                    text: Some("480552"),
+                    page_size: 1,
+                    ..SearchQuery::default()
+                })
+                .await
+                .expect("search");
         }
     });
     assert_eq!(sim.auth_stats().tokens_issued, 1);
@@ -150,7 +165,7 @@ fn the_token_is_refreshed_before_it_expires() {
     let until = Instant::now() + Duration::from_secs(7);
     runtime().block_on(async {
         while Instant::now() < until {
-            scepman.search(None, 1).await.expect("search");
+            scepman.search(&ONE_ITEM).await.expect("search");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
@@ -171,7 +186,7 @@ fn fifty_concurrent_callers_cause_one_token_request() {
     let dir = temp_dir("fifty");
     let scepman = client(&with_secret(&sim, &dir, SECRET));
     runtime().block_on(async {
-        let calls = (0..50).map(|_| scepman.search(None, 1));
+        let calls = (0..50).map(|_| scepman.search(&ONE_ITEM));
         for result in futures_util::future::join_all(calls).await {
             result.expect("search");
         }
@@ -186,11 +201,11 @@ fn a_401_leads_to_one_refresh_and_one_retry() {
     let dir = temp_dir("401");
     let scepman = client(&with_secret(&sim, &dir, SECRET));
     let rt = runtime();
-    rt.block_on(scepman.search(None, 1)).expect("first call");
+    rt.block_on(scepman.search(&ONE_ITEM)).expect("first call");
     sim.revoke_tokens();
     // Tokens are refused from the next second on (their iat is in whole seconds).
     std::thread::sleep(Duration::from_millis(1100));
-    rt.block_on(scepman.search(None, 1))
+    rt.block_on(scepman.search(&ONE_ITEM))
         .expect("retried with a new token");
     let stats = sim.auth_stats();
     assert_eq!(stats.tokens_issued, 2, "{stats:?}");
@@ -205,7 +220,7 @@ fn a_bad_secret_is_auth_failed_with_the_aadsts_code() {
     let wrong = "d3JvbmctY2xpZW50LXNlY3JldC12YWx1ZQ";
     let scepman = client(&with_secret(&sim, &dir, wrong));
     let e = runtime()
-        .block_on(scepman.search(None, 1))
+        .block_on(scepman.search(&ONE_ITEM))
         .expect_err("refused");
     assert_eq!(e.code(), "auth_failed");
     match &e {
@@ -259,9 +274,9 @@ fn a_certificate_assertion_gets_tokens_from_entra_and_adfs() {
         &key,
     ));
     let rt = runtime();
-    rt.block_on(entra.search(None, 1))
+    rt.block_on(entra.search(&ONE_ITEM))
         .expect("Entra ID v2 (PS256)");
-    rt.block_on(adfs.search(None, 1)).expect("AD FS (RS256)");
+    rt.block_on(adfs.search(&ONE_ITEM)).expect("AD FS (RS256)");
     assert_eq!(sim.auth_stats().tokens_issued, 2);
     assert_eq!(sim.auth_stats().token_refusals, 0);
 }
@@ -280,7 +295,7 @@ fn an_assertion_signed_with_the_wrong_key_is_a_clear_error() {
         &other_key,
     ));
     let e = runtime()
-        .block_on(scepman.search(None, 1))
+        .block_on(scepman.search(&ONE_ITEM))
         .expect_err("refused");
     let text = e.to_string();
     assert_eq!(e.code(), "auth_failed");

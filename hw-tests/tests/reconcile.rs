@@ -132,8 +132,10 @@ fn a_matching_card_is_ok_and_both_byte_orders_are_found() {
             r["certificates"].as_array().map(Vec::len),
             Some(card.truth.certificates.len())
         );
-        // RFC 4122 order is asked first; Windows order only when that finds nothing.
-        assert_eq!(cardid_lookups(&sim).len(), if windows { 2 } else { 1 });
+        // Windows order is asked first; RFC 4122 order only when that finds nothing.
+        let first = format!("cardid={}", guid(&card.truth, true));
+        assert_eq!(cardid_lookups(&sim)[0], first);
+        assert_eq!(cardid_lookups(&sim).len(), if windows { 1 } else { 2 });
         // One connection serves every request of the reconciliation.
         let ports: std::collections::BTreeSet<u16> =
             sim.log().iter().map(|l| l.client.port()).collect();
@@ -154,13 +156,13 @@ fn a_forced_byte_order_is_the_only_one_asked() {
     let _shared = rig.shared();
     let slot = rig.slot();
     let card = insert(CardSpec::piv_four_certs(), &slot);
-    // The server knows the card in RFC 4122 order, the configuration forces Windows order.
-    let sim = sim_knowing(&card.truth, false);
-    let station = Station::for_sim("forced", &sim, "card_id_order = \"windows\"\n");
+    // The server knows the card in Windows order, the configuration forces RFC 4122 order.
+    let sim = sim_knowing(&card.truth, true);
+    let station = Station::for_sim("forced", &sim, "card_id_order = \"rfc4122\"\n");
     let json = station.scan(&slot);
     assert_eq!(json["reconciliation"]["state"], "not_found");
     let lookups = cardid_lookups(&sim);
-    assert_eq!(lookups, [format!("cardid={}", guid(&card.truth, true))]);
+    assert_eq!(lookups, [format!("cardid={}", guid(&card.truth, false))]);
 }
 
 #[test]

@@ -13,90 +13,7 @@ use crate::card::Card;
 use crate::cm::model::normalize_hex;
 use crate::reconcile::Reconciliation;
 
-/// RFC 5280 CRLReason, by the names the RFC gives them; the numbers are what SCEPman takes.
-/// The API accepts the names in any case; its OpenAPI schema lists them as written here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub enum Reason {
-    #[serde(rename = "unspecified")]
-    Unspecified,
-    #[serde(rename = "keyCompromise")]
-    KeyCompromise,
-    #[serde(rename = "cACompromise")]
-    CaCompromise,
-    #[serde(rename = "affiliationChanged")]
-    AffiliationChanged,
-    #[serde(rename = "superseded")]
-    Superseded,
-    #[serde(rename = "cessationOfOperation")]
-    CessationOfOperation,
-    #[serde(rename = "certificateHold")]
-    CertificateHold,
-    #[serde(rename = "removeFromCRL")]
-    RemoveFromCrl,
-    #[serde(rename = "privilegeWithdrawn")]
-    PrivilegeWithdrawn,
-    #[serde(rename = "aACompromise")]
-    AaCompromise,
-}
-
-impl Reason {
-    pub const ALL: [Reason; 10] = [
-        Reason::Unspecified,
-        Reason::KeyCompromise,
-        Reason::CaCompromise,
-        Reason::AffiliationChanged,
-        Reason::Superseded,
-        Reason::CessationOfOperation,
-        Reason::CertificateHold,
-        Reason::RemoveFromCrl,
-        Reason::PrivilegeWithdrawn,
-        Reason::AaCompromise,
-    ];
-
-    /// The RFC's spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::Unspecified => "unspecified",
-            Reason::KeyCompromise => "keyCompromise",
-            Reason::CaCompromise => "cACompromise",
-            Reason::AffiliationChanged => "affiliationChanged",
-            Reason::Superseded => "superseded",
-            Reason::CessationOfOperation => "cessationOfOperation",
-            Reason::CertificateHold => "certificateHold",
-            Reason::RemoveFromCrl => "removeFromCRL",
-            Reason::PrivilegeWithdrawn => "privilegeWithdrawn",
-            Reason::AaCompromise => "aACompromise",
-        }
-    }
-
-    /// The CRLReason number (7 is unused by the RFC).
-    pub fn code(self) -> i64 {
-        match self {
-            Reason::Unspecified => 0,
-            Reason::KeyCompromise => 1,
-            Reason::CaCompromise => 2,
-            Reason::AffiliationChanged => 3,
-            Reason::Superseded => 4,
-            Reason::CessationOfOperation => 5,
-            Reason::CertificateHold => 6,
-            Reason::RemoveFromCrl => 8,
-            Reason::PrivilegeWithdrawn => 9,
-            Reason::AaCompromise => 10,
-        }
-    }
-
-    /// A name in any case.
-    pub fn parse(name: &str) -> Option<Reason> {
-        Reason::ALL
-            .into_iter()
-            .find(|r| r.as_str().eq_ignore_ascii_case(name))
-    }
-
-    /// Every name, for messages.
-    pub fn names() -> String {
-        Reason::ALL.map(Reason::as_str).join(", ")
-    }
-}
+pub use crate::crl_reason::Reason;
 
 /// A SHA-1 thumbprint in hex, for the OpenAPI document.
 #[derive(utoipa::ToSchema)]
@@ -688,7 +605,12 @@ mod tests {
         let now = time::OffsetDateTime::now_utc();
         let mut failed = Card::failed("r", &[0x3B, 0x00], &crate::card::ReadError::Deadline, now);
         failed.card_id = Some("00112233445566778899AABBCCDDEEFF".into());
-        let mut r = crate::reconcile::reconcile(&failed, &crate::reconcile::Lookup::NotFound, now);
+        let mut r = crate::reconcile::reconcile(
+            &failed,
+            &crate::reconcile::Lookup::NotFound,
+            &Default::default(),
+            now,
+        );
         r.state = State::Matched;
         r.server_card = Some(ServerCard {
             uuid: "17cf063d-e337-4aa9-a822-346554ddd3c9".into(),

@@ -17,6 +17,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use thiserror::Error;
 
 use crate::card::Card;
+use crate::reconcile::history::{History, Remembered};
 use crate::reconcile::Reconciliation;
 
 /// The settings key of the card-id form (`rfc4122` or `windows`) the CM server answered to.
@@ -53,7 +54,21 @@ const MIGRATIONS: &[&str] = &[
         outcome INTEGER NOT NULL
      );",
     revocations::MIGRATION,
+    // The last successful read of each card, so a card can be reconciled again when it is no
+    // longer in a reader, and a card whose id changed can be linked to its earlier self.
+    "CREATE TABLE card_reads (
+        card_id       TEXT PRIMARY KEY,
+        serial_number TEXT,
+        thumbprints   TEXT NOT NULL,
+        read_at       TEXT NOT NULL,
+        json          TEXT NOT NULL
+     );
+     CREATE INDEX card_reads_serial ON card_reads (serial_number);",
 ];
+
+/// Longest history the station is searched through for a card whose id changed: the most
+/// recently read cards first.
+const HISTORY_LIMIT: i64 = 1000;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -163,18 +178,23 @@ impl Store {
     /// Records that `card` was seen (a sighting), whatever its read outcome, and remembers the
     /// certificates of a successful read.
     pub fn record_sighting(&self, card: &Card) -> Result<(), StoreError> {
+        let thumbprints: Vec<&str> = card
+            .certificates
+            .iter()
+            .map(|c| c.thumbprint.as_str())
+            .collect();
         if let (None, Some(card_id)) = (&card.error, &card.card_id) {
             self.save_card_certificates(
                 card_id,
                 &crate::revoke::KnownCertificate::of(card),
                 &card.read_at,
             )?;
+            self.conn.execute(
+                "INSERT INTO card_reads (card_id, serial_number, thumbprints, read_at, json) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (card_id) DO UPDATE SET serial_number = ?2, thumbprints = ?3, read_at = ?4, json = ?5",
+                params![card_id, card.serial_number, thumbprints.join(","), card.read_at, serde_json::to_string(card)?],
+            )?;
         }
-        let thumbprints: Vec<&str> = card
-            .certificates
-            .iter()
-            .map(|c| c.thumbprint.as_str())
-            .collect();
         self.conn.execute(
             "INSERT INTO sightings (card_id, reader, atr, thumbprints, seen_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![card.card_id, card.reader, card.atr, thumbprints.join(","), card.read_at],
@@ -200,6 +220,67 @@ impl Store {
             ],
         )?;
         Ok(())
+    }
+
+    /// The last successful read of a card.
+    pub fn last_card(&self, card_id: &str) -> Result<Option<Card>, StoreError> {
+        let json: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT json FROM card_reads WHERE card_id = ?1",
+                [card_id],
+                |row| row.get(0),
+            )
+            .optional()?;
+        Ok(json.map(|j| serde_json::from_str(&j)).transpose()?)
+    }
+
+    /// What the store knows about `card` before it is reconciled.
+    pub fn history(&self, card: &Card) -> Result<History, StoreError> {
+        let previous = match &card.card_id {
+            Some(id) => self.last_reconciliation(id)?,
+            None => None,
+        };
+        Ok(History {
+            previous,
+            earlier: self.earlier_selves(card)?,
+        })
+    }
+
+    /// Earlier cards of this station that share the YubiKey serial number or a certificate
+    /// with `card` under another id, and that a server once matched, most recently read first.
+    pub fn earlier_selves(&self, card: &Card) -> Result<Vec<Remembered>, StoreError> {
+        let mut statement = self.conn.prepare(
+            "SELECT c.card_id, c.serial_number, c.thumbprints, r.json FROM card_reads c
+             JOIN reconciliations r ON r.card_id = c.card_id
+             WHERE r.state = 'matched' ORDER BY c.read_at DESC LIMIT ?1",
+        )?;
+        let rows = statement.query_map([HISTORY_LIMIT], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, Option<String>>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, String>(3)?,
+            ))
+        })?;
+        let mut found = Vec::new();
+        for row in rows {
+            let (card_id, serial_number, thumbprints, json) = row?;
+            let remembered = Remembered {
+                card_id,
+                serial_number,
+                thumbprints: thumbprints
+                    .split(',')
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+                reconciliation: serde_json::from_str(&json)?,
+            };
+            if remembered.resembles(card) {
+                found.push(remembered);
+            }
+        }
+        Ok(found)
     }
 
     pub fn last_reconciliation(&self, card_id: &str) -> Result<Option<Reconciliation>, StoreError> {
@@ -300,7 +381,12 @@ mod tests {
         let dir = temp_dir("roundtrip");
         let mut card = sample_card();
         card.card_id = Some("00112233445566778899AABBCCDDEEFF".into());
-        let r = reconcile(&card, &Lookup::NotFound, time::OffsetDateTime::now_utc());
+        let r = reconcile(
+            &card,
+            &Lookup::NotFound,
+            &Default::default(),
+            time::OffsetDateTime::now_utc(),
+        );
         {
             let store = Store::open(&dir).unwrap();
             store.record_sighting(&card).unwrap();

@@ -112,7 +112,7 @@ fn main() -> Result<()> {
             sim.cm_base_url()
         );
         let config = cardbridge::config::Config::parse(&text).map_err(anyhow::Error::msg)?;
-        let reconciler = cardbridge::reconcile::Reconciler::configured(config.cm.as_ref(), None)?;
+        let reconciler = cardbridge::reconcile::Reconciler::configured(&config, None)?;
         cases.push(Case {
             name,
             sim,
@@ -126,7 +126,10 @@ fn main() -> Result<()> {
         .build()?;
     runtime.block_on(async {
         for case in &mut cases {
-            let first = case.reconciler.reconcile(&card).await;
+            let first = case
+                .reconciler
+                .reconcile(&card, false, &Default::default())
+                .await;
             if first.reason.is_some() || first.server_card.is_none() {
                 bail!(
                     "{}: the first reconciliation failed: {:?}",
@@ -139,7 +142,10 @@ fn main() -> Result<()> {
         for _ in 0..args.runs {
             for case in &mut cases {
                 let started = Instant::now();
-                let r = case.reconciler.reconcile(&card).await;
+                let r = case
+                    .reconciler
+                    .reconcile(&card, false, &Default::default())
+                    .await;
                 case.millis.push(started.elapsed().as_secs_f64() * 1000.0);
                 if r.server_card.is_none() {
                     bail!("{}: a reconciliation failed: {:?}", case.name, r.reason);

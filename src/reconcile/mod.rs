@@ -1,12 +1,18 @@
-//! Reconciliation: what the physical card says against what MIM CM knows about it.
+//! Reconciliation: what the physical card says against what MIM CM and SCEPman know about it.
 //!
-//! [`reconcile`] is a pure function of the card snapshot, the server's data and the time, so
-//! every rule is tested as a table without a server. [`lookup`] does the I/O: it finds the card on
-//! the server (trying both byte orders of the PIV card id) and fetches its certificates and
-//! allowed operations.
+//! [`reconcile`] is a pure function of the card snapshot, the servers' data and the time, so
+//! every rule is tested as a table without a server. [`Reconciler`] does the I/O: it finds the
+//! card on MIM CM (trying both byte orders of the PIV card id) and fetches its certificates and
+//! allowed operations, while [`scepman::StatusLookup`] asks SCEPman about each certificate.
+
+pub mod history;
+pub mod lookup;
+pub mod scepman;
+
+pub use history::{EarlierCard, LastKnown};
+pub use lookup::Reconciler;
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
@@ -14,7 +20,7 @@ use time::OffsetDateTime;
 
 use crate::card::Card;
 use crate::cm::model::{normalize_guid, normalize_hex, smartcard_status_name, STATUS_ACTIVE};
-use crate::cm::{CmClient, Smartcard, X509ClmCertificate};
+use crate::cm::{Smartcard, X509ClmCertificate};
 use crate::config::CardIdOrder;
 use crate::http::ServerError;
 
@@ -108,6 +114,10 @@ pub struct CertificateMatch {
     pub slot: Option<String>,
     pub template: Option<String>,
     pub key_history: bool,
+    /// SCEPman's view of the certificate, when `[scepman]` is configured and the certificate
+    /// is on the card.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scepman: Option<scepman::ScepmanStatus>,
 }
 
 /// The Reconciliation object of the JSON contract.
@@ -125,6 +135,14 @@ pub struct Reconciliation {
     /// Why the server could not be asked (`server_unavailable`), with the error's code first.
     pub reason: Option<String>,
     pub checked_at: String,
+    /// With `server_unavailable`: the last successful comparison (information only; the
+    /// verdict stays `unknown`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_known: Option<LastKnown>,
+    /// The earlier card of this station this one appears to be, when the server did not know
+    /// the card's own id or the card has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub earlier_card: Option<EarlierCard>,
 }
 
 /// What the server said about a card.
@@ -146,8 +164,13 @@ pub enum Lookup {
     Found(Box<ServerData>),
 }
 
-/// The pure rules.
-pub fn reconcile(card: &Card, lookup: &Lookup, now: OffsetDateTime) -> Reconciliation {
+/// The pure rules: the card against MIM CM's `lookup` and SCEPman's `answers`.
+pub fn reconcile(
+    card: &Card,
+    lookup: &Lookup,
+    answers: &scepman::Answers,
+    now: OffsetDateTime,
+) -> Reconciliation {
     let mut r = Reconciliation {
         card_id: card.card_id.clone(),
         state: State::NotConfigured,
@@ -159,6 +182,8 @@ pub fn reconcile(card: &Card, lookup: &Lookup, now: OffsetDateTime) -> Reconcili
         verdict: Verdict::Unknown,
         reason: None,
         checked_at: now.format(&Rfc3339).unwrap_or_default(),
+        last_known: None,
+        earlier_card: None,
     };
     card_validity_findings(card, now, &mut r.findings);
     match lookup {
@@ -185,6 +210,7 @@ pub fn reconcile(card: &Card, lookup: &Lookup, now: OffsetDateTime) -> Reconcili
             compare(card, data, &mut r);
         }
     }
+    scepman::rules(&mut r, card, answers, now);
     r.verdict = verdict(r.state, &r.findings);
     r
 }
@@ -268,6 +294,7 @@ fn certificate_union(
                 slot: Some(c.slot.clone()),
                 template: c.template.clone(),
                 key_history: false,
+                scepman: None,
             },
         );
     }
@@ -280,6 +307,7 @@ fn certificate_union(
             slot: None,
             template: s.template_common_name.clone(),
             key_history: s.is_key_history,
+            scepman: None,
         });
         entry.on_server = true;
         entry.key_history = s.is_key_history;
@@ -422,8 +450,10 @@ impl CardIdForm {
     }
 }
 
-/// The card id as the server may know it: RFC 4122 order, or Windows `GUID` order (the first
-/// three fields little-endian).
+/// The card id as the server may know it: Windows `GUID` order (the first three fields
+/// little-endian), or RFC 4122 order. Windows order comes first: Windows hands the minidriver's
+/// card id around as a `GUID` and prints it that way, and msclmd builds its container names from
+/// the CHUID GUID in that order (README, "How a card is found on the server").
 pub fn card_id_forms(card_id: &[u8; 16], order: CardIdOrder) -> Vec<(CardIdForm, String)> {
     let rfc = crate::card::guid_string(card_id);
     let mut swapped = *card_id;
@@ -434,119 +464,7 @@ pub fn card_id_forms(card_id: &[u8; 16], order: CardIdOrder) -> Vec<(CardIdForm,
     match order {
         CardIdOrder::Rfc4122 => vec![(CardIdForm::Rfc4122, rfc)],
         CardIdOrder::Windows => vec![(CardIdForm::Windows, windows)],
-        CardIdOrder::Auto => vec![(CardIdForm::Rfc4122, rfc), (CardIdForm::Windows, windows)],
-    }
-}
-
-/// Asks the server about a card. With `auto` order, the form the server answered to last time is
-/// tried first (it is the same for every card of one deployment).
-pub struct Reconciler {
-    client: Option<CmClient>,
-    order: CardIdOrder,
-    preferred_form: Mutex<Option<CardIdForm>>,
-}
-
-impl Reconciler {
-    /// The reconciler of a configuration: a CM client when `[cm]` is set (else every card is
-    /// `not_configured`), and the card-id form a previous run learnt, if any.
-    pub fn configured(
-        cm: Option<&crate::config::ServerConfig>,
-        learnt_form: Option<String>,
-    ) -> Result<Reconciler, ServerError> {
-        let reconciler = match cm {
-            Some(cm) => Reconciler::new(
-                Some(CmClient::new(cm)?),
-                cm.card_id_order.unwrap_or_default(),
-            ),
-            None => Reconciler::new(None, CardIdOrder::default()),
-        };
-        if let Some(form) = learnt_form {
-            reconciler.prefer_form(&form);
-        }
-        Ok(reconciler)
-    }
-
-    pub fn new(client: Option<CmClient>, order: CardIdOrder) -> Reconciler {
-        Reconciler {
-            client,
-            order,
-            preferred_form: Mutex::new(None),
-        }
-    }
-
-    /// Remembers a form learnt earlier (from the store).
-    pub fn prefer_form(&self, form: &str) {
-        let known = CardIdForm::parse(form);
-        *self
-            .preferred_form
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = known;
-    }
-
-    pub fn preferred_form(&self) -> Option<CardIdForm> {
-        *self
-            .preferred_form
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Looks the card up and applies the rules.
-    pub async fn reconcile(&self, card: &Card) -> Reconciliation {
-        let lookup = self.lookup(card).await;
-        reconcile(card, &lookup, OffsetDateTime::now_utc())
-    }
-
-    pub async fn lookup(&self, card: &Card) -> Lookup {
-        let Some(client) = &self.client else {
-            return Lookup::NotConfigured;
-        };
-        let Some(id) = card
-            .card_id
-            .as_deref()
-            .and_then(|hex| hex::decode(hex).ok())
-            .and_then(|bytes| <[u8; 16]>::try_from(bytes).ok())
-        else {
-            return Lookup::NoCardId;
-        };
-        let mut forms = card_id_forms(&id, self.order);
-        if let Some(preferred) = self.preferred_form() {
-            forms.sort_by_key(|(name, _)| *name != preferred);
-        }
-        for (form, text) in forms {
-            let found = match client.find_smartcards(&text).await {
-                Ok(found) => found,
-                Err(e) => return Lookup::Unavailable(e),
-            };
-            // The server may answer with cards of other ids on a loose match: keep exact ones.
-            let Some(smartcard) = found.into_iter().find(|s| {
-                s.serial_number.as_deref().map(normalize_guid).as_deref() == Some(text.as_str())
-            }) else {
-                continue;
-            };
-            *self
-                .preferred_form
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = Some(form);
-            let uuid = normalize_guid(&smartcard.uuid);
-            // One after the other on the same kept-alive connection: fetching both at once
-            // would open a second connection, and a TLS handshake to a remote CM costs more than
-            // the round trip it saves.
-            let certificates = match client.certificates(&uuid).await {
-                Ok(certificates) => certificates,
-                Err(e) => return Lookup::Unavailable(e),
-            };
-            let operations = match client.operations(&uuid).await {
-                Ok(operations) => operations,
-                Err(e) => return Lookup::Unavailable(e),
-            };
-            return Lookup::Found(Box::new(ServerData {
-                smartcard,
-                certificates,
-                operations,
-                card_id_form: form,
-            }));
-        }
-        Lookup::NotFound
+        CardIdOrder::Auto => vec![(CardIdForm::Windows, windows), (CardIdForm::Rfc4122, rfc)],
     }
 }
 
@@ -771,7 +689,7 @@ mod tests {
             ),
         ];
         for (name, card, lookup, state, expected, verdict) in cases {
-            let r = reconcile(&card, &lookup, now());
+            let r = reconcile(&card, &lookup, &scepman::Answers::new(), now());
             assert_eq!(r.state, state, "{name}");
             assert_eq!(codes(&r), expected, "{name}");
             assert_eq!(r.verdict, verdict, "{name}");
@@ -783,6 +701,7 @@ mod tests {
         let r = reconcile(
             &card(vec![cert("9A", "AA", VALID.0, VALID.1)]),
             &server(2, "3b8b", &[("aa", false)]),
+            &scepman::Answers::new(),
             now(),
         );
         let sc = r.server_card.unwrap();
@@ -800,6 +719,7 @@ mod tests {
         let r = reconcile(
             &card(vec![]),
             &Lookup::Unavailable(ServerError::Refused("x".into())),
+            &scepman::Answers::new(),
             now(),
         );
         assert!(r.reason.unwrap().starts_with("connection_refused"));
@@ -813,18 +733,17 @@ mod tests {
             .unwrap();
         let forms = card_id_forms(&id, CardIdOrder::Auto);
         assert_eq!(
-            forms[0],
-            (
-                CardIdForm::Rfc4122,
-                "d1ef6869-5517-42a0-8f05-16ca1a0b834d".to_string()
-            )
-        );
-        assert_eq!(
-            forms[1],
-            (
-                CardIdForm::Windows,
-                "6968efd1-1755-a042-8f05-16ca1a0b834d".to_string()
-            )
+            forms,
+            [
+                (
+                    CardIdForm::Windows,
+                    "6968efd1-1755-a042-8f05-16ca1a0b834d".to_string()
+                ),
+                (
+                    CardIdForm::Rfc4122,
+                    "d1ef6869-5517-42a0-8f05-16ca1a0b834d".to_string()
+                ),
+            ]
         );
         assert_eq!(card_id_forms(&id, CardIdOrder::Windows).len(), 1);
     }
