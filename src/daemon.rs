@@ -189,12 +189,21 @@ impl Running {
                 .map_err(DaemonError::Start)?
         };
         let publisher = shared.clone();
+        let again = engine.reconcile_requester();
         let worker = Worker::new(
             outbox_store,
             opened.scepman,
             opened.cm,
             Pacing::of(config),
-            Box::new(move |r| api::publish_revocation(&publisher.bus, r)),
+            Box::new(move |r| {
+                api::publish_revocation(&publisher.bus, r);
+                // The kiosk then sees the card's new state (`card.reconciled`) after the
+                // revocation's end (`revocation.updated`).
+                if let (true, Some(again)) = (r.status.is_finished(), &again) {
+                    let card = publisher.station_card(&r.card_id);
+                    again.reconcile_again(&r.card_id, card);
+                }
+            }),
         );
         let worker = opened
             .runtime

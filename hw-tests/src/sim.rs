@@ -728,37 +728,39 @@ fn handle(
                 .into_response()
         }
         ("GET", ["api", "manage", "search"]) => {
-            let text = query
-                .get("searchtext")
-                .cloned()
-                .unwrap_or_default()
-                .to_ascii_lowercase();
             let page_size: usize = query
                 .get("pagesize")
                 .and_then(|p| p.parse().ok())
                 .unwrap_or(50)
                 .clamp(1, 500);
-            let start: usize = query
-                .get("continuationtoken")
-                .and_then(|t| t.parse().ok())
-                .unwrap_or(0);
+            // SCEPman's own client sends only the token for the next page, so the token carries
+            // the query (opaque to clients, like SCEPman's).
+            let search = match query.get("continuationtoken") {
+                Some(token) => match Search::from_token(token) {
+                    Some(search) => search,
+                    None => return StatusCode::BAD_REQUEST.into_response(),
+                },
+                None => Search::from_query(query),
+            };
             let hits: Vec<&ScepmanCert> = state
                 .fixture
                 .scepman
                 .iter()
-                .filter(|c| {
-                    text.is_empty()
-                        || c.serial_number.to_ascii_lowercase().contains(&text)
-                        || c.subject.to_ascii_lowercase().contains(&text)
-                })
+                .filter(|c| search.matches(c))
                 .collect();
             let page: Vec<Value> = hits
                 .iter()
-                .skip(start)
+                .skip(search.start)
                 .take(page_size)
                 .map(|c| scepman_item(c))
                 .collect();
-            let next = (start + page_size < hits.len()).then(|| (start + page_size).to_string());
+            let next = (search.start + page_size < hits.len()).then(|| {
+                Search {
+                    start: search.start + page_size,
+                    ..search.clone()
+                }
+                .token()
+            });
             ok(json!({"items": page, "continuationToken": next}))
         }
         ("PATCH", ["api", "manage", "revoke", serial]) => {
@@ -785,6 +787,67 @@ fn handle(
         }
         // With the API disabled or on an unknown route, IIS answers 404.
         _ => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// A search in progress: the query and where the next page starts.
+#[derive(Clone)]
+struct Search {
+    text: String,
+    validity: String,
+    start: usize,
+}
+
+impl Search {
+    fn from_query(query: &std::collections::HashMap<String, String>) -> Search {
+        Search {
+            text: query
+                .get("searchtext")
+                .cloned()
+                .unwrap_or_default()
+                .to_ascii_lowercase(),
+            validity: query
+                .get("certvalidity")
+                .cloned()
+                .unwrap_or_else(|| "any".into())
+                .to_ascii_lowercase(),
+            start: 0,
+        }
+    }
+
+    fn token(&self) -> String {
+        format!(
+            "{}!{}!{}",
+            self.start,
+            self.validity,
+            hex::encode(&self.text)
+        )
+    }
+
+    fn from_token(token: &str) -> Option<Search> {
+        let mut parts = token.splitn(3, '!');
+        let start = parts.next()?.parse().ok()?;
+        let validity = parts.next()?.to_string();
+        let text = String::from_utf8(hex::decode(parts.next()?).ok()?).ok()?;
+        Some(Search {
+            text,
+            validity,
+            start,
+        })
+    }
+
+    /// Substring match on serial and subject, as SCEPman's search does, then `certValidity`.
+    fn matches(&self, c: &ScepmanCert) -> bool {
+        let text_ok = self.text.is_empty()
+            || c.serial_number.to_ascii_lowercase().contains(&self.text)
+            || c.subject.to_ascii_lowercase().contains(&self.text);
+        let validity_ok = match self.validity.as_str() {
+            "revoked" => c.revocation_date.is_some(),
+            "active" => c.revocation_date.is_none(),
+            "expired" => false,
+            _ => true,
+        };
+        text_ok && validity_ok
     }
 }
 

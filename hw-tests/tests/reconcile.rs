@@ -9,7 +9,8 @@ use std::time::Duration;
 use common::{insert, run_cardbridge};
 use hw_tests::rig::{Rig, Slot};
 use hw_tests::sim::{
-    card_guid as guid, matching_record, smartcard_uuid, Fault, Fixture, Simulator,
+    card_guid as guid, matching_record, scepman_certs, smartcard_uuid, Fault, Fixture, ScepmanCert,
+    Simulator,
 };
 use hw_tests::vcard::CardSpec;
 use serde_json::{json, Value};
@@ -417,4 +418,192 @@ fn a_bad_configuration_exits_2_naming_the_key() {
         stderr.contains("retry") && stderr.contains("config.toml"),
         "{stderr}"
     );
+}
+
+/// A simulator serving both MIM CM (the card's record) and SCEPman (`scepman`).
+fn sim_with_scepman(truth: &hw_tests::vcard::Truth, scepman: Vec<ScepmanCert>) -> Simulator {
+    let fixture = Fixture {
+        smartcards: vec![matching_record(truth, true)],
+        scepman,
+        ..Fixture::default()
+    };
+    Simulator::start(fixture, 0).expect("simulator")
+}
+
+fn scepman_section(base_url: &str) -> String {
+    format!("[scepman]\nbase_url = \"{base_url}\"\nretries = 0\n")
+}
+
+/// The reconciliation's certificate entry for `thumbprint`.
+fn certificate<'a>(card: &'a Value, thumbprint: &str) -> &'a Value {
+    card["reconciliation"]["certificates"]
+        .as_array()
+        .and_then(|all| all.iter().find(|c| c["thumbprint"] == thumbprint))
+        .unwrap_or(&Value::Null)
+}
+
+#[test]
+fn a_certificate_revoked_in_scepman_is_critical_with_its_date_and_reason() {
+    let rig = Rig::get();
+    let _shared = rig.shared();
+    let slot = rig.slot();
+    let card = insert(CardSpec::piv_four_certs(), &slot);
+    let mut known = scepman_certs(&card.truth);
+    known[1].revocation_date = Some("2026-11-20T09:30:00Z".into());
+    known[1].revocation_reason = Some(1);
+    known[1].revoked_by = Some("helpdesk@contoso.com through API user x".into());
+    let sim = sim_with_scepman(&card.truth, known);
+    let station = Station::for_sim(
+        "scepman-revoked",
+        &sim,
+        &scepman_section(&sim.scepman_base_url()),
+    );
+    let json = station.scan(&slot);
+    let r = &json["reconciliation"];
+    assert_eq!(
+        (r["state"].as_str(), r["verdict"].as_str()),
+        (Some("matched"), Some("critical")),
+        "{r:#}"
+    );
+    assert_eq!(codes(&json), ["certificate_revoked"]);
+    let revoked = &card.truth.certificates[1];
+    let finding = &r["findings"][0]["message"];
+    assert!(
+        finding
+            .as_str()
+            .unwrap_or_default()
+            .contains(&revoked.thumbprint)
+            && finding
+                .as_str()
+                .unwrap_or_default()
+                .contains("2026-11-20T09:30:00Z")
+            && finding
+                .as_str()
+                .unwrap_or_default()
+                .contains("keyCompromise"),
+        "{finding}"
+    );
+    assert_eq!(
+        certificate(&json, &revoked.thumbprint)["scepman"],
+        json!({"status": "revoked", "revocation_date": "2026-11-20T09:30:00Z",
+               "revocation_reason": "keyCompromise",
+               "revoked_by": "helpdesk@contoso.com through API user x"})
+    );
+    let other = &card.truth.certificates[0].thumbprint;
+    assert_eq!(certificate(&json, other)["scepman"]["status"], "active");
+}
+
+#[test]
+fn a_certificate_scepman_does_not_list_is_reported_as_information() {
+    let rig = Rig::get();
+    let _shared = rig.shared();
+    let slot = rig.slot();
+    let card = insert(CardSpec::piv_four_certs(), &slot);
+    let mut known = scepman_certs(&card.truth);
+    known.pop();
+    let sim = sim_with_scepman(&card.truth, known);
+    let station = Station::for_sim(
+        "scepman-unlisted",
+        &sim,
+        &scepman_section(&sim.scepman_base_url()),
+    );
+    let json = station.scan(&slot);
+    assert_eq!(codes(&json), ["certificate_unknown_to_scepman"]);
+    assert_eq!(json["reconciliation"]["verdict"], "ok");
+    let last = &card.truth.certificates[card.truth.certificates.len() - 1].thumbprint;
+    assert_eq!(
+        certificate(&json, last)["scepman"],
+        json!({"status": "unknown", "revocation_date": null, "revocation_reason": null,
+               "revoked_by": null, "reason": "not_listed"})
+    );
+}
+
+#[test]
+fn the_serial_is_matched_exactly_on_a_later_page_past_a_substring_decoy() {
+    let rig = Rig::get();
+    let _shared = rig.shared();
+    let slot = rig.slot();
+    let card = insert(CardSpec::piv_four_certs(), &slot);
+    let known = scepman_certs(&card.truth);
+    let target = known[0].serial_number.clone();
+    // Page 1 (100 items): a revoked certificate whose serial contains the target's, then
+    // certificates whose subject names it. The real one is on page 2.
+    let mut listed = vec![ScepmanCert {
+        serial_number: format!("00{target}00"),
+        subject: "CN=decoy".into(),
+        revocation_date: Some("2026-01-01T00:00:00Z".into()),
+        revocation_reason: Some(1),
+        ..ScepmanCert::default()
+    }];
+    listed.extend((0..120).map(|n| ScepmanCert {
+        serial_number: format!("77{n:04}"),
+        subject: format!("CN=note {target} {n}"),
+        ..ScepmanCert::default()
+    }));
+    listed.extend(known);
+    let sim = sim_with_scepman(&card.truth, listed);
+    let station = Station::for_sim(
+        "scepman-pages",
+        &sim,
+        &scepman_section(&sim.scepman_base_url()),
+    );
+    let json = station.scan(&slot);
+    let thumbprint = &card.truth.certificates[0].thumbprint;
+    assert_eq!(
+        certificate(&json, thumbprint)["scepman"]["status"],
+        "active",
+        "{json:#}"
+    );
+    let searches: Vec<String> = sim
+        .log()
+        .into_iter()
+        .filter(|l| l.route == "search")
+        .filter_map(|l| l.query)
+        .collect();
+    let first = searches
+        .iter()
+        .position(|q| q.contains(&format!("searchText={target}")))
+        .expect("searched by serial");
+    assert!(
+        first + 1 < searches.len() && searches[first + 1].contains("continuationToken="),
+        "the second page follows the first: {searches:#?}"
+    );
+    assert!(
+        searches[first].contains("certValidity=Any"),
+        "{searches:#?}"
+    );
+}
+
+#[test]
+fn scepman_down_leaves_its_part_unknown_and_the_cm_part_intact() {
+    let rig = Rig::get();
+    let _shared = rig.shared();
+    let slot = rig.slot();
+    let card = insert(CardSpec::piv_four_certs(), &slot);
+    let sim = sim_with_scepman(&card.truth, Vec::new());
+    // Nothing listens on port 9 of loopback.
+    let station = Station::for_sim(
+        "scepman-down",
+        &sim,
+        &scepman_section("http://127.0.0.1:9/"),
+    );
+    let json = station.scan(&slot);
+    let r = &json["reconciliation"];
+    assert_eq!(
+        (r["state"].as_str(), r["verdict"].as_str()),
+        (Some("matched"), Some("ok")),
+        "{r:#}"
+    );
+    assert_eq!(codes(&json), Vec::<String>::new());
+    for cert in &card.truth.certificates {
+        let scepman = &certificate(&json, &cert.thumbprint)["scepman"];
+        assert_eq!(scepman["status"], "unknown", "{scepman}");
+        assert!(
+            scepman["reason"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("connection_refused"),
+            "{scepman}"
+        );
+    }
 }

@@ -111,6 +111,15 @@ impl Shared {
             let _ = rx.wait_for(|stop| *stop).await;
         }
     }
+
+    /// The card with this id as a reader has it now, if it is in one.
+    pub fn station_card(&self, card_id: &str) -> Option<Card> {
+        self.station
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .find_card(card_id)
+            .filter(|c| c.error.is_none())
+    }
 }
 
 /// How callers reach a listener, which decides how they are identified.

@@ -472,6 +472,16 @@ impl RevocationStatus {
         }
     }
 
+    /// Whether the revocation has ended, well or not.
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            RevocationStatus::Succeeded
+                | RevocationStatus::PartiallyFailed
+                | RevocationStatus::Failed
+        )
+    }
+
     /// Queued while nothing has started; in progress while anything is unfinished; then
     /// succeeded, failed, or partially failed when some actions succeeded and some failed.
     pub fn of(actions: &[ActionStatus]) -> RevocationStatus {
