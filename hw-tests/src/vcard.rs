@@ -142,7 +142,9 @@ enum Key {
     Gids(u16, u16),
 }
 
-/// The card's content and its APDU state.
+/// The card's content and its APDU state. A clone is the same card (the same id, keys and
+/// certificates), to take out and put back.
+#[derive(Clone)]
 pub struct VirtualCard {
     pub atr: Vec<u8>,
     pub truth: Truth,

@@ -702,3 +702,39 @@ fn revocations_are_rate_limited_per_client() {
     assert!(answer.contains("retry-after: "), "{answer}");
     assert!(answer.contains("too_many_revocations"), "{answer}");
 }
+
+#[test]
+fn the_card_is_reconciled_again_after_its_revocation_ends() {
+    let (_shared, _slot, card, card_id) = piv_card();
+    let sim = simulator(
+        vec![matching_record(&card.truth, false)],
+        scepman_certs(&card.truth),
+    );
+    let daemon = Daemon::start(
+        "revoke-reconcile",
+        &servers(&sim.cm_base_url(), &sim.scepman_base_url()),
+    );
+    wait_card(&daemon, &card_id, true);
+    let mut events = daemon.events(None);
+    let body = json!({"card_id": card_id, "target": "certificates", "reason": "keyCompromise"});
+    let (status, stored) = submit(&daemon, "reconcile-after", &body);
+    assert_eq!(status, 202, "{stored}");
+    let id = stored["id"].as_i64().expect("id");
+    next_event(&mut events, |n, d| {
+        n == "revocation.updated" && d.contains(&format!("\"id\":{id}")) && d.contains("succeeded")
+    });
+    // The next reconciliation of the card, after the revocation's end, shows it.
+    let (_, _, data) = next_event(&mut events, |n, d| {
+        n == "card.reconciled" && d.contains(&card_id)
+    });
+    let r: Value = serde_json::from_str(&data).expect("JSON");
+    assert_eq!(r["verdict"], "critical", "{r:#}");
+    let statuses: Vec<&str> = r["certificates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["on_card"] == true)
+        .map(|c| c["scepman"]["status"].as_str().unwrap_or("missing"))
+        .collect();
+    assert_eq!(statuses, ["revoked"; 4], "{r:#}");
+}
