@@ -138,3 +138,54 @@ pub fn note_changed_id(r: &mut Reconciliation, earlier: EarlierCard) {
     r.earlier_card = Some(earlier);
     r.verdict = super::verdict(r.state, &r.findings);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconcile::{reconcile, Lookup};
+    use time::OffsetDateTime;
+
+    fn with_state(state: State, at: &str) -> Reconciliation {
+        let card = crate::card::Card::failed(
+            "r",
+            &[0x3B, 0x00],
+            &crate::card::ReadError::Deadline,
+            OffsetDateTime::now_utc(),
+        );
+        let mut r = reconcile(
+            &card,
+            &Lookup::NotFound,
+            &Default::default(),
+            OffsetDateTime::now_utc(),
+        );
+        r.state = state;
+        r.checked_at = at.into();
+        r
+    }
+
+    #[test]
+    fn last_known_comes_from_the_last_comparison_and_is_carried_forward() {
+        let matched = with_state(State::Matched, "10:42");
+        let mut down = with_state(State::ServerUnavailable, "10:50");
+        carry_last_known(&mut down, Some(&matched));
+        assert_eq!(
+            down.last_known.as_ref().map(|k| k.checked_at.as_str()),
+            Some("10:42")
+        );
+
+        // Still down later: the same last comparison, not the previous outage.
+        let mut later = with_state(State::ServerUnavailable, "11:00");
+        carry_last_known(&mut later, Some(&down));
+        assert_eq!(later.last_known, down.last_known);
+
+        // Nothing compared yet: nothing to show.
+        let mut first = with_state(State::ServerUnavailable, "09:00");
+        carry_last_known(&mut first, None);
+        assert_eq!(first.last_known, None);
+
+        // A comparison that succeeds needs none.
+        let mut back = with_state(State::Matched, "12:00");
+        carry_last_known(&mut back, Some(&later));
+        assert_eq!(back.last_known, None);
+    }
+}

@@ -222,7 +222,8 @@ impl Store {
         Ok(())
     }
 
-    /// The last successful read of a card.
+    /// The last successful read of a card, as its JSON shows it (without the certificates'
+    /// DER bytes, which the reconciliation rules do not use).
     pub fn last_card(&self, card_id: &str) -> Result<Option<Card>, StoreError> {
         let json: Option<String> = self
             .conn
@@ -419,6 +420,82 @@ mod tests {
         assert_eq!(
             store.setting("cm.card_id_form").unwrap().as_deref(),
             Some("windows")
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A successfully read card with an id, a YubiKey serial and one certificate.
+    fn read_card(card_id: &str, serial: &str, thumbprint: &str) -> Card {
+        let mut card = sample_card();
+        card.error = None;
+        card.card_id = Some(card_id.into());
+        card.serial_number = Some(serial.into());
+        card.certificates = vec![crate::card::CertificateInfo::from_der(
+            "9A".into(),
+            String::new(),
+            vec![0x30, 0x00],
+            false,
+        )];
+        card.certificates[0].thumbprint = thumbprint.into();
+        card
+    }
+
+    #[test]
+    fn the_last_read_of_a_card_is_kept_whole() {
+        let dir = temp_dir("last-card");
+        let store = Store::open(&dir).unwrap();
+        let mut card = read_card("00112233445566778899AABBCCDDEEFF", "123", "AA");
+        store.record_sighting(&card).unwrap();
+        // As the Card JSON shows it: the certificates' DER bytes are not part of it.
+        card.certificates[0].der.clear();
+        assert_eq!(
+            store.last_card("00112233445566778899AABBCCDDEEFF").unwrap(),
+            Some(card)
+        );
+        assert_eq!(store.last_card("FF").unwrap(), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn earlier_selves_share_a_serial_or_a_certificate_and_were_matched() {
+        let dir = temp_dir("earlier");
+        let store = Store::open(&dir).unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        for (id, serial, thumbprint) in [
+            ("01", "111", "AA"),
+            ("02", "222", "BB"),
+            ("03", "333", "CC"),
+        ] {
+            let card = read_card(id, serial, thumbprint);
+            store.record_sighting(&card).unwrap();
+            let mut r = reconcile(&card, &Lookup::NotFound, &Default::default(), now);
+            // 03 was never matched on a server.
+            if id != "03" {
+                r.state = crate::reconcile::State::Matched;
+            }
+            store.save_reconciliation(&r).unwrap();
+        }
+        let ids = |card: &Card| -> Vec<String> {
+            store
+                .earlier_selves(card)
+                .unwrap()
+                .into_iter()
+                .map(|e| e.card_id)
+                .collect()
+        };
+        assert_eq!(ids(&read_card("09", "111", "ZZ")), ["01"], "same serial");
+        assert_eq!(
+            ids(&read_card("09", "999", "BB")),
+            ["02"],
+            "shared certificate"
+        );
+        assert!(
+            ids(&read_card("09", "333", "CC")).is_empty(),
+            "never matched"
+        );
+        assert!(
+            ids(&read_card("01", "111", "AA")).is_empty(),
+            "not its own earlier self"
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
