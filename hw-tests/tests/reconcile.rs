@@ -491,6 +491,14 @@ fn a_certificate_revoked_in_scepman_is_critical_with_its_date_and_reason() {
     );
     let other = &card.truth.certificates[0].thumbprint;
     assert_eq!(certificate(&json, other)["scepman"]["status"], "active");
+    // The searches share one connection to SCEPman.
+    let ports: std::collections::BTreeSet<u16> = sim
+        .log()
+        .iter()
+        .filter(|l| l.route == "search")
+        .map(|l| l.client.port())
+        .collect();
+    assert_eq!(ports.len(), 1, "{:?}", sim.log());
 }
 
 #[test]
