@@ -6,12 +6,14 @@
 //! - [`certs`]: the certificates' issuing CA;
 //! - [`sim`]: the MIM CM / SCEPman simulator, a real HTTP server on loopback;
 //! - [`sim_auth`]: its Negotiate acceptor and OAuth token endpoints;
-//! - [`kdc`]: a real MIT Kerberos KDC for the Negotiate tests.
+//! - [`kdc`]: a real MIT Kerberos KDC for the Negotiate tests;
+//! - [`qualify`]: the comparisons of `hw-tests/qualify` (cardbridge against OpenSC and ykman).
 //!
 //! The end-to-end tests in `tests/` and the benchmark in `src/bin/bench.rs` are built on these.
 
 pub mod certs;
 pub mod kdc;
+pub mod qualify;
 pub mod rig;
 pub mod sim;
 pub mod sim_auth;

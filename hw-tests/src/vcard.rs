@@ -48,6 +48,10 @@ pub struct Faults {
     pub garbage_certificate: bool,
     /// Wait this long before every answer.
     pub slow_ms: u64,
+    /// From the second SELECT of the PIV applet on, slots 9A and 9C answer with each other's
+    /// certificate: a card whose content changed between two readers' reads.
+    #[serde(default)]
+    pub swap_certificates_after_first_read: bool,
 }
 
 /// What the card should contain.
@@ -142,6 +146,22 @@ enum Key {
     Gids(u16, u16),
 }
 
+/// Yubico's GET METADATA (YubiKey 5.3+), as far as `ykman piv info` needs it: the PIN and PUK
+/// (defaults, 3 tries), the management key (3DES, default); no key metadata for the slots
+/// (6A88, as for an empty slot) and no biometrics.
+fn yubikey_metadata(p2: u8) -> (Vec<u8>, u16) {
+    match p2 {
+        // Is-default 1, retries total 3 / remaining 3.
+        0x80 | 0x81 => (vec![0x05, 0x01, 0x01, 0x06, 0x02, 0x03, 0x03], 0x9000),
+        // Algorithm 3DES, policy (PIN never, touch never), is-default 1.
+        0x9B => (
+            vec![0x01, 0x01, 0x03, 0x02, 0x02, 0x00, 0x01, 0x05, 0x01, 0x01],
+            0x9000,
+        ),
+        _ => (Vec::new(), 0x6A88),
+    }
+}
+
 /// The card's content and its APDU state. A clone is the same card (the same id, keys and
 /// certificates), to take out and put back.
 #[derive(Clone)]
@@ -155,6 +175,8 @@ pub struct VirtualCard {
     pending: Vec<u8>,
     /// APDUs received, for benchmarks.
     pub apdus: u64,
+    /// SELECTs of the PIV applet so far.
+    piv_selects: u32,
 }
 
 /// What the card does with one APDU.
@@ -195,6 +217,7 @@ impl VirtualCard {
             selected: None,
             pending: Vec::new(),
             apdus: 0,
+            piv_selects: 0,
         })
     }
 
@@ -235,6 +258,9 @@ impl VirtualCard {
                 self.spec.yubikey_serial.unwrap_or(0).to_be_bytes().to_vec(),
                 0x9000,
             ),
+            (0xF7, 0, p2) if self.is_yubikey() => yubikey_metadata(p2),
+            // VERIFY without data asks for the PIN tries left: 63Cx.
+            (0x20, 0, 0x80) if cmd.data.is_empty() => (Vec::new(), 0x63C3),
             _ => (Vec::new(), 0x6D00),
         };
         if sw != 0x9000 {
@@ -264,6 +290,7 @@ impl VirtualCard {
         match self.spec.applet {
             Applet::Piv if aid.len() >= 5 && aid.starts_with(&PIV_AID_PREFIX) => {
                 self.selected = Some(Applet::Piv);
+                self.piv_selects += 1;
                 // Application property template: PIX + coexistent tag allocation authority.
                 let mut apt = tlv::encode(0x4F, &[0x00, 0x00, 0x10, 0x00, 0x01, 0x00]);
                 apt.extend(tlv::encode(0x79, &tlv::encode(0x4F, &PIV_AID_PREFIX)));
@@ -289,7 +316,14 @@ impl VirtualCard {
         };
         let key = match (self.selected, p1p2) {
             (Some(Applet::Piv), 0x3FFF) => {
-                Key::Piv(tag.iter().fold(0u32, |a, &b| (a << 8) | u32::from(b)))
+                let object = tag.iter().fold(0u32, |a, &b| (a << 8) | u32::from(b));
+                let swapped =
+                    self.spec.faults.swap_certificates_after_first_read && self.piv_selects > 1;
+                Key::Piv(match object {
+                    0x5FC105 if swapped => 0x5FC10A,
+                    0x5FC10A if swapped => 0x5FC105,
+                    other => other,
+                })
             }
             (Some(Applet::Gids), ef) if tag.len() == 2 => {
                 Key::Gids(ef, u16::from_be_bytes([tag[0], tag[1]]))
