@@ -91,12 +91,7 @@ impl Opened {
         };
         let reconciler = Reconciler::configured(config, store.setting(CARD_ID_FORM)?)?;
         let stores = [store, Store::open(&state_dir)?, Store::open(&state_dir)?];
-        let scepman = config
-            .scepman
-            .as_ref()
-            .map(ScepmanClient::new)
-            .transpose()?;
-        let cm = config.cm.as_ref().map(CmClient::new).transpose()?;
+        let (cm, scepman) = reconciler.clients();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

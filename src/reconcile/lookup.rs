@@ -59,6 +59,15 @@ impl Reconciler {
         }
     }
 
+    /// The servers' clients, for the revocation outbox: sharing them means one OAuth token and
+    /// one Kerberos context per server for the whole station.
+    pub fn clients(&self) -> (Option<CmClient>, Option<crate::scepman::ScepmanClient>) {
+        (
+            self.client.clone(),
+            self.scepman.as_ref().map(|s| s.client().clone()),
+        )
+    }
+
     /// Remembers a form learnt earlier (from the store).
     pub fn prefer_form(&self, form: &str) {
         let known = CardIdForm::parse(form);

@@ -177,6 +177,11 @@ impl StatusLookup {
         }
     }
 
+    /// The client it asks with (shared with the revocation outbox: one token for the station).
+    pub fn client(&self) -> &ScepmanClient {
+        &self.client
+    }
+
     /// The answers for every certificate on `card` that has a serial number. With `fresh`
     /// (a sync, or after a revocation) the cache is bypassed and refilled. Once one call fails,
     /// the rest are not tried: they get the same answer instead of one timeout each.
