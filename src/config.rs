@@ -6,6 +6,7 @@
 //! from files (or systemd credentials, see `auth::secret`), so the configuration itself
 //! can be world-readable.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -30,6 +31,50 @@ pub struct Config {
     pub api: ApiConfig,
     #[serde(default)]
     pub revocation: RevocationConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// The fleet's metrics listener: `GET /metrics` for a central Prometheus, on any address.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// e.g. `0.0.0.0:9687`; absent, only the API listener serves `/metrics` (with an API token).
+    pub listen: Option<SocketAddr>,
+    /// SHA-256 (hex) of the bearer token Prometheus must send; absent, no token is asked for.
+    pub token_sha256: Option<String>,
+}
+
+impl MetricsConfig {
+    fn check(&self) -> Result<(), String> {
+        if self.token_sha256.is_some() && self.listen.is_none() {
+            return Err(
+                "metrics.token_sha256: set metrics.listen too (the token guards that listener)"
+                    .into(),
+            );
+        }
+        if self
+            .token_sha256
+            .as_deref()
+            .is_some_and(|t| self.token_hash_of(t).is_none())
+        {
+            return Err(
+                "metrics.token_sha256 must be 64 hex digits (the SHA-256 of the token)".into(),
+            );
+        }
+        Ok(())
+    }
+
+    fn token_hash_of(&self, text: &str) -> Option<[u8; 32]> {
+        hex::decode(text).ok()?.try_into().ok()
+    }
+
+    /// The token hash as bytes (checked at load).
+    pub fn token_hash(&self) -> Option<[u8; 32]> {
+        self.token_sha256
+            .as_deref()
+            .and_then(|t| self.token_hash_of(t))
+    }
 }
 
 /// How the revocation outbox paces its deliveries.
@@ -509,6 +554,7 @@ impl Config {
         let config: Config =
             toml::from_str(text).map_err(|e| e.to_string().trim().replace('\n', " "))?;
         config.api.check()?;
+        config.metrics.check()?;
         for (section, server) in [("cm", &config.cm), ("scepman", &config.scepman)] {
             if let Some(server) = server {
                 server.check(section)?;

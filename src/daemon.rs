@@ -78,6 +78,12 @@ struct Opened {
     unix: Option<tokio::net::UnixListener>,
     /// The socket's device and inode, to remove only our own at the end.
     socket_id: Option<(u64, u64)>,
+    /// The fleet's metrics listener (`[metrics] listen`) and its token hash.
+    scrape: Option<(
+        tokio::net::TcpListener,
+        std::net::SocketAddr,
+        Option<[u8; 32]>,
+    )>,
 }
 
 impl Opened {
@@ -115,6 +121,16 @@ impl Opened {
             None => None,
         };
         let socket_id = config.api.unix_socket.as_deref().and_then(file_id);
+        let scrape = match config.metrics.listen {
+            Some(addr) => {
+                let listener = runtime
+                    .block_on(tokio::net::TcpListener::bind(addr))
+                    .map_err(|source| DaemonError::Listen { addr, source })?;
+                let bound = listener.local_addr().map_err(DaemonError::Start)?;
+                Some((listener, bound, config.metrics.token_hash()))
+            }
+            None => None,
+        };
         Ok(Opened {
             runtime,
             clients,
@@ -125,6 +141,7 @@ impl Opened {
             listeners,
             unix,
             socket_id,
+            scrape,
         })
     }
 }
@@ -139,6 +156,11 @@ struct Running {
     listeners: Vec<(tokio::net::TcpListener, std::net::SocketAddr)>,
     unix: Option<tokio::net::UnixListener>,
     socket_id: Option<(u64, u64)>,
+    scrape: Option<(
+        tokio::net::TcpListener,
+        std::net::SocketAddr,
+        Option<[u8; 32]>,
+    )>,
 }
 
 impl Running {
@@ -212,6 +234,7 @@ impl Running {
             listeners: opened.listeners,
             unix: opened.unix,
             socket_id: opened.socket_id,
+            scrape: opened.scrape,
         })
     }
 
@@ -220,6 +243,7 @@ impl Running {
     fn serve(&mut self) {
         let listeners = std::mem::take(&mut self.listeners);
         let unix = self.unix.take();
+        let scrape = self.scrape.take();
         let shared = self.shared.clone();
         let health = self.engine.monitor_health();
         let worker = &mut self.worker;
@@ -244,6 +268,11 @@ impl Running {
                 let app = api::router(shared.clone(), api::Kind::Unix);
                 let stopping = shared.stopping.subscribe();
                 servers.spawn(serve(unix, app, connections.clone(), stopping, DRAIN));
+            }
+            if let Some((listener, addr, token)) = scrape {
+                let app = api::metrics::scrape_router(shared.clone(), token, addr);
+                let stopping = shared.stopping.subscribe();
+                servers.spawn(serve(listener, app, connections.clone(), stopping, DRAIN));
             }
             let stopper = shared.clone();
             tokio::spawn(async move {
@@ -392,17 +421,10 @@ fn apply(event: &Event, shared: &Shared) {
                 .read(card.read_ms, card.error.as_ref().map(|e| e.code()));
             station.card_read(card.as_ref().clone());
         }
-        Event::CardReconciled(r) => {
-            let server_error = r
-                .reason
-                .as_deref()
-                .and_then(|reason| reason.split(':').next());
-            shared.metrics.reconciled(r.verdict.as_str(), server_error);
-        }
-        Event::CardInserted { .. }
-        | Event::PcscUnavailable { .. }
-        | Event::PcscRestored
-        | Event::RevocationUpdated(_) => {}
+        Event::CardReconciled(r) => shared.metrics.reconciled(r),
+        Event::PcscUnavailable { .. } => shared.metrics.pcscd(false),
+        Event::PcscRestored => shared.metrics.pcscd(true),
+        Event::CardInserted { .. } | Event::RevocationUpdated(_) => {}
     }
 }
 

@@ -25,6 +25,7 @@
 //! - [`clock`]: the system clock, handed to the card layer, and the timestamp format.
 //! - [`crl_reason`]: RFC 5280 revocation reasons, by name and number.
 //! - [`error_text`]: an error and its causes as one line.
+//! - [`metrics`]: the station's Prometheus metrics (prometheus-client).
 //! - [`random`]: random tokens and keys from the system's source.
 //! - [`logging`]: `tracing` output for a terminal or the journal.
 //! - [`scan`]: the `cardbridge scan` command.
@@ -48,6 +49,7 @@ pub mod error_text;
 pub mod event;
 pub mod http;
 pub mod logging;
+pub mod metrics;
 pub mod outbox;
 pub mod pcsc;
 pub mod random;

@@ -204,10 +204,10 @@ fn metrics_count_reads_reconciliations_and_requests() {
     assert_eq!(status, 200);
     for line in [
         "cardbridge_reconciliations_total{verdict=\"ok\"} 2",
-        "cardbridge_api_requests_total{route=\"/v1/cards/{card_id}/sync\",status=\"202\"} 1",
+        "cardbridge_http_requests_total{route=\"/v1/cards/{card_id}/sync\",status=\"202\"} 1",
         // The insertion and the sync: two reads.
-        "cardbridge_reads_total 2",
-        "cardbridge_read_duration_ms_count 2",
+        "cardbridge_card_reads_total{result=\"ok\"} 2",
+        "cardbridge_card_read_duration_seconds_count 2",
     ] {
         assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
     }

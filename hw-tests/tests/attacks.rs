@@ -368,11 +368,11 @@ fn http_semantics_from_the_notes() {
     let _ = daemon.get("/v1/health", &[("Authorization", "Bearer wrong")]);
     let (_, metrics) = daemon.get("/metrics", &[("Authorization", &auth)]);
     assert!(
-        metrics.contains("cardbridge_api_refusals_total{code=\"bad_token\"}"),
+        metrics.contains("cardbridge_http_refusals_total{code=\"bad_token\"}"),
         "{metrics}"
     );
     assert!(
-        metrics.contains("cardbridge_api_refusals_total{code=\"duplicate_host\"} 1"),
+        metrics.contains("cardbridge_http_refusals_total{code=\"duplicate_host\"} 1"),
         "{metrics}"
     );
     assert!(

@@ -70,7 +70,7 @@ pub struct Shared {
     pub failures: security::FailureBudget,
     /// Refused calls logged recently, so an attack leaves a trace without flooding the log.
     pub refusal_log: RefusalLog,
-    pub metrics: metrics::Metrics,
+    pub metrics: crate::metrics::Metrics,
     /// Scopes of local processes on the Unix socket.
     pub local_users: Vec<crate::config::LocalUser>,
     /// Each client's budget of revocations (its name → bucket; as many entries as clients).
@@ -282,7 +282,7 @@ fn routes() -> (Router<Listener>, Router<Listener>, utoipa::openapi::OpenApi) {
         .routes(routes!(event_ticket))
         .routes(routes!(revocations::submit, revocations::list))
         .routes(routes!(revocations::one))
-        .routes(routes!(metrics_text))
+        .routes(routes!(metrics::metrics_text))
         .split_for_parts();
     let (long, events_api) = OpenApiRouter::new()
         .routes(routes!(events))
@@ -651,16 +651,6 @@ async fn not_found() -> Response {
 
 fn station<T>(l: &Listener, f: impl FnOnce(&Station) -> T) -> T {
     f(&l.shared.station.lock().unwrap_or_else(|p| p.into_inner()))
-}
-
-#[utoipa::path(get, path = "/metrics", responses(Refusals, (status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
-async fn metrics_text(State(l): State<Listener>) -> Response {
-    let (readers, cards) = station(&l, Station::counts);
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        l.shared.metrics.render(readers, cards),
-    )
-        .into_response()
 }
 
 #[utoipa::path(get, path = "/v1/health", responses(Refusals, (status = 200, description = "Station health: reader and card counts")))]

@@ -163,7 +163,8 @@ pub enum TicketError {
 
 /// The token of an `Authorization: Bearer …` header; the scheme is case-insensitive (RFC 9110
 /// §11.1), and spaces or tabs may follow it.
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+/// The token of an `Authorization: Bearer …` header (the scheme in any case).
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once([' ', '\t'])?;
     let token = token.trim();

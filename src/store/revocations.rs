@@ -101,6 +101,15 @@ pub struct ActionUpdate {
     pub attempted: bool,
 }
 
+/// The outbox at a glance, for the metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutboxSummary {
+    /// Actions by status.
+    pub counts: Vec<(String, i64)>,
+    /// When the oldest revocation with an action still waiting was submitted (RFC 3339).
+    pub oldest: Option<String>,
+}
+
 /// When an action is due next.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Schedule {
@@ -454,6 +463,24 @@ impl Store {
     }
 
     /// When the next queued or sending action is due (unix ms), if any.
+    /// Revocation actions by status, and when the oldest action still waiting for delivery
+    /// (queued or sending) was submitted: what the metrics show of the outbox.
+    pub fn outbox_summary(&self) -> Result<OutboxSummary, StoreError> {
+        let mut statement = self.conn.prepare(
+            "SELECT status, count(*) FROM revocation_actions GROUP BY status ORDER BY status",
+        )?;
+        let counts = statement
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<Vec<(String, i64)>, _>>()?;
+        let oldest = self.conn.query_row(
+            "SELECT min(r.created_at) FROM revocation_actions a JOIN revocations r ON r.id = a.revocation_id
+             WHERE a.status IN ('queued', 'sending')",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(OutboxSummary { counts, oldest })
+    }
+
     pub fn next_due_ms(&self) -> Result<Option<i64>, StoreError> {
         Ok(self.conn.query_row(
             "SELECT min(next_attempt_ms) FROM revocation_actions WHERE status IN ('queued', 'sending')",

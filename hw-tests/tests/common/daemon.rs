@@ -94,15 +94,20 @@ impl Daemon {
     /// The daemon binds port 0 and logs the port it got ("API listening on …"): the
     /// `seen`+1-th such line is this start's, and it comes once the listener is bound.
     fn wait_listening(&self, seen: usize) -> u16 {
-        const LINE: &str = "API listening on http://127.0.0.1:";
-        let port = eventually("cardbridge run to listen", Duration::from_secs(10), || {
+        self.logged_port("API listening on http://127.0.0.1:", seen)
+    }
+
+    /// The port in the `seen`-th log line (from 0) that contains `line` followed by the port,
+    /// waiting for it: how a daemon bound to port 0 tells which port it got.
+    pub fn logged_port(&self, line: &str, seen: usize) -> u16 {
+        let port = eventually(line, Duration::from_secs(10), || {
             let log = self.log();
-            let line = log
+            let found = log
                 .lines()
-                .filter(|l| l.contains(LINE))
+                .filter(|l| l.contains(line))
                 .nth(seen)?
                 .to_string();
-            let after = &line[line.find(LINE)? + LINE.len()..];
+            let after = &found[found.find(line)? + line.len()..];
             after.split('/').next()?.parse::<u16>().ok()
         });
         assert!(port != 0, "{}", self.log());
@@ -205,22 +210,7 @@ impl Daemon {
         headers: &[(&str, &str)],
         body: &str,
     ) -> (u16, String) {
-        use std::io::Write;
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
-        let mut request = format!(
-            "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
-            request.push_str(&format!("Host: 127.0.0.1:{}\r\n", self.port));
-        }
-        for (k, v) in headers {
-            request.push_str(&format!("{k}: {v}\r\n"));
-        }
-        request.push_str("\r\n");
-        request.push_str(body);
-        s.write_all(request.as_bytes()).expect("send");
-        read_answer(&mut s)
+        http(self.port, method, path, headers, body)
     }
 
     /// Opens the event stream (optionally resuming after `last`) as the read-only client.
@@ -330,6 +320,33 @@ pub fn next_event(
 }
 
 /// Reads a whole `Connection: close` HTTP/1.1 answer: its status and body.
+/// A raw HTTP/1.1 request to a port of loopback (raw, so that tests control every header, Host
+/// included); returns the status and body.
+pub fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    use std::io::Write;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        request.push_str(&format!("Host: 127.0.0.1:{port}\r\n"));
+    }
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    s.write_all(request.as_bytes()).expect("send");
+    read_answer(&mut s)
+}
+
 pub fn read_answer(stream: &mut impl std::io::Read) -> (u16, String) {
     let mut answer = String::new();
     stream.read_to_string(&mut answer).expect("read");

@@ -1,0 +1,133 @@
+//! End-to-end: the station's metrics as a central Prometheus sees them. `promtool` (Debian's
+//! `prometheus` package) lints a live daemon's exposition, and the fleet's metrics listener
+//! serves `/metrics` alone, behind its token when one is set.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use common::daemon::{http, Daemon, TOKEN};
+use common::piv_card;
+use hw_tests::sim::{matching_record, scepman_certs, Fixture, Simulator};
+use sha2::{Digest, Sha256};
+
+const SCRAPE_TOKEN: &str = "prometheus-scrape-token-42";
+
+/// Runs `promtool check metrics` on `text`; returns whether it passed and what it said.
+fn promtool_check(text: &str) -> (bool, String) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (apt-get install prometheus)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("promtool");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), said)
+}
+
+#[test]
+fn promtool_accepts_a_live_daemons_metrics() {
+    let (_shared, _slot, card, card_id) = piv_card();
+    let sim = Simulator::start(
+        Fixture {
+            smartcards: vec![matching_record(&card.truth, true)],
+            scepman: scepman_certs(&card.truth),
+            ..Fixture::default()
+        },
+        0,
+    )
+    .expect("simulator");
+    let config = format!(
+        "[cm]\nbase_url = \"{}\"\n[scepman]\nbase_url = \"{}\"\n",
+        sim.cm_base_url(),
+        sim.scepman_base_url()
+    );
+    let daemon = Daemon::start("metrics-promtool", &config);
+    daemon.wait_reconciliation(&card_id, "", "matched", |r| r["state"] == "matched");
+    // A refused call, so every family has a sample.
+    let _ = daemon.get("/v1/health", &[("Authorization", "Bearer wrong")]);
+    let (status, text) = daemon.get("/metrics", &[("Authorization", &format!("Bearer {TOKEN}"))]);
+    assert_eq!(status, 200);
+    for family in [
+        "cardbridge_card_reads_total{result=\"ok\"}",
+        "cardbridge_card_read_duration_seconds_bucket",
+        "cardbridge_reconciliations_total{verdict=\"ok\"}",
+        "cardbridge_server_up{server=\"cm\"} 1",
+        "cardbridge_server_up{server=\"scepman\"} 1",
+        "cardbridge_readers",
+        "cardbridge_pcscd_up 1",
+        "cardbridge_outbox_oldest_queued_age_seconds 0",
+        "cardbridge_http_refusals_total{code=\"bad_token\"}",
+        "cardbridge_build_info{version=",
+    ] {
+        assert!(text.contains(family), "missing {family:?} in\n{text}");
+    }
+    let (passed, said) = promtool_check(&text);
+    assert!(passed && said.trim().is_empty(), "promtool: {said}\n{text}");
+}
+
+#[test]
+fn promtool_can_fail_on_a_misnamed_metric() {
+    // The check above means something only if promtool objects to what breaks its rules.
+    let (passed, said) = promtool_check(
+        "# HELP cardbridge_read_ms Read time.\n# TYPE cardbridge_read_ms counter\ncardbridge_read_ms 3\n",
+    );
+    assert!(!passed, "{said}");
+    assert!(said.contains("_total"), "{said}");
+}
+
+#[test]
+fn the_metrics_listener_serves_only_metrics_and_asks_for_its_token() {
+    let hash = hex::encode(Sha256::digest(SCRAPE_TOKEN.as_bytes()));
+    let config = format!("[metrics]\nlisten = \"127.0.0.1:0\"\ntoken_sha256 = \"{hash}\"\n");
+    let daemon = Daemon::start("metrics-listener", &config);
+    let port = daemon.logged_port("metrics listening on http://127.0.0.1:", 0);
+    let good = format!("Bearer {SCRAPE_TOKEN}");
+    let api = format!("Bearer {TOKEN}");
+    let cases: [(&str, Option<&str>, u16); 6] = [
+        ("/metrics", Some(&good), 200),
+        ("/metrics", None, 401),
+        ("/metrics", Some("Bearer wrong"), 401),
+        // The API's own tokens do not open it, nor does it serve the API.
+        ("/metrics", Some(&api), 401),
+        ("/v1/health", Some(&good), 404),
+        ("/openapi.json", Some(&good), 404),
+    ];
+    for (path, auth, expected) in cases {
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("Authorization", a)).into_iter().collect();
+        let (status, body) = http(port, "GET", path, &headers, "");
+        assert_eq!(status, expected, "{path} with {auth:?}: {body}");
+        if status == 200 {
+            assert!(body.contains("cardbridge_build_info"), "{body}");
+        }
+    }
+}
+
+#[test]
+fn without_a_token_the_metrics_listener_is_open_and_a_token_needs_a_listener() {
+    let daemon = Daemon::start("metrics-open", "[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    let port = daemon.logged_port("metrics listening on http://127.0.0.1:", 0);
+    let (status, body) = http(port, "GET", "/metrics", &[], "");
+    assert_eq!(status, 200, "{body}");
+
+    let config = Config::parse(&format!(
+        "[metrics]\ntoken_sha256 = \"{}\"\n",
+        "a".repeat(64)
+    ));
+    assert!(config.is_err_and(|e| e.contains("metrics.listen")));
+}
+
+use cardbridge::config::Config;
