@@ -137,6 +137,21 @@ pub struct ApiConfig {
     pub revocation_burst: u32,
     #[serde(default = "default_revocations_per_minute")]
     pub revocations_per_minute: u32,
+    /// A request (other than the event stream) must be answered within this, or it is answered
+    /// 408 (a body that trickles in counts).
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_ms: u64,
+    /// Requests handled at once (the event stream aside); one more is answered 503 with
+    /// Retry-After instead of waiting.
+    #[serde(default = "default_max_concurrent_requests")]
+    pub max_concurrent_requests: usize,
+}
+
+fn default_request_timeout() -> u64 {
+    10_000
+}
+fn default_max_concurrent_requests() -> usize {
+    256
 }
 
 fn default_revocation_burst() -> u32 {
@@ -147,9 +162,20 @@ fn default_revocations_per_minute() -> u32 {
 }
 
 impl ApiConfig {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
     /// Listen addresses the Host rule can serve, clients with their own well-formed token
-    /// hashes and exact origins, local users that name someone, a revocation budget.
+    /// hashes and exact origins, local users that name someone, a revocation budget, request
+    /// limits above zero.
     fn check(&self) -> Result<(), String> {
+        if self.request_timeout_ms == 0 || self.max_concurrent_requests == 0 {
+            return Err(
+                "api.request_timeout_ms and api.max_concurrent_requests must be greater than 0"
+                    .into(),
+            );
+        }
         for addr in &self.listen {
             // Only these two: the Host rule accepts 127.0.0.1, localhost and [::1], so another
             // loopback address (127.0.0.2) would refuse every call with 421.
@@ -239,6 +265,8 @@ impl Default for ApiConfig {
             local_users: Vec::new(),
             revocation_burst: default_revocation_burst(),
             revocations_per_minute: default_revocations_per_minute(),
+            request_timeout_ms: default_request_timeout(),
+            max_concurrent_requests: default_max_concurrent_requests(),
         }
     }
 }

@@ -197,6 +197,7 @@ impl Running {
                 config.api.revocation_burst,
                 config.api.revocations_per_minute,
             ),
+            route_limits: api::RouteLimits::of(&config.api),
         });
         let pump = {
             let shared = shared.clone();

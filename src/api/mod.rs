@@ -2,6 +2,7 @@
 //! applications. Every route goes through [`security`] first.
 
 pub mod events;
+pub mod filter;
 pub mod metrics;
 mod revocations;
 pub mod security;
@@ -21,19 +22,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::StreamExt;
 
-use tower::limit::ConcurrencyLimitLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use utoipa_axum::router::OpenApiRouter;
@@ -75,6 +75,7 @@ pub struct Shared {
     pub local_users: Vec<crate::config::LocalUser>,
     /// Each client's budget of revocations (its name → bucket; as many entries as clients).
     pub revocation_budget: RevocationBudget,
+    pub route_limits: RouteLimits,
 }
 
 /// Revocations per client: a burst, then a steady rate.
@@ -194,13 +195,30 @@ struct Listener {
 
 /// Largest request body accepted (state-changing routes take small JSON objects).
 const BODY_LIMIT: usize = 64 * 1024;
-/// Requests handled at once; more wait (the API serves one station's applications).
-const CONCURRENCY: usize = 256;
-/// A request (other than the event stream, which is long-lived by design) must finish in this.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a refused-for-load caller is told to wait before trying again.
+const OVERLOAD_RETRY_AFTER: &str = "1";
+
+/// The request limits of the short routes (every route but the event stream, which is
+/// long-lived by design and capped per client instead): `[api] request_timeout_ms` and
+/// `max_concurrent_requests`.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteLimits {
+    pub timeout: Duration,
+    pub concurrency: usize,
+}
+
+impl RouteLimits {
+    pub fn of(config: &crate::config::ApiConfig) -> RouteLimits {
+        RouteLimits {
+            timeout: config.request_timeout(),
+            concurrency: config.max_concurrent_requests,
+        }
+    }
+}
 
 /// The routes for one listener.
 pub fn router(shared: Arc<Shared>, kind: Kind) -> Router {
+    let limits = shared.route_limits;
     let state = Listener { shared, kind };
     let (short, long, api) = routes();
     let document = Arc::new(api);
@@ -212,17 +230,41 @@ pub fn router(shared: Arc<Shared>, kind: Kind) -> Router {
         .fallback(not_found)
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
-            REQUEST_TIMEOUT,
-        ));
+            limits.timeout,
+        ))
+        // Over the limit, a request is answered 503 at once rather than queued behind the
+        // others: a kiosk retries after Retry-After instead of hanging. The limit is global:
+        // axum gives every route its own copy of a layer, and this one shares its semaphore.
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(axum::error_handling::HandleErrorLayer::new(overloaded))
+                .load_shed()
+                .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                    limits.concurrency,
+                )),
+        );
     // Layers wrap what comes before them: the gate runs first, then the body limit (so an
     // oversized call is refused after the caller is known, and audited).
     short
         .merge(long)
         .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
         .layer(axum::middleware::from_fn_with_state(state.clone(), gate))
-        .layer(ConcurrencyLimitLayer::new(CONCURRENCY))
         .layer(axum::middleware::from_fn(json_errors))
         .with_state(state)
+}
+
+/// The answer to a request the concurrency limit turned away.
+async fn overloaded(_: tower::BoxError) -> Response {
+    let mut answer = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "overloaded",
+        "too many requests are being handled; try again shortly",
+    );
+    answer.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from_static(OVERLOAD_RETRY_AFTER),
+    );
+    answer
 }
 
 /// Every error is `{"error":{"code","message"}}`, also those that layers and extractors make
@@ -309,7 +351,10 @@ enum Refusals {
     Forbidden,
     #[response(status = 405, description = "The route does not take this method")]
     MethodNotAllowed,
-    #[response(status = 408, description = "The request took longer than 10 s")]
+    #[response(
+        status = 408,
+        description = "The request (its body included) took longer than [api] request_timeout_ms (10 s by default)"
+    )]
     Timeout,
     #[response(status = 414, description = "The request target is longer than 8 KiB")]
     UriTooLong,
@@ -320,6 +365,11 @@ enum Refusals {
         description = "Too many failed authentications (Retry-After says when to retry)"
     )]
     TooMany,
+    #[response(
+        status = 503,
+        description = "More requests at once than [api] max_concurrent_requests (Retry-After says when to retry)"
+    )]
+    Overloaded,
 }
 
 /// The longest request target accepted; longer ones get 414 (hyper's own limit, 64 KiB, is
@@ -680,10 +730,72 @@ async fn readers(State(l): State<Listener>) -> Response {
     Json(list).into_response()
 }
 
-#[utoipa::path(get, path = "/v1/cards", responses(Refusals, (status = 200, description = "Every Card object in a reader")))]
-async fn cards(State(l): State<Listener>) -> Response {
-    let body = station(&l, Station::cards_json);
-    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+/// `$filter` over the cards' scalar fields and their reconciliation's verdict and state.
+const CARD_FILTER_FIELDS: &[&str] = &[
+    "kind",
+    "reader",
+    "card_id",
+    "card_guid",
+    "serial_number",
+    "atr",
+    "read_at",
+    "read_ms",
+    "apdu_count",
+    "reconciliation/verdict",
+    "reconciliation/state",
+];
+
+#[derive(Deserialize, utoipa::IntoParams)]
+struct CardsQuery {
+    /// An OData filter, e.g. `kind eq 'piv' and reconciliation/verdict eq 'critical'`.
+    #[serde(rename = "$filter")]
+    #[param(rename = "$filter", max_length = 2048)]
+    filter: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/cards", params(CardsQuery), responses(Refusals, (status = 200, description = "Every Card object in a reader (those matching $filter)"), (status = 400, description = "A malformed $filter (bad_filter, with the position)")))]
+async fn cards(
+    State(l): State<Listener>,
+    query: Result<Query<CardsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let text = match query {
+        Ok(Query(q)) => q.filter,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_filter", &e.body_text()),
+    };
+    let Some(text) = text else {
+        let body = station(&l, Station::cards_json);
+        return ([(header::CONTENT_TYPE, "application/json")], body).into_response();
+    };
+    let filter = match parse_filter(Some(&text), CARD_FILTER_FIELDS) {
+        Ok(filter) => filter,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let cards: Vec<Card> = station(&l, |s| s.readers().filter_map(|(_, c)| c.clone()).collect());
+    let reconciliations = l
+        .shared
+        .reconciliations
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let matching: Vec<&Card> = cards
+        .iter()
+        .filter(|card| {
+            let mut item = serde_json::to_value(card).unwrap_or_default();
+            let r = card.card_id.as_ref().and_then(|id| reconciliations.get(id));
+            item["reconciliation"] = serde_json::to_value(r).unwrap_or_default();
+            filter.matches(&item)
+        })
+        .collect();
+    Json(matching).into_response()
+}
+
+/// A `$filter` parameter, or 400 `bad_filter` naming the problem and its position.
+fn parse_filter(text: Option<&str>, fields: &[&str]) -> Result<filter::Filter, ApiError> {
+    match text {
+        None => Ok(filter::Filter::default()),
+        Some(text) => filter::Filter::parse(text, fields)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_filter", e.to_string())),
+    }
 }
 
 fn find_card(s: &Station, card_id: &str) -> Option<Card> {
@@ -920,7 +1032,9 @@ mod tests {
                     .keys()
                     .map(String::as_str)
                     .collect();
-                for common in ["400", "401", "403", "405", "408", "414", "421", "429"] {
+                for common in [
+                    "400", "401", "403", "405", "408", "414", "421", "429", "503",
+                ] {
                     assert!(
                         codes.contains(&common),
                         "{path}: {common} missing from {codes:?}"
@@ -988,6 +1102,7 @@ mod tests {
             metrics: Default::default(),
             local_users: Vec::new(),
             revocation_budget: RevocationBudget::new(20, 30),
+            route_limits: RouteLimits::of(&crate::config::ApiConfig::default()),
         });
         let addr: SocketAddr = ([127, 0, 0, 1], 8687).into();
         let runtime = tokio::runtime::Builder::new_current_thread()

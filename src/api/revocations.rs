@@ -186,13 +186,33 @@ fn known_about(
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ListQuery {
-    /// Only revocations with this status.
+    /// Only revocations with this status (a shorthand for `$filter=status eq '…'`).
     #[param(inline)]
     status: Option<RevocationStatus>,
+    /// An OData filter over the revocation's scalar fields, e.g.
+    /// `status eq 'failed' and created_at ge datetime'2026-11-01T00:00:00Z'`.
+    #[serde(rename = "$filter")]
+    #[param(rename = "$filter", max_length = 2048)]
+    filter: Option<String>,
 }
 
-/// `GET /v1/revocations[?status=…]`: the newest 500 revocations with their actions.
-#[utoipa::path(get, path = "/v1/revocations", params(ListQuery), responses(Refusals, (status = 200, description = "Revocations, newest first"), (status = 400, description = "Unknown status"), (status = 503, description = "The state database is not available")))]
+/// The fields `$filter` takes on revocations.
+const FILTER_FIELDS: &[&str] = &[
+    "id",
+    "status",
+    "card_id",
+    "target",
+    "reason",
+    "reason_code",
+    "operation",
+    "revoker",
+    "comment",
+    "client",
+    "created_at",
+];
+
+/// `GET /v1/revocations[?status=…][&$filter=…]`: the newest 500 revocations with their actions.
+#[utoipa::path(get, path = "/v1/revocations", params(ListQuery), responses(Refusals, (status = 200, description = "Revocations, newest first"), (status = 400, description = "Unknown status, or a malformed $filter (bad_filter, with the position)"), (status = 503, description = "The state database is not available")))]
 pub(super) async fn list(
     State(l): State<Listener>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
@@ -201,13 +221,21 @@ pub(super) async fn list(
         return error(
             StatusCode::BAD_REQUEST,
             "bad_status",
-            "the only query parameter is status: queued, in_progress, succeeded, partially_failed or failed",
+            "the query parameters are status (queued, in_progress, succeeded, partially_failed or failed) and $filter",
         );
     };
+    let filter = match super::parse_filter(query.filter.as_deref(), FILTER_FIELDS) {
+        Ok(filter) => filter,
+        Err(refusal) => return refusal.into_response(),
+    };
     with_store(&l, |store| {
-        store
-            .revocations(query.status)
-            .map(|r| Json(r).into_response())
+        let revocations = store.revocations(query.status)?;
+        let items: Vec<serde_json::Value> = revocations
+            .iter()
+            .filter_map(|r| serde_json::to_value(r).ok())
+            .filter(|r| filter.matches(r))
+            .collect();
+        Ok(Json(items).into_response())
     })
 }
 
