@@ -33,6 +33,9 @@ pub struct Target {
     pub token: Option<String>,
     /// The daemon's Unix socket, when the command talks through it.
     pub socket: Option<PathBuf>,
+    /// Where a browser reaches the daemon: `url`, or the first TCP listener when the command
+    /// talks through the socket.
+    pub web: String,
 }
 
 impl Target {
@@ -51,15 +54,7 @@ impl Target {
             .unix_socket
             .clone()
             .filter(|p| url.is_none() && token_file.is_none() && p.exists());
-        if let Some(socket) = socket.or(configured_socket) {
-            return Ok(Target {
-                // The host is not resolved over a socket; the daemon does not check it there.
-                url: "http://localhost".into(),
-                token: None,
-                socket: Some(socket),
-            });
-        }
-        let url = url.unwrap_or_else(|| {
+        let listener = {
             let addr = config
                 .api
                 .listen
@@ -67,7 +62,17 @@ impl Target {
                 .copied()
                 .unwrap_or_else(|| ([127, 0, 0, 1], 8687).into());
             format!("http://{addr}")
-        });
+        };
+        if let Some(socket) = socket.or(configured_socket) {
+            return Ok(Target {
+                // The host is not resolved over a socket; the daemon does not check it there.
+                url: "http://localhost".into(),
+                token: None,
+                socket: Some(socket),
+                web: listener,
+            });
+        }
+        let url = url.unwrap_or(listener);
         let generated = config.state_dir().join("api-token");
         let token = match token_file {
             Some(path) => std::fs::read_to_string(&path).ok(),
@@ -78,8 +83,10 @@ impl Target {
         .map(|t| t.trim().to_string())
         .filter(|t| !t.is_empty())
         .ok_or(ClientError::NoToken(generated))?;
+        let url = url.trim_end_matches('/').to_string();
         Ok(Target {
-            url: url.trim_end_matches('/').to_string(),
+            web: url.clone(),
+            url,
             token: Some(token),
             socket: None,
         })
@@ -223,6 +230,44 @@ pub fn events(target: &Target, out: &mut dyn Write) -> Result<(), ClientError> {
         }
         Ok(())
     })
+}
+
+/// `cardbridge console`: a one-time sign-in link to the helpdesk console with the caller's
+/// scopes. It is printed, and opened in a browser when the session has a display (as Jupyter
+/// does); the link is good once, for two minutes.
+pub fn console(target: &Target, open: bool, out: &mut dyn Write) -> Result<(), ClientError> {
+    let answer: Value = runtime()?.block_on(async {
+        let client = target.client()?;
+        let request = target
+            .post(&client, "/v1/console/sign-in")
+            .json(&serde_json::json!({}));
+        send(target, request)
+            .await?
+            .json()
+            .await
+            .map_err(|e| ClientError::BadAnswer(e.to_string()))
+    })?;
+    let path = answer["path"]
+        .as_str()
+        .ok_or_else(|| ClientError::BadAnswer("no sign-in path in the answer".into()))?;
+    let link = format!("{}{path}", target.web);
+    writeln!(
+        out,
+        "Open the helpdesk console (the link works once, within two minutes):\n\n    {link}\n"
+    )
+    .map_err(ClientError::Output)?;
+    let display = ["DISPLAY", "WAYLAND_DISPLAY"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|d| !d.is_empty()));
+    if open && display {
+        // A browser that cannot start leaves the printed link, which is enough.
+        let _ = std::process::Command::new("xdg-open")
+            .arg(&link)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+    }
+    Ok(())
 }
 
 /// `cardbridge revoke`: submits a revocation through the daemon (which stores it before it

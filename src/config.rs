@@ -295,6 +295,17 @@ pub enum Scope {
     Revoke,
 }
 
+impl Scope {
+    /// The name in the configuration and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Sync => "sync",
+            Scope::Revoke => "revoke",
+        }
+    }
+}
+
 /// A server cardbridge calls: `[cm]` (MIM CM) or `[scepman]` (SCEPman Management API).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -54,6 +54,14 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Print a one-time sign-in link to the helpdesk console, and open it when a browser can.
+    Console {
+        /// Only print the link.
+        #[arg(long)]
+        no_browser: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Ask a running daemon to revoke a card's certificates (SCEPman) or the card (MIM CM).
     Revoke {
         /// The card id (hex), as `cardbridge cards` shows it.
@@ -172,6 +180,9 @@ fn main() -> ExitCode {
             cardbridge::client::cards(target, json, out)
         }),
         Command::Events { client } => with_target(client, cardbridge::client::events),
+        Command::Console { no_browser, client } => with_target(client, |target, out| {
+            cardbridge::client::console(target, !no_browser, out)
+        }),
         Command::CheckConfig { config, online } => check_config(config, online),
         Command::Run { config } => run(config),
         Command::Scan {

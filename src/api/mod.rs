@@ -1,6 +1,7 @@
 //! The local API: REST and Server-Sent Events over loopback TCP, for kiosk and helpdesk
 //! applications. Every route goes through [`security`] first.
 
+pub mod console;
 pub mod events;
 pub mod filter;
 pub mod metrics;
@@ -325,6 +326,8 @@ fn routes() -> (Router<Listener>, Router<Listener>, utoipa::openapi::OpenApi) {
         .routes(routes!(revocations::submit, revocations::list))
         .routes(routes!(revocations::one))
         .routes(routes!(metrics::metrics_text))
+        .routes(routes!(console::sign_in))
+        .routes(routes!(console::session))
         .split_for_parts();
     let (long, events_api) = OpenApiRouter::new()
         .routes(routes!(events))
@@ -378,9 +381,10 @@ const MAX_URI: usize = 8 * 1024;
 
 /// The state-changing routes (POST) and the scope each needs; every other route (and every
 /// other method, which then gets its 405 from the router) needs the `read` scope.
-const STATE_CHANGING: [(&str, Scope); 2] = [
+const STATE_CHANGING: [(&str, Scope); 3] = [
     ("/v1/cards/{card_id}/sync", Scope::Sync),
     ("/v1/revocations", Scope::Revoke),
+    ("/v1/console/sign-in", Scope::Read),
 ];
 
 /// Who called, for handlers that record it (the client's name, or `uid N` on the socket).
@@ -470,6 +474,11 @@ async fn gate(State(l): State<Listener>, request: Request, next: Next) -> Respon
         );
     }
     let headers = request.headers().clone();
+    if let Kind::Tcp(addr) = l.kind {
+        if console::is_public(request.method(), request.uri().path()) {
+            return public(&l, request, next, addr).await;
+        }
+    }
     if let Some(origin) = security::preflight_origin(&l.shared.clients, &headers, request.method())
     {
         return preflight(origin, &headers);
@@ -496,6 +505,9 @@ async fn gate(State(l): State<Listener>, request: Request, next: Next) -> Respon
     let route = request.uri().path().to_string();
     let mut request = request;
     request.extensions_mut().insert(Caller(caller.clone()));
+    request
+        .extensions_mut()
+        .insert(console::CallerScopes(scopes.clone()));
     let mut response = match security::authorize(&scopes, changing.unwrap_or(Scope::Read)) {
         Err(refusal) => error(refusal.status(), refusal.code(), refusal.message()),
         // State-changing calls take JSON only: a page cannot send that cross-origin without a
@@ -517,6 +529,34 @@ async fn gate(State(l): State<Listener>, request: Request, next: Next) -> Respon
             with_cors(&mut response, origin.clone());
         }
     }
+    response
+}
+
+/// The console's page, its assets and its session route: no token, but the Host rule, and JSON
+/// for the session route as for every POST.
+async fn public(l: &Listener, request: Request, next: Next, listener: SocketAddr) -> Response {
+    let headers = request.headers();
+    let authority = request.uri().authority().map(|a| a.as_str().to_string());
+    if let Err(refusal) = security::check_host(headers, authority.as_deref(), listener) {
+        return refused(
+            l,
+            headers,
+            refusal.status(),
+            refusal.code(),
+            refusal.message(),
+        );
+    }
+    let path = request.uri().path().to_string();
+    let response = match console::asset(&path) {
+        Some(page) => page,
+        None if !is_json(headers) => error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "state-changing requests must be Content-Type: application/json",
+        ),
+        None => next.run(request).await,
+    };
+    l.shared.metrics.request(&path, response.status().as_u16());
     response
 }
 
@@ -1003,13 +1043,16 @@ mod tests {
     }
 
     /// A POST route missing from `STATE_CHANGING` would need only `read`, skip the JSON-only
-    /// rule and go unaudited; the ticket route is the one deliberate exception (it changes
-    /// nothing but the caller's own ticket, and a browser must be able to call it).
+    /// rule and go unaudited. Two deliberate exceptions: the ticket route (it changes nothing
+    /// but the caller's own ticket, and a browser must be able to call it) and the console's
+    /// session route (it has no caller yet: it is how the console's page gets one; it takes
+    /// JSON only, from the console's own origin).
     #[test]
     fn every_post_route_is_in_the_state_changing_table() {
         let api = openapi();
         for (path, item) in &api.paths.paths {
-            if item.post.is_some() && path != "/v1/events/ticket" {
+            let exception = path == "/v1/events/ticket" || path == console::SESSION_ROUTE;
+            if item.post.is_some() && !exception {
                 assert!(
                     state_changing(&Method::POST, path).is_some(),
                     "POST {path} is not in STATE_CHANGING"
@@ -1072,6 +1115,8 @@ mod tests {
                 "/v1/cards/{card_id}",
                 "/v1/cards/{card_id}/reconciliation",
                 "/v1/cards/{card_id}/sync",
+                "/v1/console/session",
+                "/v1/console/sign-in",
                 "/v1/events",
                 "/v1/events/ticket",
                 "/v1/health",
@@ -1139,6 +1184,6 @@ mod tests {
             );
         }
         // Both methods of /v1/revocations included.
-        assert_eq!(tried, 12);
+        assert_eq!(tried, 14);
     }
 }

@@ -73,12 +73,14 @@ impl Refusal {
     }
 }
 
-/// The configured clients, with their token hashes decoded, and the event tickets issued to them.
+/// The configured clients, with their token hashes decoded, the event tickets issued to them,
+/// and the helpdesk console's sessions.
 #[derive(Debug)]
 pub struct Clients {
     clients: Vec<(ApiClient, [u8; 32])>,
-    /// Outstanding tickets by SHA-256: the client's index and when the ticket expires.
-    tickets: Mutex<HashMap<[u8; 32], (usize, Instant)>>,
+    /// Outstanding tickets by SHA-256: the client and when the ticket expires.
+    tickets: Mutex<HashMap<[u8; 32], (ApiClient, Instant)>>,
+    sessions: super::console::Sessions,
 }
 
 /// How long an event ticket may wait to be used.
@@ -99,13 +101,25 @@ impl Clients {
                 })
                 .collect(),
             tickets: Mutex::default(),
+            sessions: Default::default(),
         }
     }
 
-    /// The client whose token this is. Every configured hash is compared, in constant time, so
-    /// the time taken says nothing about which one (or how much of one) matched.
-    pub fn authenticate(&self, token: &str) -> Option<&ApiClient> {
-        self.index_of(token).map(|i| &self.clients[i].0)
+    /// The client whose token this is: a configured client, or a console session. Every
+    /// configured hash is compared, in constant time, so the time taken says nothing about which
+    /// one (or how much of one) matched.
+    pub fn authenticate(&self, token: &str) -> Option<ApiClient> {
+        self.configured(token).or_else(|| self.sessions.find(token))
+    }
+
+    /// A configured client (not a console session) by its token.
+    pub fn configured(&self, token: &str) -> Option<ApiClient> {
+        self.index_of(token).map(|i| self.clients[i].0.clone())
+    }
+
+    /// The helpdesk console's sign-in codes and sessions.
+    pub fn sessions(&self) -> &super::console::Sessions {
+        &self.sessions
     }
 
     fn index_of(&self, token: &str) -> Option<usize> {
@@ -123,30 +137,33 @@ impl Clients {
     /// `EventSource` (which cannot send headers) can open `/v1/events?ticket=…`. The ticket is
     /// random, kept only as a hash, good once and for [`TICKET_LIFETIME`].
     pub fn issue_ticket(&self, headers: &HeaderMap) -> Result<String, TicketError> {
-        let index = bearer(headers)
-            .and_then(|t| self.index_of(t))
+        let client = bearer(headers)
+            .and_then(|t| self.authenticate(t))
             .ok_or(TicketError::NoToken)?;
         let ticket = crate::random::random_hex::<32>().map_err(|_| TicketError::NoRandomness)?;
         let mut tickets = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         tickets.retain(|_, (_, expires)| *expires > now);
-        let own = tickets.values().filter(|(i, _)| *i == index).count();
+        let own = tickets
+            .values()
+            .filter(|(c, _)| c.name == client.name)
+            .count();
         if own >= MAX_TICKETS_PER_CLIENT || tickets.len() >= MAX_TICKETS {
             return Err(TicketError::TooMany);
         }
         tickets.insert(
             Sha256::digest(ticket.as_bytes()).into(),
-            (index, now + TICKET_LIFETIME),
+            (client, now + TICKET_LIFETIME),
         );
         Ok(ticket)
     }
 
     /// The client a ticket was issued to; the ticket is spent whether or not it was still good.
-    fn redeem(&self, ticket: &str) -> Option<&ApiClient> {
+    fn redeem(&self, ticket: &str) -> Option<ApiClient> {
         let key: [u8; 32] = Sha256::digest(ticket.as_bytes()).into();
         let mut tickets = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
-        let (index, expires) = tickets.remove(&key)?;
-        (expires > Instant::now()).then(|| &self.clients[index].0)
+        let (client, expires) = tickets.remove(&key)?;
+        (expires > Instant::now()).then_some(client)
     }
 }
 
@@ -260,7 +277,7 @@ pub fn host_allowed(host: Option<&str>, listener: SocketAddr) -> bool {
 
 /// Exactly one Host header naming the listener; in an absolute-form request line the URI's
 /// authority counts instead of Host (RFC 9112 §3.2.2), so it must name the listener too.
-fn check_host(
+pub fn check_host(
     headers: &HeaderMap,
     authority: Option<&str>,
     listener: SocketAddr,
@@ -280,12 +297,12 @@ fn check_host(
 /// Host, credentials and Origin: who is calling, if they may call at all. The credentials are
 /// the bearer token or, when there is none, an event `ticket` (only offered for `/v1/events`).
 /// A wrong token or ticket spends the failure budget; over it, the refusal is 429.
-pub fn identify<'c>(
-    clients: &'c Clients,
+pub fn identify(
+    clients: &Clients,
     failures: &FailureBudget,
     request: &RequestParts<'_>,
     listener: SocketAddr,
-) -> Result<&'c ApiClient, Refusal> {
+) -> Result<ApiClient, Refusal> {
     check_host(request.headers, request.authority, listener)?;
     let found = match (bearer(request.headers), request.ticket) {
         (Some(token), _) => clients.authenticate(token).ok_or(Refusal::BadToken),
@@ -401,12 +418,12 @@ mod tests {
     }
 
     /// Checks a request's headers: Host, bearer token, Origin, scope. Returns the client.
-    fn check<'c>(
-        clients: &'c Clients,
+    fn check(
+        clients: &Clients,
         headers: &HeaderMap,
         listener: SocketAddr,
         scope: Scope,
-    ) -> Result<&'c ApiClient, Refusal> {
+    ) -> Result<ApiClient, Refusal> {
         let client = identify(
             clients,
             &FailureBudget::default(),
@@ -417,12 +434,12 @@ mod tests {
         Ok(client)
     }
 
-    fn with_ticket<'c>(
-        c: &'c Clients,
+    fn with_ticket(
+        c: &Clients,
         h: &HeaderMap,
         l: SocketAddr,
         t: &str,
-    ) -> Result<&'c ApiClient, Refusal> {
+    ) -> Result<ApiClient, Refusal> {
         identify(c, &FailureBudget::default(), &parts(h, Some(t)), l)
     }
 
@@ -455,8 +472,8 @@ mod tests {
             Some(Refusal::BadTicket)
         );
         assert_eq!(
-            with_ticket(&c, &page, l, &ticket).map(|c| c.name.as_str()),
-            Ok("kiosk")
+            with_ticket(&c, &page, l, &ticket).map(|c| c.name),
+            Ok("kiosk".to_string())
         );
         assert_eq!(
             with_ticket(&c, &page, l, &ticket).err(),
@@ -477,8 +494,8 @@ mod tests {
             (header::AUTHORIZATION, "Bearer s3cret"),
         ];
         assert_eq!(
-            check(&c, &headers(&ok), l, Scope::Read).map(|c| c.name.as_str()),
-            Ok("kiosk")
+            check(&c, &headers(&ok), l, Scope::Read).map(|c| c.name),
+            Ok("kiosk".to_string())
         );
         let cases: [(&[(header::HeaderName, &str)], Refusal); 6] = [
             (&[(header::HOST, "localhost:8687")], Refusal::MissingToken),

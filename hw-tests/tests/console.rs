@@ -1,0 +1,206 @@
+//! The helpdesk console in a real browser: Debian's chromium driven by playwright-core
+//! (`hw-tests/console/flow.mjs`). It signs in with the link `cardbridge console` prints, sees a
+//! virtual card appear on insertion with its verdict, revokes its certificates through the
+//! dialog, sees the revocation succeed, and sees the removed card disappear. Screenshots of
+//! those states go to `target/console/`. Also: the sign-in rules, without a browser.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::Duration;
+
+use common::daemon::{http, Daemon, ADMIN, TOKEN};
+use common::run_cardbridge;
+use hw_tests::rig::{insert_virtual, Rig};
+use hw_tests::sim::{matching_record, scepman_certs, Fixture, Simulator};
+use hw_tests::vcard::{CardSpec, VirtualCard};
+use serde_json::Value;
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The sign-in link `cardbridge console` prints for the admin client.
+fn sign_in_link(daemon: &Daemon) -> String {
+    let token_file = daemon.dir.join("admin-token");
+    std::fs::write(&token_file, ADMIN).expect("token file");
+    let url = format!("http://127.0.0.1:{}", daemon.port);
+    let out = run_cardbridge(
+        &[
+            "console",
+            "--no-browser",
+            "--url",
+            &url,
+            "--token-file",
+            &token_file.to_string_lossy(),
+        ],
+        &[],
+        Duration::from_secs(20),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    printed
+        .split_whitespace()
+        .find(|w| w.starts_with("http://") && w.contains("#code="))
+        .unwrap_or_else(|| panic!("no link in {printed}"))
+        .to_string()
+}
+
+/// The script's stdout lines, each waited for with a deadline.
+fn expect_line(lines: &Receiver<String>, wanted: &str) {
+    match lines.recv_timeout(Duration::from_secs(90)) {
+        Ok(line) if line == wanted => {}
+        Ok(line) => panic!("the browser flow printed {line:?}, not {wanted}"),
+        Err(_) => panic!("the browser flow did not print {wanted} within 90 s"),
+    }
+}
+
+#[test]
+fn a_helpdesk_person_signs_in_sees_the_card_revokes_it_and_sees_it_go() {
+    let playwright = workspace().join("target/playwright/node_modules");
+    assert!(
+        playwright.join("playwright-core").exists(),
+        "playwright-core is missing: hw-tests/run-tests installs it into target/playwright"
+    );
+    let shots = workspace().join("target/console");
+    std::fs::create_dir_all(&shots).expect("screenshot dir");
+    let rig = Rig::get();
+    let _shared = rig.shared();
+    let slot = rig.slot();
+    common::wait_for_card(&slot.reader, false);
+    let vcard = VirtualCard::new(CardSpec::piv_four_certs()).expect("virtual card");
+    let card_id = vcard.truth.card_id.clone().expect("card id");
+    let sim = Simulator::start(
+        Fixture {
+            smartcards: vec![matching_record(&vcard.truth, true)],
+            scepman: scepman_certs(&vcard.truth),
+            ..Fixture::default()
+        },
+        0,
+    )
+    .expect("simulator");
+    let config = format!(
+        "[cm]\nbase_url = \"{}\"\n[scepman]\nbase_url = \"{}\"\n\
+         [revocation]\nretry_initial_ms = 200\nretry_max_ms = 1000\npoll_interval_ms = 200\n",
+        sim.cm_base_url(),
+        sim.scepman_base_url()
+    );
+    let daemon = Daemon::start("console-browser", &config);
+    let link = sign_in_link(&daemon);
+
+    let mut flow = Command::new("node")
+        .arg(workspace().join("hw-tests/console/flow.mjs"))
+        .arg(&link)
+        .arg(&shots)
+        .env("PLAYWRIGHT_DIR", workspace().join("target/playwright"))
+        .current_dir(workspace().join("target/playwright"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("node is installed");
+    let mut to_flow = flow.stdin.take().expect("stdin");
+    let (tx, lines) = channel();
+    let stdout = flow.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    expect_line(&lines, "READY");
+    let inserted = insert_virtual(vcard, &slot).expect("insert the card");
+    writeln!(to_flow, "{card_id}").expect("to the flow");
+    expect_line(&lines, "REVOKED");
+    inserted.remove();
+    writeln!(to_flow, "removed").expect("to the flow");
+    expect_line(&lines, "DONE");
+    drop(to_flow);
+    let status = flow.wait().expect("the flow ends");
+    assert!(status.success(), "the browser flow failed: {status}");
+    for shot in [
+        "console-card.png",
+        "console-revoke-dialog.png",
+        "console-revoked.png",
+        "console-removed.png",
+    ] {
+        assert!(shots.join(shot).exists(), "{shot} was not saved");
+    }
+}
+
+/// POST /v1/console/session from `origin` with `body`.
+fn open_session(daemon: &Daemon, origin: &str, body: &str) -> (u16, Value) {
+    let (status, text) = http(
+        daemon.port,
+        "POST",
+        "/v1/console/session",
+        &[("Origin", origin), ("Content-Type", "application/json")],
+        body,
+    );
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+#[test]
+fn a_sign_in_code_works_once_from_the_consoles_own_page_only() {
+    let daemon = Daemon::start("console-rules", "");
+    let own = format!("http://127.0.0.1:{}", daemon.port);
+    let code = |link: String| link.split("#code=").nth(1).unwrap_or_default().to_string();
+
+    // Another page cannot trade a code, and the code is not spent by that.
+    let first = code(sign_in_link(&daemon));
+    let body = format!("{{\"code\":\"{first}\"}}");
+    let (status, _) = open_session(&daemon, "https://evil.example", &body);
+    assert_eq!(status, 403);
+    let (status, session) = open_session(&daemon, &own, &body);
+    assert_eq!(status, 201, "{session}");
+    assert_eq!(session["client"], "admin (console)");
+    let (status, _) = open_session(&daemon, &own, &body);
+    assert_eq!(status, 401, "a code works once");
+
+    // The session works from the console's origin, not from another, and the token of a
+    // configured client does not gain the console's origin.
+    let token = session["token"].as_str().unwrap_or_default().to_string();
+    let get = |auth: &str, origin: &str| {
+        http(
+            daemon.port,
+            "GET",
+            "/v1/cards",
+            &[("Authorization", auth), ("Origin", origin)],
+            "",
+        )
+        .0
+    };
+    assert_eq!(get(&format!("Bearer {token}"), &own), 200);
+    assert_eq!(
+        get(&format!("Bearer {token}"), "https://kiosk.contoso.com"),
+        403
+    );
+    assert_eq!(get(&format!("Bearer {ADMIN}"), &own), 403);
+
+    // A typed token opens a session too; a wrong one does not.
+    let (status, typed) = open_session(&daemon, &own, &format!("{{\"token\":\"{TOKEN}\"}}"));
+    assert_eq!(
+        (status, typed["scopes"].clone()),
+        (201, serde_json::json!(["read"]))
+    );
+    let (status, _) = open_session(&daemon, &own, "{\"token\":\"wrong\"}");
+    assert_eq!(status, 401);
+
+    // The page is served without a token, with a strict content policy; the Host rule holds.
+    let (status, page) = http(daemon.port, "GET", "/", &[], "");
+    assert_eq!(status, 200);
+    assert!(page.contains("helpdesk console"));
+    let (status, _) = http(daemon.port, "GET", "/", &[("Host", "evil.example")], "");
+    assert_eq!(status, 421);
+}
