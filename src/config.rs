@@ -43,6 +43,10 @@ pub struct MetricsConfig {
     pub listen: Option<SocketAddr>,
     /// SHA-256 (hex) of the bearer token Prometheus must send; absent, no token is asked for.
     pub token_sha256: Option<String>,
+    /// PEM certificate chain and private key (a path with mode 0600, or a systemd credential
+    /// name) to serve `/metrics` over TLS.
+    pub tls_certificate: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 impl MetricsConfig {
@@ -52,6 +56,12 @@ impl MetricsConfig {
                 "metrics.token_sha256: set metrics.listen too (the token guards that listener)"
                     .into(),
             );
+        }
+        if self.tls_certificate.is_some() != self.tls_key.is_some() {
+            return Err("metrics.tls_certificate and metrics.tls_key: give both or neither".into());
+        }
+        if self.tls_certificate.is_some() && self.listen.is_none() {
+            return Err("metrics.tls_certificate: set metrics.listen too".into());
         }
         if self
             .token_sha256

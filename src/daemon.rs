@@ -49,6 +49,8 @@ pub enum DaemonError {
     },
     #[error("cannot start: {0}")]
     Start(std::io::Error),
+    #[error(transparent)]
+    MetricsTls(#[from] api::tls::TlsError),
 }
 
 /// How long a stopping daemon lets requests in progress finish.
@@ -78,12 +80,16 @@ struct Opened {
     unix: Option<tokio::net::UnixListener>,
     /// The socket's device and inode, to remove only our own at the end.
     socket_id: Option<(u64, u64)>,
-    /// The fleet's metrics listener (`[metrics] listen`) and its token hash.
-    scrape: Option<(
-        tokio::net::TcpListener,
-        std::net::SocketAddr,
-        Option<[u8; 32]>,
-    )>,
+    /// The fleet's metrics listener (`[metrics] listen`).
+    scrape: Option<Scrape>,
+}
+
+/// The fleet's metrics listener, opened: its socket, address, token hash and TLS configuration.
+struct Scrape {
+    listener: tokio::net::TcpListener,
+    addr: std::net::SocketAddr,
+    token: Option<[u8; 32]>,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 impl Opened {
@@ -122,13 +128,7 @@ impl Opened {
         };
         let socket_id = config.api.unix_socket.as_deref().and_then(file_id);
         let scrape = match config.metrics.listen {
-            Some(addr) => {
-                let listener = runtime
-                    .block_on(tokio::net::TcpListener::bind(addr))
-                    .map_err(|source| DaemonError::Listen { addr, source })?;
-                let bound = listener.local_addr().map_err(DaemonError::Start)?;
-                Some((listener, bound, config.metrics.token_hash()))
-            }
+            Some(addr) => Some(open_scrape(&runtime, &config.metrics, addr)?),
             None => None,
         };
         Ok(Opened {
@@ -156,11 +156,7 @@ struct Running {
     listeners: Vec<(tokio::net::TcpListener, std::net::SocketAddr)>,
     unix: Option<tokio::net::UnixListener>,
     socket_id: Option<(u64, u64)>,
-    scrape: Option<(
-        tokio::net::TcpListener,
-        std::net::SocketAddr,
-        Option<[u8; 32]>,
-    )>,
+    scrape: Option<Scrape>,
 }
 
 impl Running {
@@ -270,10 +266,20 @@ impl Running {
                 let stopping = shared.stopping.subscribe();
                 servers.spawn(serve(unix, app, connections.clone(), stopping, DRAIN));
             }
-            if let Some((listener, addr, token)) = scrape {
-                let app = api::metrics::scrape_router(shared.clone(), token, addr);
+            if let Some(s) = scrape {
+                let app =
+                    api::metrics::scrape_router(shared.clone(), s.token, s.addr, s.tls.is_some());
                 let stopping = shared.stopping.subscribe();
-                servers.spawn(serve(listener, app, connections.clone(), stopping, DRAIN));
+                let connections = connections.clone();
+                match s.tls {
+                    Some(tls) => {
+                        let listener = api::tls::TlsListener::spawn(s.listener, tls);
+                        servers.spawn(serve(listener, app, connections, stopping, DRAIN));
+                    }
+                    None => {
+                        servers.spawn(serve(s.listener, app, connections, stopping, DRAIN));
+                    }
+                }
             }
             let stopper = shared.clone();
             tokio::spawn(async move {
@@ -427,6 +433,29 @@ fn apply(event: &Event, shared: &Shared) {
         Event::PcscRestored => shared.metrics.pcscd(true),
         Event::CardInserted { .. } | Event::RevocationUpdated(_) => {}
     }
+}
+
+/// Binds the metrics listener and loads its TLS configuration, so either problem stops the
+/// daemon at startup with the key that causes it.
+fn open_scrape(
+    runtime: &tokio::runtime::Runtime,
+    metrics: &crate::config::MetricsConfig,
+    addr: std::net::SocketAddr,
+) -> Result<Scrape, DaemonError> {
+    let tls = match (&metrics.tls_certificate, &metrics.tls_key) {
+        (Some(cert), Some(key)) => Some(api::tls::server_config(cert, key)?),
+        _ => None,
+    };
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(addr))
+        .map_err(|source| DaemonError::Listen { addr, source })?;
+    let addr = listener.local_addr().map_err(DaemonError::Start)?;
+    Ok(Scrape {
+        listener,
+        addr,
+        token: metrics.token_hash(),
+        tls,
+    })
 }
 
 /// With no clients configured: a random token for local tools, written readable only by the

@@ -131,3 +131,96 @@ fn without_a_token_the_metrics_listener_is_open_and_a_token_needs_a_listener() {
 }
 
 use cardbridge::config::Config;
+
+/// A self-signed certificate for 127.0.0.1 and its key, written as PEM files (the key 0600).
+fn tls_files(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("certificate");
+    std::fs::create_dir_all(dir).expect("dir");
+    let (cert_path, key_path) = (dir.join("metrics.pem"), dir.join("metrics.key"));
+    std::fs::write(&cert_path, cert.pem()).expect("certificate");
+    std::fs::write(&key_path, key.serialize_pem()).expect("key");
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).expect("mode");
+    (cert_path, key_path)
+}
+
+/// GET /metrics over TLS with `openssl s_client`, trusting only `ca`; the whole answer.
+fn https_get(port: u16, ca: &std::path::Path, token: &str) -> String {
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-quiet", "-verify_return_error", "-connect"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("-CAfile")
+        .arg(ca)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl is installed");
+    let request = format!(
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(request.as_bytes())
+        .expect("send");
+    let out = child.wait_with_output().expect("openssl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_metrics_listener_serves_tls_with_the_stations_certificate() {
+    let dir = common::TempDir::new("metrics-tls");
+    let (cert, key) = tls_files(&dir);
+    let hash = hex::encode(Sha256::digest(SCRAPE_TOKEN.as_bytes()));
+    let config = format!(
+        "[metrics]\nlisten = \"127.0.0.1:0\"\ntoken_sha256 = \"{hash}\"\ntls_certificate = \"{}\"\ntls_key = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let daemon = Daemon::start("metrics-tls", &config);
+    let port = daemon.logged_port("metrics listening on https://127.0.0.1:", 0);
+    let answer = https_get(port, &cert, SCRAPE_TOKEN);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("cardbridge_build_info"), "{answer}");
+    assert!(https_get(port, &cert, "wrong").starts_with("HTTP/1.1 401"));
+    // Plain HTTP gets no answer from a TLS listener.
+    let (status, _) = std::panic::catch_unwind(|| http(port, "GET", "/metrics", &[], ""))
+        .unwrap_or((0, String::new()));
+    assert_ne!(status, 200);
+}
+
+#[test]
+fn a_tls_key_that_is_not_private_stops_the_daemon_at_startup() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = common::TempDir::new("metrics-tls-open");
+    let (cert, key) = tls_files(&dir);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("mode");
+    let config_path = dir.join("config.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "state_dir = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\ntls_certificate = \"{}\"\ntls_key = \"{}\"\n",
+            dir.join("state").display(),
+            cert.display(),
+            key.display()
+        ),
+    )
+    .expect("config");
+    let out = common::run_cardbridge(
+        &["run", "--config", &config_path.to_string_lossy()],
+        &[],
+        std::time::Duration::from_secs(20),
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("metrics.tls_key") && stderr.contains("chmod 600"),
+        "{stderr}"
+    );
+}

@@ -75,8 +75,10 @@ pub fn scrape_router(
     shared: Arc<Shared>,
     token_sha256: Option<[u8; 32]>,
     addr: SocketAddr,
+    tls: bool,
 ) -> Router {
-    tracing::info!("metrics listening on http://{addr}/metrics");
+    let scheme = if tls { "https" } else { "http" };
+    tracing::info!("metrics listening on {scheme}://{addr}/metrics");
     Router::new()
         .route("/metrics", get(scrape))
         .fallback(|| async {

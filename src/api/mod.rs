@@ -8,6 +8,7 @@ pub mod metrics;
 mod revocations;
 pub mod security;
 pub mod serve;
+pub mod tls;
 
 pub use revocations::publish as publish_revocation;
 

@@ -1,0 +1,124 @@
+//! TLS for the fleet's metrics listener (`[metrics] tls_certificate`, `tls_key`): rustls with
+//! ring, as the server clients already use.
+//!
+//! Handshakes run in tasks of their own, not in the accept loop, so a client that opens a
+//! connection and never finishes its handshake holds up nobody; each has a deadline, and only
+//! so many run at once.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+
+use super::serve::Accept;
+use crate::auth::secret::{SecretError, SecretPath};
+
+/// A handshake must finish within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once; a connection beyond waits in the kernel's backlog.
+const HANDSHAKES: usize = 64;
+
+#[derive(Debug, Error)]
+pub enum TlsError {
+    #[error("metrics.tls_certificate: cannot read {path}: {detail}")]
+    Certificate { path: String, detail: String },
+    #[error(transparent)]
+    Key(#[from] SecretError),
+    #[error("metrics.tls_key: {0}")]
+    BadKey(String),
+    #[error("metrics.tls_certificate and tls_key do not make a TLS configuration: {0}")]
+    Config(String),
+}
+
+/// The server configuration from a PEM certificate chain and a PEM private key (a secret: mode
+/// 0600, or a systemd credential name).
+pub fn server_config(certificate: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let cert_err = |detail: String| TlsError::Certificate {
+        path: certificate.display().to_string(),
+        detail,
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(certificate)
+        .map_err(|e| cert_err(e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| cert_err(e.to_string()))?;
+    if chain.is_empty() {
+        return Err(cert_err("no PEM certificate in it".into()));
+    }
+    let secret = SecretPath::resolve("metrics.tls_key", key)?;
+    let key = PrivateKeyDer::from_pem_slice(&secret.read()?)
+        .map_err(|e| TlsError::BadKey(format!("no PEM private key ({e})")))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    Ok(Arc::new(config))
+}
+
+/// A TCP listener whose connections come out with their TLS handshake done.
+pub struct TlsListener {
+    done: mpsc::Receiver<TlsStream<TcpStream>>,
+}
+
+impl TlsListener {
+    /// Accepts on `listener` in a task of its own until the returned listener is dropped.
+    pub fn spawn(listener: TcpListener, config: Arc<ServerConfig>) -> TlsListener {
+        let (tx, done) = mpsc::channel(HANDSHAKES);
+        let acceptor = TlsAcceptor::from(config);
+        let slots = Arc::new(Semaphore::new(HANDSHAKES));
+        tokio::spawn(async move {
+            loop {
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let stream = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(e) => {
+                            tracing::warn!("metrics listener: accept failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                    _ = tx.closed() => return,
+                };
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = tx.send(tls).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!("metrics listener: TLS handshake failed: {e}")
+                        }
+                        Err(_) => tracing::debug!("metrics listener: TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        TlsListener { done }
+    }
+}
+
+impl Accept for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Peer = ();
+
+    async fn accept(&mut self) -> std::io::Result<(Self::Io, ())> {
+        match self.done.recv().await {
+            Some(tls) => Ok((tls, ())),
+            None => Err(std::io::Error::other("the TLS acceptor stopped")),
+        }
+    }
+}
