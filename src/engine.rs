@@ -377,8 +377,13 @@ impl ReconcileLoop {
                 self.with_store(|s| s.record_sighting(&card));
                 card.error.is_none().then_some((card, fresh))
             }
-            Job::Again { card, .. } if card.is_some() => card.map(|c| (c, true)),
-            Job::Again { card_id, .. } => {
+            Job::Again {
+                card: Some(card), ..
+            } => Some((card, true)),
+            Job::Again {
+                card_id,
+                card: None,
+            } => {
                 let guard = self.store.lock().unwrap_or_else(|p| p.into_inner());
                 let last = guard.as_ref().map(|s| s.last_card(&card_id));
                 match last {

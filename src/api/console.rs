@@ -192,7 +192,14 @@ fn session_steps(l: &Listener, headers: &HeaderMap, body: &[u8]) -> Result<Respo
         }
     };
     let Some(client) = client else {
-        l.shared.failures.spend(Instant::now());
+        // Guessing codes or tokens spends the same budget as wrong tokens elsewhere.
+        if !l.shared.failures.spend(Instant::now()) {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_failures",
+                "too many failed authentications; wait and retry",
+            ));
+        }
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "bad_sign_in",

@@ -111,5 +111,5 @@ async fn scrape(State(s): State<Scrape>, headers: HeaderMap) -> Response {
             return answer;
         }
     }
-    crate::store::blocking(|| exposition(&s.shared))
+    exposition(&s.shared)
 }
