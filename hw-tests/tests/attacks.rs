@@ -202,7 +202,11 @@ fn f5_a_flood_of_idle_connections_leaves_room_for_a_real_request() {
         flood.len()
     );
     assert_eq!(status, 200, "{body}");
-    assert!(took < Duration::from_secs(1), "answered in {took:?}");
+    // Not held behind the flood: well inside the 10 s header timeout and the 30 s idle reaper
+    // that would free a place otherwise. (Not 1 s: when the machine is busy, the listen backlog
+    // can be full for a moment and the kernel resends the SYN after exactly 1 s; a CI run saw
+    // 1.017 s that way. Typical answers take 15 ms.)
+    assert!(took < Duration::from_secs(5), "answered in {took:?}");
     // The idle keep-alive connection was among those closed to make room.
     keep_alive
         .set_read_timeout(Some(Duration::from_secs(5)))
