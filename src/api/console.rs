@@ -118,12 +118,22 @@ fn no_randomness() -> ApiError {
 
 /// `POST /v1/console/sign-in`: a one-time code that opens a console session with the caller's
 /// scopes (what `cardbridge console` prints as a URL).
-#[utoipa::path(post, path = "/v1/console/sign-in", request_body(content = Object, content_type = "application/json", description = "An empty JSON object"), responses(Refusals, (status = 201, description = "{\"code\", \"path\": \"/#code=…\", \"expires_in_s\"}: open the path on this listener within two minutes")))]
+#[utoipa::path(post, path = "/v1/console/sign-in", request_body(content = Object, content_type = "application/json", description = "An empty JSON object"), responses(Refusals, (status = 201, description = "{\"code\", \"path\": \"/#code=…\", \"expires_in_s\"}: open the path on this listener within two minutes"), (status = 400, description = "The body is not a JSON object"), (status = 415, description = "Not application/json")))]
 pub(super) async fn sign_in(
     State(l): State<Listener>,
     Extension(Caller(name)): Extension<Caller>,
     Extension(scopes): Extension<CallerScopes>,
+    body: Bytes,
 ) -> Response {
+    let object = serde_json::from_slice::<serde_json::Value>(&body).is_ok_and(|v| v.is_object());
+    if !body.is_empty() && !object {
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_body",
+            "the body must be a JSON object",
+        )
+        .into_response();
+    }
     let client = ApiClient {
         name,
         token_sha256: String::new(),
@@ -155,7 +165,7 @@ struct SessionRequest {
 
 /// `POST /v1/console/session`: trades a sign-in code (or a client's token) for a console
 /// session. Only the console's own page may ask: the Origin must be this listener's.
-#[utoipa::path(post, path = "/v1/console/session", request_body(content = inline(SessionRequest), content_type = "application/json"), responses(Refusals, (status = 201, description = "{\"token\", \"client\", \"scopes\", \"expires_in_s\"}"), (status = 400, description = "Neither code nor token"), (status = 401, description = "The code is unknown, used or expired, or the token unknown"), (status = 403, description = "Not the console's own page (Origin)")))]
+#[utoipa::path(post, path = "/v1/console/session", request_body(content = inline(SessionRequest), content_type = "application/json"), responses(Refusals, (status = 201, description = "{\"token\", \"client\", \"scopes\", \"expires_in_s\"}"), (status = 400, description = "Neither code nor token"), (status = 401, description = "The code is unknown, used or expired, or the token unknown"), (status = 403, description = "Not the console's own page (Origin)"), (status = 415, description = "Not application/json")))]
 pub(super) async fn session(
     State(l): State<Listener>,
     headers: HeaderMap,

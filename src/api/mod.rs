@@ -787,6 +787,7 @@ const CARD_FILTER_FIELDS: &[&str] = &[
 ];
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct CardsQuery {
     /// An OData filter, e.g. `kind eq 'piv' and reconciliation/verdict eq 'critical'`.
     #[serde(rename = "$filter")]
