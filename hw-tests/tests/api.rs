@@ -41,9 +41,14 @@ impl Reconciled {
     }
 
     /// With the rig to itself: no other test's card is read by this daemon, so station-wide
-    /// counts are this test's alone.
+    /// counts are this test's alone. pcscd may still show the card a test just pulled from the
+    /// other slot (it polls vpcd), so every slot must look empty before the daemon starts.
     fn start_alone(name: &str) -> Reconciled {
-        Reconciled::start_leased(name, RigLease::Exclusive(Rig::get().exclusive()))
+        let lease = RigLease::Exclusive(Rig::get().exclusive());
+        for slot in 0..hw_tests::rig::SLOTS {
+            common::wait_for_card(&hw_tests::rig::reader_name(slot), false);
+        }
+        Reconciled::start_leased(name, lease)
     }
 
     /// The simulator has the card's record before the card goes in, so the first
