@@ -453,7 +453,7 @@ impl CardIdForm {
 /// The card id as the server may know it: Windows `GUID` order (the first three fields
 /// little-endian), or RFC 4122 order. Windows order comes first: Windows hands the minidriver's
 /// card id around as a `GUID` and prints it that way, and msclmd builds its container names from
-/// the CHUID GUID in that order (README, "How a card is found on the server").
+/// the CHUID GUID in that order (README, "Reconciliation with MIM CM and SCEPman").
 pub fn card_id_forms(card_id: &[u8; 16], order: CardIdOrder) -> Vec<(CardIdForm, String)> {
     let rfc = crate::card::guid_string(card_id);
     let mut swapped = *card_id;
