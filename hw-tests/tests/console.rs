@@ -15,7 +15,6 @@ use std::time::Duration;
 use common::daemon::{http, Daemon, ADMIN, TOKEN};
 use common::run_cardbridge;
 use hw_tests::rig::{insert_virtual, Rig};
-use hw_tests::sim::{matching_record, scepman_certs, Fixture, Simulator};
 use hw_tests::vcard::{CardSpec, VirtualCard};
 use serde_json::Value;
 
@@ -77,15 +76,7 @@ fn a_helpdesk_person_signs_in_sees_the_card_revokes_it_and_sees_it_go() {
     common::wait_for_card(&slot.reader, false);
     let vcard = VirtualCard::new(CardSpec::piv_four_certs()).expect("virtual card");
     let card_id = vcard.truth.card_id.clone().expect("card id");
-    let sim = Simulator::start(
-        Fixture {
-            smartcards: vec![matching_record(&vcard.truth, true)],
-            scepman: scepman_certs(&vcard.truth),
-            ..Fixture::default()
-        },
-        0,
-    )
-    .expect("simulator");
+    let sim = common::simulator_knowing(&vcard.truth, true);
     let config = format!(
         "[cm]\nbase_url = \"{}\"\n[scepman]\nbase_url = \"{}\"\n\
          [revocation]\nretry_initial_ms = 200\nretry_max_ms = 1000\npoll_interval_ms = 200\n",

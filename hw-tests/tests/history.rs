@@ -7,7 +7,7 @@ mod common;
 use common::daemon::{next_event, Daemon, HELPDESK};
 use common::{insert, piv_card};
 use hw_tests::rig::{insert_virtual, Rig};
-use hw_tests::sim::{card_guid, matching_record, scepman_certs, Fixture, Simulator};
+use hw_tests::sim::{card_guid, scepman_certs, Simulator};
 use hw_tests::vcard::{CardSpec, VirtualCard};
 use serde_json::{json, Value};
 
@@ -44,14 +44,7 @@ fn kept(r: &Value) -> Value {
 #[test]
 fn the_last_known_answer_stays_while_cm_is_unreachable_and_across_a_restart() {
     let (_shared, _slot, card, card_id) = piv_card();
-    let sim = Simulator::start(
-        Fixture {
-            smartcards: vec![matching_record(&card.truth, true)],
-            ..Fixture::default()
-        },
-        0,
-    )
-    .expect("simulator");
+    let sim = common::simulator_knowing(&card.truth, false);
     let mut daemon = Daemon::start("last-known", &cm_only(&sim));
     let matched = daemon.wait_reconciliation(&card_id, "", "matched", |r| r["state"] == "matched");
     assert_eq!(matched["last_known"], Value::Null, "only while unreachable");
@@ -85,14 +78,7 @@ fn a_yubikey_whose_card_id_changed_is_found_by_its_earlier_id() {
     let first = insert(CardSpec::piv_four_certs(), &slot);
     let old_id = first.truth.card_id.clone().expect("card id");
     let serial = first.truth.serial_number.clone().expect("YubiKey serial");
-    let sim = Simulator::start(
-        Fixture {
-            smartcards: vec![matching_record(&first.truth, true)],
-            ..Fixture::default()
-        },
-        0,
-    )
-    .expect("simulator");
+    let sim = common::simulator_knowing(&first.truth, false);
     let daemon = Daemon::start("card-id-changed", &cm_only(&sim));
     let mut events = daemon.events(None);
     daemon.wait_reconciliation(&old_id, "", "matched", |r| r["state"] == "matched");
@@ -147,14 +133,7 @@ fn a_card_without_an_id_is_linked_to_history_but_not_looked_up() {
         card_guid(&first.truth, false),
     ];
     let serial = first.truth.serial_number.clone().expect("YubiKey serial");
-    let sim = Simulator::start(
-        Fixture {
-            smartcards: vec![matching_record(&first.truth, true)],
-            ..Fixture::default()
-        },
-        0,
-    )
-    .expect("simulator");
+    let sim = common::simulator_knowing(&first.truth, false);
     let daemon = Daemon::start("no-card-id-history", &cm_only(&sim));
     let mut events = daemon.events(None);
     daemon.wait_reconciliation(&old_id, "", "matched", |r| r["state"] == "matched");
@@ -198,15 +177,7 @@ fn scepman_answers_are_reused_until_a_sync_asks_again() {
     let vcard = VirtualCard::new(CardSpec::piv_four_certs()).expect("virtual card");
     let card_id = vcard.truth.card_id.clone().expect("card id");
     let per_read = vcard.truth.certificates.len();
-    let sim = Simulator::start(
-        Fixture {
-            smartcards: vec![matching_record(&vcard.truth, true)],
-            scepman: scepman_certs(&vcard.truth),
-            ..Fixture::default()
-        },
-        0,
-    )
-    .expect("simulator");
+    let sim = common::simulator_knowing(&vcard.truth, true);
     let config = format!(
         "{}[scepman]\nbase_url = \"{}\"\nstatus_cache_seconds = 3600\n",
         cm_only(&sim),

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use common::daemon::{read_answer, Daemon, ADMIN, TOKEN};
 use common::piv_card;
-use hw_tests::sim::{matching_record, scepman_certs, Fixture, Simulator};
 use serde_json::{json, Value};
 
 /// GET `path` with `$filter` (percent-encoded here) as the kiosk client.
@@ -33,14 +32,7 @@ fn count(answer: &Value) -> Option<usize> {
 #[test]
 fn cards_are_filtered_by_their_fields_and_their_verdict() {
     let (_shared, _slot, card, card_id) = piv_card();
-    let sim = Simulator::start(
-        Fixture {
-            smartcards: vec![matching_record(&card.truth, true)],
-            ..Fixture::default()
-        },
-        0,
-    )
-    .expect("simulator");
+    let sim = common::simulator_knowing(&card.truth, false);
     let daemon = Daemon::start(
         "filter-cards",
         &format!("[cm]\nbase_url = \"{}\"\n", sim.cm_base_url()),
@@ -100,15 +92,7 @@ fn a_bad_filter_is_400_bad_filter_with_its_position() {
 #[test]
 fn revocations_are_filtered_by_their_fields() {
     let (_shared, _slot, card, card_id) = piv_card();
-    let sim = Simulator::start(
-        Fixture {
-            smartcards: vec![matching_record(&card.truth, true)],
-            scepman: scepman_certs(&card.truth),
-            ..Fixture::default()
-        },
-        0,
-    )
-    .expect("simulator");
+    let sim = common::simulator_knowing(&card.truth, true);
     let config = format!(
         "[cm]\nbase_url = \"{}\"\n[scepman]\nbase_url = \"{}\"\n",
         sim.cm_base_url(),

@@ -9,7 +9,6 @@ use std::process::{Command, Stdio};
 
 use common::daemon::{http, Daemon, TOKEN};
 use common::piv_card;
-use hw_tests::sim::{matching_record, scepman_certs, Fixture, Simulator};
 use sha2::{Digest, Sha256};
 
 const SCRAPE_TOKEN: &str = "prometheus-scrape-token-42";
@@ -41,15 +40,7 @@ fn promtool_check(text: &str) -> (bool, String) {
 #[test]
 fn promtool_accepts_a_live_daemons_metrics() {
     let (_shared, _slot, card, card_id) = piv_card();
-    let sim = Simulator::start(
-        Fixture {
-            smartcards: vec![matching_record(&card.truth, true)],
-            scepman: scepman_certs(&card.truth),
-            ..Fixture::default()
-        },
-        0,
-    )
-    .expect("simulator");
+    let sim = common::simulator_knowing(&card.truth, true);
     let config = format!(
         "[cm]\nbase_url = \"{}\"\n[scepman]\nbase_url = \"{}\"\n",
         sim.cm_base_url(),

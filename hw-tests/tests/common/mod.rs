@@ -9,6 +9,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use hw_tests::rig::{cardbridge_bin, Slot};
+use hw_tests::sim::{matching_record, scepman_certs, Fixture, Simulator};
 use hw_tests::vcard::CardSpec;
 use hw_tests::vpcd::Inserted;
 use serde_json::Value;
@@ -67,6 +68,21 @@ pub fn piv_card() -> (
     let card = insert(CardSpec::piv_four_certs(), &slot);
     let card_id = card.truth.card_id.clone().expect("card id");
     (shared, slot, card, card_id)
+}
+
+/// The MIM CM / SCEPman simulator knowing a card: its MIM CM record (in Windows card-id order)
+/// and, with `scepman`, SCEPman records of its certificates.
+pub fn simulator_knowing(truth: &hw_tests::vcard::Truth, scepman: bool) -> Simulator {
+    let fixture = Fixture {
+        smartcards: vec![matching_record(truth, true)],
+        scepman: if scepman {
+            scepman_certs(truth)
+        } else {
+            Vec::new()
+        },
+        ..Fixture::default()
+    };
+    Simulator::start(fixture, 0).expect("simulator")
 }
 
 /// Puts a card built from `spec` into `slot` and waits until pcscd sees it.
