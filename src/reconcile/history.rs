@@ -57,14 +57,24 @@ pub struct Remembered {
 }
 
 impl Remembered {
-    /// Whether `card` looks like this earlier card: the same YubiKey serial or a shared
-    /// certificate, under another id (or none).
-    pub fn resembles(&self, card: &Card) -> bool {
-        if card.card_id.as_deref() == Some(self.card_id.as_str()) {
+    /// Whether `card` looks like an earlier card read under `card_id` with `serial_number` and
+    /// `thumbprints`: the same YubiKey serial or a shared certificate, under another id (or
+    /// none). Takes the parts, so the store can decide before it decodes a reconciliation.
+    pub fn resembles(
+        card: &Card,
+        card_id: &str,
+        serial_number: Option<&str>,
+        thumbprints: &[String],
+    ) -> bool {
+        if card.card_id.as_deref() == Some(card_id) {
             return false;
         }
-        let same_serial = self.serial_number.is_some() && self.serial_number == card.serial_number;
-        same_serial || !self.shared_thumbprints(card).is_empty()
+        let same_serial = serial_number.is_some() && serial_number == card.serial_number.as_deref();
+        same_serial
+            || card
+                .certificates
+                .iter()
+                .any(|c| thumbprints.contains(&c.thumbprint))
     }
 
     fn shared_thumbprints(&self, card: &Card) -> Vec<String> {

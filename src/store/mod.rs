@@ -267,18 +267,19 @@ impl Store {
         let mut found = Vec::new();
         for row in rows {
             let (card_id, serial_number, thumbprints, json) = row?;
-            let remembered = Remembered {
-                card_id,
-                serial_number,
-                thumbprints: thumbprints
-                    .split(',')
-                    .filter(|t| !t.is_empty())
-                    .map(str::to_string)
-                    .collect(),
-                reconciliation: serde_json::from_str(&json)?,
-            };
-            if remembered.resembles(card) {
-                found.push(remembered);
+            let thumbprints: Vec<String> = thumbprints
+                .split(',')
+                .filter(|t| !t.is_empty())
+                .map(str::to_string)
+                .collect();
+            // Every reconciliation reads these rows: only a resembling card's JSON is decoded.
+            if Remembered::resembles(card, &card_id, serial_number.as_deref(), &thumbprints) {
+                found.push(Remembered {
+                    card_id,
+                    serial_number,
+                    thumbprints,
+                    reconciliation: serde_json::from_str(&json)?,
+                });
             }
         }
         Ok(found)
