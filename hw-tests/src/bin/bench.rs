@@ -31,14 +31,16 @@ struct Series {
 
 impl Series {
     fn report(&mut self, name: &str) {
-        self.millis.sort_by(f64::total_cmp);
+        let t = hw_tests::qualify::Timing::of(&self.millis);
         self.apdus.sort_unstable();
-        let pick = |q: f64| self.millis[((self.millis.len() - 1) as f64 * q).round() as usize];
         println!(
             "{name:<44} median {:>7.1} ms   p95 {:>7.1} ms   APDUs/read {}",
-            pick(0.5),
-            pick(0.95),
-            self.apdus[self.apdus.len() / 2]
+            t.median_ms,
+            t.p95_ms,
+            self.apdus
+                .get(self.apdus.len() / 2)
+                .copied()
+                .unwrap_or_default()
         );
     }
 }
