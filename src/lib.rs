@@ -25,6 +25,8 @@
 //! - [`clock`]: the system clock, handed to the card layer, and the timestamp format.
 //! - [`crl_reason`]: RFC 5280 revocation reasons, by name and number.
 //! - [`error_text`]: an error and its causes as one line.
+//! - [`fuzz`]: every parser of untrusted bytes behind one `fn(&[u8])`, for the fuzz targets and
+//!   the corpus replay test.
 //! - [`metrics`]: the station's Prometheus metrics (prometheus-client).
 //! - [`random`]: random tokens and keys from the system's source.
 //! - [`logging`]: `tracing` output for a terminal or the journal.
@@ -47,6 +49,7 @@ pub mod daemon;
 pub mod engine;
 pub mod error_text;
 pub mod event;
+pub mod fuzz;
 pub mod http;
 pub mod logging;
 pub mod metrics;

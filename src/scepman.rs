@@ -3,7 +3,7 @@
 //! repeated PATCH is harmless, SCEPman answers 409 with error code 5013 for an already revoked
 //! certificate).
 
-use reqwest::Method;
+use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -18,6 +18,30 @@ pub struct SearchPage {
     #[serde(default)]
     pub items: Vec<serde_json::Value>,
     pub continuation_token: Option<String>,
+}
+
+impl SearchPage {
+    /// The item whose serial number is exactly `serial` (any case); items that do not read as
+    /// a [`SearchItem`] are passed over.
+    pub fn find_serial(&self, serial: &str) -> Option<SearchItem> {
+        self.items
+            .iter()
+            .filter_map(|item| SearchItem::deserialize(item).ok())
+            .find(|item| item.serial_number.eq_ignore_ascii_case(serial))
+    }
+}
+
+/// Decodes an answer of `GET api/manage/search`: a non-success status becomes its
+/// [`ServerError::Status`], anything but a search page a `bad_body`. A server is untrusted
+/// input: this never panics on its bytes.
+pub fn decode_search_page(status: StatusCode, body: &[u8]) -> Result<SearchPage, ServerError> {
+    if !status.is_success() {
+        return Err(status_error(status, &String::from_utf8_lossy(body)));
+    }
+    serde_json::from_slice(body).map_err(|e| ServerError::BadBody {
+        status: status.as_u16(),
+        detail: format!("not a search page ({e})"),
+    })
 }
 
 /// The fields of a search item that say whether a certificate is still good.
@@ -97,13 +121,7 @@ impl ScepmanClient {
         let response = self.server.execute(self.server.http.get(url)).await?;
         let status = response.status();
         let body = read_body(response).await?;
-        if !status.is_success() {
-            return Err(status_error(status, &String::from_utf8_lossy(&body)));
-        }
-        serde_json::from_slice(&body).map_err(|e| ServerError::BadBody {
-            status: status.as_u16(),
-            detail: format!("not a search page ({e})"),
-        })
+        decode_search_page(status, &body)
     }
 
     /// The certificate with exactly this serial number (upper-case hex), or `None` when SCEPman
@@ -124,11 +142,7 @@ impl ScepmanClient {
                     continuation: token.as_deref(),
                 })
                 .await?;
-            let found = page
-                .items
-                .into_iter()
-                .filter_map(|item| serde_json::from_value::<SearchItem>(item).ok())
-                .find(|item| item.serial_number.eq_ignore_ascii_case(&serial));
+            let found = page.find_serial(&serial);
             if found.is_some() {
                 return Ok(found);
             }

@@ -156,7 +156,7 @@ pub struct CallerScopes(pub Vec<Scope>);
 
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct SessionRequest {
+pub(crate) struct SessionRequest {
     /// A sign-in code from `cardbridge console`.
     code: Option<String>,
     /// Or an API client's token, typed by a person.
@@ -174,6 +174,17 @@ pub(super) async fn session(
     session_steps(&l, &headers, &body).unwrap_or_else(IntoResponse::into_response)
 }
 
+/// Reads a `POST /v1/console/session` body: `{"code"}` or `{"token"}`.
+pub(crate) fn parse_session_request(body: &[u8]) -> Result<SessionRequest, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_body",
+            format!("expected {{\"code\"}} or {{\"token\"}}: {e}"),
+        )
+    })
+}
+
 fn session_steps(l: &Listener, headers: &HeaderMap, body: &[u8]) -> Result<Response, ApiError> {
     let origin = own_origin(headers).ok_or_else(|| {
         ApiError::new(
@@ -182,13 +193,7 @@ fn session_steps(l: &Listener, headers: &HeaderMap, body: &[u8]) -> Result<Respo
             "a console session is opened by the console's own page only",
         )
     })?;
-    let request: SessionRequest = serde_json::from_slice(body).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_body",
-            format!("expected {{\"code\"}} or {{\"token\"}}: {e}"),
-        )
-    })?;
+    let request = parse_session_request(body)?;
     let clients = &l.shared.clients;
     let client = match (&request.code, &request.token) {
         (Some(code), None) => clients.sessions().redeem_code(code),

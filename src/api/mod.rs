@@ -5,7 +5,7 @@ pub mod console;
 pub mod events;
 pub mod filter;
 pub mod metrics;
-mod revocations;
+pub(crate) mod revocations;
 pub mod security;
 pub mod serve;
 pub mod tls;
@@ -772,7 +772,7 @@ async fn readers(State(l): State<Listener>) -> Response {
 }
 
 /// `$filter` over the cards' scalar fields and their reconciliation's verdict and state.
-const CARD_FILTER_FIELDS: &[&str] = &[
+pub(crate) const CARD_FILTER_FIELDS: &[&str] = &[
     "kind",
     "reader",
     "card_id",

@@ -43,6 +43,17 @@ pub(super) async fn submit(
         .unwrap_or_else(IntoResponse::into_response)
 }
 
+/// Reads a `POST /v1/revocations` body; anything but a revocation request is a `bad_body`.
+pub(crate) fn parse_submission(body: &[u8]) -> Result<Submission, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_body",
+            format!("the body is not a revocation request: {e}"),
+        )
+    })
+}
+
 /// The steps of a submission, each refusing with its own [`ApiError`].
 fn submit_steps(
     l: &Listener,
@@ -51,13 +62,7 @@ fn submit_steps(
     body: &[u8],
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(headers)?;
-    let submission: Submission = serde_json::from_slice(body).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_body",
-            format!("the body is not a revocation request: {e}"),
-        )
-    })?;
+    let submission = parse_submission(body)?;
     // Hashed as parsed (key order and spacing do not make another request).
     let request_hash = hex::encode(Sha256::digest(
         serde_json::to_vec(&submission).unwrap_or_default(),
@@ -197,7 +202,7 @@ pub(super) struct ListQuery {
 }
 
 /// The fields `$filter` takes on revocations.
-const FILTER_FIELDS: &[&str] = &[
+pub(crate) const FILTER_FIELDS: &[&str] = &[
     "id",
     "status",
     "card_id",

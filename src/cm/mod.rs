@@ -132,31 +132,41 @@ impl CmClient {
         // is read. Yielding lets that task run before the next request of this lookup looks for
         // an idle connection; otherwise, on a fast network, opening a new one can win the race.
         tokio::task::yield_now().await;
-        if status == StatusCode::NO_CONTENT
-            || (status.is_success() && bytes.iter().all(u8::is_ascii_whitespace))
-        {
-            return Ok(Vec::new());
-        }
-        if !status.is_success() {
-            return Err(status_error(status, &String::from_utf8_lossy(&bytes)));
-        }
-        let value: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|e| ServerError::BadBody {
-                status: status.as_u16(),
-                detail: format!("not JSON ({e})"),
-            })?;
-        let items = match value {
-            serde_json::Value::Array(items) => items,
-            serde_json::Value::Null => Vec::new(),
-            single => vec![single],
-        };
-        items
-            .into_iter()
-            .map(serde_json::from_value)
-            .collect::<Result<_, _>>()
-            .map_err(|e| ServerError::BadBody {
-                status: status.as_u16(),
-                detail: e.to_string(),
-            })
+        decode_list(status, &bytes)
     }
+}
+
+/// Decodes a MIM CM list answer: 204 or an empty body is no item, `null` too, one object is a
+/// list of one (the API answers a lookup that way), an array is the list. Every item must decode
+/// as `T`. A server is untrusted input: this never panics on its bytes.
+pub fn decode_list<T: DeserializeOwned>(
+    status: StatusCode,
+    bytes: &[u8],
+) -> Result<Vec<T>, ServerError> {
+    if status == StatusCode::NO_CONTENT
+        || (status.is_success() && bytes.iter().all(u8::is_ascii_whitespace))
+    {
+        return Ok(Vec::new());
+    }
+    if !status.is_success() {
+        return Err(status_error(status, &String::from_utf8_lossy(bytes)));
+    }
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| ServerError::BadBody {
+            status: status.as_u16(),
+            detail: format!("not JSON ({e})"),
+        })?;
+    let items = match value {
+        serde_json::Value::Array(items) => items,
+        serde_json::Value::Null => Vec::new(),
+        single => vec![single],
+    };
+    items
+        .into_iter()
+        .map(serde_json::from_value)
+        .collect::<Result<_, _>>()
+        .map_err(|e| ServerError::BadBody {
+            status: status.as_u16(),
+            detail: e.to_string(),
+        })
 }
