@@ -298,35 +298,67 @@ impl ReaderWorker {
             while let Ok(more) = requests.try_recv() {
                 fresh |= more;
             }
-            if ctx.is_none() {
-                ctx = pcsc::connect().ok();
+            for attempt in 1..=READS_PER_REQUEST {
+                let card = self.read_once(&mut ctx, &name);
+                // A card pulled in the middle of the read, with a card in the reader again by
+                // the time the read failed: another card went in (or the same one back) faster
+                // than pcscd may notice, so no insertion may follow. Read what is there now;
+                // the requests that came meanwhile are answered by this read too.
+                let swapped = attempt < READS_PER_REQUEST
+                    && card
+                        .error
+                        .as_ref()
+                        .is_some_and(|e| e.kind == crate::card::ReadErrorKind::CardRemoved)
+                    && ctx.as_ref().is_some_and(|c| pcsc::card_present(c, &name));
+                self.publish(card, fresh);
+                if !swapped {
+                    break;
+                }
+                while let Ok(more) = requests.try_recv() {
+                    fresh |= more;
+                }
             }
-            let card = match &ctx {
-                Some(c) => pcsc::read_reader(c, &name, &self.read),
-                None => pcsc::unreadable(
-                    &self.reader,
-                    &[],
-                    TransportError::ServiceUnavailable("cannot open a PC/SC context".into()),
-                ),
-            };
-            if card
-                .error
-                .as_ref()
-                .is_some_and(|e| e.kind == crate::card::ReadErrorKind::PcscUnavailable)
-            {
-                // The context died with pcscd: open a fresh one next time.
-                ctx = None;
-            }
-            let event = if card.error.is_none() {
-                Event::CardRead(Box::new(card.clone()))
-            } else {
-                Event::CardReadFailed(Box::new(card.clone()))
-            };
-            let _ = self.events.send(event);
-            let _ = self.cards.send(Job::Read { card, fresh });
         }
     }
+
+    /// One read of the reader, opening a PC/SC context first when there is none.
+    fn read_once(&self, ctx: &mut Option<::pcsc::Context>, name: &std::ffi::CStr) -> Card {
+        if ctx.is_none() {
+            *ctx = pcsc::connect().ok();
+        }
+        let card = match ctx {
+            Some(c) => pcsc::read_reader(c, name, &self.read),
+            None => pcsc::unreadable(
+                &self.reader,
+                &[],
+                TransportError::ServiceUnavailable("cannot open a PC/SC context".into()),
+            ),
+        };
+        if card
+            .error
+            .as_ref()
+            .is_some_and(|e| e.kind == crate::card::ReadErrorKind::PcscUnavailable)
+        {
+            // The context died with pcscd: open a fresh one next time.
+            *ctx = None;
+        }
+        card
+    }
+
+    fn publish(&self, card: Card, fresh: bool) {
+        let event = if card.error.is_none() {
+            Event::CardRead(Box::new(card.clone()))
+        } else {
+            Event::CardReadFailed(Box::new(card.clone()))
+        };
+        let _ = self.events.send(event);
+        let _ = self.cards.send(Job::Read { card, fresh });
+    }
 }
+
+/// Reads of one request at most: the first, and again while a card pulled mid-read has been
+/// replaced by another by the time the read failed.
+const READS_PER_REQUEST: u32 = 3;
 
 struct ReconcileLoop {
     reconciler: Arc<Reconciler>,

@@ -7,11 +7,13 @@
 //! - [`sim`]: the MIM CM / SCEPman simulator, a real HTTP server on loopback;
 //! - [`sim_auth`]: its Negotiate acceptor and OAuth token endpoints;
 //! - [`kdc`]: a real MIT Kerberos KDC for the Negotiate tests;
+//! - [`chaos`]: the end checks of the chaos and soak runs;
 //! - [`qualify`]: the comparisons of `hw-tests/qualify` (cardbridge against OpenSC and ykman).
 //!
 //! The end-to-end tests in `tests/` and the benchmark in `src/bin/bench.rs` are built on these.
 
 pub mod certs;
+pub mod chaos;
 pub mod kdc;
 pub mod qualify;
 pub mod rig;

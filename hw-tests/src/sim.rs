@@ -190,6 +190,9 @@ pub(crate) struct Inner {
     requests: Vec<Value>,
     faults: HashMap<String, Fault>,
     log: Vec<Logged>,
+    /// Serial numbers of the revocations carried out, in order (a refused or faulted PATCH is
+    /// not one).
+    carried_out: Vec<String>,
     pub(crate) auth: AuthState,
 }
 
@@ -359,6 +362,11 @@ impl Simulator {
     /// What the authentication side has seen: Kerberos exchanges, tokens, refusals.
     pub fn auth_stats(&self) -> AuthStats {
         lock(&self.inner).auth.stats.clone()
+    }
+
+    /// The serial numbers of the revocations carried out so far, in order.
+    pub fn revocations_carried_out(&self) -> Vec<String> {
+        lock(&self.inner).carried_out.clone()
     }
 
     /// Refuses every access token issued so far, as after a signing-key rollover.
@@ -778,6 +786,7 @@ fn handle(
                     (StatusCode::CONFLICT, axum::Json(json!({"errorMessage": "The certificate is already revoked.", "errorCode": 5013}))).into_response()
                 }
                 Some(c) => {
+                    state.carried_out.push(c.serial_number.clone());
                     c.revocation_date = Some("2026-11-22T12:00:00Z".into());
                     c.revocation_reason = reason;
                     c.revoked_by = revoker;

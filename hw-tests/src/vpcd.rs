@@ -12,7 +12,7 @@ use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context as _, Result};
 use socket2::SockRef;
@@ -26,6 +26,7 @@ pub struct Inserted {
     stream: Arc<Mutex<Option<TcpStream>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    contacted: Arc<Mutex<Option<SystemTime>>>,
 }
 
 impl Inserted {
@@ -37,17 +38,19 @@ impl Inserted {
         let card = Arc::new(Mutex::new(card));
         let stream = Arc::new(Mutex::new(None));
         let stop = Arc::new(AtomicBool::new(false));
+        let contacted = Arc::new(Mutex::new(None));
         let first = connect(port, &stop, Duration::from_secs(10))?;
         *lock(&stream) = first.try_clone().ok();
         let thread = {
             let (card, stream, stop) = (card.clone(), stream.clone(), stop.clone());
+            let contacted = contacted.clone();
             std::thread::Builder::new()
                 .name(format!("vcard-{port}"))
                 .spawn(move || {
                     let mut conn = Some(first);
                     while let Some(c) = conn.take() {
                         // An I/O error is how a closed connection shows; either way the card is out.
-                        let _ = serve(&c, &card);
+                        let _ = serve(&c, &card, &contacted);
                         if !reconnect || stop.load(Ordering::Relaxed) {
                             break;
                         }
@@ -62,7 +65,15 @@ impl Inserted {
             stream,
             stop,
             thread: Some(thread),
+            contacted,
         })
+    }
+
+    /// When vpcd first spoke to the card: the moment the reader noticed it. vpcd accepts a
+    /// card's connection only when pcscd next polls the slot, so a card pulled before that was
+    /// never in the reader as far as pcscd knows.
+    pub fn contacted_at(&self) -> Option<SystemTime> {
+        *lock(&self.contacted)
     }
 
     /// APDUs the card has received so far.
@@ -117,12 +128,17 @@ fn quickack(stream: &TcpStream) -> std::io::Result<()> {
 }
 
 /// Answers vpcd until the connection closes.
-fn serve(stream: &TcpStream, card: &Mutex<VirtualCard>) -> Result<()> {
+fn serve(
+    stream: &TcpStream,
+    card: &Mutex<VirtualCard>,
+    contacted: &Mutex<Option<SystemTime>>,
+) -> Result<()> {
     let mut reader = stream;
     let mut writer = stream;
     loop {
         let mut len = [0u8; 2];
         reader.read_exact(&mut len)?;
+        lock(contacted).get_or_insert_with(SystemTime::now);
         // The kernel leaves quick-ACK mode on its own; re-arm it after every read, so the ACK
         // for the length goes out at once and vpcd's Nagle-delayed payload follows.
         quickack(stream)?;

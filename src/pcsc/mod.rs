@@ -79,3 +79,13 @@ pub fn readers(ctx: &Context) -> Result<Vec<ReaderPresence>, PcscError> {
         })
         .collect())
 }
+
+/// Whether `reader` holds a card right now, as pcscd sees it (no wait); false when it cannot
+/// tell.
+pub fn card_present(ctx: &Context, reader: &std::ffi::CStr) -> bool {
+    let mut states = [ReaderState::new(reader.to_owned(), State::UNAWARE)];
+    match ctx.get_status_change(Duration::ZERO, &mut states) {
+        Ok(()) | Err(::pcsc::Error::Timeout) => states[0].event_state().contains(State::PRESENT),
+        Err(_) => false,
+    }
+}

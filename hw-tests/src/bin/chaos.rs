@@ -1,0 +1,835 @@
+//! The chaos and soak runs: `cardbridge run` against a real pcscd with both vpcd slots and the
+//! MIM CM / SCEPman simulator (OAuth for SCEPman), under load, then the end checks of
+//! `hw_tests::chaos`.
+//!
+//! - `chaos --seconds N`: virtual cards inserted and pulled at random (held 50 ms to 2 s, some
+//!   slow enough to be pulled mid-read), pcscd and the daemon killed with SIGKILL and started
+//!   again, simulator faults (latency, 500s, garbage, dropped connections) and refused tokens,
+//!   stream clients coming and going, revocations submitted.
+//! - `chaos --soak --minutes N`: the same load at a steady rate with no kills, and every minute
+//!   the daemon's resident memory, descriptors, threads and database size.
+//!
+//! It prints one line per check and exits 1 when one fails. It uses the rig alone: run nothing
+//! else against pcscd meanwhile.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context as _, Result};
+use cardbridge::card::cert::CertificateInfo;
+use clap::Parser;
+use hw_tests::chaos::{self, Insertion, Outage, Received, Submitted, Verdict};
+use hw_tests::rig::{self, Rig};
+use hw_tests::sim::{matching_record, scepman_certs, Fault, Fixture, Simulator};
+use hw_tests::sim_auth::{OAuthApp, SimAuth};
+use hw_tests::vcard::{CardSpec, VirtualCard};
+use hw_tests::vpcd::Inserted;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+#[derive(Parser)]
+struct Args {
+    /// Chaos: how long the load runs.
+    #[arg(long, default_value_t = 60)]
+    seconds: u64,
+    /// Soak instead of chaos: a steady load, no kills, the daemon sampled every minute.
+    #[arg(long)]
+    soak: bool,
+    /// Soak: how long, in minutes.
+    #[arg(long, default_value_t = 30)]
+    minutes: u64,
+    /// Seed of the random choices (printed, so a run can be repeated).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+const TOKEN: &str = "chaos-admin-token-0123456789";
+const CLIENT_ID: &str = "7d1c0f3e-chaos";
+const SECRET: &str = "chaos-client-secret-value";
+
+fn now() -> f64 {
+    unix_seconds(SystemTime::now())
+}
+
+fn unix_seconds(at: SystemTime) -> f64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A card of the run: the card itself (cloned for each insertion) and its certificates'
+/// thumbprints and serial numbers, for revocations.
+#[derive(Clone)]
+struct PoolCard {
+    card: VirtualCard,
+    id: String,
+    certificates: Vec<(String, String)>,
+}
+
+fn pool_card(spec: CardSpec) -> Result<PoolCard> {
+    let card = VirtualCard::new(spec)?;
+    let id = card
+        .truth
+        .card_id
+        .clone()
+        .context("a virtual card has an id")?;
+    let certificates = card
+        .truth
+        .certificates
+        .iter()
+        .filter_map(|c| {
+            let der = hex::decode(&c.der).ok()?;
+            let info = CertificateInfo::from_der(c.slot.clone(), String::new(), der, false);
+            Some((c.thumbprint.clone(), info.serial_number?))
+        })
+        .collect();
+    Ok(PoolCard {
+        card,
+        id,
+        certificates,
+    })
+}
+
+/// Three cards per reader: a fast PIV card, a slow one (about 30 ms per APDU, so a short hold
+/// pulls it mid-read) and a GIDS card.
+fn pools() -> Result<Vec<Vec<PoolCard>>> {
+    (0..rig::SLOTS)
+        .map(|_| {
+            let mut slow = CardSpec::piv_four_certs();
+            slow.faults.slow_ms = 30;
+            [
+                CardSpec::piv_four_certs(),
+                slow,
+                CardSpec::gids_two_containers(),
+            ]
+            .into_iter()
+            .map(pool_card)
+            .collect()
+        })
+        .collect()
+}
+
+/// `cardbridge run` with its own state directory; its log is `daemon.log` there.
+struct Station {
+    child: Child,
+    dir: PathBuf,
+    starts: usize,
+}
+
+impl Station {
+    fn start(dir: &Path, sim: &Simulator) -> Result<(Station, u16)> {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir)?;
+        let secret = dir.join("scepman.secret");
+        std::fs::write(&secret, SECRET)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))?;
+        let config = format!(
+            "state_dir = \"{state}\"\n[api]\nlisten = [\"127.0.0.1:0\"]\nrevocation_burst = 100\n\
+             [[api.clients]]\nname = \"chaos\"\ntoken_sha256 = \"{hash}\"\nscopes = [\"read\", \"sync\", \"revoke\"]\n\
+             [cm]\nbase_url = \"{cm}\"\ntimeout_ms = 2000\n\
+             [scepman]\nbase_url = \"{scepman}\"\ntimeout_ms = 2000\nauth = \"oauth\"\ntoken_url = \"{token}\"\n\
+             client_id = \"{CLIENT_ID}\"\nscope = \"api://scepman/.default\"\nclient_secret_file = \"{secret}\"\n",
+            state = dir.join("state").display(),
+            hash = hex::encode(Sha256::digest(TOKEN)),
+            cm = sim.cm_base_url(),
+            scepman = sim.scepman_base_url(),
+            token = sim.entra_token_url(),
+            secret = secret.display(),
+        );
+        std::fs::write(dir.join("config.toml"), config)?;
+        let mut station = Station {
+            child: spawn(dir)?,
+            dir: dir.to_path_buf(),
+            starts: 0,
+        };
+        let port = station.wait_listening()?;
+        Ok((station, port))
+    }
+
+    /// The port of this start's "API listening" line, once it is logged.
+    fn wait_listening(&mut self) -> Result<u16> {
+        const LINE: &str = "API listening on http://127.0.0.1:";
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.log();
+            let port = log
+                .lines()
+                .filter_map(|l| Some(&l[l.find(LINE)? + LINE.len()..]))
+                .nth(self.starts)
+                .and_then(|rest| rest.split('/').next()?.parse::<u16>().ok());
+            if let Some(port) = port {
+                self.starts += 1;
+                return Ok(port);
+            }
+            if Instant::now() > until {
+                bail!("the daemon did not start listening:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn restart(&mut self) -> Result<u16> {
+        self.child = spawn(&self.dir)?;
+        self.wait_listening()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Station {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let until = Instant::now() + Duration::from_secs(5);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+    }
+}
+
+fn spawn(dir: &Path) -> Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("daemon.log"))?;
+    Command::new(rig::cardbridge_bin())
+        .args(["run", "--config"])
+        .arg(dir.join("config.toml"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("cannot start cardbridge run")
+}
+
+/// Everything the threads share and the checks read.
+struct Run {
+    soak: bool,
+    stop: AtomicBool,
+    /// Held for reading while a card goes in or out, for writing while pcscd restarts.
+    pcscd: RwLock<()>,
+    station: Mutex<Station>,
+    port: AtomicU16,
+    /// Bumped at every daemon start; an observer stream belongs to one.
+    generation: AtomicU64,
+    sim: Simulator,
+    insertions: Mutex<Vec<Insertion>>,
+    outages: Mutex<Vec<Outage>>,
+    /// One stream per daemon start that stayed connected from the start.
+    observed: Mutex<Vec<Vec<Received>>>,
+    /// The ids each short-lived stream client received.
+    churned: Mutex<Vec<Vec<u64>>>,
+    /// Revocation ids and the serial number each revokes.
+    submitted: Mutex<Vec<(u64, String)>>,
+    /// Cards the daemon has read at least once (it takes revocations only for those).
+    read_once: Mutex<Vec<String>>,
+}
+
+impl Run {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Sleeps `ms`, in steps, returning early when the run stops.
+    fn pause(&self, ms: u64) {
+        let until = Instant::now() + Duration::from_millis(ms);
+        while !self.stopped() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(ms.min(50)));
+        }
+    }
+
+    fn port(&self) -> u16 {
+        self.port.load(Ordering::Relaxed)
+    }
+}
+
+/// One reader: cards in and out at random (chaos) or on a steady beat (soak).
+fn reader_loop(run: &Run, slot: usize, pool: &[PoolCard]) -> Result<()> {
+    let port = rig::BASE_PORT + slot as u16;
+    while !run.stopped() {
+        let card = &pool[fastrand::usize(..pool.len())];
+        let (hold, gap) = if run.soak {
+            (1500, 1000)
+        } else {
+            (fastrand::u64(50..=2000), fastrand::u64(50..=1000))
+        };
+        let (inserted, index) = {
+            let _pcscd = run.pcscd.read().unwrap_or_else(|p| p.into_inner());
+            let at = now();
+            let inserted = Inserted::insert(card.card.clone(), port, true)?;
+            let mut insertions = lock(&run.insertions);
+            insertions.push(Insertion {
+                reader: rig::reader_name(slot),
+                card_id: card.id.clone(),
+                inserted: at,
+                seen: None,
+                removed: None,
+            });
+            (inserted, insertions.len() - 1)
+        };
+        run.pause(hold);
+        {
+            let _pcscd = run.pcscd.read().unwrap_or_else(|p| p.into_inner());
+            let seen = inserted.contacted_at().map(unix_seconds);
+            inserted.remove();
+            let mut insertions = lock(&run.insertions);
+            insertions[index].seen = seen;
+            insertions[index].removed = Some(now());
+        }
+        run.pause(gap);
+    }
+    Ok(())
+}
+
+/// Kills pcscd or the daemon every 8 to 20 seconds, in turn.
+fn disruptor(run: &Run) -> Result<()> {
+    let rig = Rig::get();
+    let mut pcscd_next = true;
+    while !run.stopped() {
+        run.pause(fastrand::u64(8000..=20_000));
+        if run.stopped() {
+            break;
+        }
+        let from = now();
+        if pcscd_next {
+            let _pcscd = run.pcscd.write().unwrap_or_else(|p| p.into_inner());
+            rig.kill_pcscd()?;
+            std::thread::sleep(Duration::from_millis(fastrand::u64(200..=1500)));
+            rig.start_pcscd()?;
+        } else {
+            let mut station = lock(&run.station);
+            station.kill9();
+            std::thread::sleep(Duration::from_millis(fastrand::u64(100..=800)));
+            let port = station.restart()?;
+            run.port.store(port, Ordering::Relaxed);
+            run.generation.fetch_add(1, Ordering::Relaxed);
+        }
+        lock(&run.outages).push(Outage { from, to: now() });
+        pcscd_next = !pcscd_next;
+    }
+    Ok(())
+}
+
+/// Simulator faults on one route at a time for 0.5 to 3 s, and every access token refused now
+/// and then (as after a key rollover).
+fn fault_injector(run: &Run) {
+    const ROUTES: [&str; 4] = ["smartcards", "certificates", "search", "revoke"];
+    let mut beat = 0u32;
+    while !run.stopped() {
+        run.pause(if run.soak {
+            3000
+        } else {
+            fastrand::u64(500..=3000)
+        });
+        let route = ROUTES[fastrand::usize(..ROUTES.len())];
+        let fault = match fastrand::u8(..4) {
+            0 => Fault {
+                latency_ms: fastrand::u64(200..=2500),
+                ..Fault::default()
+            },
+            1 => Fault {
+                error_500: true,
+                ..Fault::default()
+            },
+            2 => Fault {
+                garbage: true,
+                ..Fault::default()
+            },
+            _ => Fault {
+                drop: true,
+                ..Fault::default()
+            },
+        };
+        run.sim.set_fault(route, fault);
+        run.pause(fastrand::u64(500..=3000));
+        run.sim.set_fault(route, Fault::default());
+        beat += 1;
+        if beat % 5 == 0 {
+            run.sim.revoke_tokens();
+        }
+    }
+}
+
+/// A raw HTTP/1.1 request as the chaos client, with a deadline on the answer.
+fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    extra: &[(&str, &str)],
+    body: &str,
+) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\
+         Authorization: Bearer {TOKEN}\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in extra {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    s.write_all(request.as_bytes())?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)?;
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Opens `/v1/events`; `after` resumes after that event id.
+fn open_stream(port: u16, after: Option<u64>) -> Result<BufReader<TcpStream>> {
+    let s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let resume = after
+        .map(|id| format!("Last-Event-ID: {id}\r\n"))
+        .unwrap_or_default();
+    write!(
+        &s,
+        "GET /v1/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\n{resume}\r\n"
+    )?;
+    let mut reader = BufReader::new(s);
+    let mut status = String::new();
+    reader.read_line(&mut status)?;
+    if !status.contains(" 200 ") {
+        bail!("the event stream answered {}", status.trim());
+    }
+    Ok(reader)
+}
+
+/// Reads SSE frames until the stream ends, the run stops or `until` passes; hands each event to
+/// `each`. A read timeout is only a quiet moment.
+fn read_frames(
+    stream: &mut BufReader<TcpStream>,
+    run: &Run,
+    until: Option<Instant>,
+    mut each: impl FnMut(Received),
+) {
+    let (mut id, mut name, mut data) = (0, String::new(), String::new());
+    let mut line = String::new();
+    while !run.stopped() && until.is_none_or(|u| Instant::now() < u) {
+        match stream.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            Err(_) => return,
+        }
+        let l = line.trim_end();
+        if let Some(v) = l.strip_prefix("id:") {
+            id = v.trim().parse().unwrap_or(0);
+        } else if let Some(v) = l.strip_prefix("event:") {
+            name = v.trim().to_string();
+        } else if let Some(v) = l.strip_prefix("data:") {
+            data.push_str(v.trim());
+        } else if l.is_empty() && !name.is_empty() {
+            let data_value = serde_json::from_str(&data).unwrap_or(Value::Null);
+            each(Received {
+                id,
+                name: std::mem::take(&mut name),
+                data: data_value,
+            });
+            data.clear();
+        }
+        line.clear();
+    }
+}
+
+/// One stream per daemon start, from its first event (`Last-Event-ID: 0`) until it dies.
+fn observer(run: &Run) {
+    let mut current = u64::MAX;
+    while !run.stopped() {
+        let generation = run.generation.load(Ordering::Relaxed);
+        let after = if generation == current {
+            lock(&run.observed)
+                .last()
+                .and_then(|s| s.last())
+                .map(|e| e.id)
+        } else {
+            Some(0)
+        };
+        let Ok(mut stream) = open_stream(run.port(), after) else {
+            run.pause(50);
+            continue;
+        };
+        if generation != current {
+            current = generation;
+            lock(&run.observed).push(Vec::new());
+        }
+        read_frames(&mut stream, run, None, |event| {
+            if event.name == "card.read" {
+                if let Some(id) = event.data["card_id"].as_str() {
+                    let mut read = lock(&run.read_once);
+                    if !read.iter().any(|r| r == id) {
+                        read.push(id.to_string());
+                    }
+                }
+            }
+            if let Some(stream) = lock(&run.observed).last_mut() {
+                stream.push(event);
+            }
+        });
+    }
+}
+
+/// Stream clients that connect, listen for 0.2 to 3 s and leave.
+fn churner(run: &Run) {
+    while !run.stopped() {
+        if let Ok(mut stream) = open_stream(run.port(), None) {
+            let until = Instant::now() + Duration::from_millis(fastrand::u64(200..=3000));
+            let mut ids = Vec::new();
+            read_frames(&mut stream, run, Some(until), |e| ids.push(e.id));
+            lock(&run.churned).push(ids);
+        }
+        run.pause(fastrand::u64(100..=1000));
+    }
+}
+
+/// Every 5 to 12 s, revokes one more certificate of a card the daemon has read, through
+/// SCEPman. A request that got no answer (the daemon was killed) is sent again with the same
+/// Idempotency-Key until it has one, so every stored revocation is known here.
+fn revoker(run: &Run, pools: &[Vec<PoolCard>]) {
+    let mut todo: Vec<(String, String, String)> = pools
+        .iter()
+        .flatten()
+        .flat_map(|c| {
+            c.certificates
+                .iter()
+                .map(|(t, s)| (c.id.clone(), t.clone(), s.clone()))
+        })
+        .collect();
+    fastrand::shuffle(&mut todo);
+    while !run.stopped() {
+        run.pause(if run.soak {
+            8000
+        } else {
+            fastrand::u64(5000..=12_000)
+        });
+        let read = lock(&run.read_once).clone();
+        let Some(n) = todo.iter().position(|(card, _, _)| read.contains(card)) else {
+            continue;
+        };
+        let (card, thumbprint, serial) = todo.remove(n);
+        let key = format!("chaos-{serial}");
+        let body = json!({"card_id": card, "target": "certificates", "thumbprints": [thumbprint],
+            "reason": "keyCompromise", "revoker": "chaos@contoso.com"})
+        .to_string();
+        let headers = [
+            ("Content-Type", "application/json"),
+            ("Idempotency-Key", key.as_str()),
+        ];
+        let until = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < until {
+            match http(run.port(), "POST", "/v1/revocations", &headers, &body) {
+                Ok((202, answer)) => {
+                    let id = serde_json::from_str::<Value>(&answer)
+                        .ok()
+                        .and_then(|v| v["id"].as_u64());
+                    if let Some(id) = id {
+                        lock(&run.submitted).push((id, serial));
+                    }
+                    break;
+                }
+                Ok((status, answer)) if status != 0 && status != 503 => {
+                    eprintln!("chaos: revocation of {serial} refused: {status} {answer}");
+                    break;
+                }
+                _ => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    }
+}
+
+/// Soak: the daemon's resident memory (KiB), descriptors, threads and database size (KiB).
+fn sample(pid: u32, state: &Path) -> (u64, usize, u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
+    let db: u64 = std::fs::read_dir(state)
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0);
+    (field("VmRSS:"), fds, field("Threads:"), db / 1024)
+}
+
+fn soak_sampler(run: &Run, minutes: u64) {
+    println!("minute  rss_kib  fds  threads  db_kib");
+    for minute in 0..=minutes {
+        if minute > 0 {
+            run.pause(60_000);
+        }
+        if run.stopped() {
+            return;
+        }
+        let station = lock(&run.station);
+        let (rss, fds, threads, db) = sample(station.pid(), &station.dir.join("state"));
+        drop(station);
+        println!("{minute:>6}  {rss:>7}  {fds:>3}  {threads:>7}  {db:>6}");
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let seed = args.seed.unwrap_or_else(|| fastrand::u64(..));
+    fastrand::seed(seed);
+    let length = if args.soak {
+        args.minutes * 60
+    } else {
+        args.seconds
+    };
+    println!(
+        "{} for {length} s, seed {seed}",
+        if args.soak { "soak" } else { "chaos" }
+    );
+    let rig = Rig::get();
+    let _alone = rig.exclusive();
+    for slot in 0..rig::SLOTS {
+        rig::wait_for_card(&rig::reader_name(slot), false)?;
+    }
+    let pools = pools()?;
+    let run = start(&args, &pools)?;
+    let run = Arc::new(run);
+    let started = Instant::now();
+    std::thread::scope(|scope| -> Result<()> {
+        let mut loops = Vec::new();
+        for (slot, pool) in pools.iter().enumerate() {
+            let run = &run;
+            loops.push(scope.spawn(move || reader_loop(run, slot, pool)));
+        }
+        if !args.soak {
+            loops.push(scope.spawn(|| disruptor(&run)));
+        }
+        scope.spawn(|| fault_injector(&run));
+        scope.spawn(|| observer(&run));
+        for _ in 0..3 {
+            scope.spawn(|| churner(&run));
+        }
+        scope.spawn(|| revoker(&run, &pools));
+        if args.soak {
+            scope.spawn(|| soak_sampler(&run, args.minutes));
+        }
+        while started.elapsed() < Duration::from_secs(length)
+            && !loops.iter().any(|l| l.is_finished())
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        run.stop.store(true, Ordering::Relaxed);
+        for l in loops {
+            l.join()
+                .map_err(|_| anyhow::anyhow!("a load thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    let verdicts = finish(&run, &pools)?;
+    let mut failed = false;
+    for v in &verdicts {
+        failed |= !v.passed;
+        println!(
+            "{}  {}: {}",
+            if v.passed { "PASS" } else { "FAIL" },
+            v.check,
+            v.detail
+        );
+    }
+    if failed {
+        println!(
+            "daemon log: {}",
+            lock(&run.station).dir.join("daemon.log").display()
+        );
+        // The daemon stops with the run (Station's drop), before the exit status is set.
+        drop(run);
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// The simulator (knowing every card, OAuth for SCEPman with 30-second tokens) and the daemon.
+fn start(args: &Args, pools: &[Vec<PoolCard>]) -> Result<Run> {
+    let cards: Vec<&PoolCard> = pools.iter().flatten().collect();
+    let fixture = Fixture {
+        smartcards: cards
+            .iter()
+            .map(|c| matching_record(&c.card.truth, true))
+            .collect(),
+        scepman: cards
+            .iter()
+            .flat_map(|c| scepman_certs(&c.card.truth))
+            .collect(),
+        ..Fixture::default()
+    };
+    let sim = Simulator::start(fixture, 0)?;
+    sim.set_auth(SimAuth::OAuth(OAuthApp {
+        client_id: CLIENT_ID.into(),
+        client_secret: Some(SECRET.into()),
+        assertion_public_key: None,
+        token_lifetime: Duration::from_secs(30),
+        roles: vec!["Manage.All".into()],
+    }))?;
+    let dir = std::env::temp_dir().join(format!(
+        "cardbridge-{}",
+        if args.soak { "soak" } else { "chaos" }
+    ));
+    let (station, port) = Station::start(&dir, &sim)?;
+    Ok(Run {
+        soak: args.soak,
+        stop: AtomicBool::new(false),
+        pcscd: RwLock::new(()),
+        station: Mutex::new(station),
+        port: AtomicU16::new(port),
+        generation: AtomicU64::new(0),
+        sim,
+        insertions: Mutex::new(Vec::new()),
+        outages: Mutex::new(Vec::new()),
+        observed: Mutex::new(Vec::new()),
+        churned: Mutex::new(Vec::new()),
+        submitted: Mutex::new(Vec::new()),
+        read_once: Mutex::new(Vec::new()),
+    })
+}
+
+/// After the load: faults off, one card left in the first reader, revocations given time to be
+/// delivered; then every check.
+fn finish(run: &Run, pools: &[Vec<PoolCard>]) -> Result<Vec<Verdict>> {
+    for route in ["smartcards", "certificates", "search", "revoke"] {
+        run.sim.set_fault(route, Fault::default());
+    }
+    let last = &pools[0][0];
+    let card = Inserted::insert(last.card.clone(), rig::BASE_PORT, false)?;
+    let in_readers = vec![(rig::reader_name(0), last.id.clone())];
+    let listed = eventually(Duration::from_secs(15), || {
+        let listed = listed_cards(run.port());
+        (listed == in_readers)
+            .then_some(listed.clone())
+            .ok_or(listed)
+    });
+    let statuses = eventually(Duration::from_secs(60), || {
+        let statuses = revocation_statuses(run);
+        let settled = statuses
+            .iter()
+            .all(|s| !matches!(s.status.as_str(), "queued" | "in_progress"));
+        if settled {
+            Ok(statuses)
+        } else {
+            Err(statuses)
+        }
+    });
+    let observed = lock(&run.observed).clone();
+    let events: Vec<Received> = observed.iter().flatten().cloned().collect();
+    let mut streams: Vec<Vec<u64>> = observed
+        .iter()
+        .map(|s| s.iter().map(|e| e.id).collect())
+        .collect();
+    streams.extend(lock(&run.churned).iter().cloned());
+    let insertions = lock(&run.insertions).clone();
+    let outages = lock(&run.outages).clone();
+    let log = lock(&run.station).log();
+    let end = now();
+    drop(card);
+    println!(
+        "{} insertions, {} pcscd/daemon kills, {} events seen, {} stream clients, {} revocations",
+        insertions.len(),
+        outages.len(),
+        events.len(),
+        streams.len(),
+        statuses.len()
+    );
+    Ok(vec![
+        chaos::no_panic(&log),
+        chaos::reads_name_the_card_in_the_reader(&insertions, &events),
+        chaos::held_cards_read_once(&insertions, &outages, &events, end),
+        chaos::revocations_delivered_once(&statuses, &run.sim.revocations_carried_out()),
+        chaos::no_event_id_gaps(&streams),
+        chaos::cards_equal_readers(&listed, &in_readers),
+    ])
+}
+
+/// Polls `f` until it is `Ok` or `limit` passes; either way returns its last value.
+fn eventually<T>(limit: Duration, mut f: impl FnMut() -> Result<T, T>) -> T {
+    let until = Instant::now() + limit;
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(v) if Instant::now() > until => return v,
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// (reader, card id) of every card `GET /v1/cards` lists.
+fn listed_cards(port: u16) -> Vec<(String, String)> {
+    let Ok((200, body)) = http(port, "GET", "/v1/cards", &[], "") else {
+        return Vec::new();
+    };
+    serde_json::from_str::<Vec<Value>>(&body)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|c| {
+            Some((
+                c["reader"].as_str()?.to_string(),
+                c["card_id"].as_str()?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+fn revocation_statuses(run: &Run) -> Vec<Submitted> {
+    let submitted = lock(&run.submitted).clone();
+    submitted
+        .into_iter()
+        .map(|(id, serial_number)| {
+            let status = http(run.port(), "GET", &format!("/v1/revocations/{id}"), &[], "")
+                .ok()
+                .and_then(|(_, body)| serde_json::from_str::<Value>(&body).ok())
+                .and_then(|v| v["status"].as_str().map(str::to_string))
+                .unwrap_or_else(|| "unknown".into());
+            Submitted {
+                serial_number,
+                status,
+            }
+        })
+        .collect()
+}

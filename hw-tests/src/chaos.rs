@@ -1,0 +1,397 @@
+//! The end checks of the chaos and soak runs (`hw-tests/chaos`, `hw-tests/soak`), as plain
+//! functions over what the run recorded: when each card went in and out of which reader, when
+//! pcscd or the daemon was down, the events each stream client received, and the revocations.
+//! Kept apart from the driver so that each rule has table tests.
+//!
+//! Times are seconds since the Unix epoch, from the one clock the driver and the daemon share.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+/// One card in one reader, from the moment the driver started inserting it to the moment it
+/// was out (so the real insertion lies inside).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Insertion {
+    pub reader: String,
+    pub card_id: String,
+    pub inserted: f64,
+    /// When the reader first spoke to the card; `None` when it never noticed it (pulled before
+    /// pcscd polled the slot).
+    pub seen: Option<f64>,
+    /// `None` while the card is still in.
+    pub removed: Option<f64>,
+}
+
+/// A time pcscd or the daemon was down (from the kill to the moment it was back).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Outage {
+    pub from: f64,
+    pub to: f64,
+}
+
+/// An event as a stream client received it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Received {
+    pub id: u64,
+    pub name: String,
+    pub data: Value,
+}
+
+/// One submitted revocation: the certificate's serial number and the status the daemon gives it
+/// at the end (`succeeded`, `queued`…).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Submitted {
+    pub serial_number: String,
+    pub status: String,
+}
+
+/// One end check: its name, whether it held, and what was seen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub check: &'static str,
+    pub passed: bool,
+    pub detail: String,
+}
+
+/// A card held at least this long, with no outage around it, must have been read exactly once.
+pub const HELD_LONG_ENOUGH: f64 = 1.0;
+/// After an outage, the daemon takes this long to see pcscd's readers again.
+pub const SETTLE: f64 = 3.0;
+
+fn verdict(check: &'static str, problems: &[String], counted: String) -> Verdict {
+    Verdict {
+        check,
+        passed: problems.is_empty(),
+        detail: if problems.is_empty() {
+            counted
+        } else {
+            let shown: Vec<&str> = problems.iter().take(5).map(String::as_str).collect();
+            format!("{} problems: {}", problems.len(), shown.join("; "))
+        },
+    }
+}
+
+/// The successful reads among `events`: (reader, card id, `read_at`).
+fn reads(events: &[Received]) -> Vec<(String, String, f64)> {
+    events
+        .iter()
+        .filter(|e| e.name == "card.read" && e.data["error"].is_null())
+        .filter_map(|e| {
+            let reader = e.data["reader"].as_str()?.to_string();
+            let card_id = e.data["card_id"].as_str()?.to_string();
+            let at = seconds(e.data["read_at"].as_str()?)?;
+            Some((reader, card_id, at))
+        })
+        .collect()
+}
+
+/// An RFC 3339 time as seconds since the epoch.
+pub fn seconds(text: &str) -> Option<f64> {
+    let at =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+    Some(at.unix_timestamp_nanos() as f64 / 1e9)
+}
+
+/// Every `card.read` names a card that was in that reader when the read began.
+pub fn reads_name_the_card_in_the_reader(insertions: &[Insertion], events: &[Received]) -> Verdict {
+    let all = reads(events);
+    let problems: Vec<String> = all
+        .iter()
+        .filter(|(reader, card_id, at)| {
+            !insertions.iter().any(|i| {
+                &i.reader == reader
+                    && &i.card_id == card_id
+                    && i.inserted <= *at
+                    && i.removed.is_none_or(|r| *at <= r)
+            })
+        })
+        .map(|(reader, card_id, at)| format!("{card_id} read in {reader} at {at:.3}"))
+        .collect();
+    verdict(
+        "every card.read names the card in that reader",
+        &problems,
+        format!("{} reads", all.len()),
+    )
+}
+
+/// Whether the insertion overlaps an outage extended by `settle` seconds.
+fn near_outage(i: &Insertion, outages: &[Outage], end: f64, settle: f64) -> bool {
+    let removed = i.removed.unwrap_or(end);
+    outages
+        .iter()
+        .any(|o| i.inserted < o.to + settle && o.from < removed)
+}
+
+/// No insertion that began after every outage around it was over was read twice, however
+/// short; one the reader noticed and held long enough after that, [`SETTLE`] away from any
+/// outage, was read exactly once.
+/// `end` closes insertions still open.
+pub fn held_cards_read_once(
+    insertions: &[Insertion],
+    outages: &[Outage],
+    events: &[Received],
+    end: f64,
+) -> Verdict {
+    let all = reads(events);
+    let mut problems = Vec::new();
+    let mut held = 0;
+    for i in insertions
+        .iter()
+        .filter(|i| !near_outage(i, outages, end, 0.0))
+    {
+        let removed = i.removed.unwrap_or(end);
+        let count = all
+            .iter()
+            .filter(|(reader, card_id, at)| {
+                reader == &i.reader && card_id == &i.card_id && i.inserted <= *at && *at <= removed
+            })
+            .count();
+        let judged = i
+            .seen
+            .is_some_and(|seen| removed - seen >= HELD_LONG_ENOUGH)
+            && !near_outage(i, outages, end, SETTLE);
+        held += usize::from(judged);
+        if count > 1 || (judged && count != 1) {
+            problems.push(format!(
+                "{} in {} from {:.3} for {:.2} s read {count} times",
+                i.card_id,
+                i.reader,
+                i.inserted,
+                removed - i.inserted
+            ));
+        }
+    }
+    verdict(
+        "every card held long enough was read exactly once",
+        &problems,
+        format!("{held} held insertions, each read once"),
+    )
+}
+
+/// Each revocation was carried out by the server exactly once, or at most once while still
+/// queued; nothing was revoked that nobody asked for.
+pub fn revocations_delivered_once(submitted: &[Submitted], carried_out: &[String]) -> Verdict {
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for serial in carried_out {
+        *counts.entry(serial.to_ascii_uppercase()).or_default() += 1;
+    }
+    let mut problems = Vec::new();
+    for s in submitted {
+        let count = counts
+            .remove(&s.serial_number.to_ascii_uppercase())
+            .unwrap_or(0);
+        let finished = s.status == "succeeded";
+        let pending = matches!(s.status.as_str(), "queued" | "in_progress");
+        if (finished && count != 1) || (pending && count > 1) || !(finished || pending) {
+            problems.push(format!(
+                "{} is {} and was carried out {count} times",
+                s.serial_number, s.status
+            ));
+        }
+    }
+    problems.extend(
+        counts
+            .keys()
+            .map(|serial| format!("{serial} was revoked without a request")),
+    );
+    let done = submitted.iter().filter(|s| s.status == "succeeded").count();
+    verdict(
+        "every revocation delivered once, or still queued",
+        &problems,
+        format!("{} submitted, {done} delivered", submitted.len()),
+    )
+}
+
+/// The ids one stream client received run on without a gap.
+pub fn no_event_id_gaps(streams: &[Vec<u64>]) -> Verdict {
+    let mut problems = Vec::new();
+    for (n, ids) in streams.iter().enumerate() {
+        for pair in ids.windows(2) {
+            if pair[1] != pair[0] + 1 {
+                problems.push(format!("client {n}: {} then {}", pair[0], pair[1]));
+            }
+        }
+    }
+    let events: usize = streams.iter().map(Vec::len).sum();
+    verdict(
+        "no event-id gaps for a connected client",
+        &problems,
+        format!("{} clients, {events} events", streams.len()),
+    )
+}
+
+/// What `/v1/cards` lists equals what is in the readers: (reader, card id) pairs.
+pub fn cards_equal_readers(
+    listed: &[(String, String)],
+    in_readers: &[(String, String)],
+) -> Verdict {
+    let mut listed = listed.to_vec();
+    let mut in_readers = in_readers.to_vec();
+    listed.sort();
+    in_readers.sort();
+    let problems = if listed == in_readers {
+        Vec::new()
+    } else {
+        vec![format!("listed {listed:?}, in the readers {in_readers:?}")]
+    };
+    verdict(
+        "/v1/cards equals what is in the readers",
+        &problems,
+        format!("{} cards", listed.len()),
+    )
+}
+
+/// No thread of the daemon panicked.
+pub fn no_panic(log: &str) -> Verdict {
+    let problems: Vec<String> = log
+        .lines()
+        .filter(|l| l.contains("panicked"))
+        .map(str::to_string)
+        .collect();
+    verdict(
+        "no panic in the logs",
+        &problems,
+        format!("{} log lines", log.lines().count()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn read(id: u64, reader: &str, card: &str, at: &str) -> Received {
+        Received {
+            id,
+            name: "card.read".into(),
+            data: json!({"reader": reader, "card_id": card, "read_at": at, "error": null}),
+        }
+    }
+
+    fn ins(reader: &str, card: &str, from: f64, to: f64) -> Insertion {
+        Insertion {
+            reader: reader.into(),
+            card_id: card.into(),
+            inserted: from,
+            seen: Some(from + 0.1),
+            removed: Some(to),
+        }
+    }
+
+    // 2026-12-06T06:00:00Z
+    const T0: f64 = 1_796_536_800.0;
+
+    #[test]
+    fn a_read_must_name_the_card_that_was_in_that_reader() {
+        let insertions = [ins("R0", "AA", T0, T0 + 2.0), ins("R1", "BB", T0, T0 + 2.0)];
+        let right = [read(1, "R0", "AA", "2026-12-06T06:00:00.500Z")];
+        assert!(reads_name_the_card_in_the_reader(&insertions, &right).passed);
+        for wrong in [
+            read(1, "R1", "AA", "2026-12-06T06:00:00.500Z"),
+            read(1, "R0", "BB", "2026-12-06T06:00:00.500Z"),
+            read(1, "R0", "AA", "2026-12-06T06:00:03Z"),
+        ] {
+            assert!(!reads_name_the_card_in_the_reader(&insertions, &[wrong]).passed);
+        }
+    }
+
+    #[test]
+    fn a_held_card_is_read_exactly_once_and_a_short_one_at_most_once() {
+        let held = [ins("R0", "AA", T0, T0 + 1.5)];
+        let once = [read(1, "R0", "AA", "2026-12-06T06:00:00.300Z")];
+        let twice = [
+            once[0].clone(),
+            read(2, "R0", "AA", "2026-12-06T06:00:00.301Z"),
+        ];
+        assert!(held_cards_read_once(&held, &[], &once, T0 + 9.0).passed);
+        assert!(!held_cards_read_once(&held, &[], &[], T0 + 9.0).passed);
+        assert!(!held_cards_read_once(&held, &[], &twice, T0 + 9.0).passed);
+        let unnoticed = [Insertion {
+            seen: None,
+            ..held[0].clone()
+        }];
+        assert!(held_cards_read_once(&unnoticed, &[], &[], T0 + 9.0).passed);
+        assert!(!held_cards_read_once(&unnoticed, &[], &twice, T0 + 9.0).passed);
+        let noticed_late = [Insertion {
+            seen: Some(T0 + 0.6),
+            ..held[0].clone()
+        }];
+        assert!(held_cards_read_once(&noticed_late, &[], &[], T0 + 9.0).passed);
+        let short = [ins("R0", "AA", T0, T0 + 0.4)];
+        assert!(held_cards_read_once(&short, &[], &[], T0 + 9.0).passed);
+        assert!(!held_cards_read_once(&short, &[], &twice, T0 + 9.0).passed);
+    }
+
+    #[test]
+    fn an_insertion_near_an_outage_is_judged_only_for_double_reads() {
+        let held = [ins("R0", "AA", T0, T0 + 1.5)];
+        let once = [read(1, "R0", "AA", "2026-12-06T06:00:00.300Z")];
+        let twice = [
+            once[0].clone(),
+            read(2, "R0", "AA", "2026-12-06T06:00:00.301Z"),
+        ];
+        let just_before = Outage {
+            from: T0 - 2.0,
+            to: T0 - 1.0,
+        };
+        assert!(held_cards_read_once(&held, &[just_before], &[], T0 + 9.0).passed);
+        assert!(!held_cards_read_once(&held, &[just_before], &twice, T0 + 9.0).passed);
+        let during = Outage {
+            from: T0 + 0.5,
+            to: T0 + 1.0,
+        };
+        assert!(held_cards_read_once(&held, &[during], &twice, T0 + 9.0).passed);
+        let long_ago = Outage {
+            from: T0 - 20.0,
+            to: T0 - 10.0,
+        };
+        assert!(!held_cards_read_once(&held, &[long_ago], &[], T0 + 9.0).passed);
+    }
+
+    #[test]
+    fn a_revocation_is_carried_out_once_or_waits() {
+        let s = |serial: &str, status: &str| Submitted {
+            serial_number: serial.into(),
+            status: status.into(),
+        };
+        let carried = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let rows: &[(&[Submitted], Vec<String>, bool)] = &[
+            (&[s("0A", "succeeded")], carried(&["0a"]), true),
+            (&[s("0A", "succeeded")], carried(&[]), false),
+            (&[s("0A", "succeeded")], carried(&["0A", "0A"]), false),
+            (&[s("0A", "queued")], carried(&[]), true),
+            (&[s("0A", "queued")], carried(&["0A"]), true),
+            (&[s("0A", "failed")], carried(&[]), false),
+            (&[], carried(&["0B"]), false),
+        ];
+        for (submitted, carried_out, passes) in rows {
+            assert_eq!(
+                revocations_delivered_once(submitted, carried_out).passed,
+                *passes,
+                "{submitted:?} {carried_out:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn event_ids_must_follow_on() {
+        assert!(no_event_id_gaps(&[vec![4, 5, 6], vec![]]).passed);
+        assert!(!no_event_id_gaps(&[vec![4, 6]]).passed);
+        assert!(!no_event_id_gaps(&[vec![4, 4]]).passed);
+    }
+
+    #[test]
+    fn the_listed_cards_must_be_those_in_the_readers() {
+        let a = ("R0".to_string(), "AA".to_string());
+        let b = ("R1".to_string(), "BB".to_string());
+        assert!(cards_equal_readers(&[b.clone(), a.clone()], &[a.clone(), b.clone()]).passed);
+        assert!(!cards_equal_readers(&[a.clone()], &[a, b]).passed);
+    }
+
+    #[test]
+    fn a_panic_line_fails() {
+        assert!(no_panic("INFO card.read\n").passed);
+        assert!(!no_panic("thread 'tokio-runtime-worker' panicked at src/x.rs:1:1\n").passed);
+    }
+}
