@@ -350,7 +350,9 @@ impl<C: CmCalls, S: ScepmanCalls> Worker<C, S> {
                     attempted(ActionStatus::AlreadyRevoked, Schedule::Never),
                 )
             }
-            Err(e) if e.is_transient() => {
+            // An answer that is not SCEPman's leaves the outcome unknown; sending the PATCH again
+            // is harmless (an already revoked certificate answers 409/5013).
+            Err(e) if e.is_transient() || matches!(e, ServerError::BadBody { .. }) => {
                 let next = self.backoff(due.action.attempts);
                 self.finish(
                     due,
@@ -904,6 +906,14 @@ mod tests {
             (
                 "timeout: retried",
                 Err(ServerError::Timeout),
+                ActionStatus::Queued,
+            ),
+            (
+                "a page that is not SCEPman's answer: retried, never taken as revoked",
+                Err(ServerError::BadBody {
+                    status: 200,
+                    detail: "html".into(),
+                }),
                 ActionStatus::Queued,
             ),
         ];

@@ -165,7 +165,8 @@ impl ScepmanClient {
     }
 
     /// `PATCH api/manage/revoke/{serial}` with the RFC 5280 reason number and the revoker.
-    /// Ok means 2xx; every other answer is a [`ServerError::Status`] carrying SCEPman's
+    /// Ok means 2xx with no body (or JSON); a 2xx with anything else is a
+    /// [`ServerError::BadBody`], every other answer a [`ServerError::Status`] carrying SCEPman's
     /// `errorCode`.
     pub async fn revoke(
         &self,
@@ -178,10 +179,19 @@ impl ScepmanClient {
         if let Some(revoker) = revoker {
             body["revoker"] = json!(revoker);
         }
-        let (status, _) = self
+        let (status, answer) = self
             .server
             .send_once(self.server.http.request(Method::PATCH, url).json(&body))
             .await?;
+        // SCEPman answers a revocation 200 with no body. A success status with a page that is not
+        // JSON (a proxy's or a login page) is no proof the certificate was revoked.
+        if !answer.trim().is_empty() && serde_json::from_str::<serde_json::Value>(&answer).is_err()
+        {
+            return Err(ServerError::BadBody {
+                status: status.as_u16(),
+                detail: "a success status with a body that is not SCEPman's (it answers a revocation with no body)".into(),
+            });
+        }
         Ok(status.as_u16())
     }
 }

@@ -662,6 +662,52 @@ fn a_conflict_other_than_already_revoked_fails_and_keeps_the_answer() {
     assert_ne!(action["last_outcome"]["code"], "already_revoked");
 }
 
+/// SCEPman answers a revocation 200 with no body. A 200 with a page that is not SCEPman's (the
+/// simulator's `garbage`: HTML, nothing revoked) is no proof: the action stays queued and is
+/// sent again, and the revocation succeeds once the real answer comes. Found by the chaos run,
+/// where such an answer was taken as a revocation that never happened.
+#[test]
+fn a_success_page_that_is_not_scepmans_is_not_taken_as_a_revocation() {
+    let (_shared, _slot, card, card_id) = piv_card();
+    let sim = simulator(
+        vec![matching_record(&card.truth, false)],
+        scepman_certs(&card.truth),
+    );
+    sim.set_fault(
+        "revoke",
+        Fault {
+            garbage: true,
+            ..Fault::default()
+        },
+    );
+    let daemon = Daemon::start(
+        "revoke-garbage",
+        &servers(&sim.cm_base_url(), &sim.scepman_base_url()),
+    );
+    wait_card(&daemon, &card_id, true);
+    let thumbprint = &card.truth.certificates[0].thumbprint;
+    let (status, stored) = submit(
+        &daemon,
+        "garbage-1",
+        &json!({"card_id": card_id, "target": "certificates", "reason": "superseded",
+                "thumbprints": [thumbprint]}),
+    );
+    assert_eq!(status, 202, "{stored}");
+    let id = stored["id"].as_i64().expect("id");
+    let queued = eventually("a bad_body attempt", Duration::from_secs(15), || {
+        Some(revocation(&daemon, id))
+            .filter(|r| r["actions"][0]["last_outcome"]["code"] == "bad_body")
+    });
+    assert_eq!(queued["status"], "queued", "{queued:#}");
+    assert_eq!(queued["actions"][0]["status"], "queued", "{queued:#}");
+    assert!(sim.revocations_carried_out().is_empty());
+    sim.set_fault("revoke", Fault::default());
+    let done = wait_status(&daemon, id, "succeeded");
+    assert_eq!(done["actions"][0]["status"], "done", "{done:#}");
+    let serial = &scepman_certs(&card.truth)[0].serial_number;
+    assert_eq!(sim.revocations_carried_out(), vec![serial.clone()]);
+}
+
 #[test]
 fn revocations_are_rate_limited_per_client() {
     let (_shared, _slot, card, card_id) = piv_card();

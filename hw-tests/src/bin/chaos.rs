@@ -132,18 +132,23 @@ impl Station {
         std::fs::write(&secret, SECRET)?;
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))?;
+        // Both servers take the simulator's OAuth tokens, which it refuses now and then.
+        let server = |section: &str, base_url: String| {
+            format!(
+                "[{section}]\nbase_url = \"{base_url}\"\ntimeout_ms = 2000\nauth = \"oauth\"\n\
+                 token_url = \"{}\"\nclient_id = \"{CLIENT_ID}\"\nscope = \"api://cardbridge/.default\"\n\
+                 client_secret_file = \"{}\"\n",
+                sim.entra_token_url(),
+                secret.display()
+            )
+        };
         let config = format!(
-            "state_dir = \"{state}\"\n[api]\nlisten = [\"127.0.0.1:0\"]\nrevocation_burst = 100\n\
-             [[api.clients]]\nname = \"chaos\"\ntoken_sha256 = \"{hash}\"\nscopes = [\"read\", \"sync\", \"revoke\"]\n\
-             [cm]\nbase_url = \"{cm}\"\ntimeout_ms = 2000\n\
-             [scepman]\nbase_url = \"{scepman}\"\ntimeout_ms = 2000\nauth = \"oauth\"\ntoken_url = \"{token}\"\n\
-             client_id = \"{CLIENT_ID}\"\nscope = \"api://scepman/.default\"\nclient_secret_file = \"{secret}\"\n",
-            state = dir.join("state").display(),
-            hash = hex::encode(Sha256::digest(TOKEN)),
-            cm = sim.cm_base_url(),
-            scepman = sim.scepman_base_url(),
-            token = sim.entra_token_url(),
-            secret = secret.display(),
+            "state_dir = \"{}\"\n[api]\nlisten = [\"127.0.0.1:0\"]\nrevocation_burst = 100\n\
+             [[api.clients]]\nname = \"chaos\"\ntoken_sha256 = \"{}\"\nscopes = [\"read\", \"sync\", \"revoke\"]\n{}{}",
+            dir.join("state").display(),
+            hex::encode(Sha256::digest(TOKEN)),
+            server("cm", sim.cm_base_url()),
+            server("scepman", sim.scepman_base_url()),
         );
         std::fs::write(dir.join("config.toml"), config)?;
         let mut station = Station {
