@@ -56,6 +56,10 @@ pub struct Verdict {
 
 /// A card held at least this long, with no outage around it, must have been read exactly once.
 pub const HELD_LONG_ENOUGH: f64 = 1.0;
+/// pcscd polls a vpcd slot (as any polling reader driver) every 400 ms: a card put in less
+/// than this after the previous one was pulled can replace it between two polls, and then no
+/// PC/SC application ever sees the slot empty or the new card arrive.
+pub const UNSEEN_SWAP: f64 = 0.45;
 /// After an outage, the daemon takes this long to see pcscd's readers again.
 pub const SETTLE: f64 = 3.0;
 
@@ -123,9 +127,18 @@ fn near_outage(i: &Insertion, outages: &[Outage], end: f64, settle: f64) -> bool
         .any(|o| i.inserted < o.to + settle && o.from < removed)
 }
 
+/// Whether `i` followed the previous card in its reader too fast for pcscd to notice.
+fn replaced_unseen(i: &Insertion, insertions: &[Insertion]) -> bool {
+    insertions
+        .iter()
+        .filter(|p| p.reader == i.reader && p.inserted < i.inserted)
+        .filter_map(|p| p.removed)
+        .any(|removed| removed <= i.inserted && i.inserted - removed < UNSEEN_SWAP)
+}
+
 /// No insertion that began after every outage around it was over was read twice, however
 /// short; one the reader noticed and held long enough after that, [`SETTLE`] away from any
-/// outage, was read exactly once.
+/// outage and not swapped in faster than pcscd polls ([`UNSEEN_SWAP`]), was read exactly once.
 /// `end` closes insertions still open.
 pub fn held_cards_read_once(
     insertions: &[Insertion],
@@ -150,7 +163,8 @@ pub fn held_cards_read_once(
         let judged = i
             .seen
             .is_some_and(|seen| removed - seen >= HELD_LONG_ENOUGH)
-            && !near_outage(i, outages, end, SETTLE);
+            && !near_outage(i, outages, end, SETTLE)
+            && !replaced_unseen(i, insertions);
         held += usize::from(judged);
         if count > 1 || (judged && count != 1) {
             problems.push(format!(
@@ -318,6 +332,10 @@ mod tests {
             ..held[0].clone()
         }];
         assert!(held_cards_read_once(&noticed_late, &[], &[], T0 + 9.0).passed);
+        let swapped_fast = [ins("R0", "BB", T0 - 1.0, T0 - 0.2), held[0].clone()];
+        assert!(held_cards_read_once(&swapped_fast, &[], &[], T0 + 9.0).passed);
+        let swapped_slowly = [ins("R0", "BB", T0 - 1.0, T0 - 0.5), held[0].clone()];
+        assert!(!held_cards_read_once(&swapped_slowly, &[], &[], T0 + 9.0).passed);
         let short = [ins("R0", "AA", T0, T0 + 0.4)];
         assert!(held_cards_read_once(&short, &[], &[], T0 + 9.0).passed);
         assert!(!held_cards_read_once(&short, &[], &twice, T0 + 9.0).passed);
