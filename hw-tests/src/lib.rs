@@ -8,6 +8,7 @@
 //! - [`sim_auth`]: its Negotiate acceptor and OAuth token endpoints;
 //! - [`kdc`]: a real MIT Kerberos KDC for the Negotiate tests;
 //! - [`chaos`]: the end checks of the chaos and soak runs;
+//! - [`report`]: the figures of `hw-tests/report`, recorded by the benchmarks, as one table;
 //! - [`qualify`]: the comparisons of `hw-tests/qualify` (cardbridge against OpenSC and ykman).
 //!
 //! The end-to-end tests in `tests/` and the benchmark in `src/bin/bench.rs` are built on these.
@@ -16,6 +17,7 @@ pub mod certs;
 pub mod chaos;
 pub mod kdc;
 pub mod qualify;
+pub mod report;
 pub mod rig;
 pub mod sim;
 pub mod sim_auth;

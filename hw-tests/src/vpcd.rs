@@ -55,7 +55,13 @@ impl Inserted {
                             break;
                         }
                         conn = connect(port, &stop, Duration::from_secs(3600)).ok();
-                        *lock(&stream) = conn.as_ref().and_then(|c| c.try_clone().ok());
+                        let mut current = lock(&stream);
+                        // Removed while reconnecting: `shutdown` found no connection to close,
+                        // so this one must not be served (its read would never end).
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        *current = conn.as_ref().and_then(|c| c.try_clone().ok());
                     }
                 })?
         };

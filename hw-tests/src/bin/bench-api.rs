@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use clap::Parser;
+use hw_tests::report::Recorder;
 use hw_tests::rig::{cardbridge_bin, insert_card, Rig};
 use hw_tests::sim::{matching_record, Fixture, Simulator};
 use hw_tests::vcard::CardSpec;
@@ -36,6 +37,9 @@ struct Args {
     /// Seconds of `wrk` load on `GET /v1/cards`.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Also append the figures to this file (`hw-tests/report`).
+    #[arg(long)]
+    record: Option<std::path::PathBuf>,
 }
 
 const TOKEN: &str = "bench-token-0123456789abcdef";
@@ -127,6 +131,12 @@ fn main() -> Result<()> {
         "start to ready (spawn -> first answered /v1/health): {:.1} ms",
         ready.as_secs_f64() * 1000.0
     );
+    let record = Recorder::new(args.record.clone());
+    record.record(
+        "start → ready (spawn to first answered /v1/health)",
+        ready.as_secs_f64() * 1000.0,
+        "ms",
+    )?;
 
     let listed = runtime.block_on(wait_cards(&http, &url, "both cards", |list| {
         list.iter().filter(|c| c["card_id"].is_string()).count() == cards.len()
@@ -142,9 +152,20 @@ fn main() -> Result<()> {
         card_ids.len(),
         memory(daemon.child.id())?
     );
+    record.record(
+        "idle RSS, 2 cards read and reconciled",
+        resident_kib(daemon.child.id())? as f64 / 1024.0,
+        "MiB",
+    )?;
 
-    throughput(&daemon, args.seconds, "2 cards x 4 certificates")?;
-    runtime.block_on(fan_out(&daemon, &http, &card_ids[0], &args))?;
+    let (per_second, p99) = throughput(&daemon, args.seconds, "2 cards x 4 certificates")?;
+    record.record("GET /v1/cards, 2 cards (wrk, 50 connections)", per_second, "requests/s")?;
+    record.record("GET /v1/cards, p99 latency", p99, "ms")?;
+    let (p50, p99, worst) = runtime.block_on(fan_out(&daemon, &http, &card_ids[0], &args))?;
+    let clients = args.clients;
+    record.record(&format!("SSE fan-out to {clients} clients, p50 after the first"), p50, "ms")?;
+    record.record(&format!("SSE fan-out to {clients} clients, p99 after the first"), p99, "ms")?;
+    record.record(&format!("SSE fan-out to {clients} clients, last client, worst round"), worst, "ms")?;
     println!("after the fan-out: {}", memory(daemon.child.id())?);
 
     // The rig has two reader slots; two cards of 8 certificates give /v1/cards the body (and
@@ -164,10 +185,15 @@ fn main() -> Result<()> {
             .sum::<usize>()
             == 16
     }))?;
-    throughput(
+    let (per_second, _) = throughput(
         &daemon,
         args.seconds,
         "2 cards x 8 certificates (the body of 4 cards x 4)",
+    )?;
+    record.record(
+        "GET /v1/cards, 2 cards × 8 certificates (the body of 4 cards × 4)",
+        per_second,
+        "requests/s",
     )?;
 
     drop(daemon);
@@ -217,8 +243,31 @@ fn memory(pid: u32) -> Result<String> {
     ))
 }
 
-/// `wrk` on `GET /v1/cards`; prints its summary lines.
-fn throughput(daemon: &Daemon, seconds: u64, cards: &str) -> Result<()> {
+/// The process's resident memory in KiB.
+fn resident_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")
+}
+
+/// A latency as wrk prints it (`812.00us`, `3.21ms`, `1.02s`), in milliseconds.
+fn wrk_ms(text: &str) -> Option<f64> {
+    let (number, factor) = if let Some(n) = text.strip_suffix("us") {
+        (n, 0.001)
+    } else if let Some(n) = text.strip_suffix("ms") {
+        (n, 1.0)
+    } else {
+        (text.strip_suffix('s')?, 1000.0)
+    };
+    Some(number.parse::<f64>().ok()? * factor)
+}
+
+/// `wrk` on `GET /v1/cards`; prints its summary lines and returns requests per second and the
+/// p99 latency in milliseconds.
+fn throughput(daemon: &Daemon, seconds: u64, cards: &str) -> Result<(f64, f64)> {
     let out = Command::new("wrk")
         .args(["-t2", "-c50", &format!("-d{seconds}s"), "--latency", "-H"])
         .arg(format!("Authorization: Bearer {TOKEN}"))
@@ -230,6 +279,7 @@ fn throughput(daemon: &Daemon, seconds: u64, cards: &str) -> Result<()> {
         bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
     }
     println!("GET /v1/cards with {cards}, wrk -t2 -c50 -d{seconds}s:");
+    let (mut per_second, mut p99) = (None, None);
     for line in text.lines() {
         let l = line.trim();
         if l.starts_with("Requests/sec")
@@ -240,18 +290,28 @@ fn throughput(daemon: &Daemon, seconds: u64, cards: &str) -> Result<()> {
         {
             println!("  {l}");
         }
+        let last = l.split_whitespace().last().unwrap_or_default();
+        if l.starts_with("Requests/sec") {
+            per_second = last.parse::<f64>().ok();
+        } else if l.starts_with("99%") {
+            p99 = wrk_ms(last);
+        }
     }
-    Ok(())
+    Ok((
+        per_second.context("wrk printed no Requests/sec")?,
+        p99.context("wrk printed no 99% latency")?,
+    ))
 }
 
 /// Opens `args.clients` event streams, syncs `card_id` `args.rounds` times, and reports when
-/// each client saw each round's `card.read` relative to the first client that did.
+/// each client saw each round's `card.read` relative to the first client that did. Returns the
+/// p50 and p99 of those offsets and the worst round's last client, in milliseconds.
 async fn fan_out(
     daemon: &Daemon,
     http: &reqwest::Client,
     card_id: &str,
     args: &Args,
-) -> Result<()> {
+) -> Result<(f64, f64, f64)> {
     let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<(usize, Instant)>();
     let (open_tx, mut opened) = tokio::sync::mpsc::unbounded_channel::<()>();
     let mut tasks = tokio::task::JoinSet::new();
@@ -347,5 +407,9 @@ async fn fan_out(
     );
     std::io::stdout().flush()?;
     tasks.abort_all();
-    Ok(())
+    Ok((
+        pick(&all_offsets, 0.5),
+        pick(&all_offsets, 0.99),
+        pick(&spreads, 1.0),
+    ))
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use clap::Parser;
+use hw_tests::report::Recorder;
 use hw_tests::kdc::{Kdc, CM_SPN};
 use hw_tests::rig::{insert_card, Rig};
 use hw_tests::sim::{matching_record, Fixture, Simulator};
@@ -21,6 +22,9 @@ struct Args {
     /// Reconciliations per server (after one to warm up).
     #[arg(long, default_value_t = 300)]
     runs: usize,
+    /// Also append the figures to this file (`hw-tests/report`).
+    #[arg(long)]
+    record: Option<std::path::PathBuf>,
 }
 
 struct Case {
@@ -160,8 +164,16 @@ fn main() -> Result<()> {
         "{} reconciliations of the 4-certificate PIV card per server, after one each to warm up",
         args.runs
     );
+    let record = Recorder::new(args.record.clone());
     for case in &mut cases {
         let med = median(&mut case.millis);
+        if case.name != "none" {
+            record.record(
+                &format!("{} overhead per reconciliation (median)", case.name),
+                med - baseline,
+                "ms",
+            )?;
+        }
         let p95 = quantile(&case.millis, 0.95);
         let log = case.sim.log();
         let connections: std::collections::HashSet<_> = log.iter().map(|l| l.client).collect();

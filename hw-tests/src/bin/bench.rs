@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
 use clap::Parser;
+use hw_tests::report::Recorder;
 use hw_tests::rig::{cardbridge_bin, insert_card, reader_index, wait_for_card, Rig};
 use hw_tests::sim::{matching_record, Fixture, Simulator};
 use hw_tests::vcard::{CardSpec, VirtualCard};
@@ -21,6 +22,9 @@ struct Args {
     /// Number of insertions.
     #[arg(long, default_value_t = 30)]
     runs: usize,
+    /// Also append the figures to this file (`hw-tests/report`).
+    #[arg(long)]
+    record: Option<std::path::PathBuf>,
 }
 
 #[derive(Default)]
@@ -30,18 +34,20 @@ struct Series {
 }
 
 impl Series {
-    fn report(&mut self, name: &str) {
+    /// Prints the series; returns its timing and its median APDU count.
+    fn report(&mut self, name: &str) -> (hw_tests::qualify::Timing, u64) {
         let t = hw_tests::qualify::Timing::of(&self.millis);
         self.apdus.sort_unstable();
+        let apdus = self
+            .apdus
+            .get(self.apdus.len() / 2)
+            .copied()
+            .unwrap_or_default();
         println!(
-            "{name:<44} median {:>7.1} ms   p95 {:>7.1} ms   APDUs/read {}",
-            t.median_ms,
-            t.p95_ms,
-            self.apdus
-                .get(self.apdus.len() / 2)
-                .copied()
-                .unwrap_or_default()
+            "{name:<44} median {:>7.1} ms   p95 {:>7.1} ms   APDUs/read {apdus}",
+            t.median_ms, t.p95_ms,
         );
+        (t, apdus)
     }
 }
 
@@ -105,10 +111,19 @@ fn main() -> Result<()> {
         card.remove();
     }
     println!("{} insertions of the 4-certificate PIV card (9A, 9C gzip, 9D, retired 82; extended length)", args.runs);
-    read_ms.report("cardbridge read (read_ms, in-process)");
-    scan_wall.report("cardbridge scan --json (whole process)");
-    opensc_wall.report("pkcs15-tool --list-certificates (whole process)");
-    reconciliation_cost(args.runs, &slot, &bin)
+    let (_, apdus) = read_ms.report("cardbridge read (read_ms, in-process)");
+    let (scan, _) = scan_wall.report("cardbridge scan --json (whole process)");
+    let (opensc, opensc_apdus) =
+        opensc_wall.report("pkcs15-tool --list-certificates (whole process)");
+    let record = Recorder::new(args.record.clone());
+    record.record("APDUs per read (4-certificate PIV card)", apdus as f64, "")?;
+    record.record("APDUs of pkcs15-tool --list-certificates, same card", opensc_apdus as f64, "")?;
+    record.record(
+        "cardbridge scan ÷ pkcs15-tool --list-certificates, same card (median wall time)",
+        scan.median_ms / opensc.median_ms,
+        "×",
+    )?;
+    reconciliation_cost(args.runs, &slot, &bin, &record)
 }
 
 /// What reconciling against the local CM simulator adds to a scan: the same card scanned with
@@ -117,6 +132,7 @@ fn reconciliation_cost(
     runs: usize,
     slot: &hw_tests::rig::Slot,
     bin: &std::path::Path,
+    recorder: &Recorder,
 ) -> Result<()> {
     let card = insert_card(CardSpec::piv_four_certs(), slot)?;
     let record = matching_record(&card.truth, false);
@@ -175,12 +191,17 @@ fn reconciliation_cost(
         median(&reconciled) - median(&plain)
     );
     card.remove();
-    engine_latency(runs, slot, &sim)
+    engine_latency(runs, slot, &sim, recorder)
 }
 
-/// In the engine (as the daemon runs it): the time from a card's `card.read` to its
-/// `card.reconciled`, over fresh insertions.
-fn engine_latency(runs: usize, slot: &hw_tests::rig::Slot, sim: &Simulator) -> Result<()> {
+/// In the engine (as the daemon runs it): the time from inserting a card to its `card.read`
+/// and to its `card.reconciled`, over fresh insertions.
+fn engine_latency(
+    runs: usize,
+    slot: &hw_tests::rig::Slot,
+    sim: &Simulator,
+    record: &Recorder,
+) -> Result<()> {
     use cardbridge::engine::{Engine, EngineConfig, Event};
     use std::time::Duration;
     let config =
@@ -198,9 +219,11 @@ fn engine_latency(runs: usize, slot: &hw_tests::rig::Slot, sim: &Simulator) -> R
         },
         tx,
     )?;
-    let mut latency = Series::default();
+    let mut to_read = Series::default();
+    let mut to_reconciled = Series::default();
     for _ in 0..runs {
         wait_for_card(&slot.reader, false)?;
+        let inserted_at = Instant::now();
         let card = Inserted::insert(
             VirtualCard::new(CardSpec::piv_four_certs())?,
             slot.port,
@@ -210,21 +233,20 @@ fn engine_latency(runs: usize, slot: &hw_tests::rig::Slot, sim: &Simulator) -> R
             smartcards: vec![matching_record(&card.truth, false)],
             ..Fixture::default()
         });
-        let mut read_at = None;
+        let since = |at: Instant| at.duration_since(inserted_at).as_secs_f64() * 1000.0;
+        let mut read = false;
         loop {
             match events.recv_timeout(Duration::from_secs(10))? {
                 Event::CardRead(c) if c.reader == slot.reader => {
-                    read_at = Some(Instant::now());
-                    latency.apdus.push(u64::from(c.apdu_count));
+                    read = true;
+                    to_read.millis.push(since(Instant::now()));
+                    to_read.apdus.push(u64::from(c.apdu_count));
                 }
-                Event::CardReconciled(r) if read_at.is_some() => {
+                Event::CardReconciled(r) if read => {
                     if r.state != cardbridge::reconcile::State::Matched {
                         bail!("engine reconciliation did not match: {:?}", r.state);
                     }
-                    let started = read_at.unwrap_or_else(Instant::now);
-                    latency
-                        .millis
-                        .push(started.elapsed().as_secs_f64() * 1000.0);
+                    to_reconciled.millis.push(since(Instant::now()));
                     break;
                 }
                 _ => {}
@@ -232,6 +254,13 @@ fn engine_latency(runs: usize, slot: &hw_tests::rig::Slot, sim: &Simulator) -> R
         }
         card.remove();
     }
-    latency.report("engine: card.read -> card.reconciled");
+    for (series, what) in [
+        (&mut to_read, "insert → card.read"),
+        (&mut to_reconciled, "insert → card.reconciled (CM simulator)"),
+    ] {
+        let (t, _) = series.report(&format!("engine: {what}"));
+        record.record(&format!("{what}, median"), t.median_ms, "ms")?;
+        record.record(&format!("{what}, p95"), t.p95_ms, "ms")?;
+    }
     Ok(())
 }
