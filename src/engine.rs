@@ -300,16 +300,19 @@ impl ReaderWorker {
             }
             for attempt in 1..=READS_PER_REQUEST {
                 let card = self.read_once(&mut ctx, &name);
-                // A card pulled in the middle of the read, with a card in the reader again by
-                // the time the read failed: another card went in (or the same one back) faster
-                // than pcscd may notice, so no insertion may follow. Read what is there now;
-                // the requests that came meanwhile are answered by this read too.
+                // A card pulled in the middle of the read, and a card in the reader that pcscd
+                // will not report: another card went in (or the same one back) before pcscd
+                // noticed the pull. Read what is there now; the requests that came meanwhile
+                // are answered by this read too.
+                let pulled = card
+                    .error
+                    .as_ref()
+                    .is_some_and(|e| e.kind == crate::card::ReadErrorKind::CardRemoved);
                 let swapped = attempt < READS_PER_REQUEST
-                    && card
-                        .error
+                    && pulled
+                    && ctx
                         .as_ref()
-                        .is_some_and(|e| e.kind == crate::card::ReadErrorKind::CardRemoved)
-                    && ctx.as_ref().is_some_and(|c| pcsc::card_present(c, &name));
+                        .is_some_and(|c| pcsc::holds_unreported_card(c, &name, SWAP_SETTLE));
                 self.publish(card, fresh);
                 if !swapped {
                     break;
@@ -357,8 +360,12 @@ impl ReaderWorker {
 }
 
 /// Reads of one request at most: the first, and again while a card pulled mid-read has been
-/// replaced by another by the time the read failed.
+/// replaced by another that pcscd does not report.
 const READS_PER_REQUEST: u32 = 3;
+
+/// How long pcscd is given to report a pulled card before a card still in the slot counts as
+/// unreported. pcscd polls readers whose driver cannot signal (vpcd among them) every 400 ms.
+const SWAP_SETTLE: Duration = Duration::from_millis(600);
 
 struct ReconcileLoop {
     reconciler: Arc<Reconciler>,

@@ -136,9 +136,10 @@ fn replaced_unseen(i: &Insertion, insertions: &[Insertion]) -> bool {
         .any(|removed| removed <= i.inserted && i.inserted - removed < UNSEEN_SWAP)
 }
 
-/// No insertion that began after every outage around it was over was read twice, however
-/// short; one the reader noticed and held long enough after that, [`SETTLE`] away from any
-/// outage and not swapped in faster than pcscd polls ([`UNSEEN_SWAP`]), was read exactly once.
+/// No insertion was read twice without an outage in between, however short it was held; one the
+/// reader noticed and held long enough after that, [`SETTLE`] away from any outage and not
+/// swapped in faster than pcscd polls ([`UNSEEN_SWAP`]), was read exactly once. A card left in
+/// its reader while pcscd or the daemon restarts may be read again after each restart, once.
 /// `end` closes insertions still open.
 pub fn held_cards_read_once(
     insertions: &[Insertion],
@@ -149,38 +150,52 @@ pub fn held_cards_read_once(
     let all = reads(events);
     let mut problems = Vec::new();
     let mut held = 0;
-    for i in insertions
-        .iter()
-        .filter(|i| !near_outage(i, outages, end, 0.0))
-    {
+    for i in insertions {
         let removed = i.removed.unwrap_or(end);
-        let count = all
+        let times: Vec<f64> = all
             .iter()
             .filter(|(reader, card_id, at)| {
                 reader == &i.reader && card_id == &i.card_id && i.inserted <= *at && *at <= removed
             })
-            .count();
+            .map(|(_, _, at)| *at)
+            .collect();
         let judged = i
             .seen
             .is_some_and(|seen| removed - seen >= HELD_LONG_ENOUGH)
             && !near_outage(i, outages, end, SETTLE)
             && !replaced_unseen(i, insertions);
         held += usize::from(judged);
-        if count > 1 || (judged && count != 1) {
+        let twice = read_twice_between_outages(i.inserted, &times, outages);
+        if twice || (judged && times.len() != 1) {
             problems.push(format!(
-                "{} in {} from {:.3} for {:.2} s read {count} times",
+                "{} in {} from {:.3} for {:.2} s read {} times",
                 i.card_id,
                 i.reader,
                 i.inserted,
-                removed - i.inserted
+                removed - i.inserted,
+                times.len()
             ));
         }
     }
     verdict(
         "every card held long enough was read exactly once",
         &problems,
-        format!("{held} held insertions, each read once"),
+        format!("{held} held insertions, each read once; no insertion read twice"),
     )
+}
+
+/// Whether two of `times` fall between the same two outage ends (the insertion counting as the
+/// first).
+fn read_twice_between_outages(inserted: f64, times: &[f64], outages: &[Outage]) -> bool {
+    let segment = |at: f64| {
+        outages
+            .iter()
+            .filter(|o| inserted < o.to && o.to <= at)
+            .count()
+    };
+    let mut segments: Vec<usize> = times.iter().map(|&at| segment(at)).collect();
+    segments.sort_unstable();
+    segments.windows(2).any(|w| w[0] == w[1])
 }
 
 /// Each revocation was carried out by the server exactly once, or at most once while still
@@ -342,24 +357,28 @@ mod tests {
     }
 
     #[test]
-    fn an_insertion_near_an_outage_is_judged_only_for_double_reads() {
+    fn an_insertion_across_an_outage_may_be_read_once_after_it() {
         let held = [ins("R0", "AA", T0, T0 + 1.5)];
-        let once = [read(1, "R0", "AA", "2026-12-06T06:00:00.300Z")];
-        let twice = [
-            once[0].clone(),
-            read(2, "R0", "AA", "2026-12-06T06:00:00.301Z"),
-        ];
+        let at = |ms: u32| format!("2026-12-06T06:00:00.{ms:03}Z");
+        let reads = |ms: &[u32]| {
+            ms.iter()
+                .enumerate()
+                .map(|(n, &m)| read(n as u64, "R0", "AA", &at(m)))
+                .collect::<Vec<_>>()
+        };
         let just_before = Outage {
             from: T0 - 2.0,
             to: T0 - 1.0,
         };
         assert!(held_cards_read_once(&held, &[just_before], &[], T0 + 9.0).passed);
-        assert!(!held_cards_read_once(&held, &[just_before], &twice, T0 + 9.0).passed);
+        assert!(!held_cards_read_once(&held, &[just_before], &reads(&[300, 301]), T0 + 9.0).passed);
         let during = Outage {
             from: T0 + 0.5,
-            to: T0 + 1.0,
+            to: T0 + 0.6,
         };
-        assert!(held_cards_read_once(&held, &[during], &twice, T0 + 9.0).passed);
+        assert!(held_cards_read_once(&held, &[during], &reads(&[300, 700]), T0 + 9.0).passed);
+        assert!(!held_cards_read_once(&held, &[during], &reads(&[700, 701]), T0 + 9.0).passed);
+        assert!(!held_cards_read_once(&held, &[during], &reads(&[300, 301]), T0 + 9.0).passed);
         let long_ago = Outage {
             from: T0 - 20.0,
             to: T0 - 10.0,

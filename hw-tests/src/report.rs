@@ -76,9 +76,13 @@ mod tests {
         let path = std::env::temp_dir().join(format!("report-{}.jsonl", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let recorder = Recorder::new(Some(path.clone()));
-        recorder.record("insert → card.read, median", 41.26, "ms").unwrap();
+        recorder
+            .record("insert → card.read, median", 41.26, "ms")
+            .unwrap();
         recorder.record("APDUs per read", 10.0, "").unwrap();
-        recorder.record("GET /v1/cards", 23456.7, "requests/s").unwrap();
+        recorder
+            .record("GET /v1/cards", 23456.7, "requests/s")
+            .unwrap();
         let figures = read(&path).unwrap();
         assert_eq!(figures.len(), 3);
         assert_eq!(

@@ -80,12 +80,38 @@ pub fn readers(ctx: &Context) -> Result<Vec<ReaderPresence>, PcscError> {
         .collect())
 }
 
-/// Whether `reader` holds a card right now, as pcscd sees it (no wait); false when it cannot
-/// tell.
-pub fn card_present(ctx: &Context, reader: &std::ffi::CStr) -> bool {
+/// Whether `reader` holds a card pcscd will not report: after a read failed because its card was
+/// pulled, pcscd shows the slot as it was until it next polls the reader. If the slot still
+/// holds a card with the same event counter once `settle` has passed, another card (or the same
+/// one) went in before pcscd noticed the pull, and no insertion will ever be reported for it.
+/// Any change pcscd does report is the monitor's to announce.
+pub fn holds_unreported_card(ctx: &Context, reader: &std::ffi::CStr, settle: Duration) -> bool {
     let mut states = [ReaderState::new(reader.to_owned(), State::UNAWARE)];
-    match ctx.get_status_change(Duration::ZERO, &mut states) {
-        Ok(()) | Err(::pcsc::Error::Timeout) => states[0].event_state().contains(State::PRESENT),
-        Err(_) => false,
+    if !matches!(
+        ctx.get_status_change(Duration::ZERO, &mut states),
+        Ok(()) | Err(::pcsc::Error::Timeout)
+    ) || !states[0].event_state().contains(State::PRESENT)
+    {
+        return false;
+    }
+    let counter = states[0].event_count();
+    let until = std::time::Instant::now() + settle;
+    loop {
+        states[0].sync_current_state();
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        match ctx.get_status_change(left, &mut states) {
+            Err(::pcsc::Error::Timeout) => return true,
+            Ok(()) => {
+                let now = states[0].event_state();
+                if !now.contains(State::PRESENT) || states[0].event_count() != counter {
+                    return false;
+                }
+                // Another application's use of the card changes its state too; keep waiting.
+                if left.is_zero() {
+                    return true;
+                }
+            }
+            Err(_) => return false,
+        }
     }
 }

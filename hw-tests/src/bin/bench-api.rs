@@ -159,13 +159,29 @@ fn main() -> Result<()> {
     )?;
 
     let (per_second, p99) = throughput(&daemon, args.seconds, "2 cards x 4 certificates")?;
-    record.record("GET /v1/cards, 2 cards (wrk, 50 connections)", per_second, "requests/s")?;
+    record.record(
+        "GET /v1/cards, 2 cards (wrk, 50 connections)",
+        per_second,
+        "requests/s",
+    )?;
     record.record("GET /v1/cards, p99 latency", p99, "ms")?;
     let (p50, p99, worst) = runtime.block_on(fan_out(&daemon, &http, &card_ids[0], &args))?;
     let clients = args.clients;
-    record.record(&format!("SSE fan-out to {clients} clients, p50 after the first"), p50, "ms")?;
-    record.record(&format!("SSE fan-out to {clients} clients, p99 after the first"), p99, "ms")?;
-    record.record(&format!("SSE fan-out to {clients} clients, last client, worst round"), worst, "ms")?;
+    record.record(
+        &format!("SSE fan-out to {clients} clients, p50 after the first"),
+        p50,
+        "ms",
+    )?;
+    record.record(
+        &format!("SSE fan-out to {clients} clients, p99 after the first"),
+        p99,
+        "ms",
+    )?;
+    record.record(
+        &format!("SSE fan-out to {clients} clients, last client, worst round"),
+        worst,
+        "ms",
+    )?;
     println!("after the fan-out: {}", memory(daemon.child.id())?);
 
     // The rig has two reader slots; two cards of 8 certificates give /v1/cards the body (and

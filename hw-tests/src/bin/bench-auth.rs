@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use clap::Parser;
-use hw_tests::report::Recorder;
 use hw_tests::kdc::{Kdc, CM_SPN};
+use hw_tests::report::Recorder;
 use hw_tests::rig::{insert_card, Rig};
 use hw_tests::sim::{matching_record, Fixture, Simulator};
 use hw_tests::sim_auth::{NegotiateStyle, OAuthApp, SimAuth};

@@ -117,7 +117,11 @@ fn main() -> Result<()> {
         opensc_wall.report("pkcs15-tool --list-certificates (whole process)");
     let record = Recorder::new(args.record.clone());
     record.record("APDUs per read (4-certificate PIV card)", apdus as f64, "")?;
-    record.record("APDUs of pkcs15-tool --list-certificates, same card", opensc_apdus as f64, "")?;
+    record.record(
+        "APDUs of pkcs15-tool --list-certificates, same card",
+        opensc_apdus as f64,
+        "",
+    )?;
     record.record(
         "cardbridge scan ÷ pkcs15-tool --list-certificates, same card (median wall time)",
         scan.median_ms / opensc.median_ms,
@@ -256,7 +260,10 @@ fn engine_latency(
     }
     for (series, what) in [
         (&mut to_read, "insert → card.read"),
-        (&mut to_reconciled, "insert → card.reconciled (CM simulator)"),
+        (
+            &mut to_reconciled,
+            "insert → card.reconciled (CM simulator)",
+        ),
     ] {
         let (t, _) = series.report(&format!("engine: {what}"));
         record.record(&format!("{what}, median"), t.median_ms, "ms")?;
