@@ -184,13 +184,14 @@ pub fn held_cards_read_once(
     )
 }
 
-/// Whether two of `times` fall between the same two outage ends (the insertion counting as the
-/// first).
+/// Whether two of `times` fall between the same two outages (the insertion counting as the first
+/// boundary). An outage begins a new stretch when the kill is sent: a restarted daemon can read
+/// the card before its restart is known to be over.
 fn read_twice_between_outages(inserted: f64, times: &[f64], outages: &[Outage]) -> bool {
     let segment = |at: f64| {
         outages
             .iter()
-            .filter(|o| inserted < o.to && o.to <= at)
+            .filter(|o| inserted < o.to && o.from <= at)
             .count()
     };
     let mut segments: Vec<usize> = times.iter().map(|&at| segment(at)).collect();
@@ -378,6 +379,7 @@ mod tests {
         };
         assert!(held_cards_read_once(&held, &[during], &reads(&[300, 700]), T0 + 9.0).passed);
         assert!(!held_cards_read_once(&held, &[during], &reads(&[700, 701]), T0 + 9.0).passed);
+        assert!(held_cards_read_once(&held, &[during], &reads(&[300, 550]), T0 + 9.0).passed);
         assert!(!held_cards_read_once(&held, &[during], &reads(&[300, 301]), T0 + 9.0).passed);
         let long_ago = Outage {
             from: T0 - 20.0,
@@ -423,7 +425,7 @@ mod tests {
         let a = ("R0".to_string(), "AA".to_string());
         let b = ("R1".to_string(), "BB".to_string());
         assert!(cards_equal_readers(&[b.clone(), a.clone()], &[a.clone(), b.clone()]).passed);
-        assert!(!cards_equal_readers(&[a.clone()], &[a, b]).passed);
+        assert!(!cards_equal_readers(std::slice::from_ref(&a), &[a.clone(), b]).passed);
     }
 
     #[test]

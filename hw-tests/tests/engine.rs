@@ -141,3 +141,70 @@ fn reads_trigger_reconciliation_and_an_unavailable_server_is_retried() {
         started.elapsed()
     );
 }
+
+/// A card pulled in the middle of its read and another put in at once, before pcscd polls the
+/// slot again (vpcd is polled every 400 ms): pcscd never shows the slot empty nor reports an
+/// insertion, so only the failed read tells that something happened. The second card is read,
+/// once. Found by the chaos run, where such a card stayed unread for as long as it was held.
+#[test]
+fn a_card_swapped_in_during_a_read_before_pcscd_notices_is_read_once() {
+    let rig = Rig::get();
+    let _shared = rig.shared();
+    let slot = rig.slot();
+    common::wait_for_card(&slot.reader, false);
+    let (tx, events) = channel();
+    let _engine = Engine::start(
+        EngineConfig {
+            read: ReadOptions::default(),
+            reconciler: Reconciler::new(None, CardIdOrder::Auto),
+            store: None,
+            retry_initial: Duration::from_millis(300),
+            retry_max: Duration::from_secs(2),
+        },
+        tx,
+    )
+    .expect("engine");
+    let mut slow = CardSpec::piv_four_certs();
+    slow.faults.slow_ms = 100;
+    let first = insert(slow, &slot);
+    let in_slot = |reader: &String| *reader == slot.reader;
+    next(
+        &events,
+        "card.inserted",
+        |e| matches!(e, Event::CardInserted { reader, .. } if in_slot(reader)),
+    );
+    // The read is under way (10 APDUs of 100 ms each); pull the card and put another in.
+    let until = Instant::now() + Duration::from_secs(5);
+    while first.apdu_count() < 3 {
+        assert!(Instant::now() < until, "the read did not start");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    first.remove();
+    let second = hw_tests::vpcd::Inserted::insert(
+        hw_tests::vcard::VirtualCard::new(CardSpec::piv_four_certs()).expect("card"),
+        slot.port,
+        false,
+    )
+    .expect("second card");
+    let second_id = second.truth.card_id.clone().expect("card id");
+    let (read, _) = next(
+        &events,
+        "card.read of the second card",
+        |e| matches!(e, Event::CardRead(c) if in_slot(&c.reader)),
+    );
+    let Event::CardRead(read) = read else {
+        unreachable!()
+    };
+    assert_eq!(read.card_id.as_deref(), Some(second_id.as_str()));
+    // No second read of it: nothing but its removal follows.
+    second.remove();
+    let (after, _) = next(&events, "card.removed", |e| match e {
+        Event::CardRead(c) => in_slot(&c.reader),
+        Event::CardRemoved { reader } => in_slot(reader),
+        _ => false,
+    });
+    assert!(
+        matches!(after, Event::CardRemoved { .. }),
+        "read twice: {after:?}"
+    );
+}
