@@ -238,13 +238,23 @@ struct TokenAnswer {
     error_codes: Option<Vec<serde_json::Value>>,
 }
 
+/// The start of an answer that is not a token response, to show what came instead (a proxy's
+/// page, an HTML error). An answer that names a token (`access_token`, `refresh_token`…) may
+/// hold one, so it is withheld.
+fn excerpt(body: &[u8]) -> String {
+    if body.windows(6).any(|w| w.eq_ignore_ascii_case(b"_token")) {
+        return "(not shown: it names a token)".into();
+    }
+    String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned()
+}
+
 /// The access token and its lifetime, or the endpoint's refusal with its words and AADSTS code.
 pub fn parse_token_response(status: u16, body: &[u8]) -> Result<(String, Duration), AuthError> {
     let answer: TokenAnswer =
         serde_json::from_slice(body).map_err(|e| AuthError::TokenEndpoint {
             detail: format!(
                 "the answer ({status}) is not a token response ({e}): {}",
-                String::from_utf8_lossy(&body[..body.len().min(200)])
+                excerpt(body)
             ),
         })?;
     if let Some(error) = answer.error {
@@ -394,6 +404,20 @@ mod tests {
         // Short tokens: half the lifetime, never "already stale".
         assert_eq!(refresh_after(s(120)), s(60));
         assert_eq!(refresh_after(s(4)), s(2));
+    }
+
+    #[test]
+    fn an_answer_that_is_not_a_token_response_is_shown_unless_it_names_a_token() {
+        let e = parse_token_response(502, b"<html>Bad Gateway</html>").unwrap_err();
+        assert!(e.to_string().contains("Bad Gateway"), "{e}");
+        // Cut off after the token: not JSON, and the token must not reach the error (and logs).
+        let e = parse_token_response(
+            200,
+            br#"{"access_token":"eyJ0eXAiOiJKV1Qi.secret-part","expires_in":3"#,
+        )
+        .unwrap_err();
+        assert!(!e.to_string().contains("secret-part"), "{e}");
+        assert!(e.to_string().contains("not shown"), "{e}");
     }
 
     #[test]
