@@ -119,6 +119,13 @@ pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// Sightings kept: one row per read, the rest of the state is one row per card or per
+/// revocation, so without a bound the sightings alone would grow the database for as long as
+/// the station reads cards (about 25 MB at this bound, years of a busy kiosk).
+const MAX_SIGHTINGS: i64 = 100_000;
+/// How often (in sightings) the oldest beyond [`MAX_SIGHTINGS`] are deleted.
+const PRUNE_SIGHTINGS_EVERY: i64 = 1000;
+
 impl Store {
     /// Opens (creating if needed) `cardbridge.db` in `state_dir` and brings its schema up to date.
     pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
@@ -199,6 +206,17 @@ impl Store {
             "INSERT INTO sightings (card_id, reader, atr, thumbprints, seen_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![card.card_id, card.reader, card.atr, thumbprints.join(","), card.read_at],
         )?;
+        let id = self.conn.last_insert_rowid();
+        if id % PRUNE_SIGHTINGS_EVERY == 0 {
+            self.prune_sightings(id, MAX_SIGHTINGS)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes all but the newest `keep` sightings up to `last_id`.
+    fn prune_sightings(&self, last_id: i64, keep: i64) -> Result<(), StoreError> {
+        self.conn
+            .execute("DELETE FROM sightings WHERE id <= ?1", [last_id - keep])?;
         Ok(())
     }
 
@@ -376,6 +394,24 @@ mod tests {
             &crate::card::ReadError::Deadline,
             time::OffsetDateTime::now_utc(),
         )
+    }
+
+    #[test]
+    fn only_the_newest_sightings_are_kept() {
+        let dir = temp_dir("prune");
+        let mut card = sample_card();
+        card.card_id = Some("00112233445566778899AABBCCDDEEFF".into());
+        let store = Store::open(&dir).unwrap();
+        for _ in 0..10 {
+            store.record_sighting(&card).unwrap();
+        }
+        store.prune_sightings(10, 3).unwrap();
+        assert_eq!(
+            store
+                .sighting_count("00112233445566778899AABBCCDDEEFF")
+                .unwrap(),
+            3
+        );
     }
 
     #[test]
