@@ -623,35 +623,55 @@ fn a_kill_during_a_cm_request_neither_loses_nor_repeats_it() {
     card.remove();
 }
 
-#[test]
-fn a_conflict_other_than_already_revoked_fails_and_keeps_the_answer() {
-    let (_shared, _slot, card, card_id) = piv_card();
+/// One card read and reconciled by a daemon whose SCEPman answers every revocation with
+/// `fault`, and a revocation of the card's first certificate submitted to it.
+struct FaultedRevocation {
+    _shared: std::sync::RwLockReadGuard<'static, ()>,
+    _slot: hw_tests::rig::Slot,
+    card: hw_tests::vpcd::Inserted,
+    sim: Simulator,
+    daemon: Daemon,
+    id: i64,
+}
+
+fn revoke_against(name: &str, fault: Fault) -> FaultedRevocation {
+    let (shared, slot, card, card_id) = piv_card();
     let sim = simulator(
         vec![matching_record(&card.truth, false)],
         scepman_certs(&card.truth),
     );
-    sim.set_fault(
-        "revoke",
-        Fault {
-            conflict_code: Some(4711),
-            ..Fault::default()
-        },
-    );
-    let daemon = Daemon::start(
-        "revoke-409",
-        &servers(&sim.cm_base_url(), &sim.scepman_base_url()),
-    );
+    sim.set_fault("revoke", fault);
+    let daemon = Daemon::start(name, &servers(&sim.cm_base_url(), &sim.scepman_base_url()));
     wait_card(&daemon, &card_id, true);
     let thumbprint = &card.truth.certificates[0].thumbprint;
     let (status, stored) = submit(
         &daemon,
-        "conflict-1",
+        &format!("{name}-1"),
         &json!({"card_id": card_id, "target": "certificates", "reason": "superseded",
                 "thumbprints": [thumbprint]}),
     );
     assert_eq!(status, 202, "{stored}");
     let id = stored["id"].as_i64().expect("id");
-    let failed = wait_status(&daemon, id, "failed");
+    FaultedRevocation {
+        _shared: shared,
+        _slot: slot,
+        card,
+        sim,
+        daemon,
+        id,
+    }
+}
+
+#[test]
+fn a_conflict_other_than_already_revoked_fails_and_keeps_the_answer() {
+    let r = revoke_against(
+        "revoke-409",
+        Fault {
+            conflict_code: Some(4711),
+            ..Fault::default()
+        },
+    );
+    let failed = wait_status(&r.daemon, r.id, "failed");
     let action = &failed["actions"][0];
     assert_eq!(action["status"], "failed", "{failed:#}");
     assert_eq!(action["last_outcome"]["http_status"], 409, "{failed:#}");
@@ -668,44 +688,25 @@ fn a_conflict_other_than_already_revoked_fails_and_keeps_the_answer() {
 /// where such an answer was taken as a revocation that never happened.
 #[test]
 fn a_success_page_that_is_not_scepmans_is_not_taken_as_a_revocation() {
-    let (_shared, _slot, card, card_id) = piv_card();
-    let sim = simulator(
-        vec![matching_record(&card.truth, false)],
-        scepman_certs(&card.truth),
-    );
-    sim.set_fault(
-        "revoke",
+    let r = revoke_against(
+        "revoke-garbage",
         Fault {
             garbage: true,
             ..Fault::default()
         },
     );
-    let daemon = Daemon::start(
-        "revoke-garbage",
-        &servers(&sim.cm_base_url(), &sim.scepman_base_url()),
-    );
-    wait_card(&daemon, &card_id, true);
-    let thumbprint = &card.truth.certificates[0].thumbprint;
-    let (status, stored) = submit(
-        &daemon,
-        "garbage-1",
-        &json!({"card_id": card_id, "target": "certificates", "reason": "superseded",
-                "thumbprints": [thumbprint]}),
-    );
-    assert_eq!(status, 202, "{stored}");
-    let id = stored["id"].as_i64().expect("id");
     let queued = eventually("a bad_body attempt", Duration::from_secs(15), || {
-        Some(revocation(&daemon, id))
-            .filter(|r| r["actions"][0]["last_outcome"]["code"] == "bad_body")
+        Some(revocation(&r.daemon, r.id))
+            .filter(|v| v["actions"][0]["last_outcome"]["code"] == "bad_body")
     });
     assert_eq!(queued["status"], "queued", "{queued:#}");
     assert_eq!(queued["actions"][0]["status"], "queued", "{queued:#}");
-    assert!(sim.revocations_carried_out().is_empty());
-    sim.set_fault("revoke", Fault::default());
-    let done = wait_status(&daemon, id, "succeeded");
+    assert!(r.sim.revocations_carried_out().is_empty());
+    r.sim.set_fault("revoke", Fault::default());
+    let done = wait_status(&r.daemon, r.id, "succeeded");
     assert_eq!(done["actions"][0]["status"], "done", "{done:#}");
-    let serial = &scepman_certs(&card.truth)[0].serial_number;
-    assert_eq!(sim.revocations_carried_out(), vec![serial.clone()]);
+    let serial = &scepman_certs(&r.card.truth)[0].serial_number;
+    assert_eq!(r.sim.revocations_carried_out(), vec![serial.clone()]);
 }
 
 #[test]
