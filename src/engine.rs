@@ -197,7 +197,7 @@ struct Dispatcher {
     cards: JobSender,
     read: ReadOptions,
     /// One worker per reader; a message asks it to read the card now (`true`: for a sync).
-    workers: HashMap<String, (Sender<bool>, JoinHandle<()>)>,
+    workers: HashMap<String, (Sender<Request>, JoinHandle<()>)>,
 }
 
 impl Dispatcher {
@@ -206,7 +206,7 @@ impl Dispatcher {
             let event = match input {
                 Input::Monitor(event) => event,
                 Input::Read(reader) => {
-                    self.request_read(&reader, true);
+                    self.request_read(&reader, Request::Sync);
                     continue;
                 }
             };
@@ -223,7 +223,11 @@ impl Dispatcher {
                         reader: reader.clone(),
                         atr,
                     });
-                    self.request_read(&reader, false);
+                    self.request_read(&reader, Request::Insertion);
+                    continue;
+                }
+                MonitorEvent::CardChanged { reader, atr } => {
+                    self.request_read(&reader, Request::Changed(hex::encode_upper(atr)));
                     continue;
                 }
                 MonitorEvent::CardRemoved { reader } => Event::CardRemoved { reader },
@@ -244,9 +248,9 @@ impl Dispatcher {
         }
     }
 
-    fn request_read(&mut self, reader: &str, fresh: bool) {
+    fn request_read(&mut self, reader: &str, request: Request) {
         if let Some((tx, _)) = self.workers.get(reader) {
-            if tx.send(fresh).is_ok() {
+            if tx.send(request.clone()).is_ok() {
                 return;
             }
         }
@@ -262,7 +266,7 @@ impl Dispatcher {
             .spawn(move || worker.run(rx))
         {
             Ok(thread) => {
-                let _ = tx.send(fresh);
+                let _ = tx.send(request);
                 self.workers.insert(reader.to_string(), (tx, thread));
             }
             Err(e) => {
@@ -287,16 +291,19 @@ struct ReaderWorker {
 }
 
 impl ReaderWorker {
-    fn run(self, requests: Receiver<bool>) {
+    fn run(self, requests: Receiver<Request>) {
         let Ok(name) = std::ffi::CString::new(self.reader.clone()) else {
             return;
         };
         let mut ctx = None;
-        while let Ok(mut fresh) = requests.recv() {
+        // What the last successful read found, to tell a card that changed from one that did not.
+        let mut last: Option<Identity> = None;
+        while let Ok(first) = requests.recv() {
             // Requests that piled up during a read ask for the same thing: read once, fresh if
-            // any of them was a sync.
+            // any of them was a sync, a mere check only if all of them were.
+            let mut pending = Pending::from(first);
             while let Ok(more) = requests.try_recv() {
-                fresh |= more;
+                pending.add(more);
             }
             for attempt in 1..=READS_PER_REQUEST {
                 let card = self.read_once(&mut ctx, &name);
@@ -313,15 +320,38 @@ impl ReaderWorker {
                     && ctx
                         .as_ref()
                         .is_some_and(|c| pcsc::holds_unreported_card(c, &name, SWAP_SETTLE));
-                self.publish(card, fresh);
+                let identity = Identity::of(&card);
+                match pending.changed.take() {
+                    Some(_) if identity.is_some() && identity == last => {
+                        tracing::debug!(reader = %self.reader, "the event counter moved, the card is the same");
+                    }
+                    Some(atr) => {
+                        self.announce_change(atr);
+                        self.publish(card, pending.fresh);
+                    }
+                    None => self.publish(card, pending.fresh),
+                }
+                if identity.is_some() {
+                    last = identity;
+                }
                 if !swapped {
                     break;
                 }
                 while let Ok(more) = requests.try_recv() {
-                    fresh |= more;
+                    pending.add(more);
                 }
+                pending.changed = None;
             }
         }
+    }
+
+    /// A card that changed under the same ATR is announced as the monitor announces a swap.
+    fn announce_change(&self, atr: String) {
+        let reader = self.reader.clone();
+        let _ = self.events.send(Event::CardRemoved {
+            reader: reader.clone(),
+        });
+        let _ = self.events.send(Event::CardInserted { reader, atr });
     }
 
     /// One read of the reader, opening a PC/SC context first when there is none.
@@ -356,6 +386,73 @@ impl ReaderWorker {
         };
         let _ = self.events.send(event);
         let _ = self.cards.send(Job::Read { card, fresh });
+    }
+}
+
+/// Why a reader worker is asked to read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Request {
+    /// A card went in.
+    Insertion,
+    /// An API client asked for a sync: SCEPman is asked again too.
+    Sync,
+    /// pcscd's counter moved under the same ATR (its hex): the card is announced again only if
+    /// the read finds another card (or none that reads).
+    Changed(String),
+}
+
+/// The requests one read answers.
+struct Pending {
+    fresh: bool,
+    /// Set while every request so far was a [`Request::Changed`].
+    changed: Option<String>,
+}
+
+impl From<Request> for Pending {
+    fn from(request: Request) -> Pending {
+        let mut pending = Pending {
+            fresh: false,
+            changed: None,
+        };
+        if let Request::Changed(atr) = &request {
+            pending.changed = Some(atr.clone());
+        }
+        pending.add(request);
+        pending
+    }
+}
+
+impl Pending {
+    fn add(&mut self, request: Request) {
+        match request {
+            Request::Sync => {
+                self.fresh = true;
+                self.changed = None;
+            }
+            Request::Insertion => self.changed = None,
+            Request::Changed(_) => {}
+        }
+    }
+}
+
+/// What tells two reads of a reader apart: the card id and the certificates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Identity {
+    card_id: Option<String>,
+    thumbprints: Vec<String>,
+}
+
+impl Identity {
+    /// `None` for a read that failed: it identifies nothing.
+    fn of(card: &Card) -> Option<Identity> {
+        card.error.is_none().then(|| Identity {
+            card_id: card.card_id.clone(),
+            thumbprints: card
+                .certificates
+                .iter()
+                .map(|c| c.thumbprint.clone())
+                .collect(),
+        })
     }
 }
 
@@ -508,5 +605,50 @@ impl ReconcileLoop {
                 tracing::error!("state database: {e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_change_is_only_checked_when_every_pending_request_is_one() {
+        let changed = || Request::Changed("3B".into());
+        let cases: [(&[Request], bool, Option<&str>); 5] = [
+            (&[changed()], false, Some("3B")),
+            (&[changed(), changed()], false, Some("3B")),
+            (&[changed(), Request::Insertion], false, None),
+            (&[Request::Insertion, changed()], false, None),
+            (&[changed(), Request::Sync], true, None),
+        ];
+        for (requests, fresh, checked) in cases {
+            let mut pending = Pending::from(requests[0].clone());
+            for r in &requests[1..] {
+                pending.add(r.clone());
+            }
+            assert_eq!(pending.fresh, fresh, "{requests:?}");
+            assert_eq!(pending.changed.as_deref(), checked, "{requests:?}");
+        }
+    }
+
+    #[test]
+    fn a_failed_read_identifies_no_card() {
+        let mut card = Card::failed(
+            "R",
+            &[0x3B],
+            &crate::card::ReadError::Deadline,
+            time::OffsetDateTime::UNIX_EPOCH,
+        );
+        assert_eq!(Identity::of(&card), None);
+        card.error = None;
+        card.card_id = Some("AA".into());
+        assert_eq!(
+            Identity::of(&card),
+            Some(Identity {
+                card_id: Some("AA".into()),
+                thumbprints: Vec::new()
+            })
+        );
     }
 }

@@ -120,6 +120,13 @@ pub enum MonitorEvent {
     CardRemoved {
         reader: String,
     },
+    /// pcscd's event counter moved while a card with the same ATR stayed in the reader: another
+    /// card of the same model went in between two waits, the same card was pulled and put
+    /// back, or pcscd counted one insertion twice. Only a read can tell which.
+    CardChanged {
+        reader: String,
+        atr: Vec<u8>,
+    },
     /// pcscd cannot be reached; the monitor keeps trying.
     Unavailable {
         reason: String,
@@ -166,15 +173,23 @@ pub fn diff(old: &Snapshot, new: &Snapshot, same_service: bool) -> Vec<MonitorEv
             });
         }
         let had = before.and_then(|b| b.card.as_ref());
-        // The card changed in between two waits (a fast remove + insert) when the counter moved
-        // although a card is present both times, or when the ATR differs.
-        let swapped = match (had, &view.card) {
-            (Some(old_atr), Some(new_atr)) => {
-                old_atr != new_atr
-                    || (same_service && before.is_some_and(|b| b.event_count != view.event_count))
-            }
-            _ => false,
+        // Another card when the ATR differs. The same ATR with the counter moved may be another
+        // card, or the same one: that is for a read to say.
+        let (swapped, changed) = match (had, &view.card) {
+            (Some(old_atr), Some(new_atr)) => (
+                old_atr != new_atr,
+                old_atr == new_atr
+                    && same_service
+                    && before.is_some_and(|b| b.event_count != view.event_count),
+            ),
+            _ => (false, false),
         };
+        if changed {
+            events.push(MonitorEvent::CardChanged {
+                reader: reader.clone(),
+                atr: view.card.clone().unwrap_or_default(),
+            });
+        }
         if had.is_some() && (view.card.is_none() || swapped) {
             events.push(MonitorEvent::CardRemoved {
                 reader: reader.clone(),
@@ -457,13 +472,29 @@ mod tests {
     }
 
     #[test]
-    fn fast_remove_and_insert_is_caught_by_the_counter() {
+    fn a_counter_moved_under_the_same_atr_is_a_change_for_a_read_to_judge() {
         let events = diff(
             &snap(&[("A", Some(&[1]), 1)]),
             &snap(&[("A", Some(&[1]), 3)]),
             true,
         );
-        assert_eq!(events, [removed("A"), inserted("A", &[1])]);
+        assert_eq!(
+            events,
+            [MonitorEvent::CardChanged {
+                reader: "A".into(),
+                atr: vec![1]
+            }]
+        );
+    }
+
+    #[test]
+    fn a_fast_swap_to_another_atr_is_a_removal_and_an_insertion() {
+        let events = diff(
+            &snap(&[("A", Some(&[1]), 1)]),
+            &snap(&[("A", Some(&[2]), 3)]),
+            true,
+        );
+        assert_eq!(events, [removed("A"), inserted("A", &[2])]);
     }
 
     #[test]
