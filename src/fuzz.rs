@@ -200,7 +200,8 @@ pub fn card_read(data: &[u8]) {
     );
 }
 
-/// A card whose answers are the fuzz input, one after another, whatever the command.
+/// A card whose answers are the fuzz input, one after another, whatever the command; it counts
+/// every command it is sent.
 struct ScriptedCard<'a> {
     answers: &'a [u8],
     sent: u32,
@@ -208,13 +209,14 @@ struct ScriptedCard<'a> {
 
 impl Transport for ScriptedCard<'_> {
     fn transmit(&mut self, _command: &[u8]) -> Result<Vec<u8>, TransportError> {
+        // A command that gets no answer was sent all the same.
+        self.sent += 1;
         let [hi, lo, rest @ ..] = self.answers else {
             return Err(TransportError::CardRemoved);
         };
         let len = usize::from(u16::from_be_bytes([*hi, *lo])).min(rest.len());
         let (answer, rest) = rest.split_at(len);
         self.answers = rest;
-        self.sent += 1;
         Ok(answer.to_vec())
     }
 }
