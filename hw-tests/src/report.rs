@@ -57,12 +57,15 @@ pub fn read(path: &Path) -> Result<Vec<Figure>> {
 pub fn table(figures: &[Figure]) -> String {
     let mut out = String::from("| measure | value |\n|---|---|\n");
     for f in figures {
-        let value = if f.value.abs() >= 100.0 || f.value.fract() == 0.0 {
-            format!("{:.0}", f.value)
+        // Below what one decimal shows, a difference is nothing (and never "-0.0").
+        let v = if f.value.abs() < 0.05 { 0.0 } else { f.value };
+        let value = if v.abs() >= 100.0 || v.fract() == 0.0 {
+            format!("{v:.0}")
         } else {
-            format!("{:.1}", f.value)
+            format!("{v:.1}")
         };
-        out.push_str(&format!("| {} | {value} {} |\n", f.metric, f.unit));
+        let shown = format!("{value} {}", f.unit);
+        out.push_str(&format!("| {} | {} |\n", f.metric, shown.trim_end()));
     }
     out
 }
@@ -83,12 +86,14 @@ mod tests {
         recorder
             .record("GET /v1/cards", 23456.7, "requests/s")
             .unwrap();
+        recorder.record("OAuth overhead", -0.004, "ms").unwrap();
         let figures = read(&path).unwrap();
-        assert_eq!(figures.len(), 3);
+        assert_eq!(figures.len(), 4);
         assert_eq!(
             table(&figures),
             "| measure | value |\n|---|---|\n| insert → card.read, median | 41.3 ms |\n\
-             | APDUs per read | 10  |\n| GET /v1/cards | 23457 requests/s |\n"
+             | APDUs per read | 10 |\n| GET /v1/cards | 23457 requests/s |\n\
+             | OAuth overhead | 0 ms |\n"
         );
         let _ = std::fs::remove_file(&path);
     }
