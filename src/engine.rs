@@ -321,15 +321,17 @@ impl ReaderWorker {
                         .as_ref()
                         .is_some_and(|c| pcsc::holds_unreported_card(c, &name, SWAP_SETTLE));
                 let identity = Identity::of(&card);
-                match pending.changed.take() {
-                    Some(_) if identity.is_some() && identity == last => {
-                        tracing::debug!(reader = %self.reader, "the event counter moved, the card is the same");
-                    }
-                    Some(atr) => {
+                let changed = pending.changed.take();
+                if changed.is_some() && identity.is_some() && identity == last {
+                    tracing::debug!(reader = %self.reader, "the event counter moved, the card is the same");
+                } else {
+                    // A card pcscd never announced (a change under the same ATR, or a card
+                    // that replaced one pulled mid-read) is announced here, before its read.
+                    let unannounced = attempt > 1;
+                    if let Some(atr) = changed.or_else(|| unannounced.then(|| card.atr.clone())) {
                         self.announce_change(atr);
-                        self.publish(card, pending.fresh);
                     }
-                    None => self.publish(card, pending.fresh),
+                    self.publish(card, pending.fresh);
                 }
                 if identity.is_some() {
                     last = identity;
@@ -345,7 +347,7 @@ impl ReaderWorker {
         }
     }
 
-    /// A card that changed under the same ATR is announced as the monitor announces a swap.
+    /// A card pcscd did not announce is announced as the monitor announces a swap.
     fn announce_change(&self, atr: String) {
         let reader = self.reader.clone();
         let _ = self.events.send(Event::CardRemoved {

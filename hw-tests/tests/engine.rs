@@ -187,6 +187,18 @@ fn a_card_swapped_in_during_a_read_before_pcscd_notices_is_read_once() {
     )
     .expect("second card");
     let second_id = second.truth.card_id.clone().expect("card id");
+    // The pulled card's read fails; the second card is announced (by pcscd's monitor or by the
+    // reader worker), then read.
+    next(
+        &events,
+        "card.read_failed",
+        |e| matches!(e, Event::CardReadFailed(c) if in_slot(&c.reader)),
+    );
+    next(
+        &events,
+        "card.inserted of the second card",
+        |e| matches!(e, Event::CardInserted { reader, .. } if in_slot(reader)),
+    );
     let (read, _) = next(
         &events,
         "card.read of the second card",
