@@ -217,96 +217,13 @@ fn add_texts(seeds: &mut Seeds) {
         out.extend_from_slice(body.as_bytes());
         out
     };
-    let rows: &[(&str, u8, &str)] = &[
-        (
-            "cm_json",
-            0,
-            r#"[{"Uuid":"0fa2c3c4-1b51-4c3d-9e36-1a2b3c4d5e6f","Status":1,"Flags":0,"AssignedUserUuid":"5e0f1d2c-3b4a-4958-a7b6-c5d4e3f2a1b0","ProfileTemplateUuid":"7c8d9e0f-1a2b-4c3d-8e4f-5a6b7c8d9e0f","ProfileTemplateVersion":3,"SerialNumber":"11409355","Atr":"3BF81300008131FE15597562696B65793404","Middleware":null,"Comment":""}]"#,
-        ),
-        (
-            "cm_json",
-            0,
-            r#"{"Uuid":"0fa2c3c4-1b51-4c3d-9e36-1a2b3c4d5e6f","Status":6}"#,
-        ),
-        (
-            "cm_json",
-            0,
-            r#"[{"IsKeyHistory":false,"ArchivedOnCa":false,"CertificateType":1,"TemplateCommonName":"ContosoSmartcardUser","SerialNumber":"7A2B00000000000000000000000000000001","Thumbprint":"A1B2C3D4E5F60718293A4B5C6D7E8F9012345678"}]"#,
-        ),
-        (
-            "cm_json",
-            0,
-            r#"[{"Uuid":"a9b4c7d2-0000-4000-8000-000000000001","RequestType":5,"Status":6,"Comment":"lost","Submitted":"2026-11-02T10:00:00","Completed":null,"OldSmartcardUuid":"0fa2c3c4-1b51-4c3d-9e36-1a2b3c4d5e6f","NewSmartcardUuid":null}]"#,
-        ),
-        ("cm_json", 0, r#"["Retire","Revoke","Unblock"]"#),
-        (
-            "cm_json",
-            0,
-            r#""api/v1.0/requests/a9b4c7d2-0000-4000-8000-000000000001""#,
-        ),
-        ("cm_json", 1, ""),
-        ("cm_json", 0, "null"),
-        (
-            "scepman_json",
-            0,
-            r#"{"items":[{"serialNumber":"7A2B","expirationDate":"2027-01-05T00:00:00Z","revocationDate":null,"revocationReason":null,"revokedBy":null},{"serialNumber":"17A2B9","revocationDate":"2026-11-01T10:00:00Z","revocationReason":1,"revokedBy":"admin@contoso.com"}],"continuationToken":"eyJxIjoiN0EyQiIsInAiOjF9"}"#,
-        ),
-        (
-            "scepman_json",
-            0,
-            r#"{"items":[],"continuationToken":null}"#,
-        ),
-        (
-            "server_error",
-            5,
-            r#"{"errorCode":5013,"errorMessage":"The certificate is already revoked."}"#,
-        ),
-        (
-            "server_error",
-            4,
-            r#"{"errorCode":7012,"errorMessage":"Certificate not found."}"#,
-        ),
-        (
-            "server_error",
-            6,
-            r#"{"Message":"An error has occurred. Correlation id: 4f6c2a1e-9b8d-4c7a-a1b2-c3d4e5f60718"}"#,
-        ),
-        ("server_error", 2, r#""The request is invalid.""#),
-        (
-            "oauth_token",
-            0,
-            r#"{"token_type":"Bearer","expires_in":3599,"ext_expires_in":3599,"access_token":"eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.eyJhdWQiOiJhcGk6Ly9zY2VwbWFuIiwiZXhwIjoxNzk4NzYxNjAwLCJyb2xlcyI6WyJDZXJ0TWFzdGVyLlJldm9rZSJdfQ.c2lnbmF0dXJl"}"#,
-        ),
-        (
-            "oauth_token",
-            2,
-            r#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided.\r\nTrace ID: 0e6c\r\n","error_codes":[7000215],"timestamp":"2026-11-23 10:00:00Z"}"#,
-        ),
-        (
-            "oauth_token",
-            6,
-            "<html><body>Service unavailable</body></html>",
-        ),
-    ];
-    for (target, status, body) in rows {
+    for (target, status, body) in SERVER_ANSWERS {
         seeds
             .entry(target)
             .or_default()
             .push(with_status(*status, body));
     }
-    let plain: &[(&str, &str)] = &[
-        ("filter", "kind eq 'piv' and reconciliation/verdict eq 'critical'"),
-        ("filter", "read_ms gt 100 or apdu_count le 12"),
-        ("filter", "status eq 'failed' and created_at ge datetime'2026-11-01T00:00:00Z'"),
-        ("filter", "reason ne 'it''s' and id lt 40"),
-        ("api_body", r#"{"card_id":"3F1E2D4C5B6A79880011223344556677","target":"scepman","thumbprints":["A1B2C3D4E5F60718293A4B5C6D7E8F9012345678"],"reason":"keyCompromise","revoker":"helpdesk@contoso.com","comment":"lost on the train","dry_run":true}"#),
-        ("api_body", r#"{"card_id":"3f:1e:2d:4c:5b:6a:79:88:00:11:22:33:44:55:66:77","target":"card","reason":"cessationOfOperation","operation":"retire"}"#),
-        ("api_body", r#"{"code":"K7Q2-M9XD"}"#),
-        ("api_body", r#"{"token":"cbk_0123456789abcdef"}"#),
-        ("config", include_str!("../../../service/config.example.toml")),
-        ("config", "[cm]\nurl = \"https://cm.contoso.com/CertificateManagement/\"\nauth = \"negotiate\"\n\n[api]\nlisten = \"127.0.0.1:8734\"\n"),
-    ];
-    for (target, text) in plain {
+    for (target, text) in LOCAL_TEXTS {
         seeds
             .entry(target)
             .or_default()
@@ -327,3 +244,90 @@ fn add_texts(seeds: &mut Seeds) {
         }
     }
 }
+
+/// Server and token-endpoint answers: target, status selector, body.
+const SERVER_ANSWERS: &[(&str, u8, &str)] = &[
+    (
+        "cm_json",
+        0,
+        r#"[{"Uuid":"0fa2c3c4-1b51-4c3d-9e36-1a2b3c4d5e6f","Status":1,"Flags":0,"AssignedUserUuid":"5e0f1d2c-3b4a-4958-a7b6-c5d4e3f2a1b0","ProfileTemplateUuid":"7c8d9e0f-1a2b-4c3d-8e4f-5a6b7c8d9e0f","ProfileTemplateVersion":3,"SerialNumber":"11409355","Atr":"3BF81300008131FE15597562696B65793404","Middleware":null,"Comment":""}]"#,
+    ),
+    (
+        "cm_json",
+        0,
+        r#"{"Uuid":"0fa2c3c4-1b51-4c3d-9e36-1a2b3c4d5e6f","Status":6}"#,
+    ),
+    (
+        "cm_json",
+        0,
+        r#"[{"IsKeyHistory":false,"ArchivedOnCa":false,"CertificateType":1,"TemplateCommonName":"ContosoSmartcardUser","SerialNumber":"7A2B00000000000000000000000000000001","Thumbprint":"A1B2C3D4E5F60718293A4B5C6D7E8F9012345678"}]"#,
+    ),
+    (
+        "cm_json",
+        0,
+        r#"[{"Uuid":"a9b4c7d2-0000-4000-8000-000000000001","RequestType":5,"Status":6,"Comment":"lost","Submitted":"2026-11-02T10:00:00","Completed":null,"OldSmartcardUuid":"0fa2c3c4-1b51-4c3d-9e36-1a2b3c4d5e6f","NewSmartcardUuid":null}]"#,
+    ),
+    ("cm_json", 0, r#"["Retire","Revoke","Unblock"]"#),
+    (
+        "cm_json",
+        0,
+        r#""api/v1.0/requests/a9b4c7d2-0000-4000-8000-000000000001""#,
+    ),
+    ("cm_json", 1, ""),
+    ("cm_json", 0, "null"),
+    (
+        "scepman_json",
+        0,
+        r#"{"items":[{"serialNumber":"7A2B","expirationDate":"2027-01-05T00:00:00Z","revocationDate":null,"revocationReason":null,"revokedBy":null},{"serialNumber":"17A2B9","revocationDate":"2026-11-01T10:00:00Z","revocationReason":1,"revokedBy":"admin@contoso.com"}],"continuationToken":"eyJxIjoiN0EyQiIsInAiOjF9"}"#,
+    ),
+    (
+        "scepman_json",
+        0,
+        r#"{"items":[],"continuationToken":null}"#,
+    ),
+    (
+        "server_error",
+        5,
+        r#"{"errorCode":5013,"errorMessage":"The certificate is already revoked."}"#,
+    ),
+    (
+        "server_error",
+        4,
+        r#"{"errorCode":7012,"errorMessage":"Certificate not found."}"#,
+    ),
+    (
+        "server_error",
+        6,
+        r#"{"Message":"An error has occurred. Correlation id: 4f6c2a1e-9b8d-4c7a-a1b2-c3d4e5f60718"}"#,
+    ),
+    ("server_error", 2, r#""The request is invalid.""#),
+    (
+        "oauth_token",
+        0,
+        r#"{"token_type":"Bearer","expires_in":3599,"ext_expires_in":3599,"access_token":"eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.eyJhdWQiOiJhcGk6Ly9zY2VwbWFuIiwiZXhwIjoxNzk4NzYxNjAwLCJyb2xlcyI6WyJDZXJ0TWFzdGVyLlJldm9rZSJdfQ.c2lnbmF0dXJl"}"#,
+    ),
+    (
+        "oauth_token",
+        2,
+        r#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided.\r\nTrace ID: 0e6c\r\n","error_codes":[7000215],"timestamp":"2026-11-23 10:00:00Z"}"#,
+    ),
+    (
+        "oauth_token",
+        6,
+        "<html><body>Service unavailable</body></html>",
+    ),
+];
+
+/// Local texts: `$filter`s, API bodies, configuration files.
+const LOCAL_TEXTS: &[(&str, &str)] = &[
+    ("filter", "kind eq 'piv' and reconciliation/verdict eq 'critical'"),
+    ("filter", "read_ms gt 100 or apdu_count le 12"),
+    ("filter", "status eq 'failed' and created_at ge datetime'2026-11-01T00:00:00Z'"),
+    ("filter", "reason ne 'it''s' and id lt 40"),
+    ("api_body", r#"{"card_id":"3F1E2D4C5B6A79880011223344556677","target":"scepman","thumbprints":["A1B2C3D4E5F60718293A4B5C6D7E8F9012345678"],"reason":"keyCompromise","revoker":"helpdesk@contoso.com","comment":"lost on the train","dry_run":true}"#),
+    ("api_body", r#"{"card_id":"3f:1e:2d:4c:5b:6a:79:88:00:11:22:33:44:55:66:77","target":"card","reason":"cessationOfOperation","operation":"retire"}"#),
+    ("api_body", r#"{"code":"K7Q2-M9XD"}"#),
+    ("api_body", r#"{"token":"cbk_0123456789abcdef"}"#),
+    ("config", include_str!("../../../service/config.example.toml")),
+    ("config", "[cm]\nurl = \"https://cm.contoso.com/CertificateManagement/\"\nauth = \"negotiate\"\n\n[api]\nlisten = \"127.0.0.1:8734\"\n"),
+];
