@@ -151,16 +151,24 @@ async fn send(
     Ok(response)
 }
 
+/// [`send`], and the answer's JSON body.
+async fn send_json<T: serde::de::DeserializeOwned>(
+    target: &Target,
+    request: reqwest::RequestBuilder,
+) -> Result<T, ClientError> {
+    send(target, request)
+        .await?
+        .json()
+        .await
+        .map_err(|e| ClientError::BadAnswer(e.to_string()))
+}
+
 /// `cardbridge cards`: the cards in the station's readers, as the API gives them (JSON), or a
 /// short table: reader, kind, card id, then each certificate's slot, thumbprint and subject.
 pub fn cards(target: &Target, json: bool, out: &mut dyn Write) -> Result<(), ClientError> {
     let cards: Vec<Value> = runtime()?.block_on(async {
         let client = target.client()?;
-        let response = send(target, target.get(&client, "/v1/cards")).await?;
-        response
-            .json()
-            .await
-            .map_err(|e| ClientError::BadAnswer(e.to_string()))
+        send_json(target, target.get(&client, "/v1/cards")).await
     })?;
     let text = |v: &Value| v.as_str().unwrap_or("-").to_string();
     let write = |out: &mut dyn Write| -> std::io::Result<()> {
@@ -241,11 +249,7 @@ pub fn console(target: &Target, open: bool, out: &mut dyn Write) -> Result<(), C
         let request = target
             .post(&client, "/v1/console/sign-in")
             .json(&serde_json::json!({}));
-        send(target, request)
-            .await?
-            .json()
-            .await
-            .map_err(|e| ClientError::BadAnswer(e.to_string()))
+        send_json(target, request).await
     })?;
     let path = answer["path"]
         .as_str()
@@ -290,11 +294,7 @@ pub fn revoke(
             .post(&client, "/v1/revocations")
             .header("idempotency-key", key)
             .json(submission);
-        send(target, request)
-            .await?
-            .json()
-            .await
-            .map_err(|e| ClientError::BadAnswer(e.to_string()))
+        send_json(target, request).await
     })?;
     serde_json::to_writer_pretty(&mut *out, &answer).map_err(|e| ClientError::Output(e.into()))?;
     writeln!(out).map_err(ClientError::Output)
@@ -331,8 +331,7 @@ async fn fetch_revocations(
     if let Some(status) = status {
         request = request.query(&[("status", status)]);
     }
-    let bad = |e: reqwest::Error| ClientError::BadAnswer(e.to_string());
-    let list: Vec<Value> = send(target, request).await?.json().await.map_err(bad)?;
+    let list: Vec<Value> = send_json(target, request).await?;
     if !full {
         return Ok(list);
     }
@@ -340,7 +339,7 @@ async fn fetch_revocations(
     for r in &list {
         let id = r["id"].as_i64().unwrap_or_default();
         let one = target.get(&client, &format!("/v1/revocations/{id}"));
-        detailed.push(send(target, one).await?.json().await.map_err(bad)?);
+        detailed.push(send_json(target, one).await?);
     }
     Ok(detailed)
 }

@@ -119,12 +119,12 @@ pub fn reads_name_the_card_in_the_reader(insertions: &[Insertion], events: &[Rec
     )
 }
 
-/// Whether the insertion overlaps an outage extended by `settle` seconds.
-fn near_outage(i: &Insertion, outages: &[Outage], end: f64, settle: f64) -> bool {
+/// Whether the insertion overlaps an outage or the [`SETTLE`] time after it.
+fn near_outage(i: &Insertion, outages: &[Outage], end: f64) -> bool {
     let removed = i.removed.unwrap_or(end);
     outages
         .iter()
-        .any(|o| i.inserted < o.to + settle && o.from < removed)
+        .any(|o| i.inserted < o.to + SETTLE && o.from < removed)
 }
 
 /// Whether `i` followed the previous card in its reader too fast for pcscd to notice.
@@ -162,7 +162,7 @@ pub fn held_cards_read_once(
         let judged = i
             .seen
             .is_some_and(|seen| removed - seen >= HELD_LONG_ENOUGH)
-            && !near_outage(i, outages, end, SETTLE)
+            && !near_outage(i, outages, end)
             && !replaced_unseen(i, insertions);
         held += usize::from(judged);
         let twice = read_twice_between_outages(i.inserted, &times, outages);
