@@ -239,6 +239,7 @@ mod tests {
         for k in [
             crate::card::CardKind::Piv,
             crate::card::CardKind::Gids,
+            crate::card::CardKind::Idprime,
             crate::card::CardKind::Unknown,
         ] {
             same(k, k.as_str());

@@ -16,7 +16,10 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 
-use crate::card::{self, atr, cert::CertificateInfo, gids, piv, tlv, Transport, TransportError};
+use crate::card::{
+    self, atr, cert::CertificateInfo, gids, idprime, minidriver, piv, tlv, Transport,
+    TransportError,
+};
 
 /// One fuzz target: its name (the cargo-fuzz target and the corpus directory) and its function.
 pub struct Target {
@@ -51,12 +54,16 @@ pub const TARGETS: &[Target] = &[
         run: gids_masterfile,
     },
     Target {
-        name: "gids_cmapfile",
-        run: gids_cmapfile,
+        name: "minidriver_cmapfile",
+        run: minidriver_cmapfile,
     },
     Target {
-        name: "gids_certificate",
-        run: gids_certificate,
+        name: "minidriver_certificate",
+        run: minidriver_certificate,
+    },
+    Target {
+        name: "idprime_index",
+        run: idprime_index,
     },
     Target {
         name: "cert_summary",
@@ -144,18 +151,41 @@ pub fn gids_masterfile(data: &[u8]) {
     let _ = gids::parse_masterfile(data);
 }
 
-pub fn gids_cmapfile(data: &[u8]) {
-    let _ = gids::parse_cmapfile(data);
+/// The cmapfile GIDS and IDPrime share: every record kept is flagged valid and whole.
+pub fn minidriver_cmapfile(data: &[u8]) {
+    if let Ok(containers) = minidriver::parse_cmapfile(data) {
+        assert!(containers.len() <= data.len() / minidriver::CMAP_RECORD);
+        assert!(containers.iter().all(|c| c.name.chars().count() <= 40));
+    }
 }
 
-/// A GIDS certificate file, compressed or not: the result stays within the object bound.
-pub fn gids_certificate(data: &[u8]) {
-    if let Ok((der, _)) = gids::decode_certificate(data, "kxc00") {
-        assert!(
+/// A GIDS or IDPrime certificate file, compressed or not: the result stays within the object
+/// bound, and a file that does not decode still gives its slot an entry with an error.
+pub fn minidriver_certificate(data: &[u8]) {
+    match minidriver::decode_certificate(data) {
+        Ok((der, _)) => assert!(
             der.len() <= card::apdu::MAX_OBJECT_SIZE,
             "{} bytes",
             der.len()
-        );
+        ),
+        Err(_) => {
+            let file = minidriver::CertFile::parse("kxc00");
+            let info = file.map(|f| f.certificate(&[], data.to_vec()));
+            assert!(info.is_some_and(|i| i.error.is_some()));
+        }
+    }
+}
+
+/// The IDPrime index, token info and CPLC: entries never claim more bytes than were given.
+pub fn idprime_index(data: &[u8]) {
+    if let Ok(entries) = idprime::parse_index(data) {
+        assert!(entries.len() * 21 < data.len());
+    }
+    if let Some(label) = idprime::parse_token_info(data) {
+        assert!(label.len() <= 3 * data.len());
+    }
+    if let Some((_, serial)) = idprime::parse_cplc(data) {
+        assert_eq!(serial.len(), 8);
     }
 }
 

@@ -121,12 +121,20 @@ impl<'t> Channel<'t> {
     pub fn send(&mut self, header: [u8; 4], data: &[u8]) -> Result<Response, ReadError> {
         if self.extended {
             match self.exchange(&encode(header, data, true)) {
-                Ok(response) if response.sw != 0x6700 => return Ok(response),
-                // The card (6700) or the reader (a transmit failure) refuses extended fields:
-                // stay with short APDUs from now on.
-                Ok(_) | Err(ReadError::Transport(TransportError::Failed(_))) => {
-                    self.extended = false
+                Ok(response) if !matches!(response.sw, 0x6700 | 0x6D00) => return Ok(response),
+                // Wrong length or "instruction not supported": some cards say either when
+                // they mean the extended length fields, whatever their ATR announced. The
+                // short form decides: a different answer means the card refused the encoding
+                // (stay short from now on); the same refusal means it refused the command.
+                Ok(refused) => {
+                    let short = self.exchange(&encode(header, data, false))?;
+                    if short.sw != refused.sw {
+                        self.extended = false;
+                    }
+                    return Ok(short);
                 }
+                // The reader refuses extended fields (a transmit failure): short from now on.
+                Err(ReadError::Transport(TransportError::Failed(_))) => self.extended = false,
                 Err(e) => return Err(e),
             }
         }
@@ -347,6 +355,27 @@ mod tests {
             script.sent[1],
             [0x00, 0xCB, 0x3F, 0xFF, 0x03, 0x5C, 0x01, 0x7E, 0x00]
         );
+    }
+
+    #[test]
+    fn falls_back_to_short_apdus_on_6d00_to_an_extended_command() {
+        let mut script = Script::new(&[&[0x6D, 0x00], &[7, 0x90, 0x00], &[8, 0x90, 0x00]]);
+        let clock = still();
+        let mut ch = Channel::new(&mut script, true, later(), &clock);
+        assert_eq!(ch.send(GET_CHUID, &[0x5C, 0x01, 0x7E]).unwrap().data, [7]);
+        assert!(!ch.uses_extended_length());
+        assert_eq!(ch.send(GET_CHUID, &[0x5C, 0x01, 0x7E]).unwrap().data, [8]);
+        assert_eq!(script.sent[2].len(), 9, "short from then on");
+    }
+
+    #[test]
+    fn an_instruction_refused_in_both_forms_keeps_extended_length() {
+        let mut script = Script::new(&[&[0x6D, 0x00], &[0x6D, 0x00]]);
+        let clock = still();
+        let mut ch = Channel::new(&mut script, true, later(), &clock);
+        assert_eq!(ch.send([0x00, 0xFD, 0x00, 0x00], &[]).unwrap().sw, 0x6D00);
+        assert!(ch.uses_extended_length());
+        assert_eq!(ch.apdu_count(), 2);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use sha1::{Digest, Sha1};
 use sha2::Sha256;
 use time::format_description::well_known::Rfc3339;
 use x509_parser::der_parser::oid::Oid;
+use x509_parser::error::X509Error;
 use x509_parser::prelude::{FromDer, X509Certificate};
 use x509_parser::public_key::PublicKey;
 
@@ -89,10 +90,66 @@ impl CertificateInfo {
                 info.template = template(&cert);
                 info.key_algorithm = Some(key_algorithm(&cert));
             }
-            Err(e) => info.error = Some(format!("not a valid X.509 certificate: {e}")),
+            Err(e) => info.error = Some(not_x509(&der, &e)),
         }
         info.der = der;
         info
+    }
+
+    /// An entry for a slot whose stored bytes could not even be turned into DER (a corrupt
+    /// compressed certificate): the hashes are those of the bytes as stored, and `error` says
+    /// why. The slot stays visible, with its own error, beside the card's good certificates.
+    pub fn unreadable(
+        slot: String,
+        label: String,
+        stored: Vec<u8>,
+        compressed: bool,
+        error: String,
+    ) -> Self {
+        let mut info = CertificateInfo::from_der(slot, label, Vec::new(), compressed);
+        info.thumbprint = hex::encode_upper(Sha1::digest(&stored));
+        info.sha256 = hex::encode_upper(Sha256::digest(&stored));
+        info.error = Some(format!("the stored certificate cannot be read: {error}"));
+        info.der = stored;
+        info
+    }
+}
+
+/// Why `der` is not an X.509 certificate, as a sentence: the parser's own error text
+/// (`Parsing Error: NomError(Eof)`) means nothing to the person reading it.
+fn not_x509(der: &[u8], error: &x509_parser::nom::Err<X509Error>) -> String {
+    let why = match tlv::single(der) {
+        Err(_) if der.is_empty() => "the slot is empty".to_string(),
+        Err(_) => "the bytes are not a complete DER structure (cut short or mangled)".into(),
+        Ok(outer) if outer.tag != 0x30 => {
+            format!(
+                "the bytes start with tag {:02X}, not a DER SEQUENCE",
+                outer.tag
+            )
+        }
+        Ok(_) => match error {
+            x509_parser::nom::Err::Incomplete(_) => "the certificate is cut short".into(),
+            x509_parser::nom::Err::Error(e) | x509_parser::nom::Err::Failure(e) => {
+                part_in_error(e).into()
+            }
+        },
+    };
+    format!("not a valid X.509 certificate: {why}")
+}
+
+fn part_in_error(e: &X509Error) -> &'static str {
+    match e {
+        X509Error::InvalidVersion => "its version field is invalid",
+        X509Error::InvalidSerial => "its serial number is invalid",
+        X509Error::InvalidAlgorithmIdentifier => "an algorithm identifier is invalid",
+        X509Error::InvalidX509Name => "its subject or issuer name is invalid",
+        X509Error::InvalidDate => "its validity dates are invalid",
+        X509Error::InvalidSPKI => "its public key is invalid",
+        X509Error::InvalidExtensions | X509Error::DuplicateExtensions => {
+            "its extensions are invalid"
+        }
+        X509Error::InvalidSignatureValue => "its signature value is invalid",
+        _ => "its structure is not that of a certificate",
     }
 }
 
@@ -260,5 +317,28 @@ mod tests {
         assert_eq!(info.thumbprint, "78C67C126575C20C6B468447355E9BD20D221202");
         assert!(info.error.is_some());
         assert!(info.subject.is_none());
+    }
+
+    #[test]
+    fn errors_are_sentences_without_parser_debug_text() {
+        let der = certificate_with(Vec::new());
+        let cases: [(&[u8], &str); 4] = [
+            (&der[..der.len() - 10], "not a complete DER structure"),
+            (b"\x04\x02ab", "tag 04, not a DER SEQUENCE"),
+            (
+                b"\x30\x03\x02\x01\x05",
+                "structure is not that of a certificate",
+            ),
+            (b"", "the slot is empty"),
+        ];
+        for (bytes, expected) in cases {
+            let info = CertificateInfo::from_der("9A".into(), "x".into(), bytes.to_vec(), false);
+            let error = info.error.unwrap_or_default();
+            assert!(error.contains(expected), "{error}");
+            assert!(
+                !error.contains("Error(") && !error.contains("Nom"),
+                "{error}"
+            );
+        }
     }
 }

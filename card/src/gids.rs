@@ -6,8 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::cert::CertificateInfo;
-use super::{compress, tlv, AppletData, Channel, ReadError};
+use super::minidriver::{self, Container};
+use super::{tlv, AppletData, Channel, ReadError};
 
 const GIDS_AID: [u8; 9] = [0xA0, 0x00, 0x00, 0x03, 0x97, 0x42, 0x54, 0x46, 0x59];
 /// The AID as hex, to recognise GIDS from an ATR's application identifier.
@@ -16,9 +16,6 @@ pub const AID_HEX: &str = "A00000039742544659";
 const MASTERFILE_EF: u16 = 0xA000;
 const MASTERFILE_DO: u16 = 0xDF1F;
 const MASTERFILE_RECORD: usize = 28;
-const CMAP_RECORD: usize = 86;
-/// A card claiming more containers than this is broken (the minidriver allows 256 at most).
-const MAX_CONTAINERS: usize = 256;
 
 /// GIDS details of the Card JSON contract.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,17 +23,6 @@ pub struct GidsDetails {
     /// GIDS specification version from the SELECT answer (1 or 2), when the card gave it.
     pub version: Option<u8>,
     pub containers: Vec<Container>,
-}
-
-/// One valid record of the cmapfile.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Container {
-    pub index: u8,
-    /// The container name (usually a `{GUID}`), a label rather than an identifier.
-    pub name: String,
-    pub default: bool,
-    pub signature_key_bits: u16,
-    pub key_exchange_key_bits: u16,
 }
 
 /// One masterfile entry.
@@ -63,60 +49,51 @@ pub fn select(ch: &mut Channel<'_>) -> Result<Option<Option<u8>>, ReadError> {
     Ok(Some(version))
 }
 
-/// Reads a selected GIDS applet.
+/// Reads a selected GIDS applet. A card whose applet was never initialised (no masterfile) is
+/// an empty GIDS card with a note, not a failed read.
 pub fn read(
     ch: &mut Channel<'_>,
     version: Option<u8>,
 ) -> Result<(GidsDetails, AppletData), ReadError> {
-    let masterfile = parse_masterfile(&get_do(ch, MASTERFILE_EF, MASTERFILE_DO, "masterfile")?)?;
+    let mut data = AppletData::default();
+    let mut details = GidsDetails {
+        version,
+        containers: Vec::new(),
+    };
+    let masterfile = match get_do(ch, MASTERFILE_EF, MASTERFILE_DO, "masterfile") {
+        Err(ReadError::Status { sw: 0x6A82, .. }) => {
+            data.notes.push(
+                "the GIDS applet is not initialised (it has no masterfile): the card holds no \
+                 card id and no certificates yet"
+                    .into(),
+            );
+            return Ok((details, data));
+        }
+        stored => parse_masterfile(&stored?)?,
+    };
     let find = |dir: &str, name: &str| {
         masterfile
             .iter()
             .find(|f| f.directory == dir && f.name == name)
     };
 
-    let containers = match find("mscp", "cmapfile") {
-        Some(f) => parse_cmapfile(&get_do(ch, f.ef, f.data_object, "cmapfile")?)?,
-        None => Vec::new(),
-    };
-    let mut data = AppletData::default();
+    if let Some(f) = find("mscp", "cmapfile") {
+        details.containers =
+            minidriver::parse_cmapfile(&get_do(ch, f.ef, f.data_object, "cmapfile")?)?;
+    }
     if let Some(f) = find("", "cardid") {
-        let id = get_do(ch, f.ef, f.data_object, "cardid")?;
-        let id: [u8; 16] = id
-            .as_slice()
-            .try_into()
-            .map_err(|_| ReadError::Malformed(format!("cardid is {} bytes, not 16", id.len())))?;
-        data.card_id = Some(id).filter(|id| id.iter().any(|&b| b != 0));
+        data.card_id = minidriver::card_id(&get_do(ch, f.ef, f.data_object, "cardid")?)?;
     }
 
-    for c in &containers {
-        let files = [
-            ("ksc", c.signature_key_bits, "Signature"),
-            ("kxc", c.key_exchange_key_bits, "Key exchange"),
-        ];
-        for (prefix, bits, purpose) in files {
-            let file_name = format!("{prefix}{:02x}", c.index);
-            let Some(f) = find("mscp", &file_name).filter(|_| bits > 0) else {
-                continue;
-            };
-            let stored = get_do(ch, f.ef, f.data_object, &file_name)?;
-            let (der, compressed) = decode_certificate(&stored, &file_name)?;
-            let label = format!("{purpose} certificate {file_name}");
-            data.certificates.push(CertificateInfo::from_der(
-                c.name.clone(),
-                label,
-                der,
-                compressed,
-            ));
-        }
-    }
-    Ok((
-        GidsDetails {
-            version,
-            containers,
-        },
-        data,
-    ))
+    let files = minidriver::certificate_files(
+        masterfile
+            .iter()
+            .map(|f| (f.directory.as_str(), f.name.as_str(), f)),
+    );
+    minidriver::read_certificates(&files, &details.containers, &mut data, |file, entry| {
+        get_do(ch, entry.ef, entry.data_object, &file.name)
+    })?;
+    Ok((details, data))
 }
 
 /// GET DATA of one data object; the answer is the DO itself as a TLV, whose value is returned.
@@ -171,69 +148,13 @@ pub fn parse_masterfile(data: &[u8]) -> Result<Vec<FileEntry>, ReadError> {
                 })
             };
             Ok(FileEntry {
-                directory: c_string(&r[0..9]),
-                name: c_string(&r[9..18]),
+                directory: minidriver::c_string(&r[0..9]),
+                name: minidriver::c_string(&r[9..18]),
                 ef: to_u16(ef, "EF")?,
                 data_object: to_u16(data_object, "DO")?,
             })
         })
         .collect()
-}
-
-/// Parses the cmapfile: 86-byte `CONTAINER_MAP_RECORD`s; only records flagged valid are kept.
-pub fn parse_cmapfile(data: &[u8]) -> Result<Vec<Container>, ReadError> {
-    if data.len() % CMAP_RECORD != 0 || data.len() / CMAP_RECORD > MAX_CONTAINERS {
-        return Err(ReadError::Malformed(format!(
-            "cmapfile of {} bytes is not a list of {CMAP_RECORD}-byte records",
-            data.len()
-        )));
-    }
-    Ok(data
-        .chunks_exact(CMAP_RECORD)
-        .enumerate()
-        .filter(|(_, r)| r[80] & 0x01 != 0)
-        .map(|(i, r)| {
-            let units: Vec<u16> = r[..80]
-                .chunks_exact(2)
-                .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                .take_while(|&u| u != 0)
-                .collect();
-            Container {
-                // At most MAX_CONTAINERS (256) records, so the index fits.
-                index: i as u8,
-                name: String::from_utf16_lossy(&units),
-                default: r[80] & 0x02 != 0,
-                signature_key_bits: u16::from_le_bytes([r[82], r[83]]),
-                key_exchange_key_bits: u16::from_le_bytes([r[84], r[85]]),
-            }
-        })
-        .collect())
-}
-
-/// Decodes a stored certificate: `01 00` + uncompressed length (LE) + zlib, or plain DER.
-pub fn decode_certificate(stored: &[u8], what: &str) -> Result<(Vec<u8>, bool), ReadError> {
-    match stored {
-        [0x01, 0x00, lo, hi, compressed @ ..] => {
-            let der = compress::inflate(compressed)?;
-            let expected = usize::from(u16::from_le_bytes([*lo, *hi]));
-            if der.len() != expected {
-                return Err(ReadError::Malformed(format!(
-                    "{what}: inflated to {} bytes, header says {expected}",
-                    der.len()
-                )));
-            }
-            Ok((der, true))
-        }
-        [0x30, ..] => Ok((stored.to_vec(), false)),
-        _ => Err(ReadError::Malformed(format!(
-            "{what}: neither a compressed nor a DER certificate"
-        ))),
-    }
-}
-
-fn c_string(bytes: &[u8]) -> String {
-    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
 #[cfg(test)]
@@ -271,48 +192,10 @@ mod tests {
         assert!(parse_masterfile(&huge).is_err());
     }
 
-    #[test]
-    fn parses_cmapfile_and_skips_invalid_records() {
-        let mut cmap = vec![0u8; CMAP_RECORD * 2];
-        for (i, u) in "{ab}".encode_utf16().enumerate() {
-            cmap[i * 2..i * 2 + 2].copy_from_slice(&u.to_le_bytes());
-        }
-        cmap[80] = 0x03;
-        cmap[84..86].copy_from_slice(&2048u16.to_le_bytes());
-        let containers = parse_cmapfile(&cmap).unwrap();
-        assert_eq!(containers.len(), 1);
-        assert_eq!(containers[0].name, "{ab}");
-        assert!(containers[0].default);
-        assert_eq!(containers[0].key_exchange_key_bits, 2048);
-        assert!(parse_cmapfile(&cmap[..85]).is_err());
-    }
-
-    #[test]
-    fn decodes_compressed_certificates_and_checks_the_length() {
-        use flate2::write::ZlibEncoder;
-        use std::io::Write;
-        let der = b"\x30\x03\x02\x01\x05".to_vec();
-        let mut e = ZlibEncoder::new(Vec::new(), flate2::Compression::default());
-        e.write_all(&der).unwrap();
-        let z = e.finish().unwrap();
-        let mut stored = vec![1, 0, der.len() as u8, 0];
-        stored.extend(&z);
-        assert_eq!(
-            decode_certificate(&stored, "kxc00").unwrap(),
-            (der.clone(), true)
-        );
-        stored[2] = 99;
-        assert!(decode_certificate(&stored, "kxc00").is_err());
-        assert_eq!(decode_certificate(&der, "kxc00").unwrap(), (der, false));
-        assert!(decode_certificate(b"junk", "kxc00").is_err());
-    }
-
     proptest::proptest! {
         #[test]
         fn parsers_never_panic(data in proptest::collection::vec(proptest::num::u8::ANY, 0..400)) {
             let _ = parse_masterfile(&data);
-            let _ = parse_cmapfile(&data);
-            let _ = decode_certificate(&data, "x");
         }
     }
 }

@@ -1,5 +1,5 @@
-//! The card side of cardbridge, free of I/O: ATR parsing, BER-TLV, the PIV and GIDS applets,
-//! certificate details, and [`read_card`], which turns a [`Transport`] into a [`Card`] snapshot.
+//! The card side of cardbridge, free of I/O: ATR parsing, BER-TLV, the PIV, GIDS and IDPrime
+//! applets, certificate details, and [`read_card`], which turns a [`Transport`] into a [`Card`] snapshot.
 //!
 //! A card is untrusted input. Everything here works on bounded byte slices and returns a typed
 //! [`ReadError`] for anything unexpected; nothing panics on card bytes.
@@ -15,6 +15,8 @@ pub mod atr;
 pub mod cert;
 pub mod compress;
 pub mod gids;
+pub mod idprime;
+pub mod minidriver;
 pub mod names;
 pub mod piv;
 pub mod tlv;
@@ -106,6 +108,12 @@ impl ReadError {
     pub fn code(&self) -> &'static str {
         self.kind().as_str()
     }
+
+    /// Whether the read cannot go on (the card is gone, pcscd is, or time is up), as opposed to
+    /// one object that is refused or malformed, which the rest of the card can be read past.
+    pub fn ends_the_read(&self) -> bool {
+        matches!(self, ReadError::Transport(_) | ReadError::Deadline)
+    }
 }
 
 /// The error part of a [`Card`] that failed to read: its code and message in the JSON, its
@@ -140,14 +148,36 @@ impl From<&ReadError> for CardError {
 pub enum CardKind {
     Piv,
     Gids,
+    Idprime,
     Unknown,
 }
 
 impl CardKind {
+    /// The family's name in sentences.
+    fn display_name(self) -> &'static str {
+        match self {
+            CardKind::Piv => "PIV",
+            CardKind::Gids => "GIDS",
+            CardKind::Idprime => "IDPrime",
+            CardKind::Unknown => "unknown",
+        }
+    }
+
+    /// The AID its SELECT names, in hex.
+    fn aid_hex(self) -> String {
+        match self {
+            CardKind::Piv => hex::encode_upper(piv::AID),
+            CardKind::Gids => gids::AID_HEX.to_string(),
+            CardKind::Idprime => hex::encode_upper(idprime::AID),
+            CardKind::Unknown => String::new(),
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             CardKind::Piv => "piv",
             CardKind::Gids => "gids",
+            CardKind::Idprime => "idprime",
             CardKind::Unknown => "unknown",
         }
     }
@@ -160,15 +190,23 @@ pub struct Card {
     pub atr: String,
     pub atr_info: AtrInfo,
     pub kind: CardKind,
-    /// Hex of the 16-byte minidriver card identifier (PIV CHUID GUID, GIDS `cardid`).
+    /// Hex of the 16-byte minidriver card identifier (PIV CHUID GUID, GIDS and IDPrime
+    /// `cardid`).
     pub card_id: Option<String>,
     /// The same 16 bytes as a GUID string, in RFC 4122 byte order.
     pub card_guid: Option<String>,
-    /// Vendor serial number when the card exposes one (YubiKey), decimal.
+    /// Vendor serial number when the card exposes one: a YubiKey's (decimal), an IDPrime chip's
+    /// (CPLC IC serial, hex).
     pub serial_number: Option<String>,
     pub piv: Option<piv::PivDetails>,
     pub gids: Option<gids::GidsDetails>,
+    #[serde(default)]
+    pub idprime: Option<idprime::IdprimeDetails>,
     pub certificates: Vec<CertificateInfo>,
+    /// What a person should know about a card that read but is odd: a blank applet, a file
+    /// that could not be read, the applets tried on a card none of them answered.
+    #[serde(default)]
+    pub notes: Vec<String>,
     pub read_at: String,
     pub read_ms: u64,
     pub apdu_count: u32,
@@ -196,7 +234,9 @@ impl Card {
             serial_number: None,
             piv: None,
             gids: None,
+            idprime: None,
             certificates: Vec::new(),
+            notes: Vec::new(),
             read_at: rfc3339(read_at),
             read_ms: 0,
             apdu_count: 0,
@@ -234,11 +274,12 @@ pub struct AppletData {
     pub card_id: Option<[u8; 16]>,
     pub serial_number: Option<String>,
     pub certificates: Vec<CertificateInfo>,
+    pub notes: Vec<String>,
 }
 
-/// Reads the card behind `transport`: identifies the applet (PIV, then GIDS, or GIDS first when
-/// the ATR names it) and reads its identity and certificates. Never fails: errors are recorded
-/// in the returned card.
+/// Reads the card behind `transport`: identifies the applet (PIV, GIDS, then IDPrime; the
+/// family the ATR points to first) and reads its identity and certificates. Never fails: errors
+/// are recorded in the returned card.
 pub fn read_card(
     transport: &mut dyn Transport,
     reader: &str,
@@ -250,13 +291,9 @@ pub fn read_card(
     let mut card = Card::empty(reader, atr, clock.now_utc());
     let extended = card.atr_info.extended_length && options.reader_extended_length;
     let mut channel = Channel::new(transport, extended, started + options.timeout, clock);
-    let gids_first = card
-        .atr_info
-        .application_id
-        .as_deref()
-        .is_some_and(|aid| aid.starts_with(gids::AID_HEX));
+    let order = applet_order(atr, &card.atr_info);
 
-    let result = identify_and_read(&mut channel, &mut card, gids_first);
+    let result = identify_and_read(&mut channel, &mut card, atr, order);
     card.apdu_count = channel.apdu_count();
     match result {
         Ok(data) => {
@@ -264,10 +301,12 @@ pub fn read_card(
             card.card_guid = data.card_id.map(|id| guid_string(&id));
             card.serial_number = data.serial_number;
             card.certificates = data.certificates;
+            card.notes = data.notes;
         }
         Err(e) => {
             card.piv = None;
             card.gids = None;
+            card.idprime = None;
             card.error = Some((&e).into());
         }
     }
@@ -275,16 +314,30 @@ pub fn read_card(
     card
 }
 
+/// The order the applets are tried in: the family the ATR points to (GIDS AID in the
+/// historical bytes, an IDPrime ATR) first, then PIV, GIDS, IDPrime. Each miss costs one SELECT.
+fn applet_order(atr: &[u8], info: &AtrInfo) -> [CardKind; 3] {
+    let gids_aid = info
+        .application_id
+        .as_deref()
+        .is_some_and(|aid| aid.starts_with(gids::AID_HEX));
+    let historical = hex::decode(&info.historical_bytes).unwrap_or_default();
+    if gids_aid {
+        [CardKind::Gids, CardKind::Piv, CardKind::Idprime]
+    } else if idprime::atr_suggests_idprime(atr, &historical) {
+        [CardKind::Idprime, CardKind::Piv, CardKind::Gids]
+    } else {
+        [CardKind::Piv, CardKind::Gids, CardKind::Idprime]
+    }
+}
+
 fn identify_and_read(
     channel: &mut Channel<'_>,
     card: &mut Card,
-    gids_first: bool,
+    atr: &[u8],
+    order: [CardKind; 3],
 ) -> Result<AppletData, ReadError> {
-    for kind in if gids_first {
-        [CardKind::Gids, CardKind::Piv]
-    } else {
-        [CardKind::Piv, CardKind::Gids]
-    } {
+    for kind in order {
         match kind {
             CardKind::Piv if piv::select(channel)? => {
                 card.kind = CardKind::Piv;
@@ -300,10 +353,26 @@ fn identify_and_read(
                     return Ok(data);
                 }
             }
+            CardKind::Idprime if idprime::select(channel)? => {
+                card.kind = CardKind::Idprime;
+                let (details, data) = idprime::read(channel, atr)?;
+                card.idprime = Some(details);
+                return Ok(data);
+            }
             _ => {}
         }
     }
-    Ok(AppletData::default())
+    let tried: Vec<String> = order
+        .iter()
+        .map(|kind| format!("{} ({})", kind.display_name(), kind.aid_hex()))
+        .collect();
+    Ok(AppletData {
+        notes: vec![format!(
+            "no applet cardbridge reads answered; tried {}",
+            tried.join(", ")
+        )],
+        ..AppletData::default()
+    })
 }
 
 /// Formats 16 bytes as a GUID string in RFC 4122 (big-endian) order, lower case like MIM CM.
@@ -411,7 +480,7 @@ mod tests {
     }
 
     #[test]
-    fn a_card_with_neither_applet_is_unknown_and_not_an_error() {
+    fn a_card_with_no_known_applet_is_unknown_and_says_what_was_tried() {
         let mut t = replay::Replay::new::<&str>(&[]);
         let options = ReadOptions {
             smartcard_list: None,
@@ -421,10 +490,17 @@ mod tests {
         let card = read_card(&mut t, "r", &[0x3B, 0x02, 0x14, 0x50], &options, &clock);
         assert_eq!(card.kind, CardKind::Unknown);
         assert_eq!(card.error, None);
-        assert_eq!(card.apdu_count, 2);
+        assert_eq!(card.apdu_count, 3, "one SELECT per family");
         assert_eq!(card.read_at, "2026-11-18T11:06:40Z");
-        // Read at the start, before each of the two commands, and at the end.
-        assert_eq!(card.read_ms, 21);
+        // Read at the start, before each of the three commands, and at the end.
+        assert_eq!(card.read_ms, 28);
+        assert_eq!(
+            card.notes,
+            [
+                "no applet cardbridge reads answered; tried PIV (A00000030800001000), GIDS \
+              (A00000039742544659), IDPrime (A000000018800000000662)"
+            ]
+        );
     }
 
     #[test]

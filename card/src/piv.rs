@@ -12,7 +12,7 @@ use super::cert::CertificateInfo;
 use super::{compress, guid_string, tlv, AppletData, Channel, ReadError};
 
 /// The PIV AID, right-truncated as SP 800-73 allows (version bytes omitted).
-const PIV_AID: [u8; 9] = [0xA0, 0x00, 0x00, 0x03, 0x08, 0x00, 0x00, 0x10, 0x00];
+pub const AID: [u8; 9] = [0xA0, 0x00, 0x00, 0x03, 0x08, 0x00, 0x00, 0x10, 0x00];
 /// Yubico's OTP applet, the only place older YubiKeys (firmware < 5) expose their serial.
 const YUBICO_OTP_AID: [u8; 8] = [0xA0, 0x00, 0x00, 0x05, 0x27, 0x20, 0x01, 0x01];
 
@@ -68,7 +68,7 @@ pub struct Chuid {
 
 /// SELECTs the PIV applet; `false` when the card has none.
 pub fn select(ch: &mut Channel<'_>) -> Result<bool, ReadError> {
-    Ok(ch.send([0x00, 0xA4, 0x04, 0x00], &PIV_AID)?.is_ok())
+    Ok(ch.send([0x00, 0xA4, 0x04, 0x00], &AID)?.is_ok())
 }
 
 /// Reads a selected PIV applet.
@@ -160,10 +160,20 @@ fn read_certificate(
     let Some(body) = get_object(ch, tag, &slot, details)? else {
         return Ok(());
     };
-    if let Some((der, compressed)) = parse_cert_container(&body, &slot)? {
-        data.certificates
-            .push(CertificateInfo::from_der(slot, label, der, compressed));
-    }
+    // What is wrong inside one slot's container stays that slot's error.
+    let info = match parse_cert_container(&body, &slot) {
+        Ok(None) => return Ok(()),
+        Ok(Some((der, compressed))) => CertificateInfo::from_der(slot, label, der, compressed),
+        Err(e) => {
+            let error = match e {
+                ReadError::Malformed(why) => why,
+                other => other.to_string(),
+            };
+            let compressed = compression_flagged(cert_info_byte(&body));
+            CertificateInfo::unreadable(slot, label, body, compressed, error)
+        }
+    };
+    data.certificates.push(info);
     Ok(())
 }
 
@@ -184,12 +194,25 @@ pub fn parse_cert_container(body: &[u8], slot: &str) -> Result<Option<(Vec<u8>, 
     let Some(cert) = cert.filter(|c| !c.is_empty()) else {
         return Ok(None);
     };
-    // Bit 1 is gzip per SP 800-73-4; 0x80 is how SP 800-73-1 cards flagged compression.
-    if cert_info & 0x01 != 0 || cert_info & 0x80 != 0 {
+    if compression_flagged(cert_info) {
         Ok(Some((compress::inflate(cert)?, true)))
     } else {
         Ok(Some((cert.to_vec(), false)))
     }
+}
+
+/// Bit 1 is gzip per SP 800-73-4; 0x80 is how SP 800-73-1 cards flagged compression.
+fn compression_flagged(cert_info: u8) -> bool {
+    cert_info & 0x01 != 0 || cert_info & 0x80 != 0
+}
+
+/// The CertInfo byte (`71`) of a container whose TLV may be broken further on.
+fn cert_info_byte(body: &[u8]) -> u8 {
+    tlv::iter(body)
+        .map_while(Result::ok)
+        .find(|item| item.tag == 0x71)
+        .and_then(|item| item.value.first().copied())
+        .unwrap_or(0)
 }
 
 /// Parses the CHUID body (inside `53`). Deprecated tags (`EE`, `32`, `33`) are skipped.

@@ -3,11 +3,44 @@
 //! Every run gets fresh keys, so tests compare against the truth file the card writes rather
 //! than against fixed thumbprints.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use rcgen::{
     BasicConstraints, CertificateParams, CustomExtension, DnType, IsCa, KeyPair,
     PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384,
 };
+use serde::{Deserialize, Serialize};
+
+/// The key of a user certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyKind {
+    EcP256,
+    Rsa2048,
+}
+
+impl KeyKind {
+    /// A fresh key pair. ring (rcgen's backend) cannot generate RSA keys, so an RSA key comes
+    /// from `openssl genpkey` (installed by hw-tests/install-deps), as PKCS#8 PEM: its DER
+    /// output is the older PKCS#1 form, which ring does not load.
+    fn generate(self) -> Result<KeyPair> {
+        match self {
+            KeyKind::EcP256 => Ok(KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?),
+            KeyKind::Rsa2048 => {
+                let out = std::process::Command::new("openssl")
+                    .args(["genpkey", "-algorithm", "RSA", "-pkeyopt"])
+                    .arg("rsa_keygen_bits:2048")
+                    .output()
+                    .context("openssl is installed (hw-tests/install-deps)")?;
+                anyhow::ensure!(
+                    out.status.success(),
+                    "openssl genpkey: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                Ok(KeyPair::from_pem(&String::from_utf8_lossy(&out.stdout))?)
+            }
+        }
+    }
+}
 
 /// An issuing CA, kept for signing the card's certificates.
 pub struct Issuer {
@@ -28,8 +61,8 @@ impl Issuer {
         Ok(Issuer { cert, key })
     }
 
-    /// Issues a user certificate. `template` adds the Microsoft template-name extension
-    /// (1.3.6.1.4.1.311.20.2, a BMPString), as a Windows CA does for v1 templates.
+    /// Issues a user certificate for a P-256 key. `template` adds the Microsoft template-name
+    /// extension (1.3.6.1.4.1.311.20.2, a BMPString), as a Windows CA does for v1 templates.
     /// `expired` puts the validity period in the past.
     pub fn issue(
         &self,
@@ -37,7 +70,18 @@ impl Issuer {
         template: Option<&str>,
         expired: bool,
     ) -> Result<Vec<u8>> {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        self.issue_for(KeyKind::EcP256, common_name, template, expired)
+    }
+
+    /// Issues a user certificate for a fresh key of `kind`.
+    pub fn issue_for(
+        &self,
+        kind: KeyKind,
+        common_name: &str,
+        template: Option<&str>,
+        expired: bool,
+    ) -> Result<Vec<u8>> {
+        let key = kind.generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params
             .distinguished_name

@@ -1,10 +1,10 @@
 //! Writes the seed corpora of the fuzz targets into `fuzz/corpus/<target>/`: where each
 //! committed seed comes from, in one place.
 //!
-//! Card seeds are real card answers: virtual PIV and GIDS cards (the rig's `vcard`, with real
-//! X.509 certificates, gzip- and zlib-compressed ones among them) are read through
-//! `cardbridge::card::read_card`, every exchange is recorded, and each answer goes to the
-//! targets whose parser accepts it. Server, token, filter, configuration and API seeds follow the
+//! Card seeds are real card answers: virtual PIV, GIDS and IDPrime cards (the rig's `vcard`,
+//! with real X.509 certificates, gzip- and zlib-compressed ones among them) are read through
+//! `cardbridge::card::read_card`, every exchange is recorded, and each answer (for IDPrime,
+//! each file put together from its reads) goes to the targets whose parser accepts it. Server, token, filter, configuration and API seeds follow the
 //! documentation (`reference/cm-and-scepman-api.md`, the README's API section) and the shipped
 //! example configuration. Run it again after changing the virtual card:
 //!
@@ -15,8 +15,10 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use cardbridge::card::{self, gids, piv, tlv, CertificateInfo, Transport, TransportError};
-use hw_tests::vcard::{Answer, CardSpec, Compress, VirtualCard};
+use cardbridge::card::{
+    self, gids, idprime, minidriver, piv, tlv, CertificateInfo, Transport, TransportError,
+};
+use hw_tests::vcard::{self, Answer, CardSpec, Compress, VirtualCard};
 use sha1::{Digest, Sha1};
 
 /// Seeds by target name.
@@ -42,7 +44,7 @@ fn main() -> Result<()> {
 }
 
 /// The card shapes the rig knows: PIV with and without compression, key history and a YubiKey
-/// serial, and GIDS.
+/// serial, GIDS, and IDPrime (compressed and plain certificates, a token label).
 fn cards() -> Vec<CardSpec> {
     let mut zlib = CardSpec::piv_four_certs();
     zlib.slots = vec![(0x9A, Compress::Zlib), (0x9E, Compress::None)];
@@ -56,6 +58,7 @@ fn cards() -> Vec<CardSpec> {
         zlib,
         retired,
         CardSpec::gids_two_containers(),
+        CardSpec::idprime(vcard::idprime::Spec::idp940()),
     ]
 }
 
@@ -119,6 +122,9 @@ fn record_card(spec: CardSpec, seeds: &mut Seeds) -> Result<()> {
     for data in whole_answers(&recorder.exchanges) {
         sort_answer(&data, seeds);
     }
+    for file in idprime_files(&recorder.exchanges) {
+        sort_file(file, seeds);
+    }
     for c in &read.certificates {
         seeds.entry("cert_summary").or_default().push(c.der.clone());
     }
@@ -151,6 +157,49 @@ fn whole_answers(exchanges: &[(Vec<u8>, Vec<u8>)]) -> Vec<Vec<u8>> {
     whole
 }
 
+/// IDPrime files as the card layer reads them: the data of the READ BINARY answers after each
+/// SELECT FILE, joined; and the CPLC answer.
+fn idprime_files(exchanges: &[(Vec<u8>, Vec<u8>)]) -> Vec<Vec<u8>> {
+    let mut files: Vec<Vec<u8>> = Vec::new();
+    for (command, answer) in exchanges {
+        let data = &answer[..answer.len().saturating_sub(2)];
+        match command.get(1..3) {
+            Some([0xA4, 0x00]) => files.push(Vec::new()),
+            Some([0xB0, _]) => {
+                if let Some(file) = files.last_mut() {
+                    file.extend_from_slice(data);
+                }
+            }
+            Some([0xCA, 0x9F]) => files.push(data.to_vec()),
+            _ => {}
+        }
+    }
+    files.retain(|f| !f.is_empty());
+    files
+}
+
+/// Sends one IDPrime file to every target whose parser takes it.
+fn sort_file(file: Vec<u8>, seeds: &mut Seeds) {
+    let accepted: [(&'static str, bool); 3] = [
+        (
+            "idprime_index",
+            idprime::parse_index(&file).is_ok_and(|e| !e.is_empty())
+                || idprime::parse_token_info(&file).is_some()
+                || idprime::parse_cplc(&file).is_some(),
+        ),
+        (
+            "minidriver_cmapfile",
+            minidriver::parse_cmapfile(&file).is_ok_and(|c| !c.is_empty()),
+        ),
+        ("minidriver_certificate", is_minidriver_certificate(&file)),
+    ];
+    for (target, yes) in accepted {
+        if yes {
+            seeds.entry(target).or_default().push(file.clone());
+        }
+    }
+}
+
 /// Sends one answer's data to every target whose parser takes it: a PIV object (inside `53`) or
 /// a GIDS data object (inside its own tag).
 fn sort_answer(data: &[u8], seeds: &mut Seeds) {
@@ -177,12 +226,12 @@ fn sort_answer(data: &[u8], seeds: &mut Seeds) {
             outer.tag != 0x53 && gids::parse_masterfile(&value).is_ok_and(|f| !f.is_empty()),
         ),
         (
-            "gids_cmapfile",
-            outer.tag != 0x53 && gids::parse_cmapfile(&value).is_ok_and(|c| !c.is_empty()),
+            "minidriver_cmapfile",
+            outer.tag != 0x53 && minidriver::parse_cmapfile(&value).is_ok_and(|c| !c.is_empty()),
         ),
         (
-            "gids_certificate",
-            outer.tag != 0x53 && is_gids_certificate(&value),
+            "minidriver_certificate",
+            outer.tag != 0x53 && is_minidriver_certificate(&value),
         ),
     ];
     for (target, yes) in accepted {
@@ -196,8 +245,8 @@ fn is_chuid(value: &[u8]) -> bool {
     piv::parse_chuid(value).is_ok_and(|c| c.guid.is_some())
 }
 
-fn is_gids_certificate(value: &[u8]) -> bool {
-    gids::decode_certificate(value, "kxc00").is_ok_and(|(der, compressed)| {
+fn is_minidriver_certificate(value: &[u8]) -> bool {
+    minidriver::decode_certificate(value).is_ok_and(|(der, compressed)| {
         CertificateInfo::from_der("kxc00".into(), String::new(), der, compressed)
             .error
             .is_none()

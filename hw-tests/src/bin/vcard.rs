@@ -6,11 +6,11 @@
 
 use anyhow::Result;
 use clap::Parser;
-use hw_tests::vcard::{Applet, CardSpec, Faults, VirtualCard};
+use hw_tests::vcard::{idprime, Applet, CardSpec, Faults, VirtualCard};
 use hw_tests::vpcd::Inserted;
 
 #[derive(Parser)]
-#[command(about = "A virtual PIV or GIDS smart card for the vpcd reader")]
+#[command(about = "A virtual PIV, GIDS or IDPrime smart card for the vpcd reader")]
 struct Args {
     /// vpcd slot port (35963 is the first slot of Debian's default vpcd reader).
     #[arg(long, default_value_t = 35963)]
@@ -32,6 +32,10 @@ struct Args {
     /// GIDS: number of containers.
     #[arg(long, default_value_t = 2)]
     containers: u8,
+    /// IDPrime: the model, 840 (three certificates) or 940 (six, one stored plain, a token
+    /// label).
+    #[arg(long, default_value = "840", value_parser = ["840", "940"])]
+    model: String,
     /// Wait this many milliseconds before every answer.
     #[arg(long, default_value_t = 0)]
     slow_ms: u64,
@@ -48,6 +52,8 @@ fn main() -> Result<()> {
     let mut spec = match args.applet {
         Applet::Piv => CardSpec::piv_four_certs(),
         Applet::Gids => CardSpec::gids_two_containers(),
+        Applet::Idprime if args.model == "940" => CardSpec::idprime(idprime::Spec::idp940()),
+        Applet::Idprime => CardSpec::idprime(idprime::Spec::md840()),
     };
     spec.retired = args.retired;
     spec.key_history = !args.no_key_history;

@@ -1,7 +1,9 @@
-//! The virtual card: a PIV or GIDS applet as an APDU state machine, built from a [`CardSpec`].
+//! The virtual card: a PIV, GIDS or IDPrime applet as an APDU state machine, built from a
+//! [`CardSpec`].
 //!
 //! It answers exactly what cardbridge (and OpenSC, for the cross-check) sends: SELECT, GET DATA,
-//! GET RESPONSE, Yubico's GET VERSION / GET SERIAL. Answers longer than the command's Le are
+//! GET RESPONSE, Yubico's GET VERSION / GET SERIAL, and for IDPrime SELECT FILE and READ BINARY
+//! (see [`idprime`]). Answers longer than the command's Le are
 //! chained with `61xx`; extended-length commands are accepted only when the spec says so (else
 //! `6700`, as a card without extended length would answer). Faults are injected on demand.
 
@@ -17,12 +19,15 @@ use sha1::{Digest, Sha1};
 
 use crate::certs::Issuer;
 
+pub mod idprime;
+
 /// Which applet the card carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Applet {
     Piv,
     Gids,
+    Idprime,
 }
 
 /// How a certificate is stored.
@@ -52,6 +57,19 @@ pub struct Faults {
     /// certificate: a card whose content changed between two readers' reads.
     #[serde(default)]
     pub swap_certificates_after_first_read: bool,
+    /// The first compressed certificate's checksum is broken, so it does not inflate.
+    #[serde(default)]
+    pub corrupt_compressed: bool,
+    /// GIDS: the applet was never initialised (no masterfile: `6A82`).
+    #[serde(default)]
+    pub blank: bool,
+    /// The status word every extended-length command gets (`6700` or `6D00`) although the ATR
+    /// announces extended length.
+    #[serde(default)]
+    pub refuse_extended: Option<u16>,
+    /// No applet answers its SELECT.
+    #[serde(default)]
+    pub no_applet: bool,
 }
 
 /// What the card should contain.
@@ -74,6 +92,9 @@ pub struct CardSpec {
     pub card_id: Option<[u8; 16]>,
     /// Slots whose certificate is already expired (e.g. `9D`), to exercise validity checks.
     pub expired_slots: Vec<u8>,
+    /// IDPrime: the model and its certificates.
+    #[serde(default)]
+    pub idprime: Option<idprime::Spec>,
     pub faults: Faults,
 }
 
@@ -96,7 +117,17 @@ impl CardSpec {
             extended_length: true,
             card_id: None,
             expired_slots: Vec::new(),
+            idprime: None,
             faults: Faults::default(),
+        }
+    }
+
+    /// An IDPrime card (T=0, short APDUs only).
+    pub fn idprime(spec: idprime::Spec) -> CardSpec {
+        CardSpec {
+            applet: Applet::Idprime,
+            idprime: Some(spec),
+            ..CardSpec::gids_two_containers()
         }
     }
 
@@ -112,6 +143,7 @@ impl CardSpec {
             extended_length: false,
             card_id: None,
             expired_slots: Vec::new(),
+            idprime: None,
             faults: Faults::default(),
         }
     }
@@ -128,7 +160,7 @@ pub struct Truth {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TruthCert {
-    /// PIV key reference (`9A`…) or GIDS container name.
+    /// PIV key reference (`9A`…) or GIDS / IDPrime container name.
     pub slot: String,
     pub thumbprint: String,
     pub compressed: bool,
@@ -170,6 +202,10 @@ pub struct VirtualCard {
     pub truth: Truth,
     spec: CardSpec,
     objects: HashMap<Key, Vec<u8>>,
+    /// IDPrime: the EFs.
+    files: Option<idprime::Files>,
+    /// IDPrime: the EF the last SELECT FILE chose.
+    current_ef: Option<u16>,
     selected: Option<Applet>,
     /// The rest of a chained answer, handed out by GET RESPONSE.
     pending: Vec<u8>,
@@ -196,9 +232,16 @@ impl VirtualCard {
         let mut objects = HashMap::new();
         let mut certs = Vec::new();
         let atr = atr_for(&spec);
-        match spec.applet {
-            Applet::Piv => build_piv(&spec, &issuer, &card_id, &mut objects, &mut certs)?,
-            Applet::Gids => build_gids(&spec, &issuer, &card_id, &mut objects, &mut certs)?,
+        let mut files = None;
+        match (spec.applet, &spec.idprime) {
+            (Applet::Piv, _) => build_piv(&spec, &issuer, &card_id, &mut objects, &mut certs)?,
+            (Applet::Gids, _) => build_gids(&spec, &issuer, &card_id, &mut objects, &mut certs)?,
+            (Applet::Idprime, Some(card)) => {
+                let built =
+                    idprime::Files::build(card, &spec.faults, &issuer, &card_id, &mut certs)?;
+                files = Some(built);
+            }
+            (Applet::Idprime, None) => anyhow::bail!("an IDPrime card spec needs `idprime`"),
         }
         let truth = Truth {
             atr: hex::encode_upper(&atr),
@@ -206,6 +249,7 @@ impl VirtualCard {
             serial_number: match spec.applet {
                 Applet::Piv => spec.yubikey_serial.map(|s| s.to_string()),
                 Applet::Gids => None,
+                Applet::Idprime => files.as_ref().map(|f| f.ic_serial.clone()),
             },
             certificates: certs,
         };
@@ -214,6 +258,8 @@ impl VirtualCard {
             truth,
             spec,
             objects,
+            files,
+            current_ef: None,
             selected: None,
             pending: Vec::new(),
             apdus: 0,
@@ -228,6 +274,7 @@ impl VirtualCard {
     /// Power-on or reset: back to nothing selected.
     pub fn reset(&mut self) {
         self.selected = None;
+        self.current_ef = None;
         self.pending.clear();
     }
 
@@ -237,8 +284,12 @@ impl VirtualCard {
         let Some(cmd) = Command::parse(apdu) else {
             return Answer::Reply(vec![0x67, 0x00]);
         };
-        if cmd.extended && !self.spec.extended_length {
-            return Answer::Reply(vec![0x67, 0x00]);
+        if cmd.extended {
+            match self.spec.faults.refuse_extended {
+                Some(sw) => return Answer::Reply(sw.to_be_bytes().to_vec()),
+                None if !self.spec.extended_length => return Answer::Reply(vec![0x67, 0x00]),
+                None => {}
+            }
         }
         if cmd.ins != 0xC0 {
             self.pending.clear();
@@ -252,6 +303,19 @@ impl VirtualCard {
                 return Answer::Reply(self.chunk(rest, cmd.ne));
             }
             (0xA4, 0x04, _) => self.select(&cmd.data),
+            (0xA4, 0x00 | 0x02 | 0x08 | 0x09, p2) if self.selected == Some(Applet::Idprime) => {
+                self.select_file(&cmd.data, p2)
+            }
+            (0xB0, p1, p2) if self.selected == Some(Applet::Idprime) => {
+                self.read_binary(u16::from_be_bytes([p1, p2]), cmd.ne)
+            }
+            (0xCA, 0x9F, 0x7F) if self.files.is_some() => (
+                self.files
+                    .as_ref()
+                    .map(idprime::Files::cplc)
+                    .unwrap_or_default(),
+                0x9000,
+            ),
             (0xCB, p1, p2) => self.get_data(u16::from_be_bytes([p1, p2]), &cmd.data),
             (0xFD, 0, 0) if self.is_yubikey() => (vec![5, 4, 3], 0x9000),
             (0xF8, 0, 0) if self.is_yubikey() => (
@@ -266,7 +330,41 @@ impl VirtualCard {
         if sw != 0x9000 {
             return Answer::Reply(sw.to_be_bytes().to_vec());
         }
+        if cmd.ne == 0 && !body.is_empty() && self.spec.applet == Applet::Idprime {
+            // T=0: a command sent without Le gets its answer behind 61xx.
+            return Answer::Reply(self.chunk_behind_61(body));
+        }
         Answer::Reply(self.chunk(body, cmd.ne))
+    }
+
+    /// IDPrime SELECT FILE by FID.
+    fn select_file(&mut self, data: &[u8], p2: u8) -> (Vec<u8>, u16) {
+        let Some(fid) = data.last_chunk::<2>().map(|b| u16::from_be_bytes(*b)) else {
+            return (Vec::new(), 0x6A80);
+        };
+        match self.files.as_ref().and_then(|f| f.select(fid, p2)) {
+            Some(fcp) => {
+                self.current_ef = Some(fid);
+                (fcp, 0x9000)
+            }
+            None => (Vec::new(), 0x6A82),
+        }
+    }
+
+    /// IDPrime READ BINARY of the current EF (`P1` bit 8, a short EF id, is not supported).
+    fn read_binary(&self, offset: u16, ne: usize) -> (Vec<u8>, u16) {
+        match (self.current_ef, &self.files) {
+            _ if offset & 0x8000 != 0 => (Vec::new(), 0x6A81),
+            (Some(fid), Some(files)) => files.read(fid, usize::from(offset), ne),
+            _ => (Vec::new(), 0x6986),
+        }
+    }
+
+    /// The whole answer kept for GET RESPONSE, announced with `61xx`.
+    fn chunk_behind_61(&mut self, body: Vec<u8>) -> Vec<u8> {
+        let remaining = body.len().min(256) as u8; // 256 is written as 00
+        self.pending = body;
+        vec![0x61, remaining]
     }
 
     fn is_yubikey(&self) -> bool {
@@ -287,6 +385,9 @@ impl VirtualCard {
     }
 
     fn select(&mut self, aid: &[u8]) -> (Vec<u8>, u16) {
+        if self.spec.faults.no_applet {
+            return (Vec::new(), 0x6A82);
+        }
         match self.spec.applet {
             Applet::Piv if aid.len() >= 5 && aid.starts_with(&PIV_AID_PREFIX) => {
                 self.selected = Some(Applet::Piv);
@@ -301,6 +402,11 @@ impl VirtualCard {
                 let mut full = GIDS_AID.to_vec();
                 full.extend([0x02, 0x01]);
                 (tlv::encode(0x61, &tlv::encode(0x4F, &full)), 0x9000)
+            }
+            Applet::Idprime if aid == idprime::AID => {
+                self.selected = Some(Applet::Idprime);
+                self.current_ef = None;
+                (Vec::new(), 0x9000)
             }
             Applet::Piv if aid == YUBICO_OTP_AID && self.spec.yubikey_serial.is_some() => {
                 self.selected = None;
@@ -389,11 +495,20 @@ impl Command {
 }
 
 fn atr_for(spec: &CardSpec) -> Vec<u8> {
+    if let Some(card) = spec
+        .idprime
+        .as_ref()
+        .filter(|_| spec.applet == Applet::Idprime)
+    {
+        return card.model.atr();
+    }
     // 3B 8x 80 01 | 80 (COMPACT-TLV) 73 (card capabilities) 00 00 yy | 5x 'vcard…' | TCK
     let caps = if spec.extended_length { 0xC0 } else { 0x80 };
     let mut historical = vec![0x80, 0x73, 0x00, 0x00, caps];
     match spec.applet {
         Applet::Piv => historical.extend(b"\x55vcPIV"),
+        // Its ATR is the model's (above); a spec without one is refused by `VirtualCard::new`.
+        Applet::Idprime => {}
         Applet::Gids => {
             // Announce the GIDS AID in the historical bytes, as Microsoft's virtual cards do.
             historical.push(0xF0 | (GIDS_AID.len() as u8 + 2));
@@ -442,6 +557,7 @@ fn build_piv(
             retired => 0x5FC10D + u32::from(retired - 0x82),
         }
     };
+    let mut corrupted = false;
     let mut slots = spec.slots.clone();
     slots.extend((0..spec.retired.min(20)).map(|n| (0x82 + n, Compress::None)));
     for (slot, compress) in slots {
@@ -452,7 +568,11 @@ fn build_piv(
         } else {
             issuer.issue(&label, Some("ContosoSmartcardUser"), expired)?
         };
-        let stored = compressed(&der, compress)?;
+        let mut stored = compressed(&der, compress)?;
+        if spec.faults.corrupt_compressed && compress != Compress::None && !corrupted {
+            corrupt_checksum(&mut stored);
+            corrupted = true;
+        }
         let mut container = tlv::encode(0x70, &stored);
         let cert_info = if compress == Compress::None {
             0x00
@@ -518,6 +638,9 @@ fn build_gids(
         let mut stored = vec![0x01, 0x00];
         stored.extend((der.len() as u16).to_le_bytes());
         stored.extend(compressed(&der, Compress::Zlib)?);
+        if spec.faults.corrupt_compressed && n == 0 {
+            corrupt_checksum(&mut stored);
+        }
         let data_object = 0xDF24 + u16::from(n);
         record("mscp", &format!("kxc{n:02x}"), data_object, EF_MSCP);
         objects.insert(
@@ -534,7 +657,9 @@ fn build_gids(
         cmapfile.extend(entry);
         truth.push(truth_cert(name, &der, true));
     }
-    objects.insert(Key::Gids(0xA000, 0xDF1F), tlv::encode(0xDF1F, &masterfile));
+    if !spec.faults.blank {
+        objects.insert(Key::Gids(0xA000, 0xDF1F), tlv::encode(0xDF1F, &masterfile));
+    }
     objects.insert(Key::Gids(EF_MSCP, 0xDF23), tlv::encode(0xDF23, &cmapfile));
     objects.insert(Key::Gids(0xA012, 0xDF20), tlv::encode(0xDF20, card_id));
     objects.insert(
@@ -542,6 +667,14 @@ fn build_gids(
         tlv::encode(0xDF21, b"mscp\0\0\0\0"),
     );
     Ok(())
+}
+
+/// Breaks the checksum at the end of a gzip or zlib stream, so it no longer inflates.
+fn corrupt_checksum(stored: &mut [u8]) {
+    let start = stored.len().saturating_sub(4);
+    for b in &mut stored[start..] {
+        *b ^= 0xFF;
+    }
 }
 
 fn truth_cert(slot: String, der: &[u8], compressed: bool) -> TruthCert {
@@ -654,6 +787,52 @@ mod tests {
             card.certificates[1].thumbprint,
             truth.certificates[1].thumbprint
         );
+    }
+
+    fn thumbprints(card: &cardbridge::card::Card) -> Vec<(String, String, bool)> {
+        card.certificates
+            .iter()
+            .map(|c| (c.slot.clone(), c.thumbprint.clone(), c.compressed))
+            .collect()
+    }
+
+    fn truth_thumbprints(truth: &Truth) -> Vec<(String, String, bool)> {
+        truth
+            .certificates
+            .iter()
+            .map(|c| (c.slot.clone(), c.thumbprint.clone(), c.compressed))
+            .collect()
+    }
+
+    #[test]
+    fn model_idprime_840_reads_back_its_truth_in_20_apdus() {
+        let (card, truth) = read(CardSpec::idprime(idprime::Spec::md840()));
+        assert_eq!(card.error, None);
+        assert_eq!(card.kind, CardKind::Idprime);
+        assert_eq!(card.card_id, truth.card_id);
+        assert_eq!(card.serial_number, truth.serial_number);
+        assert_eq!(thumbprints(&card), truth_thumbprints(&truth));
+        let details = card.idprime.as_ref().unwrap();
+        assert_eq!(details.model, "IDPrime MD 840");
+        assert_eq!(details.os_level, Some(3));
+        assert!(card.certificates.iter().all(|c| c.error.is_none()));
+        assert!(card.apdu_count <= 20, "{} APDUs", card.apdu_count);
+    }
+
+    #[test]
+    fn model_idprime_940_with_a_plain_certificate_and_a_token_label() {
+        let (card, truth) = read(CardSpec::idprime(idprime::Spec::idp940()));
+        assert_eq!(card.error, None);
+        assert_eq!(thumbprints(&card), truth_thumbprints(&truth));
+        assert_eq!(
+            card.certificates.iter().filter(|c| !c.compressed).count(),
+            1
+        );
+        let details = card.idprime.as_ref().unwrap();
+        assert_eq!(details.model, "IDPrime 940");
+        assert_eq!(details.token_label.as_deref(), Some("Contoso Helpdesk"));
+        assert_eq!(details.containers.len(), 6);
+        assert!(card.notes.is_empty(), "{:?}", card.notes);
     }
 
     #[test]
