@@ -167,10 +167,12 @@ pub fn print_table(
             .serial_number
             .as_deref()
             .map(|s| format!("  serial {s}"));
+        let model = card.idprime.as_ref().map(|d| format!("  ({})", d.model));
         writeln!(
             out,
-            "Card:     {}  id {}{}",
+            "Card:     {}{}  id {}{}",
             card.kind.as_str(),
+            model.unwrap_or_default(),
             card.card_id.as_deref().unwrap_or("-"),
             serial.unwrap_or_default()
         )?;
@@ -181,11 +183,15 @@ pub fn print_table(
             card.apdu_count,
             card.certificates.len()
         )?;
+        for note in &card.notes {
+            writeln!(out, "Note:     {note}")?;
+        }
         for c in &card.certificates {
+            let column = slot_column(&c.slot, out)?;
             writeln!(
                 out,
                 "  {:<8} {}  {}  until {}{}",
-                short_slot(&c.slot),
+                column,
                 c.thumbprint,
                 c.subject.as_deref().unwrap_or("?"),
                 c.not_after.as_deref().unwrap_or("?"),
@@ -216,7 +222,12 @@ pub fn print_table(
     Ok(())
 }
 
-/// GIDS container names are `{GUID}`s; the table shows their first characters only.
-fn short_slot(slot: &str) -> String {
-    slot.chars().take(8).collect()
+/// The slot column of a certificate line. A PIV key reference fits; a container name (a
+/// 38-character `{GUID}` from Windows) goes whole on a line of its own above, never cut.
+fn slot_column(slot: &str, out: &mut dyn Write) -> std::io::Result<String> {
+    if slot.chars().count() <= 8 {
+        return Ok(slot.to_string());
+    }
+    writeln!(out, "  {slot}")?;
+    Ok(String::new())
 }

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use common::TempDir;
 use hw_tests::rig::Rig;
-use hw_tests::vcard::CardSpec;
+use hw_tests::vcard::{idprime, CardSpec};
 use serde_json::Value;
 
 /// Runs `qualify --virtual` with `spec`; returns its exit code and its report.
@@ -91,4 +91,48 @@ fn a_thumbprint_that_disagrees_fails_the_run_and_names_the_slot() {
             "SHA-256 of slot 9C"
         ]
     );
+}
+
+/// IDPrime cards qualify against OpenSC's idprime driver: the card id (OpenSC's serial is the
+/// cardid file) and every certificate OpenSC can read agree; the 940's plain certificate, which
+/// OpenSC before 0.25 cannot read, is skipped with that reason rather than failed.
+#[test]
+fn idprime_cards_pass_against_opensc() {
+    for spec in [idprime::Spec::md840(), idprime::Spec::idp940()] {
+        let plain = spec.certificates.iter().filter(|c| !c.compressed).count();
+        let (code, report) = qualify("qualify-idprime", &CardSpec::idprime(spec));
+        assert_eq!(code, Some(0), "{report:#}");
+        assert_eq!(failed_checks(&report), Vec::<String>::new());
+        let checks = report["cards"][0]["checks"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let outcome = |what: &str| {
+            checks
+                .iter()
+                .find(|c| c["what"] == what)
+                .map(|c| c["outcome"].clone())
+        };
+        assert_eq!(outcome("card id"), Some("pass".into()), "{report:#}");
+        let skipped = checks
+            .iter()
+            .filter(|c| {
+                c["other"]
+                    .as_str()
+                    .is_some_and(|o| o.contains("stored plain"))
+            })
+            .count();
+        // The SHA-1 and SHA-256 rows of each plain certificate, with an OpenSC before 0.25.
+        let info = Command::new("opensc-tool")
+            .arg("--info")
+            .output()
+            .expect("opensc-tool");
+        let version = hw_tests::qualify::opensc_version(&String::from_utf8_lossy(&info.stdout));
+        let expected = if version < Some((0, 25)) {
+            2 * plain
+        } else {
+            0
+        };
+        assert_eq!(skipped, expected, "OpenSC {version:?}: {report:#}");
+    }
 }

@@ -615,3 +615,33 @@ fn scepman_down_leaves_its_part_unknown_and_the_cm_part_intact() {
         );
     }
 }
+
+/// MIM CM records a minidriver card's id as a .NET Guid (Windows byte order): an IDPrime
+/// card's cardid file is found that way, with its certificates.
+#[test]
+fn an_idprime_card_is_found_by_its_cardid_in_dotnet_guid_form() {
+    let rig = Rig::get();
+    let _shared = rig.shared();
+    let slot = rig.slot();
+    let spec = hw_tests::vcard::idprime::Spec::md840();
+    let card = insert(CardSpec::idprime(spec), &slot);
+    let sim = sim_knowing(&card.truth, true);
+    let station = Station::for_sim("idprime", &sim, "");
+    let json = station.scan(&slot);
+    assert_eq!(json["kind"], "idprime");
+    let r = &json["reconciliation"];
+    assert_eq!(r["state"], "matched", "{r:#}");
+    assert_eq!(r["verdict"], "ok", "{r:#}");
+    assert_eq!(r["card_id_form"], "windows");
+    assert_eq!(
+        cardid_lookups(&sim),
+        [format!("cardid={}", guid(&card.truth, true))]
+    );
+    let on_both = r["certificates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["on_card"] == true && c["on_server"] == true)
+        .count();
+    assert_eq!(on_both, 3, "{r:#}");
+}

@@ -1,6 +1,7 @@
-//! Card-read benchmark: inserts the 4-certificate PIV card N times into a vpcd reader and reads it
-//! with `cardbridge scan --json` and with OpenSC's `pkcs15-tool --list-certificates`, printing the
-//! median and p95 of each and the APDUs each needed (counted by the virtual card itself).
+//! Card-read benchmark: inserts the 4-certificate PIV card, an IDPrime MD 840 and an IDPrime 940
+//! N times each into a vpcd reader and reads them with `cardbridge scan --json` and with
+//! OpenSC's `pkcs15-tool --list-certificates`, printing the median and p95 of each and the APDUs
+//! each needed (counted by the virtual card itself).
 //!
 //! Run it with `hw-tests/bench` (release build); it prints numbers and asserts nothing, because
 //! timings on shared machines are for reading, not for failing builds.
@@ -11,9 +12,11 @@ use std::time::Instant;
 use anyhow::{bail, Context as _, Result};
 use clap::Parser;
 use hw_tests::report::Recorder;
-use hw_tests::rig::{cardbridge_bin, insert_card, reader_index, wait_for_card, Rig};
+use hw_tests::rig::{
+    cardbridge_bin, insert_card, insert_virtual, reader_index, wait_for_card, Rig,
+};
 use hw_tests::sim::{matching_record, Fixture, Simulator};
-use hw_tests::vcard::{CardSpec, VirtualCard};
+use hw_tests::vcard::{idprime, CardSpec, VirtualCard};
 use hw_tests::vpcd::Inserted;
 
 #[derive(Parser)]
@@ -60,14 +63,78 @@ fn main() -> Result<()> {
     let _shared = rig.shared();
     let slot = rig.slot();
     let bin = cardbridge_bin();
+    let record = Recorder::new(args.record.clone());
+
+    let piv = against_opensc(
+        &args,
+        &slot,
+        "the 4-certificate PIV card (9A, 9C gzip, 9D, retired 82; extended length)",
+        CardSpec::piv_four_certs(),
+    )?;
+    record.record(
+        "APDUs per read (4-certificate PIV card)",
+        piv.apdus as f64,
+        "",
+    )?;
+    record.record(
+        "APDUs of pkcs15-tool --list-certificates, same card",
+        piv.opensc_apdus as f64,
+        "",
+    )?;
+    record.record(
+        "cardbridge scan ÷ pkcs15-tool --list-certificates, same card (median wall time)",
+        piv.ratio,
+        "×",
+    )?;
+    for (name, model, spec) in [
+        (
+            "IDPrime MD 840",
+            "an IDPrime MD 840 (3 certificates, compressed)",
+            idprime::Spec::md840(),
+        ),
+        (
+            "IDPrime 940",
+            "an IDPrime 940 (6 certificates, one plain; token label)",
+            idprime::Spec::idp940(),
+        ),
+    ] {
+        let r = against_opensc(&args, &slot, model, CardSpec::idprime(spec))?;
+        record.record(&format!("APDUs per read ({name})"), r.apdus as f64, "")?;
+        record.record(
+            &format!("APDUs of pkcs15-tool --list-certificates ({name})"),
+            r.opensc_apdus as f64,
+            "",
+        )?;
+    }
+    reconciliation_cost(args.runs, &slot, &bin, &record)
+}
+
+/// The medians `against_opensc` found.
+struct Comparison {
+    apdus: u64,
+    opensc_apdus: u64,
+    /// cardbridge scan ÷ pkcs15-tool, median wall time.
+    ratio: f64,
+}
+
+/// Inserts the card of `spec` `--runs` times and reads it each time with `cardbridge scan` and
+/// with `pkcs15-tool --list-certificates`; prints both.
+fn against_opensc(
+    args: &Args,
+    slot: &hw_tests::rig::Slot,
+    what: &str,
+    spec: CardSpec,
+) -> Result<Comparison> {
+    let bin = cardbridge_bin();
     let home = std::env::temp_dir().join("cardbridge-bench-home");
     std::fs::create_dir_all(&home)?;
-
+    // One card, inserted again for every run: the same bytes every time.
+    let model = VirtualCard::new(spec)?;
     let mut read_ms = Series::default();
     let mut scan_wall = Series::default();
     let mut opensc_wall = Series::default();
     for _ in 0..args.runs {
-        let card = insert_card(CardSpec::piv_four_certs(), &slot)?;
+        let card = insert_virtual(model.clone(), slot)?;
 
         let before = card.apdu_count();
         let started = Instant::now();
@@ -110,24 +177,16 @@ fn main() -> Result<()> {
         opensc_wall.apdus.push(card.apdu_count() - before);
         card.remove();
     }
-    println!("{} insertions of the 4-certificate PIV card (9A, 9C gzip, 9D, retired 82; extended length)", args.runs);
+    println!("{} insertions of {what}", args.runs);
     let (_, apdus) = read_ms.report("cardbridge read (read_ms, in-process)");
     let (scan, _) = scan_wall.report("cardbridge scan --json (whole process)");
     let (opensc, opensc_apdus) =
         opensc_wall.report("pkcs15-tool --list-certificates (whole process)");
-    let record = Recorder::new(args.record.clone());
-    record.record("APDUs per read (4-certificate PIV card)", apdus as f64, "")?;
-    record.record(
-        "APDUs of pkcs15-tool --list-certificates, same card",
-        opensc_apdus as f64,
-        "",
-    )?;
-    record.record(
-        "cardbridge scan ÷ pkcs15-tool --list-certificates, same card (median wall time)",
-        scan.median_ms / opensc.median_ms,
-        "×",
-    )?;
-    reconciliation_cost(args.runs, &slot, &bin, &record)
+    Ok(Comparison {
+        apdus,
+        opensc_apdus,
+        ratio: scan.median_ms / opensc.median_ms,
+    })
 }
 
 /// What reconciling against the local CM simulator adds to a scan: the same card scanned with
