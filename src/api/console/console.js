@@ -139,6 +139,7 @@ function renderCard(card) {
     el("h4", {}, `${holderOf(card)} — ${card.kind.toUpperCase()} card ${card.card_id || "(no card id)"}`),
     verdictBadge(verdict));
   if (card.error) box.append(el("p", { class: "error" }, `The card could not be read: ${card.error.message}`));
+  for (const note of card.notes || []) box.append(el("p", { class: "muted note" }, note));
   if (r && r.state !== "matched") box.append(el("p", { class: "muted" }, stateWords(r)));
   const findings = (r && r.findings) || [];
   if (findings.length) {
@@ -180,7 +181,7 @@ function certificates(card, r) {
     const scepman = seen && seen.scepman ? seen.scepman.status : null;
     body.append(el("tr", {},
       el("td", {}, c.slot),
-      el("td", {}, c.template || (seen && seen.template) || "—"),
+      el("td", {}, c.error ? `Unreadable: ${c.error}` : c.template || (seen && seen.template) || "—"),
       el("td", {}, (c.not_after || "—").slice(0, 10)),
       el("td", { class: scepman ? `status-${scepman}` : "" }, scepman ? SCEPMAN[scepman] || scepman : "—")));
   }
