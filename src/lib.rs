@@ -60,6 +60,7 @@ pub mod reconcile;
 pub mod revoke;
 pub mod scan;
 pub mod scepman;
+pub mod serial;
 pub mod service;
 pub mod state_dir;
 pub mod station;

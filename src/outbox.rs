@@ -23,6 +23,7 @@ use crate::cm::{CmClient, NewRequest, Request};
 use crate::http::ServerError;
 use crate::revoke::{ActionKind, ActionStatus, Outcome, Revocation};
 use crate::scepman::ScepmanClient;
+use crate::serial::Serial;
 use crate::store::{blocking, ActionUpdate, DueAction, Schedule, Store, StoreError};
 
 /// How the worker paces itself.
@@ -106,7 +107,7 @@ pub trait CmCalls: Clone + Send + Sync + 'static {
 pub trait ScepmanCalls: Clone + Send + Sync + 'static {
     fn revoke(
         &self,
-        serial_number: &str,
+        serial: &Serial,
         reason_code: i64,
         revoker: Option<&str>,
     ) -> impl Future<Output = Result<u16, ServerError>> + Send;
@@ -133,11 +134,11 @@ impl CmCalls for CmClient {
 impl ScepmanCalls for ScepmanClient {
     fn revoke(
         &self,
-        serial_number: &str,
+        serial: &Serial,
         reason_code: i64,
         revoker: Option<&str>,
     ) -> impl Future<Output = Result<u16, ServerError>> + Send {
-        ScepmanClient::revoke(self, serial_number, reason_code, revoker)
+        ScepmanClient::revoke(self, serial, reason_code, revoker)
     }
 }
 
@@ -297,12 +298,18 @@ impl<C: CmCalls, S: ScepmanCalls> Worker<C, S> {
     }
 
     fn not_configured(&self, due: &DueAction, server: &str) -> Result<(), StoreError> {
+        let message = format!("{server} is no longer configured on this station");
+        self.refuse(due, "server_not_configured", message)
+    }
+
+    /// Ends an action that cannot be sent at all, with `code` and `message` as its outcome.
+    fn refuse(&self, due: &DueAction, code: &str, message: String) -> Result<(), StoreError> {
         self.finish(
             due,
             "-",
             Outcome {
-                code: "server_not_configured".into(),
-                message: format!("{server} is no longer configured on this station"),
+                code: code.into(),
+                message,
                 ..Outcome::default()
             },
             ActionUpdate {
@@ -317,10 +324,15 @@ impl<C: CmCalls, S: ScepmanCalls> Worker<C, S> {
         let Some(scepman) = self.scepman.clone() else {
             return self.not_configured(due, "SCEPman");
         };
-        let call = format!("PATCH {}", ScepmanClient::revoke_path(serial));
+        // Plans hold a serial the planner parsed; an older row may hold the DER form.
+        let serial = match Serial::parse(serial) {
+            Ok(serial) => serial,
+            Err(e) => return self.refuse(due, "bad_serial_number", e.to_string()),
+        };
+        let call = format!("PATCH {}", ScepmanClient::revoke_path(&serial));
         self.mark_sending(due)?;
         let answer = scepman
-            .revoke(serial, due.reason_code, due.revoker.as_deref())
+            .revoke(&serial, due.reason_code, due.revoker.as_deref())
             .await;
         let attempted = |status, schedule| ActionUpdate {
             status: Some(status),
@@ -675,7 +687,7 @@ mod tests {
     impl ScepmanCalls for ScriptedScepman {
         fn revoke(
             &self,
-            _serial: &str,
+            _serial: &Serial,
             _reason: i64,
             _revoker: Option<&str>,
         ) -> impl Future<Output = Result<u16, ServerError>> + Send {

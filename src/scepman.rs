@@ -9,6 +9,7 @@ use serde_json::json;
 
 use crate::config::ServerConfig;
 use crate::http::{read_body, status_error, Server, ServerError};
+use crate::serial::Serial;
 
 /// One page of `GET api/manage/search`. Items stay loose JSON until [`SearchItem`] reads them,
 /// so one odd item does not lose the page.
@@ -21,13 +22,13 @@ pub struct SearchPage {
 }
 
 impl SearchPage {
-    /// The item whose serial number is exactly `serial` (any case); items that do not read as
-    /// a [`SearchItem`] are passed over.
-    pub fn find_serial(&self, serial: &str) -> Option<SearchItem> {
+    /// The item whose serial number is `serial` as an integer (with or without a sign byte,
+    /// any case); items that do not read as a [`SearchItem`] are passed over.
+    pub fn find_serial(&self, serial: &Serial) -> Option<SearchItem> {
         self.items
             .iter()
             .filter_map(|item| SearchItem::deserialize(item).ok())
-            .find(|item| item.serial_number.eq_ignore_ascii_case(serial))
+            .find(|item| serial.matches(&item.serial_number))
     }
 }
 
@@ -124,25 +125,23 @@ impl ScepmanClient {
         decode_search_page(status, &body)
     }
 
-    /// The certificate with exactly this serial number (upper-case hex), or `None` when SCEPman
-    /// does not list it. The search matches substrings, so every item is compared whole, and
-    /// the pages are followed up to [`MAX_SEARCH_PAGES`] (more than that is a `bad_body`).
-    pub async fn find_serial(
-        &self,
-        serial_number: &str,
-    ) -> Result<Option<SearchItem>, ServerError> {
-        let serial = serial_number.to_ascii_uppercase();
+    /// The certificate with this serial number, or `None` when SCEPman does not list it. The
+    /// search text is the canonical hex (no sign byte), which the search finds inside a listed
+    /// serial with or without one; the search matches substrings, so every item is compared
+    /// whole, as an integer, and the pages are followed up to [`MAX_SEARCH_PAGES`] (more than
+    /// that is a `bad_body`).
+    pub async fn find_serial(&self, serial: &Serial) -> Result<Option<SearchItem>, ServerError> {
         let mut token: Option<String> = None;
         for _ in 0..MAX_SEARCH_PAGES {
             let page = self
                 .search(&SearchQuery {
-                    text: Some(&serial),
+                    text: Some(serial.as_str()),
                     page_size: SERIAL_PAGE_SIZE,
                     validity: Some("Any"),
                     continuation: token.as_deref(),
                 })
                 .await?;
-            let found = page.find_serial(&serial);
+            let found = page.find_serial(serial);
             if found.is_some() {
                 return Ok(found);
             }
@@ -159,9 +158,10 @@ impl ScepmanClient {
         })
     }
 
-    /// The path of a revocation, also used to name the call in the audit trail.
-    pub fn revoke_path(serial_number: &str) -> String {
-        format!("api/manage/revoke/{serial_number}")
+    /// The path of a revocation, also used to name the call in the audit trail: the canonical
+    /// hex, the form cardbridge also searches with.
+    pub fn revoke_path(serial: &Serial) -> String {
+        format!("api/manage/revoke/{serial}")
     }
 
     /// `PATCH api/manage/revoke/{serial}` with the RFC 5280 reason number and the revoker.
@@ -170,11 +170,11 @@ impl ScepmanClient {
     /// `errorCode`.
     pub async fn revoke(
         &self,
-        serial_number: &str,
+        serial: &Serial,
         reason_code: i64,
         revoker: Option<&str>,
     ) -> Result<u16, ServerError> {
-        let url = self.server.url(&Self::revoke_path(serial_number))?;
+        let url = self.server.url(&Self::revoke_path(serial))?;
         let mut body = json!({ "revocationReason": reason_code });
         if let Some(revoker) = revoker {
             body["revoker"] = json!(revoker);
@@ -193,5 +193,35 @@ impl ScepmanClient {
             });
         }
         Ok(status.as_u16())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(serials: &[&str]) -> SearchPage {
+        let items = serials
+            .iter()
+            .map(|s| json!({"serialNumber": s, "revocationDate": null}))
+            .collect();
+        SearchPage {
+            items,
+            continuation_token: None,
+        }
+    }
+
+    #[test]
+    fn a_serial_is_found_by_its_integer_whatever_form_the_page_lists() {
+        let with_sign_byte = Serial::parse("00D5D4A1").unwrap();
+        let without = Serial::parse("D5D4A1").unwrap();
+        for listed in ["00D5D4A1", "D5D4A1", "d5d4a1"] {
+            let p = page(&["0D5D4A10", listed]);
+            for wanted in [&with_sign_byte, &without] {
+                let found = p.find_serial(wanted).map(|i| i.serial_number);
+                assert_eq!(found.as_deref(), Some(listed), "{wanted} in {listed}");
+            }
+        }
+        assert_eq!(page(&["D5D4A100"]).find_serial(&without), None);
     }
 }

@@ -5,7 +5,7 @@
 
 use anyhow::{Context, Result};
 use rcgen::{
-    BasicConstraints, CertificateParams, CustomExtension, DnType, IsCa, KeyPair,
+    BasicConstraints, CertificateParams, CustomExtension, DnType, IsCa, KeyPair, SerialNumber,
     PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384,
 };
 use serde::{Deserialize, Serialize};
@@ -83,6 +83,12 @@ impl Issuer {
     ) -> Result<Vec<u8>> {
         let key = kind.generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
+        // A serial whose top bit is set, so its DER form carries a 00 sign byte, as about half
+        // of a real CA's serials do: servers may list it with or without that byte.
+        let mut serial = [0u8; 16];
+        fastrand::fill(&mut serial);
+        serial[0] |= 0x80;
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
         params
             .distinguished_name
             .push(DnType::CommonName, common_name);

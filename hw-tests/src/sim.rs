@@ -97,8 +97,24 @@ pub fn card_guid(truth: &Truth, windows: bool) -> String {
     cardbridge::card::guid_string(&id)
 }
 
+/// The same records with every serial number written without its DER sign byte (`D5D4…` for
+/// `00D5D4…`), as some SCEPman installations list them.
+pub fn without_sign_bytes(certs: Vec<ScepmanCert>) -> Vec<ScepmanCert> {
+    certs
+        .into_iter()
+        .map(|c| ScepmanCert {
+            serial_number: c
+                .serial_number
+                .strip_prefix("00")
+                .unwrap_or(&c.serial_number)
+                .to_string(),
+            ..c
+        })
+        .collect()
+}
+
 /// SCEPman's records of a virtual card's certificates (serial numbers as SCEPman writes them:
-/// upper-case hex), none revoked.
+/// upper-case hex, in the certificate's DER form), none revoked.
 pub fn scepman_certs(truth: &Truth) -> Vec<ScepmanCert> {
     truth
         .certificates
@@ -780,7 +796,12 @@ fn handle(
                 .as_ref()
                 .and_then(|b| b.get("revoker").and_then(Value::as_str))
                 .map(|r| format!("{r} through API user cardbridge-sim"));
-            match state.fixture.scepman.iter_mut().find(|c| c.serial_number.eq_ignore_ascii_case(serial)) {
+            // SCEPman's own serials and the path's are compared as integers: a sign byte, or
+            // its absence, on either side changes nothing.
+            let wanted = cardbridge::serial::Serial::parse(serial).ok();
+            let listed =
+                |c: &ScepmanCert| wanted.as_ref().is_some_and(|w| w.matches(&c.serial_number));
+            match state.fixture.scepman.iter_mut().find(|c| listed(c)) {
                 None => (StatusCode::NOT_FOUND, axum::Json(json!({"errorMessage": "Certificate not found.", "errorCode": 7012}))).into_response(),
                 Some(c) if c.revocation_date.is_some() => {
                     (StatusCode::CONFLICT, axum::Json(json!({"errorMessage": "The certificate is already revoked.", "errorCode": 5013}))).into_response()

@@ -9,8 +9,8 @@ use std::time::Duration;
 use common::{insert, run_cardbridge};
 use hw_tests::rig::{Rig, Slot};
 use hw_tests::sim::{
-    card_guid as guid, matching_record, scepman_certs, smartcard_uuid, Fault, Fixture, ScepmanCert,
-    Simulator,
+    card_guid as guid, matching_record, scepman_certs, smartcard_uuid, without_sign_bytes, Fault,
+    Fixture, ScepmanCert, Simulator,
 };
 use hw_tests::vcard::CardSpec;
 use serde_json::{json, Value};
@@ -442,13 +442,33 @@ fn certificate<'a>(card: &'a Value, thumbprint: &str) -> &'a Value {
         .unwrap_or(&Value::Null)
 }
 
+/// SCEPman's records of the card, serials listed with their DER sign byte or without it.
+fn listed(truth: &hw_tests::vcard::Truth, sign_bytes: bool) -> Vec<ScepmanCert> {
+    let certs = scepman_certs(truth);
+    assert!(
+        certs.iter().all(|c| c.serial_number.starts_with("00")),
+        "the virtual card's serials have their top bit set"
+    );
+    if sign_bytes {
+        certs
+    } else {
+        without_sign_bytes(certs)
+    }
+}
+
 #[test]
 fn a_certificate_revoked_in_scepman_is_critical_with_its_date_and_reason() {
     let rig = Rig::get();
     let _shared = rig.shared();
     let slot = rig.slot();
     let card = insert(CardSpec::piv_four_certs(), &slot);
-    let mut known = scepman_certs(&card.truth);
+    for sign_bytes in [true, false] {
+        scepman_revoked(&card, &slot, sign_bytes);
+    }
+}
+
+fn scepman_revoked(card: &hw_tests::vpcd::Inserted, slot: &Slot, sign_bytes: bool) {
+    let mut known = listed(&card.truth, sign_bytes);
     known[1].revocation_date = Some("2026-11-20T09:30:00Z".into());
     known[1].revocation_reason = Some(1);
     known[1].revoked_by = Some("helpdesk@contoso.com through API user x".into());
@@ -458,12 +478,12 @@ fn a_certificate_revoked_in_scepman_is_critical_with_its_date_and_reason() {
         &sim,
         &scepman_section(&sim.scepman_base_url()),
     );
-    let json = station.scan(&slot);
+    let json = station.scan(slot);
     let r = &json["reconciliation"];
     assert_eq!(
         (r["state"].as_str(), r["verdict"].as_str()),
         (Some("matched"), Some("critical")),
-        "{r:#}"
+        "sign bytes {sign_bytes}: {r:#}"
     );
     assert_eq!(codes(&json), ["certificate_revoked"]);
     let revoked = &card.truth.certificates[1];
@@ -532,35 +552,42 @@ fn the_serial_is_matched_exactly_on_a_later_page_past_a_substring_decoy() {
     let _shared = rig.shared();
     let slot = rig.slot();
     let card = insert(CardSpec::piv_four_certs(), &slot);
-    let known = scepman_certs(&card.truth);
-    let target = known[0].serial_number.clone();
+    for sign_bytes in [true, false] {
+        serial_on_page_2(&card, &slot, sign_bytes);
+    }
+}
+
+fn serial_on_page_2(card: &hw_tests::vpcd::Inserted, slot: &Slot, sign_bytes: bool) {
+    let known = listed(&card.truth, sign_bytes);
+    // The integer's canonical hex, the form cardbridge searches with.
+    let target = known[0].serial_number.trim_start_matches('0').to_string();
     // Page 1 (100 items): a revoked certificate whose serial contains the target's, then
     // certificates whose subject names it. The real one is on page 2.
-    let mut listed = vec![ScepmanCert {
+    let mut page = vec![ScepmanCert {
         serial_number: format!("00{target}00"),
         subject: "CN=decoy".into(),
         revocation_date: Some("2026-01-01T00:00:00Z".into()),
         revocation_reason: Some(1),
         ..ScepmanCert::default()
     }];
-    listed.extend((0..120).map(|n| ScepmanCert {
+    page.extend((0..120).map(|n| ScepmanCert {
         serial_number: format!("77{n:04}"),
         subject: format!("CN=note {target} {n}"),
         ..ScepmanCert::default()
     }));
-    listed.extend(known);
-    let sim = sim_with_scepman(&card.truth, listed);
+    page.extend(known);
+    let sim = sim_with_scepman(&card.truth, page);
     let station = Station::for_sim(
         "scepman-pages",
         &sim,
         &scepman_section(&sim.scepman_base_url()),
     );
-    let json = station.scan(&slot);
+    let json = station.scan(slot);
     let thumbprint = &card.truth.certificates[0].thumbprint;
     assert_eq!(
         certificate(&json, thumbprint)["scepman"]["status"],
         "active",
-        "{json:#}"
+        "sign bytes {sign_bytes}: {json:#}"
     );
     let searches: Vec<String> = sim
         .log()

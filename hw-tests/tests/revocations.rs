@@ -8,7 +8,8 @@ use std::time::Duration;
 use common::daemon::{next_event, Daemon, ADMIN, TOKEN};
 use common::{eventually, piv_card, run_cardbridge};
 use hw_tests::sim::{
-    matching_record, scepman_certs, Fault, Fixture, Logged, ScepmanCert, SimCard, Simulator,
+    matching_record, scepman_certs, without_sign_bytes, Fault, Fixture, Logged, ScepmanCert,
+    SimCard, Simulator,
 };
 use serde_json::{json, Value};
 
@@ -283,7 +284,8 @@ fn certificates_are_revoked_once_each_with_every_answer_kept() {
     for cert in t.known.iter().chain([&t.unknown]) {
         let mine: Vec<&&Logged> = sent
             .iter()
-            .filter(|l| l.path.ends_with(&cert.serial_number))
+            // Revoked by the integer's canonical hex, without the sign byte.
+            .filter(|l| l.path.ends_with(cert.serial_number.trim_start_matches('0')))
             .collect();
         assert_eq!(mine.len(), 1, "{}", cert.serial_number);
         let body: Value = serde_json::from_str(&mine[0].body).expect("JSON body");
@@ -752,13 +754,32 @@ fn revocations_are_rate_limited_per_client() {
 
 #[test]
 fn the_card_is_reconciled_again_after_its_revocation_ends() {
+    reconciled_again_after_revocation(true);
+}
+
+/// The same, with a SCEPman that lists serials without their DER sign byte: cardbridge finds
+/// them by integer, revokes them and sees them revoked.
+#[test]
+fn the_card_is_reconciled_again_after_its_revocation_with_serials_listed_without_sign_bytes() {
+    reconciled_again_after_revocation(false);
+}
+
+fn reconciled_again_after_revocation(sign_bytes: bool) {
     let (_shared, _slot, card, card_id) = piv_card();
-    let sim = simulator(
-        vec![matching_record(&card.truth, false)],
-        scepman_certs(&card.truth),
-    );
+    let mut listed = scepman_certs(&card.truth);
+    if !sign_bytes {
+        listed = without_sign_bytes(listed);
+    }
+    assert!(listed
+        .iter()
+        .all(|c| c.serial_number.starts_with("00") == sign_bytes));
+    let sim = simulator(vec![matching_record(&card.truth, false)], listed);
     let daemon = Daemon::start(
-        "revoke-reconcile",
+        if sign_bytes {
+            "revoke-reconcile"
+        } else {
+            "revoke-reconcile-unsigned"
+        },
         &servers(&sim.cm_base_url(), &sim.scepman_base_url()),
     );
     wait_card(&daemon, &card_id, true);
@@ -784,4 +805,5 @@ fn the_card_is_reconciled_again_after_its_revocation_ends() {
         .map(|c| c["scepman"]["status"].as_str().unwrap_or("missing"))
         .collect();
     assert_eq!(statuses, ["revoked"; 4], "{r:#}");
+    assert_eq!(sim.revocations_carried_out().len(), 4);
 }

@@ -16,6 +16,7 @@ use super::{push, Reconciliation, Severity};
 use crate::card::Card;
 use crate::crl_reason::Reason;
 use crate::scepman::{ScepmanClient, SearchItem};
+use crate::serial::Serial;
 
 /// A certificate's state according to SCEPman.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -162,7 +163,7 @@ pub fn rules(r: &mut Reconciliation, card: &Card, answers: &Answers, now: Offset
 pub struct StatusLookup {
     client: ScepmanClient,
     ttl: Duration,
-    cache: Mutex<HashMap<String, (Instant, Answer)>>,
+    cache: Mutex<HashMap<Serial, (Instant, Answer)>>,
 }
 
 /// The most answers kept; a station sees a few cards, so this bound is only a guard.
@@ -192,7 +193,10 @@ impl StatusLookup {
             let Some(serial) = cert.serial_number.as_deref() else {
                 continue;
             };
-            let answer = match (&failed, self.cached(serial, fresh)) {
+            let Ok(serial) = Serial::parse(serial) else {
+                continue;
+            };
+            let answer = match (&failed, self.cached(&serial, fresh)) {
                 (Some(reason), _) => Answer::Unavailable(reason.clone()),
                 (None, Some(answer)) => answer,
                 (None, None) => self.ask(serial).await,
@@ -205,8 +209,8 @@ impl StatusLookup {
         answers
     }
 
-    async fn ask(&self, serial: &str) -> Answer {
-        let answer = match self.client.find_serial(serial).await {
+    async fn ask(&self, serial: Serial) -> Answer {
+        let answer = match self.client.find_serial(&serial).await {
             Ok(Some(item)) => Answer::Listed(item),
             Ok(None) => Answer::NotListed,
             Err(e) => return Answer::Unavailable(format!("{}: {e}", e.code())),
@@ -216,21 +220,18 @@ impl StatusLookup {
             cache.retain(|_, (at, _)| at.elapsed() < self.ttl);
         }
         if cache.len() < MAX_CACHED {
-            cache.insert(
-                serial.to_ascii_uppercase(),
-                (Instant::now(), answer.clone()),
-            );
+            cache.insert(serial, (Instant::now(), answer.clone()));
         }
         answer
     }
 
-    fn cached(&self, serial: &str, fresh: bool) -> Option<Answer> {
+    fn cached(&self, serial: &Serial, fresh: bool) -> Option<Answer> {
         if fresh {
             return None;
         }
         let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         cache
-            .get(&serial.to_ascii_uppercase())
+            .get(serial)
             .filter(|(at, _)| at.elapsed() < self.ttl)
             .map(|(_, answer)| answer.clone())
     }
