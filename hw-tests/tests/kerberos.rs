@@ -294,7 +294,13 @@ fn tickets_that_expire_are_renewed_without_a_restart() {
             })
             .count()
     };
-    assert_eq!(initial(&realm.kdc.log()), 1);
+    assert_eq!(
+        initial(&realm.kdc.log()),
+        1,
+        "{}\n{}",
+        realm.kdc.log(),
+        daemon.log()
+    );
     // Time passing is what is tested here: the ticket of one minute must be long gone.
     std::thread::sleep(Duration::from_secs(125).saturating_sub(started.elapsed()));
     daemon.sync(&scene.card_id);
@@ -439,4 +445,256 @@ fn a_keytab_others_can_read_is_refused_unless_systemd_guards_it() {
     assert!(ok, "{text}");
     let (ok, text) = check_online(&config, &[]);
     assert!(!ok && text.contains("CREDENTIALS_DIRECTORY"), "{text}");
+}
+
+/// `check-config --online` with the `[cm]` section `cm`; the output must name the cause
+/// (`names`) and give no other cause's fix (`not`).
+fn check_names(name: &str, cm: &str, names: &[&str], not: &[&str]) {
+    let dir = temp_dir(&format!("{name}-config"));
+    let config = config_file(&dir, cm);
+    let (ok, text) = check_online(&config, &[]);
+    assert!(!ok, "{name}: {text}");
+    for wanted in names {
+        assert!(
+            text.contains(wanted),
+            "{name}: {wanted:?} missing from:\n{text}"
+        );
+    }
+    for other in not {
+        assert!(!text.contains(other), "{name}: {other:?} in:\n{text}");
+    }
+}
+
+/// The fixes of the causes that were once given for the wrong problem.
+const NO_CREDENTIALS_FIX: &str = "set keytab in the server section";
+const MODE_FIX: &str = "chmod 600";
+const STALE_FIX: &str = "password changed";
+
+/// A Negotiate simulator without a card, for `check-config --online`.
+fn negotiate_sim() -> Simulator {
+    let sim = Simulator::start(Fixture::default(), 0).expect("simulator");
+    sim.set_auth(SimAuth::Negotiate(NegotiateStyle::default()))
+        .expect("acceptor");
+    sim
+}
+
+#[test]
+fn a_principal_the_kdc_does_not_know_is_named() {
+    let realm = realm();
+    let _up = realm.down.read().unwrap_or_else(|p| p.into_inner());
+    let sim = negotiate_sim();
+    let dir = temp_dir("unknown-client");
+    let keytab = station(realm, "station20", None, &dir);
+    realm
+        .kdc
+        .kadmin("delprinc -force station20")
+        .expect("delete the principal");
+    let principal = format!("station20@{REALM}");
+    check_names(
+        "unknown-client",
+        &cm_section(&sim, &keytab, ""),
+        &[
+            "does not know the client principal",
+            &principal,
+            "create the account",
+        ],
+        &[NO_CREDENTIALS_FIX, MODE_FIX, STALE_FIX],
+    );
+}
+
+#[test]
+fn an_spn_the_kdc_does_not_know_is_named() {
+    let realm = realm();
+    let _up = realm.down.read().unwrap_or_else(|p| p.into_inner());
+    let sim = negotiate_sim();
+    let dir = temp_dir("unknown-spn");
+    let keytab = station(realm, "station21", None, &dir);
+    let cm = cm_section(&sim, &keytab, "").replace(CM_SPN, "HTTP/nowhere.cardbridge.test");
+    check_names(
+        "unknown-spn",
+        &cm,
+        &[
+            "does not know the server principal HTTP/nowhere.cardbridge.test",
+            "setspn",
+        ],
+        &[NO_CREDENTIALS_FIX, MODE_FIX, STALE_FIX, "klist -k"],
+    );
+}
+
+#[test]
+fn a_keytab_without_the_principal_names_what_it_holds() {
+    let realm = realm();
+    let _up = realm.down.read().unwrap_or_else(|p| p.into_inner());
+    let sim = negotiate_sim();
+    let dir = temp_dir("other-principal");
+    let keytab = station(realm, "station22", None, &dir);
+    station(realm, "station23", None, &dir);
+    let held = format!("station22@{REALM}");
+    // Another principal's keytab.
+    let cm = cm_section(
+        &sim,
+        &keytab,
+        &format!("principal = \"station23@{REALM}\"\n"),
+    );
+    check_names(
+        "other-principal",
+        &cm,
+        &[&format!(
+            "holds no key for station23@{REALM}; it holds {held}"
+        )],
+        &[NO_CREDENTIALS_FIX, MODE_FIX, "differs only in case"],
+    );
+    // The principal written in another case.
+    let cm = cm_section(
+        &sim,
+        &keytab,
+        &format!("principal = \"STATION22@{REALM}\"\n"),
+    );
+    check_names(
+        "case-principal",
+        &cm,
+        &[
+            "differs only in case",
+            &format!("set principal = \"{held}\""),
+        ],
+        &[NO_CREDENTIALS_FIX, MODE_FIX],
+    );
+}
+
+#[test]
+fn empty_garbage_and_directory_keytabs_are_named() {
+    let realm = realm();
+    let _up = realm.down.read().unwrap_or_else(|p| p.into_inner());
+    let sim = negotiate_sim();
+    let dir = temp_dir("bad-keytabs");
+    use std::os::unix::fs::PermissionsExt;
+    let private = |path: &Path, bytes: &[u8]| {
+        std::fs::write(path, bytes).expect("keytab");
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    };
+    let cases: [(&str, &[u8], &[&str]); 3] = [
+        (
+            "empty",
+            b"",
+            &["cannot be read as a keytab: the file is empty"],
+        ),
+        ("header-only", &[0x05, 0x02], &["holds no keys", "klist -k"]),
+        (
+            "garbage",
+            b"this is not a keytab",
+            &["cannot be read as a keytab", "binary"],
+        ),
+    ];
+    for (name, bytes, names) in cases {
+        let keytab = dir.join(format!("{name}.keytab"));
+        private(&keytab, bytes);
+        check_names(
+            name,
+            &cm_section(&sim, &keytab, ""),
+            names,
+            &[NO_CREDENTIALS_FIX, MODE_FIX, STALE_FIX],
+        );
+    }
+    let directory = dir.join("keytab-dir");
+    std::fs::create_dir_all(&directory).expect("dir");
+    check_names(
+        "directory",
+        &cm_section(&sim, &directory, ""),
+        &["is a directory, not a file; set cm.keytab to the file itself"],
+        &[NO_CREDENTIALS_FIX, MODE_FIX, "0755"],
+    );
+}
+
+/// libfaketime (Debian's `libfaketime`) moves this process's clock, not the KDC's.
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// MIT's client corrects its clock by the KDC's (`kdc_timesync`, on by default), so a station
+/// clock 20 minutes off either way still signs in; with that correction off (as some hardened
+/// krb5.conf files have it), the same clock is a clock skew, named as such.
+#[test]
+fn a_station_clock_minutes_off_is_named_as_clock_skew() {
+    let realm = realm();
+    let _up = realm.down.read().unwrap_or_else(|p| p.into_inner());
+    let sim = negotiate_sim();
+    let dir = temp_dir("skew");
+    let keytab = station(realm, "station24", None, &dir);
+    // As an Active Directory account does, the principal requires pre-authentication: the
+    // station's own clock goes into the AS request.
+    realm
+        .kdc
+        .kadmin("modprinc +requires_preauth station24")
+        .expect("requires_preauth");
+    let config = config_file(&dir, &cm_section(&sim, &keytab, ""));
+    let no_timesync = dir.join("krb5-no-timesync.conf");
+    let conf = std::fs::read_to_string(realm.kdc.krb5_conf()).expect("krb5.conf");
+    std::fs::write(
+        &no_timesync,
+        conf.replace("[libdefaults]\n", "[libdefaults]\n kdc_timesync = 0\n"),
+    )
+    .expect("krb5.conf copy");
+    let no_timesync = no_timesync.display().to_string();
+    for offset in ["-20m", "+20m"] {
+        let moved = [
+            ("LD_PRELOAD", LIBFAKETIME),
+            ("FAKETIME", offset),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ];
+        let (ok, text) = check_online(&config, &moved);
+        assert!(ok, "{offset} with kdc_timesync: {text}");
+        let mut strict = moved.to_vec();
+        strict.push(("KRB5_CONFIG", &no_timesync));
+        let (ok, text) = check_online(&config, &strict);
+        assert!(!ok, "{offset}: {text}");
+        for wanted in [
+            "clocks of this station and the KDC differ",
+            "synchronise the station's clock",
+        ] {
+            assert!(
+                text.contains(wanted),
+                "{offset}: {wanted:?} missing from:\n{text}"
+            );
+        }
+        assert!(
+            !text.contains(NO_CREDENTIALS_FIX) && !text.contains("Ticket expired"),
+            "{text}"
+        );
+    }
+}
+
+/// The KDC stops answering while the daemon runs: as long as the tickets last nothing shows,
+/// and once they end the cause is the KDC (named with its address), not the keytab.
+#[test]
+fn a_kdc_gone_after_the_tickets_end_is_named_not_the_keytab() {
+    let realm = realm();
+    let dir = temp_dir("kdc-gone");
+    let keytab = station(realm, "station26", Some("1 minute"), &dir);
+    let scene = {
+        let _up = realm.down.read().unwrap_or_else(|p| p.into_inner());
+        scene(NegotiateStyle::default())
+    };
+    let daemon = daemon("krb-kdc-gone", &cm_section(&scene.sim, &keytab, ""));
+    let started = Instant::now();
+    let r = {
+        let _up = realm.down.read().unwrap_or_else(|p| p.into_inner());
+        daemon.wait_reconciliation(&scene.card_id, "", "matched", matched)
+    };
+    // Time passing is what is tested: the one-minute tickets must be over.
+    std::thread::sleep(Duration::from_secs(65).saturating_sub(started.elapsed()));
+    let _down = realm.down.write().unwrap_or_else(|p| p.into_inner());
+    realm.kdc.stop();
+    daemon.sync(&scene.card_id);
+    let after = r["checked_at"].as_str().unwrap_or_default().to_string();
+    let kdc = format!("127.0.0.1:{}", realm.kdc.port);
+    let failed = daemon.wait_reconciliation(
+        &scene.card_id,
+        &after,
+        "auth_failed naming the KDC",
+        unavailable_with(&["auth_failed", "cannot be reached", &kdc]),
+    );
+    let reason = failed["reason"].as_str().unwrap_or_default();
+    assert!(
+        !reason.contains("keytab") && !reason.contains("Ticket expired"),
+        "{reason}"
+    );
+    realm.kdc.restart().expect("KDC back");
 }

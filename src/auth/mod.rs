@@ -11,6 +11,8 @@
 //! message names the cause and its [`AuthError::fix`] what an administrator should do. No
 //! message carries a secret or a token.
 
+pub mod kdc;
+pub mod keytab;
 pub mod negotiate;
 pub mod oauth;
 pub mod secret;
@@ -24,6 +26,20 @@ pub use secret::SecretError;
 pub enum AuthError {
     #[error("the keytab {path} is missing or unreadable: {detail}")]
     Keytab { path: String, detail: String },
+    #[error("the keytab {path} cannot be read as a keytab: {detail}")]
+    BadKeytab { path: String, detail: String },
+    #[error("the keytab {path} holds no keys")]
+    EmptyKeytab { path: String },
+    #[error("the keytab {keytab} holds no key for {principal}{}; it holds {holds}", case_only.as_ref().map(|p| format!(" (it holds {p}, which differs only in case: Kerberos names are case-sensitive)")).unwrap_or_default())]
+    KeytabLacksPrincipal {
+        keytab: String,
+        principal: String,
+        holds: String,
+        /// A principal of the keytab equal to the wanted one but for case.
+        case_only: Option<String>,
+    },
+    #[error("the KDC does not know the client principal {principal}: {detail}")]
+    UnknownPrincipal { principal: String, detail: String },
     #[error("no Kerberos credentials: no client keytab (configure keytab, or KRB5_CLIENT_KTNAME) and no ticket in the credential cache: {detail}")]
     NoCredentials { detail: String },
     #[error("the keytab {keytab} holds no valid key for {principal} (a stale key version, or another principal): {detail}")]
@@ -32,8 +48,12 @@ pub enum AuthError {
         principal: String,
         detail: String,
     },
-    #[error("the KDC is unreachable: {detail}")]
-    KdcUnreachable { detail: String },
+    #[error("the KDC of realm {realm} ({kdcs}) cannot be reached: {detail}")]
+    KdcUnreachable {
+        realm: String,
+        kdcs: String,
+        detail: String,
+    },
     #[error("the clocks of this station and the KDC differ too much: {detail}")]
     ClockSkew { detail: String },
     #[error("the KDC does not know the server principal {spn}: {detail}")]
@@ -69,6 +89,10 @@ impl AuthError {
     pub fn cause(&self) -> &'static str {
         match self {
             AuthError::Keytab { .. } => "keytab",
+            AuthError::BadKeytab { .. } => "bad_keytab",
+            AuthError::EmptyKeytab { .. } => "empty_keytab",
+            AuthError::KeytabLacksPrincipal { .. } => "keytab_lacks_principal",
+            AuthError::UnknownPrincipal { .. } => "unknown_principal",
             AuthError::NoCredentials { .. } => "no_credentials",
             AuthError::StaleKeytab { .. } => "stale_keytab",
             AuthError::KdcUnreachable { .. } => "kdc_unreachable",
@@ -90,9 +114,16 @@ impl AuthError {
     pub fn fix(&self) -> String {
         match self {
             AuthError::Keytab { path, .. } => format!("copy the station keytab to {path}, owned by the service user with mode 0600 (klist -k {path} lists its principals)"),
+            AuthError::BadKeytab { path, .. } => format!("export the station's keytab again (adcli join, msktutil, or ktpass) and copy it to {path} unchanged (binary, not base64 or text)"),
+            AuthError::EmptyKeytab { path, .. } => format!("export the station account's keys into {path} (adcli join, msktutil --update, or ktpass); klist -k {path} must list them"),
+            AuthError::KeytabLacksPrincipal { keytab, principal, case_only, .. } => match case_only {
+                Some(held) => format!("set principal = \"{held}\" (as the keytab and the KDC write it), or export a keytab for {principal}"),
+                None => format!("export a keytab for {principal} to {keytab}, or set principal to one the keytab holds (klist -k {keytab})"),
+            },
+            AuthError::UnknownPrincipal { principal, .. } => format!("create the account {principal} in the domain (or join the station again), or set principal to an account the KDC knows and export its keytab"),
             AuthError::NoCredentials { .. } => "set keytab in the server section to the station's client keytab".into(),
             AuthError::StaleKeytab { keytab, .. } => format!("the account's password changed since {keytab} was made: export it again (adcli update, msktutil --auto-update, or ktpass) and compare klist -k {keytab} with the KDC's key version"),
-            AuthError::KdcUnreachable { .. } => "check the realm's KDCs in /etc/krb5.conf (or DNS SRV records) and the network path to port 88; requests are retried".into(),
+            AuthError::KdcUnreachable { realm, .. } => format!("check the KDCs of {realm} in /etc/krb5.conf (or its DNS SRV records) and the network path to their port 88; requests are retried"),
             AuthError::ClockSkew { .. } => "synchronise the station's clock with the domain controllers (chrony or systemd-timesyncd)".into(),
             AuthError::UnknownSpn { spn, .. } => format!("ask the MIM CM administrator to register {spn} on the account that runs the CM web site (setspn -S), or set spn in the configuration to the one registered"),
             AuthError::TicketRefused { spn, .. } => format!("the server could not accept a ticket for {spn}: check that its keytab or application pool account holds that SPN, and that the station's account may use the site"),

@@ -33,6 +33,12 @@ pub enum SecretError {
         path: PathBuf,
         mode: u32,
     },
+    #[error("{key}: {path} is {what}, not a file; set {key} to the file itself")]
+    NotAFile {
+        key: String,
+        path: PathBuf,
+        what: &'static str,
+    },
     #[error("{key}: {path} is larger than 1 MiB, which no secret is")]
     TooLarge { key: String, path: PathBuf },
     #[error("{key}: {path} is empty")]
@@ -78,13 +84,26 @@ impl SecretPath {
         &self.path
     }
 
-    /// Refuses a file that group or others can read. A missing file passes: it may appear
-    /// later (a keytab an administrator is about to copy), and reading it will say so.
+    /// Refuses what is not a file (a directory's mode says nothing about a secret), and a file
+    /// that group or others can read. A missing file passes: it may appear later (a keytab an
+    /// administrator is about to copy), and reading it will say so.
     pub fn check_mode(&self) -> Result<(), SecretError> {
+        let meta = std::fs::metadata(&self.path);
+        if let Some(meta) = meta.as_ref().ok().filter(|m| !m.is_file()) {
+            return Err(SecretError::NotAFile {
+                key: self.key.clone(),
+                path: self.path.clone(),
+                what: if meta.is_dir() {
+                    "a directory"
+                } else {
+                    "not a regular file"
+                },
+            });
+        }
         if self.credential {
             return Ok(());
         }
-        match std::fs::metadata(&self.path) {
+        match meta {
             Ok(meta) if meta.mode() & 0o077 != 0 => Err(SecretError::TooOpen {
                 key: self.key.clone(),
                 path: self.path.clone(),
