@@ -495,7 +495,7 @@ impl ReconcileLoop {
         let this = Arc::new(self);
         runtime.block_on(async {
             while let Some(job) = jobs.recv().await {
-                let Some((card, fresh)) = this.card_of(job) else {
+                let Some((card, fresh)) = this.card_of(job).await else {
                     continue;
                 };
                 let generation = this.next_generation(&card);
@@ -509,10 +509,11 @@ impl ReconcileLoop {
 
     /// The card a job reconciles: a read is recorded as a sighting first (a failed read stops
     /// there); a card reconciled again comes from its reader or from the store.
-    fn card_of(&self, job: Job) -> Option<(Card, bool)> {
+    async fn card_of(&self, job: Job) -> Option<(Card, bool)> {
         match job {
             Job::Read { card, fresh } => {
-                self.with_store(|s| s.record_sighting(&card));
+                let sighting = card.clone();
+                self.on_store(move |s| s.record_sighting(&sighting)).await;
                 card.error.is_none().then_some((card, fresh))
             }
             Job::Again {
@@ -521,18 +522,11 @@ impl ReconcileLoop {
             Job::Again {
                 card_id,
                 card: None,
-            } => {
-                let guard = self.store.lock().unwrap_or_else(|p| p.into_inner());
-                let last = guard.as_ref().map(|s| s.last_card(&card_id));
-                match last {
-                    Some(Ok(card)) => card.map(|c| (c, true)),
-                    Some(Err(e)) => {
-                        tracing::error!("state database: {e}");
-                        None
-                    }
-                    None => None,
-                }
-            }
+            } => self
+                .on_store(move |s| s.last_card(&card_id))
+                .await
+                .flatten()
+                .map(|c| (c, true)),
         }
     }
 
@@ -540,7 +534,7 @@ impl ReconcileLoop {
         let mut delay = self.retry_initial;
         let mut fresh = fresh;
         loop {
-            let history = self.history(&card);
+            let history = self.history(&card).await;
             let r = self.reconciler.reconcile(&card, fresh, &history).await;
             fresh = false;
             if !self.is_current(&card, generation) {
@@ -553,11 +547,13 @@ impl ReconcileLoop {
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(id.clone(), r.clone());
             }
-            self.with_store(|s| s.save_reconciliation(&r));
+            let saved = r.clone();
+            self.on_store(move |s| s.save_reconciliation(&saved)).await;
             let _ = self.events.send(Event::CardReconciled(Box::new(r)));
             if !unavailable {
                 if let Some(form) = self.reconciler.preferred_form() {
-                    self.with_store(|s| s.set_setting(CARD_ID_FORM, form.as_str()));
+                    self.on_store(move |s| s.set_setting(CARD_ID_FORM, form.as_str()))
+                        .await;
                 }
                 return;
             }
@@ -587,24 +583,38 @@ impl ReconcileLoop {
     }
 
     /// What the store knows about the card; nothing when there is no store or it fails.
-    fn history(&self, card: &Card) -> History {
-        let guard = self.store.lock().unwrap_or_else(|p| p.into_inner());
-        match guard.as_ref().map(|s| s.history(card)) {
-            Some(Ok(history)) => history,
-            Some(Err(e)) => {
-                tracing::error!("state database: {e}");
-                History::default()
-            }
-            None => History::default(),
-        }
+    async fn history(&self, card: &Card) -> History {
+        let card = card.clone();
+        self.on_store(move |s| s.history(&card))
+            .await
+            .unwrap_or_default()
     }
 
-    /// Runs a store operation; a failing database is reported but never stops reconciling.
-    fn with_store<T>(&self, f: impl FnOnce(&Store) -> Result<T, crate::store::StoreError>) {
-        let guard = self.store.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(store) = guard.as_ref() {
-            if let Err(e) = f(store) {
+    /// Runs `f` on the store on the blocking pool, `None` without a store or when it fails (the
+    /// error is logged). A store call can wait for seconds (another connection's write lock,
+    /// an fsync under `synchronous = FULL`); on this runtime's one thread that wait would
+    /// stall every reconciliation in flight, whose timeouts then fire although the server had
+    /// answered in time.
+    async fn on_store<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+    ) -> Option<T> {
+        let store = self.store.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let guard = store.lock().unwrap_or_else(|p| p.into_inner());
+            guard.as_ref().map(f)
+        })
+        .await;
+        match outcome {
+            Ok(Some(Ok(value))) => Some(value),
+            Ok(Some(Err(e))) => {
                 tracing::error!("state database: {e}");
+                None
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!("state database call ended abnormally: {e}");
+                None
             }
         }
     }

@@ -14,7 +14,8 @@ use cardbridge::reconcile::{Reconciler, State};
 use common::insert;
 use hw_tests::rig::Rig;
 use hw_tests::sim::{matching_record, Fault, Fixture, Simulator};
-use hw_tests::vcard::CardSpec;
+use hw_tests::vcard::{CardSpec, VirtualCard};
+use hw_tests::vpcd::Inserted;
 
 fn next(events: &Receiver<Event>, what: &str, want: impl Fn(&Event) -> bool) -> (Event, Instant) {
     let until = Instant::now() + Duration::from_secs(20);
@@ -219,4 +220,90 @@ fn a_card_swapped_in_during_a_read_before_pcscd_notices_is_read_once() {
         matches!(after, Event::CardRemoved { .. }),
         "read twice: {after:?}"
     );
+}
+
+/// A store call that waits (another connection holds the database's write lock, as the
+/// revocation outbox does while it records answers) must not stall a reconciliation whose
+/// request is in flight: the server answers within the timeout, so the card is matched, not
+/// `server_unavailable` because its timeout fired while the thread was held.
+#[test]
+fn a_waiting_store_call_does_not_time_out_a_reconciliation_in_flight() {
+    let rig = Rig::get();
+    let _shared = rig.shared();
+    let (a, b) = (rig.slot(), rig.slot());
+    common::wait_for_card(&a.reader, false);
+    common::wait_for_card(&b.reader, false);
+    let first = VirtualCard::new(CardSpec::piv_four_certs()).expect("card");
+    let second = VirtualCard::new(CardSpec::piv_four_certs()).expect("card");
+    let sim = Simulator::start(
+        Fixture {
+            smartcards: vec![
+                matching_record(&first.truth, false),
+                matching_record(&second.truth, false),
+            ],
+            ..Fixture::default()
+        },
+        0,
+    )
+    .expect("simulator");
+    // Answers come after 800 ms, well within the 2 s timeout.
+    sim.set_fault(
+        "smartcards",
+        Fault {
+            latency_ms: 800,
+            ..Fault::default()
+        },
+    );
+    let config = Config::parse(&format!(
+        "[cm]\nbase_url = \"{}\"\nretries = 0\ntimeout_ms = 2000\n",
+        sim.cm_base_url()
+    ))
+    .expect("config");
+    let client = cardbridge::cm::CmClient::new(config.cm.as_ref().expect("cm")).expect("client");
+    let dir = common::TempDir::new("engine-store-wait");
+    let store = cardbridge::store::Store::open(&dir).expect("store");
+    let (tx, events) = channel();
+    let _engine = Engine::start(
+        EngineConfig {
+            read: ReadOptions::default(),
+            reconciler: Reconciler::new(Some(client), CardIdOrder::Auto),
+            store: Some(store),
+            retry_initial: Duration::from_secs(30),
+            retry_max: Duration::from_secs(30),
+        },
+        tx,
+    )
+    .expect("engine");
+
+    let _first = Inserted::insert(first.clone(), a.port, true).expect("insert");
+    // The first card's lookup is on its way to the server...
+    common::eventually("the first card's lookup", Duration::from_secs(20), || {
+        sim.log()
+            .iter()
+            .any(|l| l.route == "smartcards")
+            .then_some(())
+    });
+    // ...when another connection takes the write lock for 3 s and the second card is read,
+    // whose sighting must wait for that lock.
+    let db = rusqlite::Connection::open(dir.join("cardbridge.db")).expect("second connection");
+    db.execute_batch("BEGIN IMMEDIATE").expect("write lock");
+    let _second = Inserted::insert(second.clone(), b.port, true).expect("insert");
+    next(
+        &events,
+        "the second card's read",
+        |e| matches!(e, Event::CardRead(c) if c.reader == b.reader),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    db.execute_batch("COMMIT").expect("release");
+
+    let first_id = first.truth.card_id.clone();
+    let (reconciled, _) = next(
+        &events,
+        "the first card's reconciliation",
+        |e| matches!(e, Event::CardReconciled(r) if r.card_id == first_id),
+    );
+    let Event::CardReconciled(r) = reconciled else {
+        unreachable!()
+    };
+    assert_eq!(r.state, State::Matched, "{:?}", r.reason);
 }
