@@ -75,6 +75,30 @@ impl MetricsConfig {
         Ok(())
     }
 
+    /// What is wrong with a metrics listener that other machines can reach: without a token
+    /// anyone who reaches it reads the station's metrics, without TLS its token and metrics
+    /// travel in clear. `None` on a loopback address, or with both.
+    pub fn exposure(&self) -> Option<String> {
+        let listen = self.listen.filter(|a| !a.ip().is_loopback())?;
+        let missing = match (self.token_sha256.is_some(), self.tls_certificate.is_some()) {
+            (true, true) => return None,
+            (false, false) => {
+                "without a token or TLS: anyone who can reach it reads the \
+                               station's metrics (readers, cards, server errors), in clear"
+            }
+            (false, true) => {
+                "without a token: anyone who can reach it reads the station's \
+                              metrics (readers, cards, server errors)"
+            }
+            (true, false) => "without TLS: the token and the metrics travel in clear",
+        };
+        Some(format!(
+            "metrics.listen {listen} is reachable from other machines, {missing}; set \
+             metrics.token_sha256 and metrics.tls_certificate / metrics.tls_key, or listen on \
+             127.0.0.1"
+        ))
+    }
+
     fn token_hash_of(&self, text: &str) -> Option<[u8; 32]> {
         hex::decode(text).ok()?.try_into().ok()
     }

@@ -131,6 +131,9 @@ impl Opened {
             Some(addr) => Some(open_scrape(&runtime, &config.metrics, addr)?),
             None => None,
         };
+        if let Some(warning) = config.metrics.exposure() {
+            tracing::warn!("{warning}");
+        }
         Ok(Opened {
             runtime,
             clients,

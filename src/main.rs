@@ -295,6 +295,9 @@ fn check_config(config: Option<PathBuf>, online: bool) -> ExitCode {
         return ExitCode::from(2);
     }
     println!("{}: valid", path.display());
+    if let Some(warning) = config.metrics.exposure() {
+        println!("warning: {warning}");
+    }
     if !online {
         return ExitCode::SUCCESS;
     }

@@ -88,3 +88,39 @@ fn check_config_accepts_the_example_and_names_the_bad_key() {
     assert_eq!(out.status.code(), Some(2));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A metrics listener other machines can reach, without a token or TLS, is valid but gets a
+/// warning that says what it exposes and what to set; on loopback, or with both, none.
+#[test]
+fn check_config_warns_about_a_metrics_listener_open_to_the_network() {
+    let dir = std::env::temp_dir().join(format!("cardbridge-cli-metrics-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let check = |metrics: &str| {
+        let file = dir.join("metrics.toml");
+        let text = format!("state_dir = \"{}\"\n[metrics]\n{metrics}", dir.display());
+        std::fs::write(&file, text).expect("write");
+        let out = cardbridge()
+            .args(["check-config", "--config"])
+            .arg(&file)
+            .output()
+            .expect("run cardbridge");
+        assert_eq!(out.status.code(), Some(0), "{metrics}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let open = check("listen = \"0.0.0.0:9687\"\n");
+    assert!(
+        open.contains("warning: metrics.listen 0.0.0.0:9687 is reachable from other machines")
+            && open.contains("without a token or TLS")
+            && open.contains("metrics.token_sha256"),
+        "{open}"
+    );
+    let token = format!("token_sha256 = \"{}\"\n", "ab".repeat(32));
+    let clear = check(&format!("listen = \"0.0.0.0:9687\"\n{token}"));
+    assert!(
+        clear.contains("without TLS: the token and the metrics travel in clear"),
+        "{clear}"
+    );
+    let local = check("listen = \"127.0.0.1:9687\"\n");
+    assert!(!local.contains("warning"), "{local}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

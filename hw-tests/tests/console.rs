@@ -195,3 +195,65 @@ fn a_sign_in_code_works_once_from_the_consoles_own_page_only() {
     let (status, _) = http(daemon.port, "GET", "/", &[("Host", "evil.example")], "");
     assert_eq!(status, 421);
 }
+
+/// A raw request's whole answer head (status line and headers), lower case.
+fn answer_head(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> String {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    s.write_all(request.as_bytes()).expect("send");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("read");
+    answer
+        .split("\r\n\r\n")
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+}
+
+/// A sign-in code and a session token are credentials: no cache may keep the answers that
+/// carry them, nor their refusals.
+#[test]
+fn sign_in_and_session_answers_are_not_stored() {
+    let daemon = Daemon::start("console-no-store", "");
+    let own = format!("http://127.0.0.1:{}", daemon.port);
+    let json = ("Content-Type", "application/json");
+    let bearer = format!("Bearer {ADMIN}");
+    let code = answer_head(
+        daemon.port,
+        "POST",
+        "/v1/console/sign-in",
+        &[("Authorization", &bearer), json],
+        "{}",
+    );
+    assert!(code.starts_with("http/1.1 201"), "{code}");
+    assert!(code.contains("cache-control: no-store"), "{code}");
+    let token_body = format!("{{\"token\":\"{TOKEN}\"}}");
+    for body in [token_body.as_str(), "{\"code\":\"wrong\"}"] {
+        let session = answer_head(
+            daemon.port,
+            "POST",
+            "/v1/console/session",
+            &[("Origin", &own), json],
+            body,
+        );
+        assert!(
+            session.contains("cache-control: no-store"),
+            "{body}: {session}"
+        );
+    }
+}

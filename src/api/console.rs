@@ -140,14 +140,24 @@ pub(super) async fn sign_in(
         scopes: scopes.0,
         origins: Vec::new(),
     };
-    match l.shared.clients.sessions().issue_code(client) {
+    let answer = match l.shared.clients.sessions().issue_code(client) {
         Ok(code) => (
             StatusCode::CREATED,
             Json(json!({"code": code, "path": format!("/#code={code}"), "expires_in_s": CODE_LIFETIME.as_secs()})),
         )
             .into_response(),
         Err(e) => e.into_response(),
-    }
+    };
+    no_store(answer)
+}
+
+/// Marks an answer that carries a sign-in code or a session token as one no cache may keep (a
+/// browser's, a proxy's): it is a credential.
+fn no_store(mut answer: Response) -> Response {
+    answer
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    answer
 }
 
 /// The caller's scopes, as the gate found them (for routes that hand them on).
@@ -171,7 +181,7 @@ pub(super) async fn session(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    session_steps(&l, &headers, &body).unwrap_or_else(IntoResponse::into_response)
+    no_store(session_steps(&l, &headers, &body).unwrap_or_else(IntoResponse::into_response))
 }
 
 /// Reads a `POST /v1/console/session` body: `{"code"}` or `{"token"}`.
