@@ -257,3 +257,52 @@ fn sign_in_and_session_answers_are_not_stored() {
         );
     }
 }
+
+/// G5: a certificate whose holder name carries a right-to-left override. In the console the
+/// control is shown as its code point, the name is isolated and the card id is drawn left to
+/// right, in the heading and in the revoke confirmation (`hw-tests/console/bidi.mjs`).
+#[test]
+fn bidi_controls_in_a_card_cannot_reverse_what_the_helpdesk_reads() {
+    let shots = workspace().join("target/console");
+    std::fs::create_dir_all(&shots).expect("screenshot dir");
+    let rig = Rig::get();
+    let _shared = rig.shared();
+    let slot = rig.slot();
+    common::wait_for_card(&slot.reader, false);
+    let spec = CardSpec {
+        holder: Some("Mallory \u{202E}3A2B1C".into()),
+        ..CardSpec::piv_four_certs()
+    };
+    let vcard = VirtualCard::new(spec).expect("virtual card");
+    let card_id = vcard.truth.card_id.clone().expect("card id");
+    let daemon = Daemon::start("console-bidi", "");
+    let link = sign_in_link(&daemon);
+    let mut flow = Command::new("node")
+        .arg(workspace().join("hw-tests/console/bidi.mjs"))
+        .arg(&link)
+        .arg(&shots)
+        .env("PLAYWRIGHT_DIR", workspace().join("target/playwright"))
+        .current_dir(workspace().join("target/playwright"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("node is installed");
+    let mut to_flow = flow.stdin.take().expect("stdin");
+    let (tx, lines) = channel();
+    let stdout = flow.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    expect_line(&lines, "READY");
+    let inserted = insert_virtual(vcard, &slot).expect("insert the card");
+    writeln!(to_flow, "{card_id}").expect("to the flow");
+    expect_line(&lines, "DONE");
+    drop(to_flow);
+    let status = flow.wait().expect("the flow ends");
+    inserted.remove();
+    assert!(status.success(), "the browser flow failed: {status}");
+}

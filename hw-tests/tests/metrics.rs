@@ -215,3 +215,49 @@ fn a_tls_key_that_is_not_private_stops_the_daemon_at_startup() {
         "{stderr}"
     );
 }
+
+/// G4: 200 connections to the TLS metrics listener that never start their handshake (no token
+/// is needed to open them) do not keep a scrape with the token out: it is answered within a
+/// few seconds while they stay open.
+#[test]
+fn connections_that_never_handshake_do_not_keep_a_scrape_out() {
+    let dir = common::TempDir::new("metrics-tls-flood");
+    let (cert, key) = tls_files(&dir);
+    let hash = hex::encode(Sha256::digest(SCRAPE_TOKEN.as_bytes()));
+    let config = format!(
+        "[metrics]\nlisten = \"127.0.0.1:0\"\ntoken_sha256 = \"{hash}\"\ntls_certificate = \"{}\"\ntls_key = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let daemon = Daemon::start("metrics-tls-flood", &config);
+    let port = daemon.logged_port("metrics listening on https://127.0.0.1:", 0);
+    let flood: Vec<std::net::TcpStream> = (0..200)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+        .collect();
+    let started = std::time::Instant::now();
+    let answer = https_get_within(port, &cert, SCRAPE_TOKEN, std::time::Duration::from_secs(8));
+    let took = started.elapsed();
+    assert!(
+        answer
+            .as_deref()
+            .is_some_and(|a| a.starts_with("HTTP/1.1 200")),
+        "no scrape within 8 s during the flood: {answer:?}"
+    );
+    eprintln!("scrape during a flood of 200 idle connections: {took:?}");
+    drop(flood);
+}
+
+/// `https_get` with a deadline: `None` when openssl has not finished within `limit`.
+fn https_get_within(
+    port: u16,
+    ca: &std::path::Path,
+    token: &str,
+    limit: std::time::Duration,
+) -> Option<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (ca, token) = (ca.to_path_buf(), token.to_string());
+    std::thread::spawn(move || {
+        let _ = tx.send(https_get(port, &ca, &token));
+    });
+    rx.recv_timeout(limit).ok()
+}

@@ -3,15 +3,19 @@
 //!
 //! Handshakes run in tasks of their own, not in the accept loop, so a client that opens a
 //! connection and never finishes its handshake holds up nobody; each has a deadline, and only
-//! so many run at once.
+//! so many run at once. When all those places are taken, a new connection takes the place of
+//! the one that has been handshaking longest: connections opened to never handshake (which
+//! need no token) cannot keep Prometheus's scrape, whose handshake takes milliseconds, out.
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
+use tokio::task::{AbortHandle, JoinSet};
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::ServerConfig;
@@ -23,7 +27,7 @@ use crate::auth::secret::{SecretError, SecretPath};
 
 /// A handshake must finish within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in progress at once; a connection beyond waits in the kernel's backlog.
+/// Handshakes in progress at once; a connection beyond ends the oldest one.
 const HANDSHAKES: usize = 64;
 
 #[derive(Debug, Error)]
@@ -75,12 +79,11 @@ impl TlsListener {
     pub fn spawn(listener: TcpListener, config: Arc<ServerConfig>) -> TlsListener {
         let (tx, done) = mpsc::channel(HANDSHAKES);
         let acceptor = TlsAcceptor::from(config);
-        let slots = Arc::new(Semaphore::new(HANDSHAKES));
         tokio::spawn(async move {
+            let mut handshakes = JoinSet::new();
+            // The handshakes in progress, oldest first.
+            let mut oldest_first: VecDeque<AbortHandle> = VecDeque::new();
             loop {
-                let Ok(slot) = slots.clone().acquire_owned().await else {
-                    return;
-                };
                 let stream = tokio::select! {
                     accepted = listener.accept() => match accepted {
                         Ok((stream, _)) => stream,
@@ -92,9 +95,16 @@ impl TlsListener {
                     },
                     _ = tx.closed() => return,
                 };
+                while handshakes.try_join_next().is_some() {}
+                oldest_first.retain(|h| !h.is_finished());
+                if oldest_first.len() >= HANDSHAKES {
+                    if let Some(oldest) = oldest_first.pop_front() {
+                        oldest.abort();
+                        tracing::debug!("metrics listener: a stalled TLS handshake made room");
+                    }
+                }
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
-                tokio::spawn(async move {
-                    let _slot = slot;
+                oldest_first.push_back(handshakes.spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
                             let _ = tx.send(tls).await;
@@ -104,7 +114,7 @@ impl TlsListener {
                         }
                         Err(_) => tracing::debug!("metrics listener: TLS handshake timed out"),
                     }
-                });
+                }));
             }
         });
         TlsListener { done }

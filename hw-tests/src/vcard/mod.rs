@@ -95,6 +95,9 @@ pub struct CardSpec {
     /// IDPrime: the model and its certificates.
     #[serde(default)]
     pub idprime: Option<idprime::Spec>,
+    /// PIV: the holder's name in every certificate's CN (default `Contoso user, slot NN`).
+    #[serde(default)]
+    pub holder: Option<String>,
     pub faults: Faults,
 }
 
@@ -118,6 +121,7 @@ impl CardSpec {
             card_id: None,
             expired_slots: Vec::new(),
             idprime: None,
+            holder: None,
             faults: Faults::default(),
         }
     }
@@ -144,6 +148,7 @@ impl CardSpec {
             card_id: None,
             expired_slots: Vec::new(),
             idprime: None,
+            holder: None,
             faults: Faults::default(),
         }
     }
@@ -561,7 +566,10 @@ fn build_piv(
     let mut slots = spec.slots.clone();
     slots.extend((0..spec.retired.min(20)).map(|n| (0x82 + n, Compress::None)));
     for (slot, compress) in slots {
-        let label = format!("Contoso user, slot {slot:02X}");
+        let label = match &spec.holder {
+            Some(holder) => holder.clone(),
+            None => format!("Contoso user, slot {slot:02X}"),
+        };
         let expired = spec.expired_slots.contains(&slot);
         let der = if spec.faults.garbage_certificate && slot == 0x9A {
             random_bytes(300)?

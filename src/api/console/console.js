@@ -17,6 +17,23 @@ const VERDICTS = {
 const SEVERITY = { info: "ℹ", warning: "⚠", critical: "✖" };
 const SCEPMAN = { active: "active", revoked: "revoked", expired: "expired", unknown: "unknown to SCEPman" };
 
+// Bidi controls and other invisible format characters (a card's or a server's text may carry
+// them): shown as their code point, so a name can neither reverse nor hide what follows it.
+const INVISIBLE = /[\u00AD\u061C\u180E\u200B-\u200F\u202A-\u202E\u2060-\u2064\u2066-\u206F\uFEFF]/g;
+function shown(text) {
+  return String(text ?? "").replace(INVISIBLE, (c) => `[U+${c.codePointAt(0).toString(16).toUpperCase().padStart(4, "0")}]`);
+}
+
+// Text from a card or a server, in a direction of its own that cannot leak into what follows.
+function isolated(text) {
+  return el("bdi", {}, shown(text));
+}
+
+// An identifier: always drawn left to right, whatever surrounds it.
+function ltr(text) {
+  return el("bdi", { dir: "ltr", class: "id" }, shown(text));
+}
+
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) {
@@ -136,10 +153,10 @@ function renderCard(card) {
   const r = card.card_id ? state.reconciliations.get(card.card_id) : null;
   const verdict = card.error ? "unknown" : (r ? r.verdict : "reading");
   const box = el("article", { class: "card", "data-card-id": card.card_id || "" },
-    el("h4", {}, `${holderOf(card)} — ${card.kind.toUpperCase()} card ${card.card_id || "(no card id)"}`),
+    el("h4", {}, isolated(holderOf(card)), ` — ${card.kind.toUpperCase()} card `, card.card_id ? ltr(card.card_id) : "(no card id)"),
     verdictBadge(verdict));
-  if (card.error) box.append(el("p", { class: "error" }, `The card could not be read: ${card.error.message}`));
-  for (const note of card.notes || []) box.append(el("p", { class: "muted note" }, note));
+  if (card.error) box.append(el("p", { class: "error" }, "The card could not be read: ", isolated(card.error.message)));
+  for (const note of card.notes || []) box.append(el("p", { class: "muted note" }, isolated(note)));
   if (r && r.state !== "matched") box.append(el("p", { class: "muted" }, stateWords(r)));
   const findings = (r && r.findings) || [];
   if (findings.length) {
@@ -180,8 +197,8 @@ function certificates(card, r) {
     const seen = byThumbprint.get(c.thumbprint);
     const scepman = seen && seen.scepman ? seen.scepman.status : null;
     body.append(el("tr", {},
-      el("td", {}, c.slot),
-      el("td", {}, c.error ? `Unreadable: ${c.error}` : c.template || (seen && seen.template) || "—"),
+      el("td", {}, isolated(c.slot)),
+      el("td", {}, c.error ? isolated(`Unreadable: ${c.error}`) : isolated(c.template || (seen && seen.template) || "—")),
       el("td", {}, (c.not_after || "—").slice(0, 10)),
       el("td", { class: scepman ? `status-${scepman}` : "" }, scepman ? SCEPMAN[scepman] || scepman : "—")));
   }
@@ -207,7 +224,7 @@ function openRevoke(card) {
   revoking = card;
   const n = card.certificates.length;
   $("revoke-what").textContent = `${n} certificate${n === 1 ? "" : "s"} of this card will be revoked in SCEPman. This cannot be undone.`;
-  $("revoke-confirm-label").textContent = `I confirm: revoke every certificate of card ${card.card_id}, held by ${holderOf(card)}.`;
+  $("revoke-confirm-label").replaceChildren("I confirm: revoke every certificate of card ", ltr(card.card_id), ", held by ", isolated(holderOf(card)), ".");
   $("revoke-confirm").checked = false;
   $("revoke-comment").value = "";
   $("revoke-error").textContent = "";
