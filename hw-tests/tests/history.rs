@@ -186,9 +186,10 @@ fn scepman_answers_are_reused_until_a_sync_asks_again() {
     let daemon = Daemon::start("scepman-cache", &config);
     let mut events = daemon.events(None);
     // Only this card's searches: the daemon also reads cards other tests put in other slots.
+    // cardbridge searches by the serial's canonical hex (no sign byte).
     let serials: Vec<String> = scepman_certs(&vcard.truth)
         .into_iter()
-        .map(|c| c.serial_number)
+        .map(|c| c.serial_number.trim_start_matches('0').to_string())
         .collect();
     let searches = || {
         sim.log()

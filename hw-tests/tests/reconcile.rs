@@ -553,12 +553,19 @@ fn the_serial_is_matched_exactly_on_a_later_page_past_a_substring_decoy() {
     let slot = rig.slot();
     let card = insert(CardSpec::piv_four_certs(), &slot);
     for sign_bytes in [true, false] {
-        serial_on_page_2(&card, &slot, sign_bytes);
+        for revoked in [false, true] {
+            serial_on_page_2(&card, &slot, sign_bytes, revoked);
+        }
     }
 }
 
-fn serial_on_page_2(card: &hw_tests::vpcd::Inserted, slot: &Slot, sign_bytes: bool) {
-    let known = listed(&card.truth, sign_bytes);
+/// The card's first certificate listed on page 2 of the search, active or `revoked` there.
+fn serial_on_page_2(card: &hw_tests::vpcd::Inserted, slot: &Slot, sign_bytes: bool, revoked: bool) {
+    let mut known = listed(&card.truth, sign_bytes);
+    if revoked {
+        known[0].revocation_date = Some("2026-11-30T08:00:00Z".into());
+        known[0].revocation_reason = Some(4);
+    }
     // The integer's canonical hex, the form cardbridge searches with.
     let target = known[0].serial_number.trim_start_matches('0').to_string();
     // Page 1 (100 items): a revoked certificate whose serial contains the target's, then
@@ -584,10 +591,16 @@ fn serial_on_page_2(card: &hw_tests::vpcd::Inserted, slot: &Slot, sign_bytes: bo
     );
     let json = station.scan(slot);
     let thumbprint = &card.truth.certificates[0].thumbprint;
+    let scepman = &certificate(&json, thumbprint)["scepman"];
+    // The decoy on page 1 is revoked too, on another date: only the page-2 item may count.
+    let (status, date) = match revoked {
+        true => ("revoked", json!("2026-11-30T08:00:00Z")),
+        false => ("active", Value::Null),
+    };
     assert_eq!(
-        certificate(&json, thumbprint)["scepman"]["status"],
-        "active",
-        "sign bytes {sign_bytes}: {json:#}"
+        (&scepman["status"], &scepman["revocation_date"]),
+        (&json!(status), &date),
+        "sign bytes {sign_bytes}, revoked {revoked}: {json:#}"
     );
     let searches: Vec<String> = sim
         .log()
