@@ -172,7 +172,6 @@ pub fn read(ch: &mut Channel<'_>, atr: &[u8]) -> Result<(IdprimeDetails, AppletD
         return Ok((details, data));
     };
     let find = |dir: &str, name: &str| index.iter().find(|e| e.directory == dir && e.name == name);
-    let mut data = AppletData::default();
 
     if let Some(entry) = find("", "cardid") {
         data.card_id = minidriver::card_id(&read_file(ch, entry)?)?;
@@ -181,12 +180,7 @@ pub fn read(ch: &mut Channel<'_>, atr: &[u8]) -> Result<(IdprimeDetails, AppletD
             .push("the index lists no cardid file, so the card has no card id".into());
     }
 
-    let cplc = ch.send_raw(&[0x00, 0xCA, 0x9F, 0x7F, 0x2D])?;
-    let cplc = if cplc.is_ok() {
-        parse_cplc(&cplc.data)
-    } else {
-        None
-    };
+    let cplc = read_cplc(ch)?;
     data.serial_number = cplc.as_ref().map(|(_, serial)| serial.clone());
     let os_level = cplc.map(|(level, _)| level);
 
@@ -196,16 +190,9 @@ pub fn read(ch: &mut Channel<'_>, atr: &[u8]) -> Result<(IdprimeDetails, AppletD
             .map(|e| (e.directory.as_str(), e.name.as_str(), e)),
     );
 
-    let containers = match (
-        find("mscp", "cmapfile"),
-        files.iter().map(|(f, _)| f.container).max(),
-    ) {
-        (Some(entry), Some(last)) => {
-            // Only the records up to the last container a certificate belongs to.
-            let wanted = (usize::from(last) + 1) * minidriver::CMAP_RECORD;
-            let records = read_prefix(ch, entry, wanted)?;
-            minidriver::parse_cmapfile(&records)?
-        }
+    let last_container = files.iter().map(|(f, _)| f.container).max();
+    let containers = match (find("mscp", "cmapfile"), last_container) {
+        (Some(entry), Some(last)) => read_containers(ch, entry, last)?,
         _ => Vec::new(),
     };
 
@@ -224,6 +211,23 @@ pub fn read(ch: &mut Channel<'_>, atr: &[u8]) -> Result<(IdprimeDetails, AppletD
         containers,
     };
     Ok((details, data))
+}
+
+/// The OS level and chip serial from the CPLC; `None` when the card gives none.
+fn read_cplc(ch: &mut Channel<'_>) -> Result<Option<(u8, String)>, ReadError> {
+    let answer = ch.send_raw(&[0x00, 0xCA, 0x9F, 0x7F, 0x2D])?;
+    Ok(answer.is_ok().then(|| parse_cplc(&answer.data)).flatten())
+}
+
+/// The cmapfile's records up to the last container a certificate belongs to: a real card's
+/// file holds 15 records (1290 bytes), three containers need 258 of them.
+fn read_containers(
+    ch: &mut Channel<'_>,
+    cmapfile: &IndexEntry,
+    last: u8,
+) -> Result<Vec<Container>, ReadError> {
+    let wanted = (usize::from(last) + 1) * minidriver::CMAP_RECORD;
+    minidriver::parse_cmapfile(&read_prefix(ch, cmapfile, wanted)?)
 }
 
 /// The index: its first 256 bytes hold the count and twelve entries; a longer index is read on.
