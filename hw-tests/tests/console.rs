@@ -306,3 +306,47 @@ fn bidi_controls_in_a_card_cannot_reverse_what_the_helpdesk_reads() {
     inserted.remove();
     assert!(status.success(), "the browser flow failed: {status}");
 }
+
+/// G3: 256 console session requests without a token, each announcing a 100-byte body and
+/// sending 1 byte, do not take the request slots a token holder needs: their own slots are
+/// few, and they are cut at 2 s.
+#[test]
+fn slow_unauthenticated_session_requests_do_not_hold_a_token_holders_slot() {
+    let daemon = Daemon::start("console-slow-bodies", "");
+    let port = daemon.port;
+    let own = format!("http://127.0.0.1:{port}");
+    let slow: Vec<std::net::TcpStream> = (0..256)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            write!(
+                s,
+                "POST /v1/console/session HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: {own}\r\n\
+                 Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
+            )
+            .expect("send");
+            s
+        })
+        .collect();
+    // For 1.5 s (the slow requests are all dispatched within it; before, they then held all
+    // 256 shared slots for 10 s), every token holder's request is answered.
+    let auth = format!("Bearer {TOKEN}");
+    let started = std::time::Instant::now();
+    let mut probes = 0;
+    while started.elapsed() < Duration::from_millis(1500) {
+        let asked = std::time::Instant::now();
+        let (status, body) = http(port, "GET", "/v1/health", &[("Authorization", &auth)], "");
+        assert_eq!(status, 200, "probe {probes}: {body}");
+        probes += 1;
+        eprintln!("probe {probes}: {:?}", asked.elapsed());
+    }
+    // A slow body that got a slot is cut short (408) rather than held for 10 s.
+    let mut first = slow.into_iter().next().expect("a slow request");
+    first
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    let (status, _) = common::daemon::read_answer(&mut first);
+    assert!(
+        matches!(status, 408 | 503),
+        "a slow session request got {status}"
+    );
+}

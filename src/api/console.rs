@@ -175,7 +175,7 @@ pub(crate) struct SessionRequest {
 
 /// `POST /v1/console/session`: trades a sign-in code (or a client's token) for a console
 /// session. Only the console's own page may ask: the Origin must be this listener's.
-#[utoipa::path(post, path = "/v1/console/session", request_body(content = inline(SessionRequest), content_type = "application/json"), responses(Refusals, (status = 201, description = "{\"token\", \"client\", \"scopes\", \"expires_in_s\"}"), (status = 400, description = "Neither code nor token"), (status = 401, description = "The code is unknown, used or expired, or the token unknown"), (status = 403, description = "Not the console's own page (Origin)"), (status = 415, description = "Not application/json")))]
+#[utoipa::path(post, path = "/v1/console/session", request_body(content = inline(SessionRequest), content_type = "application/json"), responses(Refusals, (status = 201, description = "{\"token\", \"client\", \"scopes\", \"expires_in_s\"}"), (status = 400, description = "Neither code nor token"), (status = 401, description = "The code is unknown, used or expired, or the token unknown"), (status = 403, description = "Not the console's own page (Origin)"), (status = 408, description = "The request, its body included, took longer than 2 s"), (status = 413, description = "The body is larger than 1 KiB"), (status = 415, description = "Not application/json"), (status = 503, description = "16 session requests are being handled already; try again shortly")))]
 pub(super) async fn session(
     State(l): State<Listener>,
     headers: HeaderMap,

@@ -197,6 +197,11 @@ struct Listener {
 
 /// Largest request body accepted (state-changing routes take small JSON objects).
 const BODY_LIMIT: usize = 64 * 1024;
+/// The console's session request (`{"code"}` or `{"token"}`) is small, and comes from a person's
+/// browser on this station: it needs neither a large body nor long, nor many at once.
+const PUBLIC_BODY_LIMIT: usize = 1024;
+const PUBLIC_TIMEOUT: Duration = Duration::from_secs(2);
+const PUBLIC_CONCURRENCY: usize = 16;
 /// How long a refused-for-load caller is told to wait before trying again.
 const OVERLOAD_RETRY_AFTER: &str = "1";
 
@@ -222,7 +227,7 @@ impl RouteLimits {
 pub fn router(shared: Arc<Shared>, kind: Kind) -> Router {
     let limits = shared.route_limits;
     let state = Listener { shared, kind };
-    let (short, long, api) = routes();
+    let (short, long, public, api) = routes();
     let document = Arc::new(api);
     let short = short
         .route(
@@ -245,10 +250,28 @@ pub fn router(shared: Arc<Shared>, kind: Kind) -> Router {
                     limits.concurrency,
                 )),
         );
+    // The console's session is asked for before anyone is known, so its callers get slots,
+    // a deadline and a body size of their own: slow or many, they cannot hold a slot a token
+    // holder needs.
+    let public = public
+        .layer(RequestBodyLimitLayer::new(PUBLIC_BODY_LIMIT))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            PUBLIC_TIMEOUT,
+        ))
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(axum::error_handling::HandleErrorLayer::new(overloaded))
+                .load_shed()
+                .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                    PUBLIC_CONCURRENCY,
+                )),
+        );
     // Layers wrap what comes before them: the gate runs first, then the body limit (so an
     // oversized call is refused after the caller is known, and audited).
     short
         .merge(long)
+        .merge(public)
         .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
         .layer(axum::middleware::from_fn_with_state(state.clone(), gate))
         .layer(axum::middleware::from_fn(json_errors))
@@ -310,12 +333,20 @@ async fn json_errors(request: Request, next: Next) -> Response {
 
 /// The OpenAPI document of the local API, as served at `/openapi.json`.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    routes().2
+    routes().3
 }
 
 /// The routes, from the annotated handlers, so the OpenAPI document lists exactly them: the
 /// short requests (under the request timeout) and the event stream, and the document.
-fn routes() -> (Router<Listener>, Router<Listener>, utoipa::openapi::OpenApi) {
+/// The routes in three groups by the limits they get: short (authenticated, the shared request
+/// slots), long (the event stream) and public (the console's session, which reads a body
+/// before anyone is known), and the OpenAPI document of all of them.
+fn routes() -> (
+    Router<Listener>,
+    Router<Listener>,
+    Router<Listener>,
+    utoipa::openapi::OpenApi,
+) {
     let (short, mut api) = OpenApiRouter::new()
         .routes(routes!(health))
         .routes(routes!(readers))
@@ -328,14 +359,17 @@ fn routes() -> (Router<Listener>, Router<Listener>, utoipa::openapi::OpenApi) {
         .routes(routes!(revocations::one))
         .routes(routes!(metrics::metrics_text))
         .routes(routes!(console::sign_in))
-        .routes(routes!(console::session))
         .split_for_parts();
     let (long, events_api) = OpenApiRouter::new()
         .routes(routes!(events))
         .split_for_parts();
+    let (public, session_api) = OpenApiRouter::new()
+        .routes(routes!(console::session))
+        .split_for_parts();
     api.merge(events_api);
+    api.merge(session_api);
     api.info.title = "cardbridge local API".into();
-    (short, long, api)
+    (short, long, public, api)
 }
 
 /// The answers any route may give before or instead of its handler, declared once for the
