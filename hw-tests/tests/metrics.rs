@@ -261,3 +261,28 @@ fn https_get_within(
     });
     rx.recv_timeout(limit).ok()
 }
+
+/// Wrong tokens on the metrics listener are slowed: past a burst of 20 (refilled at 5 a second)
+/// they are answered 429, while the right token is still answered 200. 100 guesses overrun the
+/// budget even at 100 ms each on a loaded machine.
+#[test]
+fn wrong_tokens_on_the_metrics_listener_are_throttled_and_the_right_one_gets_through() {
+    let hash = hex::encode(Sha256::digest(SCRAPE_TOKEN.as_bytes()));
+    let config = format!("[metrics]\nlisten = \"127.0.0.1:0\"\ntoken_sha256 = \"{hash}\"\n");
+    let daemon = Daemon::start("metrics-guesses", &config);
+    let port = daemon.logged_port("metrics listening on http://127.0.0.1:", 0);
+    let statuses: Vec<u16> = (0..100)
+        .map(|n| {
+            let guess = format!("Bearer guess-{n}");
+            http(port, "GET", "/metrics", &[("Authorization", &guess)], "").0
+        })
+        .collect();
+    assert!(
+        statuses.iter().all(|s| matches!(s, 401 | 429)),
+        "{statuses:?}"
+    );
+    assert!(statuses.contains(&429), "never throttled: {statuses:?}");
+    let good = format!("Bearer {SCRAPE_TOKEN}");
+    let (status, body) = http(port, "GET", "/metrics", &[("Authorization", &good)], "");
+    assert_eq!(status, 200, "{body}");
+}

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -13,6 +14,7 @@ use axum::Router;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use super::security::FailureBudget;
 use super::{error, Listener, Refusals, Shared};
 use crate::metrics::{Snapshot, CONTENT_TYPE};
 
@@ -68,6 +70,10 @@ struct Scrape {
     shared: Arc<Shared>,
     /// SHA-256 of the bearer token Prometheus must send, when one is configured.
     token_sha256: Option<[u8; 32]>,
+    /// Wrong tokens allowed before the listener answers 429: guessing is slowed, while the
+    /// right token is always let through. The listener's own, so guesses here do not spend
+    /// the API's budget, nor the API's guesses this one.
+    failures: Arc<FailureBudget>,
 }
 
 /// The router of the metrics listener bound to `addr`.
@@ -91,6 +97,7 @@ pub fn scrape_router(
         .with_state(Scrape {
             shared,
             token_sha256,
+            failures: Arc::default(),
         })
 }
 
@@ -98,6 +105,17 @@ async fn scrape(State(s): State<Scrape>, headers: HeaderMap) -> Response {
     if let Some(expected) = s.token_sha256 {
         let presented = super::security::bearer(&headers).map(|t| Sha256::digest(t.as_bytes()));
         let ok = presented.is_some_and(|digest| bool::from(digest.as_slice().ct_eq(&expected)));
+        if !ok && !s.failures.spend(Instant::now()) {
+            let mut answer = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_failures",
+                "too many wrong tokens; wait and retry",
+            );
+            answer
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            return answer;
+        }
         if !ok {
             let mut answer = error(
                 StatusCode::UNAUTHORIZED,
