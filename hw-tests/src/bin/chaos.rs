@@ -743,6 +743,18 @@ fn finish(run: &Run, pools: &[Vec<PoolCard>]) -> Result<Vec<Verdict>> {
         run.sim.set_fault(route, Fault::default());
     }
     let last = &pools[0][0];
+    // The movers have pulled their cards. Another card put in before pcscd's next poll of the
+    // slot (every 400 ms for vpcd) would look, to pcscd and to every PC/SC client, like the
+    // same card left in: wait until pcscd has seen the slot empty (retried while a pcscd the
+    // run killed comes back).
+    let reader = rig::reader_name(0);
+    let until = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = rig::wait_for_card(&reader, false) {
+        if Instant::now() > until {
+            return Err(e);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let card = Inserted::insert(last.card.clone(), rig::BASE_PORT, false)?;
     let in_readers = vec![(rig::reader_name(0), last.id.clone())];
     let listed = eventually(Duration::from_secs(15), || {
