@@ -52,6 +52,40 @@ fn sign_in_link(daemon: &Daemon) -> String {
         .to_string()
 }
 
+/// Starts the browser script `script` (in `hw-tests/console/`) on the sign-in link: the process,
+/// its stdin (what the test tells it) and its stdout lines (what it reports).
+fn browser_flow(
+    script: &str,
+    link: &str,
+    shots: &Path,
+) -> (
+    std::process::Child,
+    std::process::ChildStdin,
+    Receiver<String>,
+) {
+    let mut flow = Command::new("node")
+        .arg(workspace().join("hw-tests/console").join(script))
+        .arg(link)
+        .arg(shots)
+        .env("PLAYWRIGHT_DIR", workspace().join("target/playwright"))
+        .current_dir(workspace().join("target/playwright"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("node is installed");
+    let to_flow = flow.stdin.take().expect("stdin");
+    let (tx, lines) = channel();
+    let stdout = flow.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (flow, to_flow, lines)
+}
+
 /// The script's stdout lines, each waited for with a deadline.
 fn expect_line(lines: &Receiver<String>, wanted: &str) {
     match lines.recv_timeout(Duration::from_secs(90)) {
@@ -86,26 +120,7 @@ fn a_helpdesk_person_signs_in_sees_the_card_revokes_it_and_sees_it_go() {
     let daemon = Daemon::start("console-browser", &config);
     let link = sign_in_link(&daemon);
 
-    let mut flow = Command::new("node")
-        .arg(workspace().join("hw-tests/console/flow.mjs"))
-        .arg(&link)
-        .arg(&shots)
-        .env("PLAYWRIGHT_DIR", workspace().join("target/playwright"))
-        .current_dir(workspace().join("target/playwright"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("node is installed");
-    let mut to_flow = flow.stdin.take().expect("stdin");
-    let (tx, lines) = channel();
-    let stdout = flow.stdout.take().expect("stdout");
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut flow, mut to_flow, lines) = browser_flow("flow.mjs", &link, &shots);
 
     expect_line(&lines, "READY");
     let inserted = insert_virtual(vcard, &slot).expect("insert the card");
@@ -196,7 +211,7 @@ fn a_sign_in_code_works_once_from_the_consoles_own_page_only() {
     assert_eq!(status, 421);
 }
 
-/// A raw request's whole answer head (status line and headers), lower case.
+/// A request's answer head (status line and headers), lower case.
 fn answer_head(
     port: u16,
     method: &str,
@@ -204,20 +219,7 @@ fn answer_head(
     headers: &[(&str, &str)],
     body: &str,
 ) -> String {
-    use std::io::Read;
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        request.push_str(&format!("{k}: {v}\r\n"));
-    }
-    request.push_str("\r\n");
-    request.push_str(body);
-    s.write_all(request.as_bytes()).expect("send");
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).expect("read");
+    let answer = common::daemon::http_raw(port, method, path, headers, body);
     answer
         .split("\r\n\r\n")
         .next()
@@ -277,26 +279,7 @@ fn bidi_controls_in_a_card_cannot_reverse_what_the_helpdesk_reads() {
     let card_id = vcard.truth.card_id.clone().expect("card id");
     let daemon = Daemon::start("console-bidi", "");
     let link = sign_in_link(&daemon);
-    let mut flow = Command::new("node")
-        .arg(workspace().join("hw-tests/console/bidi.mjs"))
-        .arg(&link)
-        .arg(&shots)
-        .env("PLAYWRIGHT_DIR", workspace().join("target/playwright"))
-        .current_dir(workspace().join("target/playwright"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("node is installed");
-    let mut to_flow = flow.stdin.take().expect("stdin");
-    let (tx, lines) = channel();
-    let stdout = flow.stdout.take().expect("stdout");
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut flow, mut to_flow, lines) = browser_flow("bidi.mjs", &link, &shots);
     expect_line(&lines, "READY");
     let inserted = insert_virtual(vcard, &slot).expect("insert the card");
     writeln!(to_flow, "{card_id}").expect("to the flow");

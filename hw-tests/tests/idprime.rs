@@ -108,15 +108,6 @@ fn opensc(tool: &str, reader: usize, args: &[&str], home: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn pem_der(pem: &str) -> Option<Vec<u8>> {
-    use base64::Engine;
-    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-    base64::engine::general_purpose::STANDARD
-        .decode(body.trim())
-        .ok()
-        .filter(|der| !der.is_empty())
-}
-
 /// What OpenSC reads of the card in `reader`: its serial and the SHA-1 of every certificate it
 /// can read (OpenSC 0.23 lists a plain certificate but cannot read it).
 fn opensc_view(reader: &str, home: &Path) -> (Option<String>, Vec<String>) {
@@ -126,7 +117,7 @@ fn opensc_view(reader: &str, home: &Path) -> (Option<String>, Vec<String>) {
     let mut sha1 = Vec::new();
     for id in hw_tests::qualify::opensc_certificate_ids(&listing) {
         let pem = opensc("pkcs15-tool", index, &["--read-certificate", &id], home);
-        if let Some(der) = pem_der(&pem) {
+        if let Some(der) = pem_to_der(&pem) {
             sha1.push(hex::encode_upper(Sha1::digest(&der)));
         }
     }

@@ -139,6 +139,21 @@ fn tls_files(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) 
     (cert_path, key_path)
 }
 
+/// A daemon whose metrics listener serves TLS with a certificate made in `dir` and asks for
+/// [`SCRAPE_TOKEN`]: the daemon, the listener's port, and the certificate to trust.
+fn tls_daemon(name: &str, dir: &std::path::Path) -> (Daemon, u16, std::path::PathBuf) {
+    let (cert, key) = tls_files(dir);
+    let hash = hex::encode(Sha256::digest(SCRAPE_TOKEN.as_bytes()));
+    let config = format!(
+        "[metrics]\nlisten = \"127.0.0.1:0\"\ntoken_sha256 = \"{hash}\"\ntls_certificate = \"{}\"\ntls_key = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let daemon = Daemon::start(name, &config);
+    let port = daemon.logged_port("metrics listening on https://127.0.0.1:", 0);
+    (daemon, port, cert)
+}
+
 /// GET /metrics over TLS with `openssl s_client`, trusting only `ca`; the whole answer.
 fn https_get(port: u16, ca: &std::path::Path, token: &str) -> String {
     let mut child = Command::new("openssl")
@@ -167,15 +182,7 @@ fn https_get(port: u16, ca: &std::path::Path, token: &str) -> String {
 #[test]
 fn the_metrics_listener_serves_tls_with_the_stations_certificate() {
     let dir = common::TempDir::new("metrics-tls");
-    let (cert, key) = tls_files(&dir);
-    let hash = hex::encode(Sha256::digest(SCRAPE_TOKEN.as_bytes()));
-    let config = format!(
-        "[metrics]\nlisten = \"127.0.0.1:0\"\ntoken_sha256 = \"{hash}\"\ntls_certificate = \"{}\"\ntls_key = \"{}\"\n",
-        cert.display(),
-        key.display()
-    );
-    let daemon = Daemon::start("metrics-tls", &config);
-    let port = daemon.logged_port("metrics listening on https://127.0.0.1:", 0);
+    let (_daemon, port, cert) = tls_daemon("metrics-tls", &dir);
     let answer = https_get(port, &cert, SCRAPE_TOKEN);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("cardbridge_build_info"), "{answer}");
@@ -222,15 +229,7 @@ fn a_tls_key_that_is_not_private_stops_the_daemon_at_startup() {
 #[test]
 fn connections_that_never_handshake_do_not_keep_a_scrape_out() {
     let dir = common::TempDir::new("metrics-tls-flood");
-    let (cert, key) = tls_files(&dir);
-    let hash = hex::encode(Sha256::digest(SCRAPE_TOKEN.as_bytes()));
-    let config = format!(
-        "[metrics]\nlisten = \"127.0.0.1:0\"\ntoken_sha256 = \"{hash}\"\ntls_certificate = \"{}\"\ntls_key = \"{}\"\n",
-        cert.display(),
-        key.display()
-    );
-    let daemon = Daemon::start("metrics-tls-flood", &config);
-    let port = daemon.logged_port("metrics listening on https://127.0.0.1:", 0);
+    let (_daemon, port, cert) = tls_daemon("metrics-tls-flood", &dir);
     let flood: Vec<std::net::TcpStream> = (0..200)
         .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect"))
         .collect();

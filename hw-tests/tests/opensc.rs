@@ -10,14 +10,6 @@ use hw_tests::rig::{reader_index, Rig};
 use hw_tests::vcard::CardSpec;
 use sha1::{Digest, Sha1};
 
-fn pem_to_der(pem: &str) -> Vec<u8> {
-    use base64::Engine;
-    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-    base64::engine::general_purpose::STANDARD
-        .decode(body.trim())
-        .expect("pkcs15-tool prints PEM")
-}
-
 #[test]
 fn thumbprints_equal_openscs_certificates() {
     let rig = Rig::get();
@@ -44,7 +36,8 @@ fn thumbprints_equal_openscs_certificates() {
             "pkcs15-tool: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let der = pem_to_der(&String::from_utf8_lossy(&out.stdout));
+        let der = common::pem_to_der(&String::from_utf8_lossy(&out.stdout))
+            .expect("pkcs15-tool prints PEM");
         let opensc = hex::encode_upper(Sha1::digest(&der));
         let ours = json["certificates"]
             .as_array()

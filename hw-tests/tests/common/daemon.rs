@@ -319,7 +319,6 @@ pub fn next_event(
     }
 }
 
-/// Reads a whole `Connection: close` HTTP/1.1 answer: its status and body.
 /// A raw HTTP/1.1 request to a port of loopback (raw, so that tests control every header, Host
 /// included); returns the status and body.
 pub fn http(
@@ -329,7 +328,18 @@ pub fn http(
     headers: &[(&str, &str)],
     body: &str,
 ) -> (u16, String) {
-    use std::io::Write;
+    status_and_body(&http_raw(port, method, path, headers, body))
+}
+
+/// The same request; returns the whole answer as it came, status line and headers included.
+pub fn http_raw(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> String {
+    use std::io::{Read, Write};
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     let mut request = format!(
         "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
@@ -344,12 +354,19 @@ pub fn http(
     request.push_str("\r\n");
     request.push_str(body);
     s.write_all(request.as_bytes()).expect("send");
-    read_answer(&mut s)
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("read");
+    answer
 }
 
+/// Reads a whole `Connection: close` HTTP/1.1 answer: its status and body.
 pub fn read_answer(stream: &mut impl std::io::Read) -> (u16, String) {
     let mut answer = String::new();
     stream.read_to_string(&mut answer).expect("read");
+    status_and_body(&answer)
+}
+
+fn status_and_body(answer: &str) -> (u16, String) {
     let status = answer
         .split(' ')
         .nth(1)

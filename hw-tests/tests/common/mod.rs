@@ -168,3 +168,14 @@ pub fn truth_summary(truth: &hw_tests::vcard::Truth) -> Vec<(String, String, boo
         .map(|c| (c.slot.clone(), c.thumbprint.clone(), c.compressed))
         .collect()
 }
+
+/// The DER inside a PEM text (as `pkcs15-tool --read-certificate` prints it); `None` when it
+/// holds none.
+pub fn pem_to_der(pem: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(body.trim())
+        .ok()
+        .filter(|der| !der.is_empty())
+}
