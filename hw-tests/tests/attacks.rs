@@ -28,15 +28,6 @@ fn status_of(answer: &str) -> u16 {
         .unwrap_or(0)
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn f1_requests_without_a_token_lock_nobody_out() {
     let daemon = Daemon::start("f1", "");
@@ -115,11 +106,11 @@ fn f3_distinct_origins_do_not_grow_memory() {
     for i in 0..1000 {
         send(&mut s, &mut buffer, i);
     }
-    let before = rss_kib(daemon.pid());
+    let before = daemon.rss_kib();
     for i in 1000..21000 {
         send(&mut s, &mut buffer, i);
     }
-    let after = rss_kib(daemon.pid());
+    let after = daemon.rss_kib();
     println!("RSS {before} KiB before, {after} KiB after 20,000 distinct 4 KB Origins");
     assert!(
         after < before + 4 * 1024,

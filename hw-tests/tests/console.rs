@@ -161,10 +161,8 @@ fn open_session(daemon: &Daemon, origin: &str, body: &str) -> (u16, Value) {
 fn a_sign_in_code_works_once_from_the_consoles_own_page_only() {
     let daemon = Daemon::start("console-rules", "");
     let own = format!("http://127.0.0.1:{}", daemon.port);
-    let code = |link: String| link.split("#code=").nth(1).unwrap_or_default().to_string();
-
     // Another page cannot trade a code, and the code is not spent by that.
-    let first = code(sign_in_link(&daemon));
+    let first = code_of(&sign_in_link(&daemon));
     let body = format!("{{\"code\":\"{first}\"}}");
     let (status, _) = open_session(&daemon, "https://evil.example", &body);
     assert_eq!(status, 403);
@@ -332,4 +330,153 @@ fn slow_unauthenticated_session_requests_do_not_hold_a_token_holders_slot() {
         matches!(status, 408 | 503),
         "a slow session request got {status}"
     );
+}
+
+/// The code in a sign-in link.
+fn code_of(link: &str) -> String {
+    link.split("#code=").nth(1).unwrap_or_default().to_string()
+}
+
+/// POST /v1/console/sign-in with `auth`: the status and the code.
+fn mint_code(port: u16, auth: &str) -> (u16, String) {
+    let (status, text) = http(
+        port,
+        "POST",
+        "/v1/console/sign-in",
+        &[
+            ("Authorization", auth),
+            ("Content-Type", "application/json"),
+        ],
+        "{}",
+    );
+    let code = serde_json::from_str::<Value>(&text).unwrap_or_default()["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    (status, code)
+}
+
+/// G1: a read-only client mints 2,000 sign-in codes and opens 200 console sessions. Codes and
+/// sessions belong to the client that made them: its flood evicts only its own oldest, and the
+/// admin's session and pending code stay good; the admin's requests are answered throughout.
+#[test]
+fn one_clients_flood_of_codes_and_sessions_signs_nobody_else_out() {
+    let daemon = Daemon::start("console-flood", "");
+    let port = daemon.port;
+    let own = format!("http://127.0.0.1:{port}");
+    let admin_code = code_of(&sign_in_link(&daemon));
+    let (status, admin) = open_session(&daemon, &own, &format!("{{\"token\":\"{ADMIN}\"}}"));
+    assert_eq!(status, 201, "{admin}");
+    let admin_auth = format!("Bearer {}", admin["token"].as_str().unwrap_or_default());
+    let kiosk = format!("Bearer {TOKEN}");
+    let (status, kiosk_first) = mint_code(port, &kiosk);
+    assert_eq!(status, 201);
+    let rss_before = daemon.rss_kib();
+
+    let flood_own = own.clone();
+    let flood = std::thread::spawn(move || {
+        for n in 0..2000 {
+            assert_eq!(mint_code(port, &kiosk).0, 201, "code {n}");
+        }
+        for n in 0..200 {
+            let (status, text) = http(
+                port,
+                "POST",
+                "/v1/console/session",
+                &[("Origin", &flood_own), ("Content-Type", "application/json")],
+                &format!("{{\"token\":\"{TOKEN}\"}}"),
+            );
+            assert_eq!(status, 201, "session {n}: {text}");
+        }
+    });
+    let mut slowest = Duration::ZERO;
+    let mut probes = 0;
+    while !flood.is_finished() {
+        let asked = std::time::Instant::now();
+        let (status, body) = http(
+            port,
+            "GET",
+            "/v1/health",
+            &[("Authorization", &admin_auth), ("Origin", &own)],
+            "",
+        );
+        assert_eq!(status, 200, "the admin's session during the flood: {body}");
+        slowest = slowest.max(asked.elapsed());
+        probes += 1;
+    }
+    flood.join().expect("the flood ran");
+    let rss_after = daemon.rss_kib();
+    eprintln!(
+        "admin requests during the flood: {probes}, slowest {slowest:?}; \
+         RSS {rss_before} KiB before 2,000 codes and 200 sessions, {rss_after} KiB after"
+    );
+
+    let (status, body) = http(
+        port,
+        "GET",
+        "/v1/cards",
+        &[("Authorization", &admin_auth), ("Origin", &own)],
+        "",
+    );
+    assert_eq!(status, 200, "the admin's session after the flood: {body}");
+    let (status, body) = open_session(&daemon, &own, &format!("{{\"code\":\"{admin_code}\"}}"));
+    assert_eq!(
+        status, 201,
+        "the admin's pending code after the flood: {body}"
+    );
+    let (status, _) = open_session(&daemon, &own, &format!("{{\"code\":\"{kiosk_first}\"}}"));
+    assert_eq!(status, 401, "the flood evicted the kiosk's own first code");
+}
+
+/// G2: a console session cannot issue sign-in codes (so it cannot open more sessions under
+/// fresh names), and it shares its client's event tickets: the chain of the admin and its
+/// session gets 32 tickets in all, not 32 each.
+#[test]
+fn a_console_session_cannot_open_sessions_and_shares_its_clients_tickets() {
+    let daemon = Daemon::start("console-chain", "");
+    let port = daemon.port;
+    let own = format!("http://127.0.0.1:{port}");
+    let (status, session) = open_session(&daemon, &own, &format!("{{\"token\":\"{ADMIN}\"}}"));
+    assert_eq!(status, 201, "{session}");
+    let session_auth = format!("Bearer {}", session["token"].as_str().unwrap_or_default());
+    let (status, body) = http(
+        port,
+        "POST",
+        "/v1/console/sign-in",
+        &[
+            ("Authorization", &session_auth),
+            ("Origin", &own),
+            ("Content-Type", "application/json"),
+        ],
+        "{}",
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("console_session"), "{body}");
+
+    let admin_auth = format!("Bearer {ADMIN}");
+    let mut granted = 0;
+    for n in 0..100 {
+        let auth = if n % 2 == 0 {
+            &session_auth
+        } else {
+            &admin_auth
+        };
+        let (status, body) = http(
+            port,
+            "POST",
+            "/v1/events/ticket",
+            &[
+                ("Authorization", auth),
+                ("Content-Type", "application/json"),
+            ],
+            "{}",
+        );
+        match status {
+            201 => granted += 1,
+            429 => assert!(body.contains("too_many_tickets"), "{body}"),
+            other => panic!("ticket {n}: {other} {body}"),
+        }
+    }
+    eprintln!("event tickets granted to the admin and its console session: {granted}");
+    assert_eq!(granted, 32);
 }

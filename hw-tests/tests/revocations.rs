@@ -712,7 +712,7 @@ fn a_success_page_that_is_not_scepmans_is_not_taken_as_a_revocation() {
 }
 
 #[test]
-fn revocations_are_rate_limited_per_client() {
+fn revocations_are_rate_limited_per_client_its_console_sessions_included() {
     let (_shared, _slot, card, card_id) = piv_card();
     let sim = simulator(
         vec![matching_record(&card.truth, false)],
@@ -750,6 +750,30 @@ fn revocations_are_rate_limited_per_client() {
     assert!(answer.starts_with("http/1.1 429"), "{answer}");
     assert!(answer.contains("retry-after: "), "{answer}");
     assert!(answer.contains("too_many_revocations"), "{answer}");
+
+    // A console session of the admin spends the admin's budget: no fresh burst.
+    let own = format!("http://127.0.0.1:{}", daemon.port);
+    let (status, text) = daemon.request(
+        "POST",
+        "/v1/console/session",
+        &[("Origin", &own), ("Content-Type", "application/json")],
+        &json!({"token": ADMIN}).to_string(),
+    );
+    assert_eq!(status, 201, "{text}");
+    let session: Value = serde_json::from_str(&text).expect("session JSON");
+    let session_auth = format!("Bearer {}", session["token"].as_str().unwrap_or_default());
+    let (status, text) = daemon.request(
+        "POST",
+        "/v1/revocations",
+        &[
+            ("Authorization", &session_auth),
+            ("Origin", &own),
+            ("Content-Type", "application/json"),
+            ("Idempotency-Key", "pace-session"),
+        ],
+        &body.to_string(),
+    );
+    assert_eq!(status, 429, "{text}");
 }
 
 #[test]

@@ -8,9 +8,14 @@
 //! 2. The page trades the code (or a token a person types) for a session token with
 //!    `POST /v1/console/session`, then drops the fragment from the address bar. The session
 //!    token lives in the tab's `sessionStorage` only.
-//! 3. The session is a client of its own: the scopes of the client that signed in, and as its
+//! 3. The session is a caller of its own: the scopes of the client that signed in, and as its
 //!    only allowed origin the console's own. Every other rule (Host, token, scope) applies to it
-//!    as to any client; configured clients do not gain the console's origin.
+//!    as to any client; configured clients do not gain the console's origin. It spends the
+//!    shares of the client that signed in (its account: tickets, streams, revocations), and it
+//!    cannot issue sign-in codes, so no chain of sessions multiplies them.
+//!
+//! Codes and sessions are counted per account, each account's flood evicting only its own
+//! oldest; see [`Table::keep`].
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -25,86 +30,130 @@ use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use super::{ApiError, Caller, Listener, Refusals};
-use crate::config::{ApiClient, Scope};
+use super::security::Identity;
+use super::{ApiError, Listener, Refusals};
 
 /// How long a sign-in code waits to be used (a browser may take a while to start).
 const CODE_LIFETIME: Duration = Duration::from_secs(120);
 /// How long a console session lasts: a helpdesk shift.
 const SESSION_LIFETIME: Duration = Duration::from_secs(12 * 3600);
-/// Outstanding codes and sessions, each: the oldest goes when a new one would exceed this.
-const MAX_ENTRIES: usize = 64;
+/// Outstanding codes and open sessions per account (a configured client or local user): a new
+/// one beyond this replaces that account's oldest, so one caller's flood evicts only its own.
+const CODES_PER_ACCOUNT: usize = 4;
+const SESSIONS_PER_ACCOUNT: usize = 8;
+/// Entries of all accounts together, so memory stays bounded whoever asks: past it, a new code
+/// or session is refused (429) rather than taken from another account.
+const MAX_ENTRIES: usize = 1024;
 
-/// Sign-in codes and console sessions, each kept as the SHA-256 of its secret with the client it
-/// stands for and when it expires.
-#[derive(Debug, Default)]
+/// One table of secrets (codes or sessions), each kept as the SHA-256 of the secret with the
+/// caller it stands for and when it expires.
+#[derive(Debug)]
+struct Table {
+    entries: Mutex<HashMap<[u8; 32], (Identity, Instant)>>,
+    per_account: usize,
+}
+
+impl Table {
+    fn new(per_account: usize) -> Table {
+        Table {
+            entries: Mutex::default(),
+            per_account,
+        }
+    }
+
+    /// Keeps `identity` under `key` until `expires`, after dropping expired entries and, when its
+    /// account has its share, that account's entry that expires first.
+    fn keep(&self, key: [u8; 32], identity: Identity, expires: Instant) -> Result<(), ApiError> {
+        let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        map.retain(|_, (_, e)| *e > now);
+        let own = map
+            .iter()
+            .filter(|(_, (i, _))| i.account == identity.account);
+        if own.clone().count() >= self.per_account {
+            if let Some(oldest) = own.min_by_key(|(_, (_, e))| *e).map(|(k, _)| *k) {
+                map.remove(&oldest);
+            }
+        } else if map.len() >= MAX_ENTRIES {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_sign_ins",
+                "too many sign-in codes and console sessions are outstanding; try again later",
+            ));
+        }
+        map.insert(key, (identity, expires));
+        Ok(())
+    }
+
+    /// Takes the entry out (a code is good once), if it was still good.
+    fn take(&self, key: &[u8; 32]) -> Option<Identity> {
+        let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let (identity, expires) = map.remove(key)?;
+        (expires > Instant::now()).then_some(identity)
+    }
+
+    fn find(&self, key: &[u8; 32]) -> Option<Identity> {
+        let map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(key)
+            .filter(|(_, expires)| *expires > Instant::now())
+            .map(|(identity, _)| identity.clone())
+    }
+}
+
+/// Sign-in codes and console sessions.
+#[derive(Debug)]
 pub struct Sessions {
-    codes: Mutex<HashMap<[u8; 32], (ApiClient, Instant)>>,
-    sessions: Mutex<HashMap<[u8; 32], (ApiClient, Instant)>>,
+    codes: Table,
+    sessions: Table,
+}
+
+impl Default for Sessions {
+    fn default() -> Sessions {
+        Sessions {
+            codes: Table::new(CODES_PER_ACCOUNT),
+            sessions: Table::new(SESSIONS_PER_ACCOUNT),
+        }
+    }
 }
 
 fn digest(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
 }
 
-/// Keeps `entry` under `key`, dropping expired entries and, when full, the one that expires
-/// first.
-fn keep(
-    map: &Mutex<HashMap<[u8; 32], (ApiClient, Instant)>>,
-    key: [u8; 32],
-    entry: (ApiClient, Instant),
-) {
-    let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
-    let now = Instant::now();
-    map.retain(|_, (_, expires)| *expires > now);
-    if map.len() >= MAX_ENTRIES {
-        if let Some(oldest) = map.iter().min_by_key(|(_, (_, e))| *e).map(|(k, _)| *k) {
-            map.remove(&oldest);
-        }
-    }
-    map.insert(key, entry);
-}
-
 impl Sessions {
-    /// A one-time sign-in code for `client`.
-    fn issue_code(&self, client: ApiClient) -> Result<String, ApiError> {
+    /// A one-time sign-in code for `owner`.
+    fn issue_code(&self, owner: Identity) -> Result<String, ApiError> {
         let code = crate::random::random_hex::<16>().map_err(|_| no_randomness())?;
-        keep(
-            &self.codes,
-            digest(&code),
-            (client, Instant::now() + CODE_LIFETIME),
-        );
+        let expires = Instant::now() + CODE_LIFETIME;
+        self.codes.keep(digest(&code), owner, expires)?;
         Ok(code)
     }
 
-    /// The client a code was issued to; the code is spent whether or not it was still good.
-    fn redeem_code(&self, code: &str) -> Option<ApiClient> {
-        let mut codes = self.codes.lock().unwrap_or_else(|p| p.into_inner());
-        let (client, expires) = codes.remove(&digest(code))?;
-        (expires > Instant::now()).then_some(client)
+    /// The caller a code was issued to; the code is spent whether or not it was still good.
+    fn redeem_code(&self, code: &str) -> Option<Identity> {
+        self.codes.take(&digest(code))
     }
 
-    /// Opens a session for `client` from the console at `origin`; returns its token.
-    fn open(&self, client: &ApiClient, origin: &str) -> Result<(String, ApiClient), ApiError> {
+    /// Opens a session for `owner` from the console at `origin`; returns its token. The session
+    /// spends `owner`'s account.
+    fn open(&self, owner: &Identity, origin: &str) -> Result<(String, Identity), ApiError> {
         let token = crate::random::random_hex::<32>().map_err(|_| no_randomness())?;
-        let session = ApiClient {
-            name: format!("{} (console)", client.name),
-            token_sha256: String::new(),
-            scopes: client.scopes.clone(),
+        let session = Identity {
+            name: format!("{} (console)", owner.name),
+            account: owner.account.clone(),
+            scopes: owner.scopes.clone(),
             origins: vec![origin.to_string()],
+            session: true,
         };
         let expires = Instant::now() + SESSION_LIFETIME;
-        keep(&self.sessions, digest(&token), (session.clone(), expires));
+        self.sessions
+            .keep(digest(&token), session.clone(), expires)?;
         Ok((token, session))
     }
 
     /// The session whose token this is, while it lasts.
-    pub fn find(&self, token: &str) -> Option<ApiClient> {
-        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        sessions
-            .get(&digest(token))
-            .filter(|(_, expires)| *expires > Instant::now())
-            .map(|(client, _)| client.clone())
+    pub fn find(&self, token: &str) -> Option<Identity> {
+        self.sessions.find(&digest(token))
     }
 }
 
@@ -121,10 +170,19 @@ fn no_randomness() -> ApiError {
 #[utoipa::path(post, path = "/v1/console/sign-in", request_body(content = Object, content_type = "application/json", description = "An empty JSON object"), responses(Refusals, (status = 201, description = "{\"code\", \"path\": \"/#code=…\", \"expires_in_s\"}: open the path on this listener within two minutes"), (status = 400, description = "The body is not a JSON object"), (status = 415, description = "Not application/json")))]
 pub(super) async fn sign_in(
     State(l): State<Listener>,
-    Extension(Caller(name)): Extension<Caller>,
-    Extension(scopes): Extension<CallerScopes>,
+    Extension(caller): Extension<Identity>,
     body: Bytes,
 ) -> Response {
+    // A session that could sign in would open sessions without end; the person signs in again
+    // with `cardbridge console` instead.
+    if caller.session {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "console_session",
+            "a console session cannot issue sign-in codes; run `cardbridge console` to sign in",
+        )
+        .into_response();
+    }
     let object = serde_json::from_slice::<serde_json::Value>(&body).is_ok_and(|v| v.is_object());
     if !body.is_empty() && !object {
         return ApiError::new(
@@ -134,13 +192,11 @@ pub(super) async fn sign_in(
         )
         .into_response();
     }
-    let client = ApiClient {
-        name,
-        token_sha256: String::new(),
-        scopes: scopes.0,
+    let owner = Identity {
         origins: Vec::new(),
+        ..caller
     };
-    let answer = match l.shared.clients.sessions().issue_code(client) {
+    let answer = match l.shared.clients.sessions().issue_code(owner) {
         Ok(code) => (
             StatusCode::CREATED,
             Json(json!({"code": code, "path": format!("/#code={code}"), "expires_in_s": CODE_LIFETIME.as_secs()})),
@@ -159,10 +215,6 @@ fn no_store(mut answer: Response) -> Response {
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     answer
 }
-
-/// The caller's scopes, as the gate found them (for routes that hand them on).
-#[derive(Debug, Clone)]
-pub struct CallerScopes(pub Vec<Scope>);
 
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -30,7 +30,7 @@ use axum::middleware::Next;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio_stream::wrappers::BroadcastStream;
@@ -422,10 +422,6 @@ const STATE_CHANGING: [(&str, Scope); 3] = [
     ("/v1/console/sign-in", Scope::Read),
 ];
 
-/// Who called, for handlers that record it (the client's name, or `uid N` on the socket).
-#[derive(Debug, Clone)]
-pub struct Caller(pub String);
-
 /// The event stream, the one route that also takes a `ticket` instead of a token.
 const EVENTS_ROUTE: &str = "/v1/events";
 
@@ -527,7 +523,7 @@ async fn gate(State(l): State<Listener>, request: Request, next: Next) -> Respon
             "this origin is not allowed",
         );
     }
-    let (caller, scopes) = match identify(&l, &request) {
+    let caller = match identify(&l, &request) {
         Ok(caller) => caller,
         Err((status, code, message)) => return refused(&l, &headers, status, code, message),
     };
@@ -539,11 +535,8 @@ async fn gate(State(l): State<Listener>, request: Request, next: Next) -> Respon
     let changing = state_changing(request.method(), &pattern);
     let route = request.uri().path().to_string();
     let mut request = request;
-    request.extensions_mut().insert(Caller(caller.clone()));
-    request
-        .extensions_mut()
-        .insert(console::CallerScopes(scopes.clone()));
-    let mut response = match security::authorize(&scopes, changing.unwrap_or(Scope::Read)) {
+    request.extensions_mut().insert(caller.clone());
+    let mut response = match security::authorize(&caller.scopes, changing.unwrap_or(Scope::Read)) {
         Err(refusal) => error(refusal.status(), refusal.code(), refusal.message()),
         // State-changing calls take JSON only: a page cannot send that cross-origin without a
         // preflight, which only allowed origins pass.
@@ -557,7 +550,7 @@ async fn gate(State(l): State<Listener>, request: Request, next: Next) -> Respon
     let status = response.status().as_u16();
     l.shared.metrics.request(&pattern, status);
     if changing.is_some() {
-        audit(&l, &caller, &headers, &route, status);
+        audit(&l, &caller.name, &headers, &route, status);
     }
     if matches!(l.kind, Kind::Tcp(_)) {
         if let Some(origin) = headers.get(header::ORIGIN) {
@@ -710,8 +703,8 @@ impl RefusalLog {
 /// A refusal: status, error code, message.
 type Refused = (StatusCode, &'static str, &'static str);
 
-/// Who is calling and with which scopes, or why not.
-fn identify(l: &Listener, request: &Request) -> Result<(String, Vec<Scope>), Refused> {
+/// Who is calling, or why not.
+fn identify(l: &Listener, request: &Request) -> Result<security::Identity, Refused> {
     let headers = request.headers();
     match l.kind {
         Kind::Unix => {
@@ -734,7 +727,7 @@ fn identify(l: &Listener, request: &Request) -> Result<(String, Vec<Scope>), Ref
                     "this user has no scopes on the local API",
                 ));
             }
-            Ok((format!("uid {uid}"), scopes))
+            Ok(security::Identity::local(*uid, scopes))
         }
         Kind::Tcp(addr) => {
             // A ticket stands in for the token only where a browser cannot send one.
@@ -747,7 +740,6 @@ fn identify(l: &Listener, request: &Request) -> Result<(String, Vec<Scope>), Ref
                 ticket,
             };
             security::identify(&l.shared.clients, &l.shared.failures, &parts, addr)
-                .map(|client| (client.name.clone(), client.scopes.clone()))
                 .map_err(|refusal| (refusal.status(), refusal.code(), refusal.message()))
         }
     }
@@ -962,8 +954,19 @@ fn sse(event: &Numbered) -> SseEvent {
 /// (`fetch`, preflighted like any call), then opens the stream with the ticket within 30 s; the
 /// stream is checked as if the token came with it (Host, Origin, scope).
 #[utoipa::path(post, path = "/v1/events/ticket", responses(Refusals, (status = 201, description = "A ticket: {\"ticket\", \"expires_in_s\"}"), (status = 400, description = "The caller has no bearer token (the Unix socket needs no ticket)"), (status = 429, description = "Too many failed authentications or outstanding tickets")))]
-async fn event_ticket(State(l): State<Listener>, headers: HeaderMap) -> Response {
-    match l.shared.clients.issue_ticket(&headers) {
+async fn event_ticket(
+    State(l): State<Listener>,
+    Extension(caller): Extension<security::Identity>,
+    headers: HeaderMap,
+) -> Response {
+    if security::bearer(&headers).is_none() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "no_token",
+            "tickets are issued to callers with a bearer token",
+        );
+    }
+    match l.shared.clients.issue_ticket(&caller) {
         Ok(ticket) => (
             StatusCode::CREATED,
             Json(json!({
@@ -974,7 +977,6 @@ async fn event_ticket(State(l): State<Listener>, headers: HeaderMap) -> Response
             .into_response(),
         Err(e) => {
             let (status, code) = match e {
-                security::TicketError::NoToken => (StatusCode::BAD_REQUEST, "no_token"),
                 security::TicketError::TooMany => {
                     (StatusCode::TOO_MANY_REQUESTS, "too_many_tickets")
                 }
@@ -994,9 +996,9 @@ async fn events(State(l): State<Listener>, parts: axum::http::request::Parts) ->
     // idle (requests through the router alone, in unit tests, have no connection).
     let guard = match (
         parts.extensions.get::<serve::Connection>(),
-        parts.extensions.get::<Caller>(),
+        parts.extensions.get::<security::Identity>(),
     ) {
-        (Some(connection), Some(caller)) => match connection.open_stream(&caller.0) {
+        (Some(connection), Some(caller)) => match connection.open_stream(&caller.account) {
             Some(guard) => Some(guard),
             None => {
                 return error(

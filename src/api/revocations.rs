@@ -13,8 +13,9 @@ use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use super::security::Identity;
 use super::Refusals;
-use super::{error, find_card, station, ApiError, Caller, Listener};
+use super::{error, find_card, station, ApiError, Listener};
 use crate::cm::model::normalize_hex;
 use crate::random::random_hex;
 use crate::revoke::{plan, Known, KnownCertificate, Revocation, RevocationStatus, Submission};
@@ -35,11 +36,11 @@ pub fn publish(bus: &super::events::Bus, revocation: &Revocation) {
 #[utoipa::path(post, path = "/v1/revocations", params(("Idempotency-Key" = String, Header, description = "Unique per intended revocation (1 to 200 visible ASCII characters); a retry with the same key and body returns the same revocation", min_length = 1, max_length = 200, pattern = "^[!-~]+$")), request_body(content = inline(Submission), content_type = "application/json", description = "What to revoke, why, and by whom"), responses(Refusals, (status = 202, description = "The stored revocation: id, status, actions"), (status = 200, description = "dry_run: the plan, nothing stored"), (status = 400, description = "Missing Idempotency-Key, malformed body, bad reason or field"), (status = 404, description = "This station never read the card"), (status = 409, description = "The Idempotency-Key was used with another body"), (status = 413, description = "The body is over 64 KiB"), (status = 415, description = "Not application/json"), (status = 422, description = "Certificate not on the card, operation not allowed, server not configured, card unknown to MIM CM"), (status = 503, description = "The state database is not available"), (status = 429, description = "Too many failed authentications, or too many revocations from this client (Retry-After says when to try again)")))]
 pub(super) async fn submit(
     State(l): State<Listener>,
-    Extension(Caller(client)): Extension<Caller>,
+    Extension(caller): Extension<Identity>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    crate::store::blocking(|| submit_steps(&l, &client, &headers, &body))
+    crate::store::blocking(|| submit_steps(&l, &caller, &headers, &body))
         .unwrap_or_else(IntoResponse::into_response)
 }
 
@@ -57,7 +58,7 @@ pub(crate) fn parse_submission(body: &[u8]) -> Result<Submission, ApiError> {
 /// The steps of a submission, each refusing with its own [`ApiError`].
 fn submit_steps(
     l: &Listener,
-    client: &str,
+    caller: &Identity,
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Response, ApiError> {
@@ -71,7 +72,7 @@ fn submit_steps(
     let guard = l.shared.store.lock().unwrap_or_else(|p| p.into_inner());
     let store = guard.as_ref().ok_or_else(ApiError::no_store)?;
     if !submission.dry_run {
-        if let Some(stored) = replay(store, client, &key, &request_hash)? {
+        if let Some(stored) = replay(store, &caller.name, &key, &request_hash)? {
             return Ok(stored);
         }
     }
@@ -89,9 +90,10 @@ fn submit_steps(
     if submission.dry_run {
         return Ok(Json(json!({"dry_run": true, "plan": plan})).into_response());
     }
+    // Counted against the account, so a console session shares its client's budget.
     l.shared
         .revocation_budget
-        .take(client, Instant::now())
+        .take(&caller.account, Instant::now())
         .map_err(ApiError::too_many_revocations)?;
     let markers = plan
         .actions
@@ -105,7 +107,7 @@ fn submit_steps(
                 "the system's random source failed",
             )
         })?;
-    let id = store.insert_revocation(client, &key, &request_hash, &plan, &markers)?;
+    let id = store.insert_revocation(&caller.name, &key, &request_hash, &plan, &markers)?;
     let revocation = store
         .revocation(id, false)?
         .ok_or_else(ApiError::no_store)?;

@@ -73,20 +73,62 @@ impl Refusal {
     }
 }
 
+/// A caller the gate let in: a configured client, a console session, or (on the Unix socket) a
+/// local user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// What audits and logs show: `helpdesk`, `helpdesk (console)`, `uid 1000`.
+    pub name: String,
+    /// Whose shares this caller spends (event tickets and streams, revocations, sign-in codes,
+    /// console sessions): itself, or the configured client that signed a console session in.
+    /// So a chain of sessions has one client's shares, not one each.
+    pub account: String,
+    pub scopes: Vec<Scope>,
+    /// Exact origins its browser pages may call from.
+    pub origins: Vec<String>,
+    /// A console session, which may not issue sign-in codes (and so cannot open more sessions).
+    pub session: bool,
+}
+
+impl Identity {
+    fn configured(client: &ApiClient) -> Identity {
+        Identity {
+            name: client.name.clone(),
+            account: client.name.clone(),
+            scopes: client.scopes.clone(),
+            origins: client.origins.clone(),
+            session: false,
+        }
+    }
+
+    /// A process on the Unix socket, known by its uid.
+    pub fn local(uid: u32, scopes: Vec<Scope>) -> Identity {
+        let name = format!("uid {uid}");
+        Identity {
+            account: name.clone(),
+            name,
+            scopes,
+            origins: Vec::new(),
+            session: false,
+        }
+    }
+}
+
 /// The configured clients, with their token hashes decoded, the event tickets issued to them,
 /// and the helpdesk console's sessions.
 #[derive(Debug)]
 pub struct Clients {
     clients: Vec<(ApiClient, [u8; 32])>,
-    /// Outstanding tickets by SHA-256: the client and when the ticket expires.
-    tickets: Mutex<HashMap<[u8; 32], (ApiClient, Instant)>>,
+    /// Outstanding tickets by SHA-256: the caller and when the ticket expires.
+    tickets: Mutex<HashMap<[u8; 32], (Identity, Instant)>>,
     sessions: super::console::Sessions,
 }
 
 /// How long an event ticket may wait to be used.
 pub const TICKET_LIFETIME: Duration = Duration::from_secs(30);
-/// Tickets outstanding at once, and per client: a client asking for more gets 429 until some
-/// of its own expire, so one client cannot keep the others' pages from their event streams.
+/// Tickets outstanding at once, and per account: a client (with all its console sessions) asking
+/// for more gets 429 until some of its own expire, so it cannot keep the others' pages from
+/// their event streams.
 const MAX_TICKETS: usize = 1024;
 const MAX_TICKETS_PER_CLIENT: usize = 32;
 
@@ -108,13 +150,14 @@ impl Clients {
     /// The client whose token this is: a configured client, or a console session. Every
     /// configured hash is compared, in constant time, so the time taken says nothing about which
     /// one (or how much of one) matched.
-    pub fn authenticate(&self, token: &str) -> Option<ApiClient> {
+    pub fn authenticate(&self, token: &str) -> Option<Identity> {
         self.configured(token).or_else(|| self.sessions.find(token))
     }
 
     /// A configured client (not a console session) by its token.
-    pub fn configured(&self, token: &str) -> Option<ApiClient> {
-        self.index_of(token).map(|i| self.clients[i].0.clone())
+    pub fn configured(&self, token: &str) -> Option<Identity> {
+        self.index_of(token)
+            .map(|i| Identity::configured(&self.clients[i].0))
     }
 
     /// The helpdesk console's sign-in codes and sessions.
@@ -133,33 +176,30 @@ impl Clients {
         found
     }
 
-    /// A one-time ticket for the client whose bearer token `headers` carry, so that a browser
-    /// `EventSource` (which cannot send headers) can open `/v1/events?ticket=…`. The ticket is
-    /// random, kept only as a hash, good once and for [`TICKET_LIFETIME`].
-    pub fn issue_ticket(&self, headers: &HeaderMap) -> Result<String, TicketError> {
-        let client = bearer(headers)
-            .and_then(|t| self.authenticate(t))
-            .ok_or(TicketError::NoToken)?;
+    /// A one-time ticket for `caller`, so that a browser `EventSource` (which cannot send
+    /// headers) can open `/v1/events?ticket=…`. The ticket is random, kept only as a hash, good
+    /// once and for [`TICKET_LIFETIME`].
+    pub fn issue_ticket(&self, caller: &Identity) -> Result<String, TicketError> {
         let ticket = crate::random::random_hex::<32>().map_err(|_| TicketError::NoRandomness)?;
         let mut tickets = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         tickets.retain(|_, (_, expires)| *expires > now);
         let own = tickets
             .values()
-            .filter(|(c, _)| c.name == client.name)
+            .filter(|(c, _)| c.account == caller.account)
             .count();
         if own >= MAX_TICKETS_PER_CLIENT || tickets.len() >= MAX_TICKETS {
             return Err(TicketError::TooMany);
         }
         tickets.insert(
             Sha256::digest(ticket.as_bytes()).into(),
-            (client, now + TICKET_LIFETIME),
+            (caller.clone(), now + TICKET_LIFETIME),
         );
         Ok(ticket)
     }
 
     /// The client a ticket was issued to; the ticket is spent whether or not it was still good.
-    fn redeem(&self, ticket: &str) -> Option<ApiClient> {
+    fn redeem(&self, ticket: &str) -> Option<Identity> {
         let key: [u8; 32] = Sha256::digest(ticket.as_bytes()).into();
         let mut tickets = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
         let (client, expires) = tickets.remove(&key)?;
@@ -170,8 +210,6 @@ impl Clients {
 /// Why no event ticket was issued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 pub enum TicketError {
-    #[error("tickets are issued to callers with a bearer token")]
-    NoToken,
     #[error("too many outstanding tickets; use or let some expire first")]
     TooMany,
     #[error("the system's random source failed")]
@@ -180,7 +218,6 @@ pub enum TicketError {
 
 /// The token of an `Authorization: Bearer …` header; the scheme is case-insensitive (RFC 9110
 /// §11.1), and spaces or tabs may follow it.
-/// The token of an `Authorization: Bearer …` header (the scheme in any case).
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once([' ', '\t'])?;
@@ -302,7 +339,7 @@ pub fn identify(
     failures: &FailureBudget,
     request: &RequestParts<'_>,
     listener: SocketAddr,
-) -> Result<ApiClient, Refusal> {
+) -> Result<Identity, Refusal> {
     check_host(request.headers, request.authority, listener)?;
     let found = match (bearer(request.headers), request.ticket) {
         (Some(token), _) => clients.authenticate(token).ok_or(Refusal::BadToken),
@@ -423,7 +460,7 @@ mod tests {
         headers: &HeaderMap,
         listener: SocketAddr,
         scope: Scope,
-    ) -> Result<ApiClient, Refusal> {
+    ) -> Result<Identity, Refusal> {
         let client = identify(
             clients,
             &FailureBudget::default(),
@@ -439,7 +476,7 @@ mod tests {
         h: &HeaderMap,
         l: SocketAddr,
         t: &str,
-    ) -> Result<ApiClient, Refusal> {
+    ) -> Result<Identity, Refusal> {
         identify(c, &FailureBudget::default(), &parts(h, Some(t)), l)
     }
 
@@ -447,10 +484,8 @@ mod tests {
     fn an_event_ticket_is_good_once_and_carries_the_client() {
         let c = clients();
         let l: SocketAddr = LISTENER.parse().unwrap();
-        assert_eq!(c.issue_ticket(&HeaderMap::new()), Err(TicketError::NoToken));
-        let ticket = c
-            .issue_ticket(&headers(&[(header::AUTHORIZATION, "Bearer s3cret")]))
-            .unwrap();
+        let kiosk = c.configured("s3cret").unwrap();
+        let ticket = c.issue_ticket(&kiosk).unwrap();
         let page = headers(&[
             (header::HOST, "127.0.0.1:8687"),
             (header::ORIGIN, "https://kiosk.contoso.com"),
@@ -460,9 +495,7 @@ mod tests {
             (header::ORIGIN, "https://evil.example"),
         ]);
         // A foreign origin spends the ticket without getting in.
-        let second = c
-            .issue_ticket(&headers(&[(header::AUTHORIZATION, "Bearer s3cret")]))
-            .unwrap();
+        let second = c.issue_ticket(&kiosk).unwrap();
         assert_eq!(
             with_ticket(&c, &foreign, l, &second).err(),
             Some(Refusal::ForeignOrigin)
@@ -652,14 +685,19 @@ mod tests {
                 origins: vec![],
             },
         ]);
-        let greedy = headers(&[(header::AUTHORIZATION, "Bearer a")]);
+        let greedy = c.configured("a").unwrap();
         for _ in 0..MAX_TICKETS_PER_CLIENT {
             assert!(c.issue_ticket(&greedy).is_ok());
         }
         assert_eq!(c.issue_ticket(&greedy), Err(TicketError::TooMany));
-        assert!(c
-            .issue_ticket(&headers(&[(header::AUTHORIZATION, "Bearer b")]))
-            .is_ok());
+        // A console session of the same client shares its account's tickets.
+        let session = Identity {
+            name: "greedy (console)".into(),
+            session: true,
+            ..greedy.clone()
+        };
+        assert_eq!(c.issue_ticket(&session), Err(TicketError::TooMany));
+        assert!(c.issue_ticket(&c.configured("b").unwrap()).is_ok());
     }
 
     #[test]

@@ -51,6 +51,16 @@ impl Daemon {
         self.child.id()
     }
 
+    /// The daemon's resident memory, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// As [`Daemon::start_with`], with extra environment variables for the daemon.
     pub fn start_env(name: &str, api: &str, rest: &str, env: Vec<(String, String)>) -> Daemon {
         Daemon::start_full(name, api, rest, env, None)
