@@ -47,6 +47,10 @@ pub struct MetricsConfig {
     /// name) to serve `/metrics` over TLS.
     pub tls_certificate: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// Names (no port) Prometheus may use for this station when no token is set; addresses and
+    /// `localhost` are always accepted (see `api::metrics::host_accepted`).
+    #[serde(default)]
+    pub hosts: Vec<String>,
 }
 
 impl MetricsConfig {

@@ -89,6 +89,8 @@ struct Scrape {
     listener: tokio::net::TcpListener,
     addr: std::net::SocketAddr,
     token: Option<[u8; 32]>,
+    /// Names accepted in Host besides addresses and `localhost`.
+    hosts: Vec<String>,
     tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
@@ -270,8 +272,12 @@ impl Running {
                 servers.spawn(serve(unix, app, connections.clone(), stopping, DRAIN));
             }
             if let Some(s) = scrape {
+                let access = api::metrics::Access {
+                    token_sha256: s.token,
+                    hosts: s.hosts,
+                };
                 let app =
-                    api::metrics::scrape_router(shared.clone(), s.token, s.addr, s.tls.is_some());
+                    api::metrics::scrape_router(shared.clone(), access, s.addr, s.tls.is_some());
                 let stopping = shared.stopping.subscribe();
                 let connections = connections.clone();
                 match s.tls {
@@ -457,6 +463,7 @@ fn open_scrape(
         listener,
         addr,
         token: metrics.token_hash(),
+        hosts: metrics.hosts.clone(),
         tls,
     })
 }

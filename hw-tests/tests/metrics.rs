@@ -123,6 +123,51 @@ fn without_a_token_the_metrics_listener_is_open_and_a_token_needs_a_listener() {
 
 use cardbridge::config::Config;
 
+/// Without a token, the Host header keeps a web page that rebinds its own name to the station
+/// out: addresses, `localhost` and the configured names are answered, any other name is 421.
+/// With a token, any name is answered to the right token (a page cannot send it).
+#[test]
+fn without_a_token_the_metrics_listener_answers_only_its_own_names() {
+    let config = "[metrics]\nlisten = \"127.0.0.1:0\"\nhosts = [\"kiosk-01.contoso.com\"]\n";
+    let daemon = Daemon::start("metrics-hosts", config);
+    let port = daemon.logged_port("metrics listening on http://127.0.0.1:", 0);
+    let named = |host: &str| http(port, "GET", "/metrics", &[("Host", host)], "");
+    for host in [
+        "127.0.0.1",
+        "localhost:9687",
+        "kiosk-01.contoso.com:9687",
+        "[::1]:1",
+    ] {
+        let (status, body) = named(host);
+        assert_eq!(status, 200, "{host}: {body}");
+    }
+    for host in [
+        "rebound.evil.example:9687",
+        "kiosk-01.contoso.com.evil.example",
+    ] {
+        let (status, body) = named(host);
+        assert_eq!(status, 421, "{host}: {body}");
+        assert!(body.contains("foreign_host"), "{body}");
+    }
+
+    let hash = hex::encode(Sha256::digest(SCRAPE_TOKEN.as_bytes()));
+    let config = format!("[metrics]\nlisten = \"127.0.0.1:0\"\ntoken_sha256 = \"{hash}\"\n");
+    let daemon = Daemon::start("metrics-hosts-token", &config);
+    let port = daemon.logged_port("metrics listening on http://127.0.0.1:", 0);
+    let good = format!("Bearer {SCRAPE_TOKEN}");
+    let (status, body) = http(
+        port,
+        "GET",
+        "/metrics",
+        &[
+            ("Host", "prometheus-target.contoso.com:9687"),
+            ("Authorization", &good),
+        ],
+        "",
+    );
+    assert_eq!(status, 200, "{body}");
+}
+
 /// A self-signed certificate for 127.0.0.1 and its key, written as PEM files (the key 0600).
 fn tls_files(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
     use std::os::unix::fs::PermissionsExt;
