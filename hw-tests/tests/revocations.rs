@@ -831,3 +831,99 @@ fn reconciled_again_after_revocation(sign_bytes: bool) {
     assert_eq!(statuses, ["revoked"; 4], "{r:#}");
     assert_eq!(sim.revocations_carried_out().len(), 4);
 }
+
+/// A list answer: status, the `Link` header's target for `rel="next"` if any, and the body.
+fn list_page(daemon: &Daemon, target: &str) -> (u16, Option<String>, Value) {
+    let kiosk = format!("Bearer {TOKEN}");
+    let answer =
+        common::daemon::http_raw(daemon.port, "GET", target, &[("Authorization", &kiosk)], "");
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let next = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("link:")
+                .then(|| l[5..].trim().to_string())
+        })
+        .and_then(|l| {
+            Some(
+                l.strip_prefix('<')?
+                    .split_once(">; rel=\"next\"")?
+                    .0
+                    .to_string(),
+            )
+        });
+    let body = serde_json::from_str(body).unwrap_or(Value::String(body.to_string()));
+    (status, next, body)
+}
+
+fn ids(list: &Value) -> Vec<i64> {
+    list.as_array()
+        .map(|a| a.iter().filter_map(|r| r["id"].as_i64()).collect())
+        .unwrap_or_default()
+}
+
+/// `$filter` searches the whole trail, not only its newest 500 entries, and a long list comes in
+/// pages joined by `Link: <…>; rel="next"`. The trail is 1,200 revocations written through the
+/// daemon's own store code while it runs.
+#[test]
+fn the_filter_searches_the_whole_trail_and_long_lists_come_in_pages() {
+    use cardbridge::revoke::{Plan, Target};
+    let daemon = Daemon::start("revocations-trail", "");
+    let store = cardbridge::store::Store::open(&daemon.dir.join("state")).expect("the state");
+    for n in 1..=1200 {
+        let plan = Plan {
+            card_id: format!("{:032X}", n % 7),
+            target: Target::Certificates,
+            reason: "superseded",
+            reason_code: 4,
+            operation: None,
+            revoker: Some(format!("agent{n}@contoso.com")),
+            comment: None,
+            actions: Vec::new(),
+        };
+        store
+            .insert_revocation("kiosk", &format!("trail-{n}"), "hash", &plan, &[])
+            .expect("insert");
+    }
+    drop(store);
+
+    let started = std::time::Instant::now();
+    let (status, next, first) = list_page(&daemon, "/v1/revocations?$filter=id%20eq%201");
+    eprintln!("`id eq 1` over 1,200: {:?}", started.elapsed());
+    assert_eq!((status, next, ids(&first)), (200, None, vec![1]), "{first}");
+    let (_, _, found) = list_page(
+        &daemon,
+        "/v1/revocations?$filter=revoker%20eq%20'agent7@contoso.com'",
+    );
+    assert_eq!(ids(&found), [7]);
+    let older = format!(
+        "/v1/revocations?$filter=card_id%20eq%20'{:032X}'%20and%20id%20le%20100",
+        3
+    );
+    let (_, _, found) = list_page(&daemon, &older);
+    let expected: Vec<i64> = (1..=100).rev().filter(|n| n % 7 == 3).collect();
+    assert_eq!(ids(&found), expected);
+
+    let mut target = Some("/v1/revocations?$top=500".to_string());
+    let mut pages = Vec::new();
+    while let Some(t) = target.take() {
+        assert!(pages.len() < 5, "more pages than 1,200 / 500 make");
+        let (status, next, page) = list_page(&daemon, &t);
+        assert_eq!(status, 200, "{t}: {page}");
+        pages.push(ids(&page));
+        target = next;
+    }
+    let sizes: Vec<usize> = pages.iter().map(Vec::len).collect();
+    assert_eq!(sizes, [500, 500, 200]);
+    let all: Vec<i64> = pages.concat();
+    assert_eq!(all, (1..=1200).rev().collect::<Vec<i64>>());
+
+    let (status, _, body) = list_page(&daemon, "/v1/revocations?$top=501");
+    assert_eq!(status, 400, "{body}");
+}

@@ -19,6 +19,7 @@ use super::{error, find_card, station, ApiError, Listener};
 use crate::cm::model::normalize_hex;
 use crate::random::random_hex;
 use crate::revoke::{plan, Known, KnownCertificate, Revocation, RevocationStatus, Submission};
+use crate::store::revocations::{Column, Compare, Condition};
 use crate::store::Store;
 
 /// Longest accepted `Idempotency-Key`.
@@ -201,7 +202,24 @@ pub(super) struct ListQuery {
     #[serde(rename = "$filter")]
     #[param(rename = "$filter", max_length = 2048)]
     filter: Option<String>,
+    /// Most revocations in one answer (1 to 500; 500 when absent).
+    #[serde(rename = "$top")]
+    #[param(rename = "$top", minimum = 1, maximum = 500)]
+    top: Option<u16>,
+    /// Continue below this revocation id: what the `Link: <…>; rel="next"` of the previous
+    /// answer carries.
+    #[serde(rename = "$skiptoken")]
+    #[param(rename = "$skiptoken", minimum = 1)]
+    skiptoken: Option<i64>,
 }
+
+/// Most revocations in one answer.
+const MAX_TOP: u16 = 500;
+/// Rows read from the database per step, and most rows one request examines: a filter that
+/// matches little over a long trail is answered in pages (each with its `next` link) rather than
+/// in one request of unbounded work.
+const STEP: i64 = 200;
+const MAX_EXAMINED: usize = 5000;
 
 /// The fields `$filter` takes on revocations.
 pub(crate) const FILTER_FIELDS: &[&str] = &[
@@ -218,32 +236,163 @@ pub(crate) const FILTER_FIELDS: &[&str] = &[
     "created_at",
 ];
 
-/// `GET /v1/revocations[?status=…][&$filter=…]`: the newest 500 revocations with their actions.
-#[utoipa::path(get, path = "/v1/revocations", params(ListQuery), responses(Refusals, (status = 200, description = "Revocations, newest first"), (status = 400, description = "Unknown status, or a malformed $filter (bad_filter, with the position)"), (status = 503, description = "The state database is not available")))]
+/// `GET /v1/revocations[?status=…][&$filter=…][&$top=…][&$skiptoken=…]`: revocations with
+/// their actions, newest first, searched through the whole trail. When more may follow, the
+/// answer's `Link` header names the next page (RFC 8288, `rel="next"`); the body stays a list.
+#[utoipa::path(get, path = "/v1/revocations", params(ListQuery), responses(Refusals, (status = 200, description = "Revocations, newest first; a Link header with rel=\"next\" when more may follow"), (status = 400, description = "Unknown status, $top outside 1..500, a bad $skiptoken, or a malformed $filter (bad_filter, with the position)"), (status = 503, description = "The state database is not available")))]
 pub(super) async fn list(
     State(l): State<Listener>,
+    uri: axum::http::Uri,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    let Ok(Query(query)) = query else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "bad_status",
-            "the query parameters are status (queued, in_progress, succeeded, partially_failed or failed) and $filter",
-        );
+    let query = match query {
+        Ok(Query(q)) if q.top.is_none_or(|t| (1..=MAX_TOP).contains(&t)) && q.skiptoken.is_none_or(|t| t > 0) => q,
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_query",
+                "the query parameters are status (queued, in_progress, succeeded, partially_failed or failed), $filter, $top (1 to 500) and $skiptoken (from a Link header)",
+            )
+        }
     };
     let filter = match super::parse_filter(query.filter.as_deref(), FILTER_FIELDS) {
         Ok(filter) => filter,
         Err(refusal) => return refusal.into_response(),
     };
+    let top = usize::from(query.top.unwrap_or(MAX_TOP));
     with_store(&l, |store| {
-        let revocations = store.revocations(query.status)?;
-        let items: Vec<serde_json::Value> = revocations
-            .iter()
-            .filter_map(|r| serde_json::to_value(r).ok())
-            .filter(|r| filter.matches(r))
-            .collect();
-        Ok(Json(items).into_response())
+        let page = search(store, &query, &filter, top)?;
+        let mut answer = Json(page.items).into_response();
+        if let Some(next) = page.next {
+            let link = format!("<{}>; rel=\"next\"", next_page(&uri, next));
+            if let Ok(value) = axum::http::HeaderValue::from_str(&link) {
+                answer.headers_mut().insert(axum::http::header::LINK, value);
+            }
+        }
+        Ok(answer)
     })
+}
+
+/// One answer of the list: its items, and where the next page starts when more may follow.
+struct Page {
+    items: Vec<serde_json::Value>,
+    next: Option<i64>,
+}
+
+/// Walks the trail newest first from the query's skiptoken, the database narrowing by what it
+/// can check ([`conditions`]), the filter and status deciding each row, until `top` items or
+/// [`MAX_EXAMINED`] rows.
+fn search(
+    store: &Store,
+    query: &ListQuery,
+    filter: &super::filter::Filter,
+    top: usize,
+) -> Result<Page, crate::store::StoreError> {
+    let conditions = conditions(filter);
+    let mut items = Vec::new();
+    let mut before = query.skiptoken;
+    let mut examined = 0;
+    loop {
+        let rows = store.revocations_page(before, &conditions, STEP)?;
+        let exhausted = rows.len() < STEP as usize;
+        for r in rows {
+            examined += 1;
+            before = Some(r.id);
+            let wanted = query.status.is_none_or(|s| s == r.status);
+            let item = serde_json::to_value(&r).unwrap_or_default();
+            if wanted && filter.matches(&item) {
+                items.push(item);
+                if items.len() == top {
+                    return Ok(Page {
+                        items,
+                        next: before,
+                    });
+                }
+            }
+        }
+        if exhausted {
+            return Ok(Page { items, next: None });
+        }
+        if examined >= MAX_EXAMINED {
+            return Ok(Page {
+                items,
+                next: before,
+            });
+        }
+    }
+}
+
+/// The comparisons of `filter` the database can check with its indexes. Together they keep a
+/// superset of the rows the filter keeps; the filter itself decides every row.
+fn conditions(filter: &super::filter::Filter) -> Vec<Condition> {
+    filter.terms.iter().filter_map(condition).collect()
+}
+
+fn condition(term: &super::filter::Comparison) -> Option<Condition> {
+    use super::filter::{Literal, Op};
+    use rusqlite::types::Value;
+    let op = match term.op {
+        Op::Eq => Compare::Eq,
+        Op::Lt => Compare::Lt,
+        Op::Le => Compare::Le,
+        Op::Gt => Compare::Gt,
+        Op::Ge => Compare::Ge,
+        Op::Ne => return None,
+    };
+    let [field] = term.field.as_slice() else {
+        return None;
+    };
+    let (column, op, value) = match (field.as_str(), &term.value) {
+        ("id", Literal::Number(n)) => (Column::Id, op, Value::Real(*n)),
+        ("reason_code", Literal::Number(n)) => (Column::ReasonCode, op, Value::Real(*n)),
+        ("card_id", Literal::Text(t)) => (Column::CardId, op, Value::Text(t.clone())),
+        ("reason", Literal::Text(t)) => (Column::Reason, op, Value::Text(t.clone())),
+        ("revoker", Literal::Text(t)) => (Column::Revoker, op, Value::Text(t.clone())),
+        ("comment", Literal::Text(t)) => (Column::Comment, op, Value::Text(t.clone())),
+        ("client", Literal::Text(t)) => (Column::Client, op, Value::Text(t.clone())),
+        // Compared to the second: a time after 10:00:00.5 is in the second 10:00:00 or later.
+        ("created_at", Literal::DateTime(at)) => {
+            let widened = match op {
+                Compare::Gt => Compare::Ge,
+                Compare::Lt => Compare::Le,
+                other => other,
+            };
+            (
+                Column::CreatedSecond,
+                widened,
+                Value::Text(utc_second(*at)?),
+            )
+        }
+        _ => return None,
+    };
+    Some(Condition { column, op, value })
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` of `at` in UTC, as the trail stores it.
+fn utc_second(at: time::OffsetDateTime) -> Option<String> {
+    let at = at.to_offset(time::UtcOffset::UTC);
+    (0..=9999).contains(&at.year()).then(|| {
+        format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+            at.year(),
+            u8::from(at.month()),
+            at.day(),
+            at.hour(),
+            at.minute(),
+            at.second()
+        )
+    })
+}
+
+/// This request's target with `$skiptoken` set to `next`.
+fn next_page(uri: &axum::http::Uri, next: i64) -> String {
+    let kept = uri.query().unwrap_or_default().split('&').filter(|pair| {
+        !pair.is_empty() && !pair.starts_with("$skiptoken=") && !pair.starts_with("%24skiptoken=")
+    });
+    let mut query: Vec<&str> = kept.collect();
+    let token = format!("$skiptoken={next}");
+    query.push(&token);
+    format!("{}?{}", uri.path(), query.join("&"))
 }
 
 /// `GET /v1/revocations/{id}`: one revocation with its actions and every delivery attempt.

@@ -64,6 +64,9 @@ const MIGRATIONS: &[&str] = &[
         json          TEXT NOT NULL
      );
      CREATE INDEX card_reads_serial ON card_reads (serial_number);",
+    // `$filter` on revocations searches the whole trail: by card and by time through these.
+    "CREATE INDEX revocations_card ON revocations (card_id);
+     CREATE INDEX revocations_created ON revocations (substr(created_at, 1, 19));",
 ];
 
 /// Longest history the station is searched through for a card whose id changed: the most

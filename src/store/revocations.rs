@@ -74,7 +74,69 @@ pub(super) const MIGRATION: &str = "
     );";
 
 /// How many revocations a listing returns at most (newest first).
-const LIST_LIMIT: i64 = 500;
+/// A column of `revocations` a list can be narrowed by in SQL (with its index where it has one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Column {
+    Id,
+    CardId,
+    Target,
+    Reason,
+    ReasonCode,
+    Operation,
+    Revoker,
+    Comment,
+    Client,
+    /// `created_at` to the second (`YYYY-MM-DDTHH:MM:SS`): stored times carry a varying number
+    /// of fraction digits, which do not compare as text.
+    CreatedSecond,
+}
+
+impl Column {
+    fn sql(self) -> &'static str {
+        match self {
+            Column::Id => "id",
+            Column::CardId => "card_id",
+            Column::Target => "target",
+            Column::Reason => "reason",
+            Column::ReasonCode => "reason_code",
+            Column::Operation => "operation",
+            Column::Revoker => "revoker",
+            Column::Comment => "comment",
+            Column::Client => "client",
+            Column::CreatedSecond => "substr(created_at, 1, 19)",
+        }
+    }
+}
+
+/// How a [`Condition`] compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compare {
+    Eq,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+impl Compare {
+    fn sql(self) -> &'static str {
+        match self {
+            Compare::Eq => "=",
+            Compare::Lt => "<",
+            Compare::Le => "<=",
+            Compare::Gt => ">",
+            Compare::Ge => ">=",
+        }
+    }
+}
+
+/// One `column op value` the database checks for [`Store::revocations_page`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Condition {
+    pub column: Column,
+    pub op: Compare,
+    pub value: rusqlite::types::Value,
+}
 
 /// An action due for delivery, with what the worker needs from its revocation.
 #[derive(Debug, Clone)]
@@ -419,26 +481,39 @@ impl Store {
         Ok(Some(revocation))
     }
 
-    /// The newest revocations (at most 500), optionally only those with `status`.
-    pub fn revocations(
+    /// Revocations with ids below `before` (from the newest when `None`), newest first, at most
+    /// `limit`, each row satisfying every condition; each with its actions and status.
+    pub fn revocations_page(
         &self,
-        status: Option<RevocationStatus>,
+        before: Option<i64>,
+        conditions: &[Condition],
+        limit: i64,
     ) -> Result<Vec<Revocation>, StoreError> {
-        let mut statement = self.conn.prepare(&format!(
-            "SELECT {} FROM revocations ORDER BY id DESC LIMIT ?1",
+        let mut sql = format!(
+            "SELECT {} FROM revocations WHERE id < ?1",
             Self::REVOCATION_COLUMNS
-        ))?;
-        let rows: Vec<Revocation> = statement
-            .query_map([LIST_LIMIT], |r| self.revocation_from(r))?
-            .collect::<Result<_, _>>()?;
-        let mut list = Vec::with_capacity(rows.len());
-        for r in rows {
-            let r = self.complete(r)?;
-            if status.is_none_or(|s| s == r.status) {
-                list.push(r);
-            }
+        );
+        let mut values = vec![
+            rusqlite::types::Value::Integer(before.unwrap_or(i64::MAX)),
+            rusqlite::types::Value::Integer(limit),
+        ];
+        for c in conditions {
+            values.push(c.value.clone());
+            sql.push_str(&format!(
+                " AND {} {} ?{}",
+                c.column.sql(),
+                c.op.sql(),
+                values.len()
+            ));
         }
-        Ok(list)
+        sql.push_str(" ORDER BY id DESC LIMIT ?2");
+        let mut statement = self.conn.prepare(&sql)?;
+        let rows: Vec<Revocation> = statement
+            .query_map(rusqlite::params_from_iter(values), |r| {
+                self.revocation_from(r)
+            })?
+            .collect::<Result<_, _>>()?;
+        rows.into_iter().map(|r| self.complete(r)).collect()
     }
 
     /// Actions to work on now: queued or sending, due at or before `now_ms`.
@@ -630,15 +705,27 @@ mod tests {
         assert_eq!(r.actions[0].next_attempt_at, None);
         assert_eq!(r.attempts.as_ref().map(Vec::len), Some(1));
         assert_eq!(store.due_actions(i64::MAX).unwrap().len(), 1);
+        let listed = store.revocations_page(None, &[], 10).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].status, RevocationStatus::InProgress);
+        let by_id = |op, id| Condition {
+            column: Column::Id,
+            op,
+            value: rusqlite::types::Value::Integer(id),
+        };
         assert_eq!(
             store
-                .revocations(Some(RevocationStatus::InProgress))
+                .revocations_page(None, &[by_id(Compare::Eq, id)], 10)
                 .unwrap()
                 .len(),
             1
         );
         assert!(store
-            .revocations(Some(RevocationStatus::Succeeded))
+            .revocations_page(None, &[by_id(Compare::Gt, id)], 10)
+            .unwrap()
+            .is_empty());
+        assert!(store
+            .revocations_page(Some(id), &[], 10)
             .unwrap()
             .is_empty());
         let _ = std::fs::remove_dir_all(&dir);
