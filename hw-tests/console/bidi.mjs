@@ -52,6 +52,10 @@ try {
   }
   await page.screenshot({ path: `${shots}/console-bidi.png`, fullPage: true });
   console.log("DONE");
+} catch (e) {
+  // Said before the exit below, which would otherwise swallow it.
+  console.error(`the flow failed: ${e.stack || e}`);
+  process.exitCode = 1;
 } finally {
   await browser.close();
   process.exit(process.exitCode ?? 0);

@@ -85,6 +85,10 @@ try {
   await card.waitFor({ state: "detached", ...wait });
   await page.screenshot({ path: `${shots}/console-removed.png`, fullPage: true });
   console.log("DONE");
+} catch (e) {
+  // Said before the exit below, which would otherwise swallow it.
+  console.error(`the flow failed: ${e.stack || e}`);
+  process.exitCode = 1;
 } finally {
   await browser.close();
   // stdin stays open (the test holds it): end here rather than wait for it.

@@ -9,7 +9,7 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::time::Duration;
 
 use common::daemon::{http, Daemon, ADMIN, TOKEN};
@@ -91,7 +91,12 @@ fn expect_line(lines: &Receiver<String>, wanted: &str) {
     match lines.recv_timeout(Duration::from_secs(90)) {
         Ok(line) if line == wanted => {}
         Ok(line) => panic!("the browser flow printed {line:?}, not {wanted}"),
-        Err(_) => panic!("the browser flow did not print {wanted} within 90 s"),
+        Err(RecvTimeoutError::Disconnected) => {
+            panic!("the browser flow ended without printing {wanted} (its stderr says why)")
+        }
+        Err(RecvTimeoutError::Timeout) => {
+            panic!("the browser flow did not print {wanted} within 90 s")
+        }
     }
 }
 
@@ -479,4 +484,30 @@ fn a_console_session_cannot_open_sessions_and_shares_its_clients_tickets() {
     }
     eprintln!("event tickets granted to the admin and its console session: {granted}");
     assert_eq!(granted, 32);
+}
+
+/// Login CSRF: a page sends a signed-in console tab to a sign-in link of another client. The
+/// console asks before switching: refused, the tab stays the admin's and the link's code is not
+/// spent; accepted, the tab signs in with the link (`hw-tests/console/switch.mjs`).
+#[test]
+fn a_signed_in_console_asks_before_a_link_switches_who_it_is() {
+    let shots = workspace().join("target/console");
+    std::fs::create_dir_all(&shots).expect("screenshot dir");
+    let daemon = Daemon::start("console-switch", "");
+    let own = format!("http://127.0.0.1:{}", daemon.port);
+    let kiosk = format!("Bearer {TOKEN}");
+    let (_, refused) = mint_code(daemon.port, &kiosk);
+    let (_, wanted) = mint_code(daemon.port, &kiosk);
+    let link = sign_in_link(&daemon);
+    let (mut flow, mut to_flow, lines) = browser_flow("switch.mjs", &link, &shots);
+    expect_line(&lines, "READY");
+    writeln!(to_flow, "{own}/index.html#code={refused}").expect("to the flow");
+    expect_line(&lines, "KEPT");
+    writeln!(to_flow, "{own}/#code={wanted}").expect("to the flow");
+    expect_line(&lines, "SWITCHED");
+    drop(to_flow);
+    let status = flow.wait().expect("the flow ends");
+    assert!(status.success(), "the browser flow failed: {status}");
+    let (status, body) = open_session(&daemon, &own, &format!("{{\"code\":\"{refused}\"}}"));
+    assert_eq!(status, 201, "the refused link's code was spent: {body}");
 }

@@ -69,14 +69,32 @@ function signOut(message) {
   $("who").textContent = "";
 }
 
+// A tab that is signed in never changes who it is signed in as without asking: a page elsewhere
+// can send this tab to a sign-in link of its own (login CSRF). The code is traded only if the
+// person chooses the link; otherwise it is left unused and expires.
+function askToSwitch(saved) {
+  $("switch-what").textContent =
+    `This tab is signed in as ${shown(saved.client)}. The link you opened would sign it in again, ` +
+    "perhaps as someone else. Use it only if you have just run cardbridge console.";
+  $("who").textContent = `Signed in as ${shown(saved.client)}`;
+  $("sign-in").hidden = true; $("switch").hidden = false;
+  $("switch-keep").focus();
+  return new Promise((resolve) => {
+    const choose = (useLink) => { $("switch").hidden = true; resolve(useLink); };
+    $("switch-keep").onclick = () => choose(false);
+    $("switch-use").onclick = () => choose(true);
+  });
+}
+
 async function start() {
   const code = new URLSearchParams(location.hash.slice(1)).get("code");
   // Drop the fragment at once: the address bar and history keep no sign-in code.
   if (location.hash) history.replaceState(null, "", location.pathname);
   let session = null;
   try {
-    if (code) session = await openSession({ code });
-    else session = JSON.parse(sessionStorage.getItem(KEY) || "null");
+    const saved = JSON.parse(sessionStorage.getItem(KEY) || "null");
+    const useLink = code && (!saved || await askToSwitch(saved));
+    session = useLink ? await openSession({ code }) : saved;
   } catch (e) {
     signOut(`Sign-in failed: ${e.message}`);
     return;
