@@ -302,6 +302,7 @@ pub fn read_card(
             card.serial_number = data.serial_number;
             card.certificates = data.certificates;
             card.notes = data.notes;
+            card.notes.extend(hidden_character_notes(&card));
         }
         Err(e) => {
             card.piv = None;
@@ -312,6 +313,57 @@ pub fn read_card(
     }
     card.read_ms = clock.now().saturating_duration_since(started).as_millis() as u64;
     card
+}
+
+/// Characters that change the direction of the text around them or are not drawn at all: bidi
+/// controls and marks, zero-width characters, the soft hyphen, the byte-order mark. Text from a
+/// card that holds one can be made to read differently from what it is (U+202E turns
+/// `Mallory 3A2B1C` around), so each field holding one gets a note naming it.
+pub fn hidden_characters(text: &str) -> Vec<char> {
+    let mut found: Vec<char> = text
+        .chars()
+        .filter(|c| {
+            matches!(*c as u32, 0xAD | 0x61C | 0x180E | 0x200B..=0x200F | 0x202A..=0x202E
+                | 0x2060..=0x2064 | 0x2066..=0x206F | 0xFEFF)
+        })
+        .collect();
+    found.sort_unstable();
+    found.dedup();
+    found
+}
+
+/// One note for each text field of `card` a person reads that holds [`hidden_characters`].
+fn hidden_character_notes(card: &Card) -> Vec<String> {
+    let mut fields: Vec<(String, &str)> = Vec::new();
+    for c in &card.certificates {
+        let named = |what: &str| format!("the {what} of the certificate in {}", c.slot);
+        fields.push((named("label"), &c.label));
+        for (what, value) in [
+            ("subject", &c.subject),
+            ("issuer", &c.issuer),
+            ("template", &c.template),
+        ] {
+            if let Some(value) = value {
+                fields.push((named(what), value));
+            }
+        }
+    }
+    if let Some(label) = card.idprime.as_ref().and_then(|d| d.token_label.as_deref()) {
+        fields.push(("the token label".to_string(), label));
+    }
+    fields
+        .into_iter()
+        .filter_map(|(field, text)| {
+            let found = hidden_characters(text);
+            (!found.is_empty()).then(|| {
+                let codes: Vec<String> = found.iter().map(|c| format!("U+{:04X}", *c as u32)).collect();
+                format!(
+                    "{field} holds characters that reverse or hide text ({}): show it isolated, with them visible",
+                    codes.join(", ")
+                )
+            })
+        })
+        .collect()
 }
 
 /// The order the applets are tried in: the family the ATR points to (GIDS AID in the
@@ -468,6 +520,15 @@ pub(crate) mod replay {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn hidden_characters_are_named_once_each() {
+        assert_eq!(
+            hidden_characters("Mallory \u{202E}3A2B1C\u{200B}\u{202E}"),
+            ['\u{200B}', '\u{202E}']
+        );
+        assert!(hidden_characters("Jürgen Müller, עברית, 漢字").is_empty());
+    }
     use super::*;
 
     #[test]

@@ -265,7 +265,8 @@ fn sign_in_and_session_answers_are_not_stored() {
 
 /// G5: a certificate whose holder name carries a right-to-left override. In the console the
 /// control is shown as its code point, the name is isolated and the card id is drawn left to
-/// right, in the heading and in the revoke confirmation (`hw-tests/console/bidi.mjs`).
+/// right, in the heading and in the revoke confirmation (`hw-tests/console/bidi.mjs`); in the
+/// API the card carries a note naming the field and the control.
 #[test]
 fn bidi_controls_in_a_card_cannot_reverse_what_the_helpdesk_reads() {
     let shots = workspace().join("target/console");
@@ -289,8 +290,17 @@ fn bidi_controls_in_a_card_cannot_reverse_what_the_helpdesk_reads() {
     expect_line(&lines, "DONE");
     drop(to_flow);
     let status = flow.wait().expect("the flow ends");
+    // The API marks the field for every other client: a note naming the field and the control.
+    let auth = format!("Bearer {TOKEN}");
+    let (_, text) = daemon.get(&format!("/v1/cards/{card_id}"), &[("Authorization", &auth)]);
     inserted.remove();
     assert!(status.success(), "the browser flow failed: {status}");
+    let card: Value = serde_json::from_str(&text).expect("card JSON");
+    let notes = card["notes"].to_string();
+    assert!(
+        notes.contains("subject of the certificate in 9A") && notes.contains("U+202E"),
+        "{notes}"
+    );
 }
 
 /// G3: 256 console session requests without a token, each announcing a 100-byte body and
