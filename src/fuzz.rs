@@ -347,7 +347,7 @@ pub fn filter(data: &[u8]) {
         "reconciliation": {"verdict": "ok", "state": "reconciled"}});
     let revocation = json!({"id": 3, "status": "failed", "created_at": "2026-11-02T10:00:00Z"});
     for (fields, item) in [
-        (crate::api::CARD_FILTER_FIELDS, &card),
+        (crate::api::cards::CARD_FILTER_FIELDS, &card),
         (crate::api::revocations::FILTER_FIELDS, &revocation),
     ] {
         match crate::api::filter::Filter::parse(text, fields) {

@@ -3,12 +3,26 @@
 //!
 //! A client too slow to keep up falls more than the channel's capacity behind; it is then
 //! disconnected (it can reconnect and resume from the buffer) rather than slowing the others.
+//!
+//! Also the routes: `POST /v1/events/ticket` (a one-time ticket for a browser's `EventSource`)
+//! and `GET /v1/events` itself.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use std::time::Duration;
 
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use serde::Serialize;
+use serde_json::json;
 use tokio::sync::broadcast;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::StreamExt;
+
+use super::{error, gate::query_value, security, serve, Listener, Refusals};
 
 /// Events kept for replay, and the live channel's capacity.
 pub const REPLAY: usize = 1024;
@@ -93,6 +107,119 @@ impl Bus {
         };
         (backlog, receiver)
     }
+}
+
+fn sse(event: &Numbered) -> SseEvent {
+    SseEvent::default()
+        .id(event.id.to_string())
+        .event(event.name.clone())
+        .data(event.data.clone())
+}
+
+/// `POST /v1/events/ticket`: a one-time ticket for `GET /v1/events?ticket=…`, for browser
+/// `EventSource`, which cannot send the Authorization header. The page asks with its token
+/// (`fetch`, preflighted like any call), then opens the stream with the ticket within 30 s; the
+/// stream is checked as if the token came with it (Host, Origin, scope).
+#[utoipa::path(post, path = "/v1/events/ticket", responses(Refusals, (status = 201, description = "A ticket: {\"ticket\", \"expires_in_s\"}"), (status = 400, description = "The caller has no bearer token (the Unix socket needs no ticket)"), (status = 429, description = "Too many failed authentications or outstanding tickets")))]
+pub(super) async fn event_ticket(
+    State(l): State<Listener>,
+    Extension(caller): Extension<security::Identity>,
+    headers: HeaderMap,
+) -> Response {
+    if security::bearer(&headers).is_none() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "no_token",
+            "tickets are issued to callers with a bearer token",
+        );
+    }
+    match l.shared.clients.issue_ticket(&caller) {
+        Ok(ticket) => (
+            StatusCode::CREATED,
+            Json(json!({
+                "ticket": ticket,
+                "expires_in_s": security::TICKET_LIFETIME.as_secs(),
+            })),
+        )
+            .into_response(),
+        Err(e) => {
+            let (status, code) = match e {
+                security::TicketError::TooMany => {
+                    (StatusCode::TOO_MANY_REQUESTS, "too_many_tickets")
+                }
+                security::TicketError::NoRandomness => {
+                    (StatusCode::INTERNAL_SERVER_ERROR, "no_randomness")
+                }
+            };
+            error(status, code, &e.to_string())
+        }
+    }
+}
+
+#[utoipa::path(get, path = "/v1/events", params(("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event", maximum = 9223372036854775807_u64), ("last_event_id" = Option<u64>, Query, description = "Resume after this event, for a browser EventSource reopened with a new ticket (the header wins)", maximum = 9223372036854775807_u64), ("ticket" = Option<String>, Query, description = "A one-time ticket from POST /v1/events/ticket, instead of the Authorization header")), responses(Refusals, (status = 400, description = "Last-Event-ID is not an event id"), (status = 200, description = "Server-Sent Events", content_type = "text/event-stream"), (status = 401, description = "Missing or unknown token or ticket"), (status = 429, description = "Too many failed authentications, or too many event streams of this client")))]
+pub(super) async fn events(
+    State(l): State<Listener>,
+    parts: axum::http::request::Parts,
+) -> Response {
+    let (headers, uri) = (&parts.headers, &parts.uri);
+    // The stream counts against its client's cap and keeps its connection from being closed as
+    // idle (requests through the router alone, in unit tests, have no connection).
+    let guard = match (
+        parts.extensions.get::<serve::Connection>(),
+        parts.extensions.get::<security::Identity>(),
+    ) {
+        (Some(connection), Some(caller)) => match connection.open_stream(&caller.account) {
+            Some(guard) => Some(guard),
+            None => {
+                return error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_streams",
+                    "this client has too many event streams open",
+                )
+            }
+        },
+        _ => None,
+    };
+    let given = headers
+        .get("last-event-id")
+        .map(|v| v.to_str().ok())
+        .or_else(|| query_value(uri.query(), "last_event_id").map(Some));
+    let last = match given.map(|v| {
+        v.and_then(|v| v.trim().parse::<i64>().ok())
+            .and_then(|id| u64::try_from(id).ok())
+    }) {
+        None => None,
+        Some(Some(id)) => Some(id),
+        Some(None) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_last_event_id",
+                "Last-Event-ID must be an event id (a number)",
+            )
+        }
+    };
+    let (backlog, live) = l.shared.bus.subscribe(last);
+    let first: Vec<SseEvent> = match backlog {
+        Backlog::Events(missed) => missed.iter().map(sse).collect(),
+        Backlog::Resync => vec![SseEvent::default().event("resync").data("{}")],
+    };
+    // A lagging client gets an error from the channel: its stream ends there, it reconnects
+    // with Last-Event-ID, and nobody else waited for it.
+    let live = BroadcastStream::new(live)
+        .take_while(Result::is_ok)
+        .filter_map(|e| e.ok().map(|e| sse(&e)));
+    let stream = tokio_stream::iter(first).chain(live).map(move |e| {
+        let _held = &guard;
+        Ok::<_, std::convert::Infallible>(e)
+    });
+    let stream = futures_util::StreamExt::take_until(stream, l.shared.stopped());
+    Sse::new(stream)
+        .keep_alive(
+            KeepAlive::new()
+                .interval(Duration::from_secs(15))
+                .text("keep-alive"),
+        )
+        .into_response()
 }
 
 #[cfg(test)]

@@ -1,14 +1,22 @@
-//! The local API: REST and Server-Sent Events over loopback TCP, for kiosk and helpdesk
-//! applications. Every route goes through [`security`] first.
+//! The local API: REST and Server-Sent Events over loopback TCP (and the Unix socket), for kiosk
+//! and helpdesk applications. Every route goes through [`gate`] first, whose rules are in
+//! [`security`]. One module per resource; [`routes`] is their table of contents.
 
+pub mod cards;
 pub mod console;
 pub mod events;
 pub mod filter;
+mod gate;
+mod health;
 pub mod metrics;
+mod readers;
 pub(crate) mod revocations;
 pub mod security;
 pub mod serve;
 pub mod tls;
+
+pub use gate::{RefusalLog, UnixPeer};
+pub use revocations::RevocationBudget;
 
 pub use revocations::publish as publish_revocation;
 
@@ -21,32 +29,25 @@ pub fn announce(bus: &Bus, event: &crate::event::StationEvent) {
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::extract::Request;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Extension, Json, Router};
-use serde::{Deserialize, Serialize};
+use axum::{Json, Router};
 use serde_json::json;
-use tokio_stream::wrappers::BroadcastStream;
-use tokio_stream::StreamExt;
-
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::card::Card;
-use crate::config::Scope;
 use crate::engine::ReadRequester;
 pub use crate::station::Station;
 use crate::store::Store;
-use events::{Backlog, Bus, Numbered};
+use events::Bus;
 use security::Clients;
 
 /// Shared by all listeners.
@@ -80,32 +81,6 @@ pub struct Shared {
     pub route_limits: RouteLimits,
 }
 
-/// Revocations per client: a burst, then a steady rate.
-pub struct RevocationBudget {
-    burst: f64,
-    per_second: f64,
-    buckets: Mutex<std::collections::HashMap<String, security::TokenBucket>>,
-}
-
-impl RevocationBudget {
-    pub fn new(burst: u32, per_minute: u32) -> RevocationBudget {
-        RevocationBudget {
-            burst: f64::from(burst),
-            per_second: f64::from(per_minute) / 60.0,
-            buckets: Mutex::default(),
-        }
-    }
-
-    /// Takes one revocation of `client`, or says when the next one is allowed.
-    pub fn take(&self, client: &str, now: Instant) -> Result<(), Duration> {
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        buckets
-            .entry(client.to_string())
-            .or_insert_with(|| security::TokenBucket::new(self.burst, self.per_second, now))
-            .take(now)
-    }
-}
-
 impl Shared {
     /// Resolves once a stop was requested.
     pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
@@ -132,60 +107,6 @@ pub enum Kind {
     Tcp(SocketAddr),
     /// The Unix socket: the peer's uid/gid (SO_PEERCRED) decides its scopes.
     Unix,
-}
-
-/// The credentials of a process on the Unix socket: SO_PEERCRED's uid and gid, and the
-/// user's supplementary groups from the group database (NSS, so directory groups count; the
-/// process's own list is not readable under the unit's `ProtectProc=invisible`).
-#[derive(Clone, Debug)]
-pub struct UnixPeer {
-    pub uid: u32,
-    pub gid: u32,
-    pub groups: Vec<u32>,
-}
-
-impl UnixPeer {
-    /// No credentials (Linux always gives them): ids no configuration names, so no scopes.
-    fn nobody() -> UnixPeer {
-        UnixPeer {
-            uid: u32::MAX,
-            gid: u32::MAX,
-            groups: Vec::new(),
-        }
-    }
-
-    /// Looks the user's groups up. Blocking (NSS may ask a directory).
-    fn of(uid: u32, gid: u32) -> UnixPeer {
-        let groups = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-            .ok()
-            .flatten()
-            .and_then(|user| {
-                let name = std::ffi::CString::new(user.name).ok()?;
-                nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(gid)).ok()
-            })
-            .map(|groups| groups.into_iter().map(|g| g.as_raw()).collect())
-            .unwrap_or_default();
-        UnixPeer { uid, gid, groups }
-    }
-}
-
-impl serve::Accept for tokio::net::UnixListener {
-    type Io = tokio::net::UnixStream;
-    type Peer = UnixPeer;
-
-    async fn accept(&mut self) -> std::io::Result<(tokio::net::UnixStream, UnixPeer)> {
-        let (stream, _) = tokio::net::UnixListener::accept(self).await?;
-        let peer = match stream.peer_cred() {
-            Ok(cred) => {
-                let (uid, gid) = (cred.uid(), cred.gid());
-                tokio::task::spawn_blocking(move || UnixPeer::of(uid, gid))
-                    .await
-                    .unwrap_or_else(|_| UnixPeer::nobody())
-            }
-            Err(_) => UnixPeer::nobody(),
-        };
-        Ok((stream, peer))
-    }
 }
 
 /// One listener's view: the shared state and how its callers are identified.
@@ -273,7 +194,10 @@ pub fn router(shared: Arc<Shared>, kind: Kind) -> Router {
         .merge(long)
         .merge(public)
         .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), gate))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            gate::gate,
+        ))
         .layer(axum::middleware::from_fn(json_errors))
         .with_state(state)
 }
@@ -336,11 +260,10 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     routes().3
 }
 
-/// The routes, from the annotated handlers, so the OpenAPI document lists exactly them: the
-/// short requests (under the request timeout) and the event stream, and the document.
-/// The routes in three groups by the limits they get: short (authenticated, the shared request
-/// slots), long (the event stream) and public (the console's session, which reads a body
-/// before anyone is known), and the OpenAPI document of all of them.
+/// The routes, from the annotated handlers, so the OpenAPI document lists exactly them, in three
+/// groups by the limits they get: short (authenticated, the shared request slots), long (the
+/// event stream) and public (the console's session, which reads a body before anyone is known),
+/// and the OpenAPI document of all of them.
 fn routes() -> (
     Router<Listener>,
     Router<Listener>,
@@ -348,20 +271,20 @@ fn routes() -> (
     utoipa::openapi::OpenApi,
 ) {
     let (short, mut api) = OpenApiRouter::new()
-        .routes(routes!(health))
-        .routes(routes!(readers))
-        .routes(routes!(cards))
-        .routes(routes!(card))
-        .routes(routes!(reconciliation))
-        .routes(routes!(sync))
-        .routes(routes!(event_ticket))
+        .routes(routes!(health::health))
+        .routes(routes!(readers::readers))
+        .routes(routes!(cards::cards))
+        .routes(routes!(cards::card))
+        .routes(routes!(cards::reconciliation))
+        .routes(routes!(cards::sync))
+        .routes(routes!(events::event_ticket))
         .routes(routes!(revocations::submit, revocations::list))
         .routes(routes!(revocations::one))
         .routes(routes!(metrics::metrics_text))
         .routes(routes!(console::sign_in))
         .split_for_parts();
     let (long, events_api) = OpenApiRouter::new()
-        .routes(routes!(events))
+        .routes(routes!(events::events))
         .split_for_parts();
     let (public, session_api) = OpenApiRouter::new()
         .routes(routes!(console::session))
@@ -409,21 +332,6 @@ enum Refusals {
     )]
     Overloaded,
 }
-
-/// The longest request target accepted; longer ones get 414 (hyper's own limit, 64 KiB, is
-/// answered by hyper without a body).
-const MAX_URI: usize = 8 * 1024;
-
-/// The state-changing routes (POST) and the scope each needs; every other route (and every
-/// other method, which then gets its 405 from the router) needs the `read` scope.
-const STATE_CHANGING: [(&str, Scope); 3] = [
-    ("/v1/cards/{card_id}/sync", Scope::Sync),
-    ("/v1/revocations", Scope::Revoke),
-    ("/v1/console/sign-in", Scope::Read),
-];
-
-/// The event stream, the one route that also takes a `ticket` instead of a token.
-const EVENTS_ROUTE: &str = "/v1/events";
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response {
     ApiError::new(status, code, message).into_response()
@@ -494,367 +402,12 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Preflights for allowed origins, then the security check of every request, then CORS headers
-/// (the exact origin, never `*`) on the answer.
-async fn gate(State(l): State<Listener>, request: Request, next: Next) -> Response {
-    if request.uri().to_string().len() > MAX_URI {
-        return error(
-            StatusCode::URI_TOO_LONG,
-            "uri_too_long",
-            "the request target is longer than 8 KiB",
-        );
-    }
-    let headers = request.headers().clone();
-    if let Kind::Tcp(addr) = l.kind {
-        if console::is_public(request.method(), request.uri().path()) {
-            return public(&l, request, next, addr).await;
-        }
-    }
-    if let Some(origin) = security::preflight_origin(&l.shared.clients, &headers, request.method())
-    {
-        return preflight(origin, &headers);
-    }
-    if request.method() == Method::OPTIONS {
-        return refused(
-            &l,
-            &headers,
-            StatusCode::FORBIDDEN,
-            "foreign_origin",
-            "this origin is not allowed",
-        );
-    }
-    let caller = match identify(&l, &request) {
-        Ok(caller) => caller,
-        Err((status, code, message)) => return refused(&l, &headers, status, code, message),
-    };
-    let pattern = request
-        .extensions()
-        .get::<axum::extract::MatchedPath>()
-        .map_or("unmatched", |p| p.as_str())
-        .to_string();
-    let changing = state_changing(request.method(), &pattern);
-    let route = request.uri().path().to_string();
-    let mut request = request;
-    request.extensions_mut().insert(caller.clone());
-    let mut response = match security::authorize(&caller.scopes, changing.unwrap_or(Scope::Read)) {
-        Err(refusal) => error(refusal.status(), refusal.code(), refusal.message()),
-        // State-changing calls take JSON only: a page cannot send that cross-origin without a
-        // preflight, which only allowed origins pass.
-        Ok(()) if changing.is_some() && !is_json(&headers) => error(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "state-changing requests must be Content-Type: application/json",
-        ),
-        Ok(()) => next.run(request).await,
-    };
-    let status = response.status().as_u16();
-    l.shared.metrics.request(&pattern, status);
-    if changing.is_some() {
-        audit(&l, &caller.name, &headers, &route, status);
-    }
-    if matches!(l.kind, Kind::Tcp(_)) {
-        if let Some(origin) = headers.get(header::ORIGIN) {
-            with_cors(&mut response, origin.clone());
-        }
-    }
-    response
-}
-
-/// The console's page, its assets and its session route: no token, but the Host rule, and JSON
-/// for the session route as for every POST.
-async fn public(l: &Listener, request: Request, next: Next, listener: SocketAddr) -> Response {
-    let headers = request.headers();
-    let authority = request.uri().authority().map(|a| a.as_str().to_string());
-    if let Err(refusal) = security::check_host(headers, authority.as_deref(), listener) {
-        return refused(
-            l,
-            headers,
-            refusal.status(),
-            refusal.code(),
-            refusal.message(),
-        );
-    }
-    let path = request.uri().path().to_string();
-    let response = match console::asset(&path) {
-        Some(page) => page,
-        None if !is_json(headers) => error(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "state-changing requests must be Content-Type: application/json",
-        ),
-        None => next.run(request).await,
-    };
-    l.shared.metrics.request(&path, response.status().as_u16());
-    response
-}
-
-/// The scope a state-changing route needs; `None` for the others (they need `read`).
-fn state_changing(method: &Method, pattern: &str) -> Option<Scope> {
-    STATE_CHANGING
-        .iter()
-        .find(|(route, _)| method == Method::POST && pattern == *route)
-        .map(|(_, scope)| *scope)
-}
-
-/// Records a state-changing attempt by a known client, refused ones included.
-fn audit(l: &Listener, caller: &str, headers: &HeaderMap, route: &str, status: u16) {
-    let origin = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok());
-    let guard = l.shared.store.lock().unwrap_or_else(|p| p.into_inner());
-    let recorded = crate::store::blocking(|| {
-        guard
-            .as_ref()
-            .map(|s| s.record_audit(caller, origin, route, status))
-    });
-    if let Some(Err(e)) = recorded {
-        tracing::error!("cannot write the audit trail: {e}");
-    }
-}
-
-/// The answer to a CORS preflight from an allowed origin.
-fn preflight(origin: HeaderValue, headers: &HeaderMap) -> Response {
-    let mut response = StatusCode::NO_CONTENT.into_response();
-    let h = response.headers_mut();
-    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("GET, POST"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_HEADERS,
-        HeaderValue::from_static("authorization, content-type, last-event-id, idempotency-key"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_MAX_AGE,
-        HeaderValue::from_static("600"),
-    );
-    h.insert(header::VARY, HeaderValue::from_static("Origin"));
-    // Chrome's Private Network Access: a page on a public or LAN address may call loopback
-    // only when the preflight says so (allowed origins only, as above).
-    if headers.contains_key("access-control-request-private-network") {
-        h.insert(
-            "access-control-allow-private-network",
-            HeaderValue::from_static("true"),
-        );
-    }
-    response
-}
-
-fn with_cors(response: &mut Response, origin: HeaderValue) {
-    let h = response.headers_mut();
-    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-    h.insert(header::VARY, HeaderValue::from_static("Origin"));
-}
-
-/// A refusal before the caller is known: counted, logged at a bounded rate, and readable by a
-/// page of an allowed origin (so it can tell an expired token from a Host problem). A refusal
-/// for too many failures closes the connection and says when to come back.
-fn refused(
-    l: &Listener,
-    headers: &HeaderMap,
-    status: StatusCode,
-    code: &'static str,
-    message: &str,
-) -> Response {
-    l.shared.metrics.refused(code);
-    l.shared.refusal_log.note(code, Instant::now());
-    let mut response = error(status, code, message);
-    if status == StatusCode::TOO_MANY_REQUESTS {
-        let h = response.headers_mut();
-        h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    if matches!(l.kind, Kind::Tcp(_)) {
-        if let Some(origin) = security::allowed_origin(&l.shared.clients, headers) {
-            with_cors(&mut response, origin);
-        }
-    }
-    response
-}
-
-/// Logs refused calls at warn level, at most once per code every [`RefusalLog::EVERY`], with
-/// how many were refused since; no header value is ever logged.
-#[derive(Default)]
-pub struct RefusalLog {
-    last: Mutex<std::collections::HashMap<&'static str, (Option<Instant>, u64)>>,
-}
-
-impl RefusalLog {
-    const EVERY: Duration = Duration::from_secs(10);
-
-    pub fn note(&self, code: &'static str, now: Instant) {
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        // (Not `now - EVERY` for the first time: that underflows in the first seconds after
-        // boot, when a udev-started daemon may well be refusing calls.)
-        let (at, suppressed) = last.entry(code).or_insert((None, 0));
-        if at.is_none_or(|at| now.saturating_duration_since(at) >= Self::EVERY) {
-            tracing::warn!(
-                refusal = code,
-                "local API call refused ({code}; {} more since the last report)",
-                *suppressed
-            );
-            *at = Some(now);
-            *suppressed = 0;
-        } else {
-            *suppressed += 1;
-        }
-    }
-}
-
-/// A refusal: status, error code, message.
-type Refused = (StatusCode, &'static str, &'static str);
-
-/// Who is calling, or why not.
-fn identify(l: &Listener, request: &Request) -> Result<security::Identity, Refused> {
-    let headers = request.headers();
-    match l.kind {
-        Kind::Unix => {
-            let peer = request
-                .extensions()
-                .get::<axum::extract::ConnectInfo<UnixPeer>>()
-                .map(|c| &c.0);
-            let Some(UnixPeer { uid, gid, groups }) = peer else {
-                return Err((
-                    StatusCode::FORBIDDEN,
-                    "no_scopes",
-                    "the caller's credentials are unknown",
-                ));
-            };
-            let scopes = security::local_scopes(&l.shared.local_users, *uid, *gid, groups);
-            if scopes.is_empty() {
-                return Err((
-                    StatusCode::FORBIDDEN,
-                    "no_scopes",
-                    "this user has no scopes on the local API",
-                ));
-            }
-            Ok(security::Identity::local(*uid, scopes))
-        }
-        Kind::Tcp(addr) => {
-            // A ticket stands in for the token only where a browser cannot send one.
-            let ticket = (request.uri().path() == EVENTS_ROUTE)
-                .then(|| query_value(request.uri().query(), "ticket"))
-                .flatten();
-            let parts = security::RequestParts {
-                headers,
-                authority: request.uri().authority().map(|a| a.as_str()),
-                ticket,
-            };
-            security::identify(&l.shared.clients, &l.shared.failures, &parts, addr)
-                .map_err(|refusal| (refusal.status(), refusal.code(), refusal.message()))
-        }
-    }
-}
-
-/// The value of `key` in a query string (tickets and event ids need no percent-decoding).
-fn query_value<'q>(query: Option<&'q str>, key: &str) -> Option<&'q str> {
-    query?
-        .split('&')
-        .filter_map(|pair| pair.split_once('='))
-        .find(|(k, _)| *k == key)
-        .map(|(_, v)| v)
-}
-
-fn is_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
-}
-
 async fn not_found() -> Response {
     error(StatusCode::NOT_FOUND, "not_found", "no such route")
 }
 
 fn station<T>(l: &Listener, f: impl FnOnce(&Station) -> T) -> T {
     f(&l.shared.station.lock().unwrap_or_else(|p| p.into_inner()))
-}
-
-#[utoipa::path(get, path = "/v1/health", responses(Refusals, (status = 200, description = "Station health: reader and card counts")))]
-async fn health(State(l): State<Listener>) -> Response {
-    let (readers, cards) = station(&l, Station::counts);
-    Json(json!({"status": "ok", "readers": readers, "cards": cards})).into_response()
-}
-
-#[derive(Serialize)]
-struct ReaderView {
-    name: String,
-    card_present: bool,
-    card_id: Option<String>,
-}
-
-#[utoipa::path(get, path = "/v1/readers", responses(Refusals, (status = 200, description = "Readers and whether each holds a card")))]
-async fn readers(State(l): State<Listener>) -> Response {
-    let list: Vec<ReaderView> = station(&l, |s| {
-        s.readers()
-            .map(|(name, card)| ReaderView {
-                name: name.clone(),
-                card_present: card.is_some(),
-                card_id: card.as_ref().and_then(|c| c.card_id.clone()),
-            })
-            .collect()
-    });
-    Json(list).into_response()
-}
-
-/// `$filter` over the cards' scalar fields and their reconciliation's verdict and state.
-pub(crate) const CARD_FILTER_FIELDS: &[&str] = &[
-    "kind",
-    "reader",
-    "card_id",
-    "card_guid",
-    "serial_number",
-    "atr",
-    "read_at",
-    "read_ms",
-    "apdu_count",
-    "reconciliation/verdict",
-    "reconciliation/state",
-];
-
-#[derive(Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-struct CardsQuery {
-    /// An OData filter, e.g. `kind eq 'piv' and reconciliation/verdict eq 'critical'`.
-    #[serde(rename = "$filter")]
-    #[param(rename = "$filter", max_length = 2048)]
-    filter: Option<String>,
-}
-
-#[utoipa::path(get, path = "/v1/cards", params(CardsQuery), responses(Refusals, (status = 200, description = "Every Card object in a reader (those matching $filter)"), (status = 400, description = "A malformed $filter (bad_filter, with the position)")))]
-async fn cards(
-    State(l): State<Listener>,
-    query: Result<Query<CardsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let text = match query {
-        Ok(Query(q)) => q.filter,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_filter", &e.body_text()),
-    };
-    let Some(text) = text else {
-        let body = station(&l, Station::cards_json);
-        return ([(header::CONTENT_TYPE, "application/json")], body).into_response();
-    };
-    let filter = match parse_filter(Some(&text), CARD_FILTER_FIELDS) {
-        Ok(filter) => filter,
-        Err(refusal) => return refusal.into_response(),
-    };
-    let cards: Vec<Card> = station(&l, |s| s.readers().filter_map(|(_, c)| c.clone()).collect());
-    let reconciliations = l
-        .shared
-        .reconciliations
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    let matching: Vec<&Card> = cards
-        .iter()
-        .filter(|card| {
-            let mut item = serde_json::to_value(card).unwrap_or_default();
-            let r = card.card_id.as_ref().and_then(|id| reconciliations.get(id));
-            item["reconciliation"] = serde_json::to_value(r).unwrap_or_default();
-            filter.matches(&item)
-        })
-        .collect();
-    Json(matching).into_response()
 }
 
 /// A `$filter` parameter, or 400 `bad_filter` naming the problem and its position.
@@ -866,239 +419,13 @@ fn parse_filter(text: Option<&str>, fields: &[&str]) -> Result<filter::Filter, A
     }
 }
 
-fn find_card(s: &Station, card_id: &str) -> Option<Card> {
-    s.find_card(card_id)
-}
-
-#[utoipa::path(get, path = "/v1/cards/{card_id}", params(("card_id" = String, Path, description = "Hex card id")), responses(Refusals, (status = 200, description = "The Card"), (status = 404, description = "No such card in a reader")))]
-async fn card(State(l): State<Listener>, Path(card_id): Path<String>) -> Response {
-    match station(&l, |s| find_card(s, &card_id)) {
-        Some(card) => Json(card).into_response(),
-        None => error(
-            StatusCode::NOT_FOUND,
-            "card_not_present",
-            "no card with this id is in a reader",
-        ),
-    }
-}
-
-#[utoipa::path(get, path = "/v1/cards/{card_id}/reconciliation", params(("card_id" = String, Path, description = "Hex card id")), responses(Refusals, (status = 200, description = "The card's last Reconciliation"), (status = 404, description = "Not reconciled")))]
-async fn reconciliation(State(l): State<Listener>, Path(card_id): Path<String>) -> Response {
-    let found = l
-        .shared
-        .reconciliations
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&card_id.to_ascii_uppercase())
-        .cloned();
-    match found {
-        Some(r) => Json(r).into_response(),
-        None => error(
-            StatusCode::NOT_FOUND,
-            "not_reconciled",
-            "this card has not been reconciled",
-        ),
-    }
-}
-
-/// `POST /v1/cards/{card_id}/sync`: read the card again (which reconciles it again). The body,
-/// if any, must be a JSON object; the answer comes at once, the results as events.
-#[utoipa::path(post, path = "/v1/cards/{card_id}/sync", params(("card_id" = String, Path, description = "Hex card id")), request_body(content = Object, content_type = "application/json", description = "An empty JSON object, or no body"), responses(Refusals, (status = 202, description = "The card is being read again"), (status = 400, description = "The body is not a JSON object"), (status = 404, description = "No such card in a reader"), (status = 413, description = "The body is over 64 KiB"), (status = 415, description = "Not application/json"), (status = 503, description = "cardbridge is stopping")))]
-async fn sync(State(l): State<Listener>, Path(card_id): Path<String>, body: Bytes) -> Response {
-    if !body.is_empty()
-        && !serde_json::from_slice::<serde_json::Value>(&body).is_ok_and(|v| v.is_object())
-    {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "bad_body",
-            "the body must be a JSON object",
-        );
-    }
-    let Some(reader) = station(&l, |s| find_card(s, &card_id)).map(|c| c.reader) else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "card_not_present",
-            "no card with this id is in a reader",
-        );
-    };
-    let requested = l
-        .shared
-        .reads
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_ref()
-        .is_some_and(|r| r.read(&reader));
-    if !requested {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "stopping",
-            "cardbridge is stopping",
-        );
-    }
-    (
-        StatusCode::ACCEPTED,
-        Json(json!({"card_id": card_id, "reader": reader, "status": "reading"})),
-    )
-        .into_response()
-}
-
-fn sse(event: &Numbered) -> SseEvent {
-    SseEvent::default()
-        .id(event.id.to_string())
-        .event(event.name.clone())
-        .data(event.data.clone())
-}
-
-/// `POST /v1/events/ticket`: a one-time ticket for `GET /v1/events?ticket=…`, for browser
-/// `EventSource`, which cannot send the Authorization header. The page asks with its token
-/// (`fetch`, preflighted like any call), then opens the stream with the ticket within 30 s; the
-/// stream is checked as if the token came with it (Host, Origin, scope).
-#[utoipa::path(post, path = "/v1/events/ticket", responses(Refusals, (status = 201, description = "A ticket: {\"ticket\", \"expires_in_s\"}"), (status = 400, description = "The caller has no bearer token (the Unix socket needs no ticket)"), (status = 429, description = "Too many failed authentications or outstanding tickets")))]
-async fn event_ticket(
-    State(l): State<Listener>,
-    Extension(caller): Extension<security::Identity>,
-    headers: HeaderMap,
-) -> Response {
-    if security::bearer(&headers).is_none() {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "no_token",
-            "tickets are issued to callers with a bearer token",
-        );
-    }
-    match l.shared.clients.issue_ticket(&caller) {
-        Ok(ticket) => (
-            StatusCode::CREATED,
-            Json(json!({
-                "ticket": ticket,
-                "expires_in_s": security::TICKET_LIFETIME.as_secs(),
-            })),
-        )
-            .into_response(),
-        Err(e) => {
-            let (status, code) = match e {
-                security::TicketError::TooMany => {
-                    (StatusCode::TOO_MANY_REQUESTS, "too_many_tickets")
-                }
-                security::TicketError::NoRandomness => {
-                    (StatusCode::INTERNAL_SERVER_ERROR, "no_randomness")
-                }
-            };
-            error(status, code, &e.to_string())
-        }
-    }
-}
-
-#[utoipa::path(get, path = "/v1/events", params(("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event", maximum = 9223372036854775807_u64), ("last_event_id" = Option<u64>, Query, description = "Resume after this event, for a browser EventSource reopened with a new ticket (the header wins)", maximum = 9223372036854775807_u64), ("ticket" = Option<String>, Query, description = "A one-time ticket from POST /v1/events/ticket, instead of the Authorization header")), responses(Refusals, (status = 400, description = "Last-Event-ID is not an event id"), (status = 200, description = "Server-Sent Events", content_type = "text/event-stream"), (status = 401, description = "Missing or unknown token or ticket"), (status = 429, description = "Too many failed authentications, or too many event streams of this client")))]
-async fn events(State(l): State<Listener>, parts: axum::http::request::Parts) -> Response {
-    let (headers, uri) = (&parts.headers, &parts.uri);
-    // The stream counts against its client's cap and keeps its connection from being closed as
-    // idle (requests through the router alone, in unit tests, have no connection).
-    let guard = match (
-        parts.extensions.get::<serve::Connection>(),
-        parts.extensions.get::<security::Identity>(),
-    ) {
-        (Some(connection), Some(caller)) => match connection.open_stream(&caller.account) {
-            Some(guard) => Some(guard),
-            None => {
-                return error(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "too_many_streams",
-                    "this client has too many event streams open",
-                )
-            }
-        },
-        _ => None,
-    };
-    let given = headers
-        .get("last-event-id")
-        .map(|v| v.to_str().ok())
-        .or_else(|| query_value(uri.query(), "last_event_id").map(Some));
-    let last = match given.map(|v| {
-        v.and_then(|v| v.trim().parse::<i64>().ok())
-            .and_then(|id| u64::try_from(id).ok())
-    }) {
-        None => None,
-        Some(Some(id)) => Some(id),
-        Some(None) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_last_event_id",
-                "Last-Event-ID must be an event id (a number)",
-            )
-        }
-    };
-    let (backlog, live) = l.shared.bus.subscribe(last);
-    let first: Vec<SseEvent> = match backlog {
-        Backlog::Events(missed) => missed.iter().map(sse).collect(),
-        Backlog::Resync => vec![SseEvent::default().event("resync").data("{}")],
-    };
-    // A lagging client gets an error from the channel: its stream ends there, it reconnects
-    // with Last-Event-ID, and nobody else waited for it.
-    let live = BroadcastStream::new(live)
-        .take_while(Result::is_ok)
-        .filter_map(|e| e.ok().map(|e| sse(&e)));
-    let stream = tokio_stream::iter(first).chain(live).map(move |e| {
-        let _held = &guard;
-        Ok::<_, std::convert::Infallible>(e)
-    });
-    let stream = futures_util::StreamExt::take_until(stream, l.shared.stopped());
-    Sse::new(stream)
-        .keep_alive(
-            KeepAlive::new()
-                .interval(Duration::from_secs(15))
-                .text("keep-alive"),
-        )
-        .into_response()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Scope;
     use axum::body::Body;
     use sha2::Digest;
     use tower::ServiceExt;
-
-    #[test]
-    fn revocations_are_budgeted_per_client() {
-        let budget = RevocationBudget::new(2, 60);
-        let now = Instant::now();
-        assert!(budget.take("kiosk", now).is_ok());
-        assert!(budget.take("kiosk", now).is_ok());
-        let wait = budget.take("kiosk", now).unwrap_err();
-        assert!(
-            wait <= Duration::from_secs(1) && wait > Duration::ZERO,
-            "{wait:?}"
-        );
-        assert!(
-            budget.take("helpdesk", now).is_ok(),
-            "another client has its own"
-        );
-        assert!(
-            budget.take("kiosk", now + Duration::from_secs(1)).is_ok(),
-            "one a second back"
-        );
-    }
-
-    /// A POST route missing from `STATE_CHANGING` would need only `read`, skip the JSON-only
-    /// rule and go unaudited. Two deliberate exceptions: the ticket route (it changes nothing
-    /// but the caller's own ticket, and a browser must be able to call it) and the console's
-    /// session route (it has no caller yet: it is how the console's page gets one; it takes
-    /// JSON only, from the console's own origin).
-    #[test]
-    fn every_post_route_is_in_the_state_changing_table() {
-        let api = openapi();
-        for (path, item) in &api.paths.paths {
-            let exception = path == "/v1/events/ticket" || path == console::SESSION_ROUTE;
-            if item.post.is_some() && !exception {
-                assert!(
-                    state_changing(&Method::POST, path).is_some(),
-                    "POST {path} is not in STATE_CHANGING"
-                );
-            }
-        }
-        assert_eq!(state_changing(&Method::GET, "/v1/revocations"), None);
-    }
 
     /// The refusals every route shares are in each operation, without hiding a route's own.
     #[test]

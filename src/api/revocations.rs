@@ -2,7 +2,8 @@
 //! the revocation outbox. A revocation is planned, then stored (committed) before the 202 goes
 //! out; the worker delivers it and every change is a `revocation.updated` event.
 
-use std::time::Instant;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -13,9 +14,10 @@ use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use super::cards::find_card;
 use super::security::Identity;
 use super::Refusals;
-use super::{error, find_card, station, ApiError, Listener};
+use super::{error, security, station, ApiError, Listener};
 use crate::cm::model::normalize_hex;
 use crate::random::random_hex;
 use crate::revoke::{plan, Known, KnownCertificate, Revocation, RevocationStatus, Submission};
@@ -431,4 +433,56 @@ fn with_store(
             None => ApiError::no_store().into_response(),
         }
     })
+}
+
+/// Revocations per client: a burst, then a steady rate.
+pub struct RevocationBudget {
+    burst: f64,
+    per_second: f64,
+    buckets: Mutex<std::collections::HashMap<String, security::TokenBucket>>,
+}
+
+impl RevocationBudget {
+    pub fn new(burst: u32, per_minute: u32) -> RevocationBudget {
+        RevocationBudget {
+            burst: f64::from(burst),
+            per_second: f64::from(per_minute) / 60.0,
+            buckets: Mutex::default(),
+        }
+    }
+
+    /// Takes one revocation of `client`, or says when the next one is allowed.
+    pub fn take(&self, client: &str, now: Instant) -> Result<(), Duration> {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        buckets
+            .entry(client.to_string())
+            .or_insert_with(|| security::TokenBucket::new(self.burst, self.per_second, now))
+            .take(now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revocations_are_budgeted_per_client() {
+        let budget = RevocationBudget::new(2, 60);
+        let now = Instant::now();
+        assert!(budget.take("kiosk", now).is_ok());
+        assert!(budget.take("kiosk", now).is_ok());
+        let wait = budget.take("kiosk", now).unwrap_err();
+        assert!(
+            wait <= Duration::from_secs(1) && wait > Duration::ZERO,
+            "{wait:?}"
+        );
+        assert!(
+            budget.take("helpdesk", now).is_ok(),
+            "another client has its own"
+        );
+        assert!(
+            budget.take("kiosk", now + Duration::from_secs(1)).is_ok(),
+            "one a second back"
+        );
+    }
 }
