@@ -2,7 +2,8 @@
 //!
 //! GIDS has no ISO files for the minidriver data; each "file" is a data object inside an EF, and
 //! the masterfile maps names (`cardid`, `mscp/cmapfile`, `mscp/kxc00`…) to (EF, DO) pairs. A
-//! read is: SELECT, masterfile, cmapfile, cardid, then one GET DATA per certificate file.
+//! read is: SELECT, masterfile, cardid, cmapfile, one GET DATA per certificate file, and the
+//! cardid again (the same card answered throughout).
 
 use serde::{Deserialize, Serialize};
 
@@ -77,23 +78,44 @@ pub fn read(
             .find(|f| f.directory == dir && f.name == name)
     };
 
-    if let Some(f) = find("mscp", "cmapfile") {
+    // The card id first, and once more at the end: everything between reached the same card
+    // ([`crate::end_of_read`]).
+    let cardid = find("", "cardid");
+    if let Some(f) = cardid {
+        data.card_id = minidriver::card_id(&get_do(ch, f.ef, f.data_object, "cardid")?)?;
+    }
+    let rest = read_containers_and_certificates(ch, &masterfile, &mut details, &mut data);
+    match (cardid, data.card_id) {
+        (Some(f), Some(_)) => crate::end_of_read(rest, &data.card_id, || {
+            minidriver::card_id(&get_do(ch, f.ef, f.data_object, "cardid")?)
+        })?,
+        _ => rest?,
+    }
+    Ok((details, data))
+}
+
+/// The cmapfile and every certificate file the masterfile lists.
+fn read_containers_and_certificates(
+    ch: &mut Channel<'_>,
+    masterfile: &[FileEntry],
+    details: &mut GidsDetails,
+    data: &mut AppletData,
+) -> Result<(), ReadError> {
+    let cmapfile = masterfile
+        .iter()
+        .find(|f| f.directory == "mscp" && f.name == "cmapfile");
+    if let Some(f) = cmapfile {
         details.containers =
             minidriver::parse_cmapfile(&get_do(ch, f.ef, f.data_object, "cmapfile")?)?;
     }
-    if let Some(f) = find("", "cardid") {
-        data.card_id = minidriver::card_id(&get_do(ch, f.ef, f.data_object, "cardid")?)?;
-    }
-
     let files = minidriver::certificate_files(
         masterfile
             .iter()
             .map(|f| (f.directory.as_str(), f.name.as_str(), f)),
     );
-    minidriver::read_certificates(&files, &details.containers, &mut data, |file, entry| {
+    minidriver::read_certificates(&files, &details.containers, data, |file, entry| {
         get_do(ch, entry.ef, entry.data_object, &file.name)
-    })?;
-    Ok((details, data))
+    })
 }
 
 /// GET DATA of one data object; the answer is the DO itself as a TLV, whose value is returned.

@@ -1,9 +1,9 @@
 //! Thales (Gemalto) IDPrime MD and IDPrime 9xx: the minidriver files as EFs of one applet.
 //!
 //! The index file (0101) lists every file with its FID and size, so a read is: SELECT the
-//! applet, the index, the cardid, the CPLC (model and chip serial), the cmapfile as far as the
-//! certificates need it, the token label when the index has one, then each certificate file in
-//! reads of exactly the bytes left. No file is probed for its size, and every command is a short
+//! applet, the CPLC (model and chip serial), the index, the cardid, the cmapfile as far as the
+//! certificates need it, the token label when the index has one, each certificate file in
+//! reads of exactly the bytes left, and the CPLC again (the same chip answered throughout). No file is probed for its size, and every command is a short
 //! APDU: these are T=0 cards, whose answers come behind `61xx` (the [`Channel`] follows it) and
 //! which ask for a re-issue with `6Cxx` (likewise).
 
@@ -154,63 +154,79 @@ pub fn select(ch: &mut Channel<'_>) -> Result<bool, ReadError> {
     Ok(ch.send_raw(&apdu)?.is_ok())
 }
 
-/// Reads a selected IDPrime applet.
+/// Reads a selected IDPrime applet. The CPLC comes first and once more at the end: the chip's
+/// serial tells, for one APDU, whether everything between reached the same card
+/// ([`crate::end_of_read`]); a card without a CPLC is checked by its cardid file instead.
 pub fn read(ch: &mut Channel<'_>, atr: &[u8]) -> Result<(IdprimeDetails, AppletData), ReadError> {
-    let mut data = AppletData::default();
+    let cplc = read_cplc(ch)?;
+    let os_level = cplc.as_ref().map(|(level, _)| *level);
+    let mut data = AppletData {
+        serial_number: cplc.as_ref().map(|(_, serial)| serial.clone()),
+        ..AppletData::default()
+    };
+    let mut details = IdprimeDetails {
+        model: model_name(atr, os_level),
+        os_level,
+        token_label: None,
+        containers: Vec::new(),
+    };
+    let mut cardid = None;
+    let rest = read_files(ch, &mut details, &mut data, &mut cardid);
+    match (&cplc, cardid) {
+        (Some(_), _) => crate::end_of_read(rest, &cplc, || read_cplc(ch))?,
+        (None, Some(entry)) if data.card_id.is_some() => {
+            crate::end_of_read(rest, &data.card_id, || {
+                minidriver::card_id(&read_file(ch, &entry)?)
+            })?
+        }
+        _ => rest?,
+    }
+    Ok((details, data))
+}
+
+/// The index and the files it lists: cardid, cmapfile (as far as needed), token info,
+/// certificates. `cardid` is set to the cardid file's entry when the index has one.
+fn read_files(
+    ch: &mut Channel<'_>,
+    details: &mut IdprimeDetails,
+    data: &mut AppletData,
+    cardid: &mut Option<IndexEntry>,
+) -> Result<(), ReadError> {
     let Some(index) = read_index(ch)? else {
         data.notes.push(
             "the IDPrime applet has no index file (0101): the card is not personalised, so it \
              holds no card id and no certificates"
                 .into(),
         );
-        let details = IdprimeDetails {
-            model: model_name(atr, None),
-            os_level: None,
-            token_label: None,
-            containers: Vec::new(),
-        };
-        return Ok((details, data));
+        return Ok(());
     };
     let find = |dir: &str, name: &str| index.iter().find(|e| e.directory == dir && e.name == name);
 
-    if let Some(entry) = find("", "cardid") {
-        data.card_id = minidriver::card_id(&read_file(ch, entry)?)?;
-    } else {
-        data.notes
-            .push("the index lists no cardid file, so the card has no card id".into());
+    *cardid = find("", "cardid").cloned();
+    match cardid {
+        Some(entry) => data.card_id = minidriver::card_id(&read_file(ch, entry)?)?,
+        None => data
+            .notes
+            .push("the index lists no cardid file, so the card has no card id".into()),
     }
-
-    let cplc = read_cplc(ch)?;
-    data.serial_number = cplc.as_ref().map(|(_, serial)| serial.clone());
-    let os_level = cplc.map(|(level, _)| level);
 
     let files = minidriver::certificate_files(
         index
             .iter()
             .map(|e| (e.directory.as_str(), e.name.as_str(), e)),
     );
-
     let last_container = files.iter().map(|(f, _)| f.container).max();
-    let containers = match (find("mscp", "cmapfile"), last_container) {
+    details.containers = match (find("mscp", "cmapfile"), last_container) {
         (Some(entry), Some(last)) => read_containers(ch, entry, last)?,
         _ => Vec::new(),
     };
-
-    let token_label = match find("p11", "tinfo") {
+    details.token_label = match find("p11", "tinfo") {
         Some(entry) => parse_token_info(&read_file(ch, entry)?),
         None => None,
     };
-
-    minidriver::read_certificates(&files, &containers, &mut data, |_, entry| {
+    minidriver::read_certificates(&files, &details.containers, data, |_, entry| {
         read_file(ch, entry)
-    })?;
-    let details = IdprimeDetails {
-        model: model_name(atr, os_level),
-        os_level,
-        token_label,
-        containers,
-    };
-    Ok((details, data))
+    })
 }
 
 /// The OS level and chip serial from the CPLC; `None` when the card gives none.

@@ -56,6 +56,11 @@ pub enum ReadError {
     TooLarge { limit: usize },
     #[error("the card did not finish answering before the read deadline")]
     Deadline,
+    /// The card's identity read again at the end of the read is not the one read at its start:
+    /// the card was pulled and another put in between two APDUs, before pcscd noticed, so the
+    /// rest of the read reached the other card. Nothing of such a read may pass for either card.
+    #[error("the card was replaced during the read (its identity at the end is not the one at the start)")]
+    CardReplaced,
 }
 
 /// What kind of failure a [`ReadError`] is, for code that acts on it (the engine, the reader
@@ -102,6 +107,9 @@ impl ReadError {
             ReadError::Malformed(_) => ReadErrorKind::Malformed,
             ReadError::TooLarge { .. } => ReadErrorKind::TooLarge,
             ReadError::Deadline => ReadErrorKind::Timeout,
+            // The card that was read is gone: what acts on removals (the reader worker reads
+            // the slot again) is what a replacement needs.
+            ReadError::CardReplaced => ReadErrorKind::CardRemoved,
         }
     }
 
@@ -313,6 +321,26 @@ pub fn read_card(
     }
     card.read_ms = clock.now().saturating_duration_since(started).as_millis() as u64;
     card
+}
+
+/// Ends a read: `rest` is how the read after the identity went, `again` reads the identity once
+/// more. A different identity, or a refused or malformed answer to the same command that worked
+/// at the start, means another card answered: [`ReadError::CardReplaced`], whatever `rest` was.
+/// Checked after a failed `rest` too, so that a read cut short by the other card's refusals is
+/// reported as the replacement it is (and the new card read) rather than as a broken card.
+pub(crate) fn end_of_read<T: PartialEq>(
+    rest: Result<(), ReadError>,
+    before: &T,
+    again: impl FnOnce() -> Result<T, ReadError>,
+) -> Result<(), ReadError> {
+    if rest.as_ref().is_err_and(ReadError::ends_the_read) {
+        return rest;
+    }
+    match again() {
+        Ok(now) if now == *before => rest,
+        Err(e) if e.ends_the_read() => Err(e),
+        _ => Err(ReadError::CardReplaced),
+    }
 }
 
 /// Characters that change the direction of the text around them or are not drawn at all: bidi

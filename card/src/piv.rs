@@ -85,12 +85,26 @@ pub fn read(ch: &mut Channel<'_>) -> Result<(PivDetails, AppletData), ReadError>
         details.cardholder_uuid = chuid.cardholder_uuid.as_ref().map(guid_string);
         data.card_id = chuid.guid.filter(|g| g.iter().any(|&b| b != 0));
     }
+    let rest = read_slots(ch, &mut details, &mut data);
+    match data.card_id {
+        Some(_) => crate::end_of_read(rest, &data.card_id, || card_id(ch))?,
+        None => rest?,
+    }
+    Ok((details, data))
+}
 
+/// Everything after the CHUID: the certificate slots, the key history, a YubiKey's version and
+/// serial.
+fn read_slots(
+    ch: &mut Channel<'_>,
+    details: &mut PivDetails,
+    data: &mut AppletData,
+) -> Result<(), ReadError> {
     for (key_ref, tag, label) in ACTIVE_SLOTS {
-        read_certificate(ch, key_ref, tag, label.to_string(), &mut details, &mut data)?;
+        read_certificate(ch, key_ref, tag, label.to_string(), details, data)?;
     }
 
-    let retired = match get_object(ch, TAG_KEY_HISTORY, "key history", &mut details)? {
+    let retired = match get_object(ch, TAG_KEY_HISTORY, "key history", details)? {
         Some(body) => {
             let history = parse_key_history(&body)?;
             let count = history.keys_with_on_card_certs.min(RETIRED_SLOTS);
@@ -106,13 +120,22 @@ pub fn read(ch: &mut Channel<'_>) -> Result<(PivDetails, AppletData), ReadError>
             0x82 + n,
             TAG_FIRST_RETIRED + u32::from(n),
             label,
-            &mut details,
-            &mut data,
+            details,
+            data,
         )?;
     }
+    read_yubikey(ch, details, data)
+}
 
-    read_yubikey(ch, &mut details, &mut data)?;
-    Ok((details, data))
+/// The card id from the CHUID alone (the end-of-read check).
+fn card_id(ch: &mut Channel<'_>) -> Result<Option<[u8; 16]>, ReadError> {
+    let mut scratch = PivDetails::default();
+    Ok(match get_object(ch, TAG_CHUID, "CHUID", &mut scratch)? {
+        Some(body) => parse_chuid(&body)?
+            .guid
+            .filter(|g| g.iter().any(|&b| b != 0)),
+        None => None,
+    })
 }
 
 /// GET DATA for one object; `None` when the card says it does not exist (6A82) or refuses it,
@@ -427,7 +450,8 @@ mod tests {
         let mut ch = Channel::new(&mut t, false, clock.now() + Duration::from_secs(5), &clock);
         assert!(select(&mut ch).unwrap());
         let (details, data) = read(&mut ch).unwrap();
-        assert_eq!(ch.apdu_count(), 10);
+        // SELECT, CHUID, 4 slots, key history, 1 retired, version, serial, the CHUID again.
+        assert_eq!(ch.apdu_count(), 11);
         assert_eq!(data.card_id, Some(guid));
         assert_eq!(data.serial_number.as_deref(), Some("11409355"));
         assert_eq!(details.yubikey_version.as_deref(), Some("5.4.3"));

@@ -369,3 +369,40 @@ fn the_table_shows_container_names_whole() {
         assert!(table.contains(&c.thumbprint));
     }
 }
+
+/// A card pulled and another put in between two APDUs, before pcscd polls the slot (vpcd lets
+/// that happen under load): the rest of the read reaches the other card. The identity read once
+/// more at the end is not the one from the start, so the read fails as a removal and reports
+/// nothing of either card, in each family. Each card is replaced just after its identity was read.
+#[test]
+fn a_read_whose_apdus_reach_a_second_card_reports_neither() {
+    let rig = Rig::get();
+    let _shared = rig.shared();
+    let slot = rig.slot();
+    let cases = [
+        ("PIV", CardSpec::piv_four_certs(), 3),
+        ("GIDS", CardSpec::gids_two_containers(), 4),
+        ("IDPrime", CardSpec::idprime(idprime::Spec::md840()), 2),
+    ];
+    for (family, spec, after) in cases {
+        let spec = CardSpec {
+            faults: Faults {
+                replaced_after: Some(after),
+                ..Faults::default()
+            },
+            ..spec
+        };
+        let card = insert(spec, &slot);
+        let json = scan_one(&slot.reader, &[]);
+        assert_eq!(json["error"]["code"], "card_removed", "{family}: {json:#}");
+        let message = json["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("replaced during the read"),
+            "{family}: {message}"
+        );
+        assert_eq!(json["certificates"], serde_json::json!([]), "{family}");
+        assert_eq!(json["card_id"], Value::Null, "{family}");
+        card.remove();
+        wait_for_card(&slot.reader, false);
+    }
+}

@@ -19,14 +19,15 @@ use hw_tests::vpcd::Inserted;
 
 fn next(events: &Receiver<Event>, what: &str, want: impl Fn(&Event) -> bool) -> (Event, Instant) {
     let until = Instant::now() + Duration::from_secs(20);
+    let mut passed = Vec::new();
     while let Some(left) = until.checked_duration_since(Instant::now()) {
         match events.recv_timeout(left) {
             Ok(e) if want(&e) => return (e, Instant::now()),
-            Ok(_) => {}
+            Ok(e) => passed.push(e),
             Err(_) => break,
         }
     }
-    panic!("no {what} event");
+    panic!("no {what} event; the engine emitted instead: {passed:#?}");
 }
 
 #[test]
@@ -143,6 +144,69 @@ fn reads_trigger_reconciliation_and_an_unavailable_server_is_retried() {
     );
 }
 
+/// The same swap where pcscd also lets the rest of the read reach the second card (the fault
+/// puts it there after the CHUID, deterministically): the read fails as a removal, the second
+/// card is announced and read, and the first card's id is never reported as read.
+#[test]
+fn a_read_whose_apdus_reach_a_second_card_is_not_reported_and_the_second_card_is_read() {
+    let rig = Rig::get();
+    // Alone: an engine reads every reader, so another test's engine would read this card
+    // too, spending the APDUs that time the swap and holding the card in its transactions.
+    let _alone = rig.exclusive();
+    let slot = rig.slot();
+    common::wait_for_card(&slot.reader, false);
+    let (tx, events) = channel();
+    let _engine = Engine::start(
+        EngineConfig {
+            read: ReadOptions::default(),
+            reconciler: Reconciler::new(None, CardIdOrder::Auto),
+            store: None,
+            retry_initial: Duration::from_millis(300),
+            retry_max: Duration::from_secs(2),
+        },
+        tx,
+    )
+    .expect("engine");
+    let mut spec = CardSpec::piv_four_certs();
+    spec.faults.replaced_after = Some(3);
+    let vcard = VirtualCard::new(spec).expect("virtual card");
+    let first_id = vcard.truth.card_id.clone().expect("card id");
+    let second_id = vcard
+        .replacement_truth()
+        .and_then(|t| t.card_id.clone())
+        .expect("the replacement's id");
+    let _card = hw_tests::rig::insert_virtual(vcard, &slot).expect("insert the card");
+    let in_slot = |reader: &String| *reader == slot.reader;
+    let (failed, _) = next(&events, "card.read_failed", |e| match e {
+        Event::CardRead(c) => in_slot(&c.reader),
+        Event::CardReadFailed(c) => in_slot(&c.reader),
+        _ => false,
+    });
+    let Event::CardReadFailed(failed) = failed else {
+        let id = match &failed {
+            Event::CardRead(c) => c.card_id.clone(),
+            _ => None,
+        };
+        panic!("the read that reached two cards was reported as {id:?} (first {first_id}, second {second_id})");
+    };
+    let error = failed
+        .error
+        .as_ref()
+        .map(|e| e.message.clone())
+        .unwrap_or_default();
+    assert!(error.contains("replaced during the read"), "{error}");
+    let (read, _) = next(
+        &events,
+        "card.read of the second card",
+        |e| matches!(e, Event::CardRead(c) if in_slot(&c.reader)),
+    );
+    let Event::CardRead(read) = read else {
+        unreachable!()
+    };
+    assert_eq!(read.card_id.as_deref(), Some(second_id.as_str()));
+    assert_ne!(read.card_id.as_deref(), Some(first_id.as_str()));
+}
+
 /// A card pulled in the middle of its read and another put in at once, before pcscd polls the
 /// slot again (vpcd is polled every 400 ms): pcscd never shows the slot empty nor reports an
 /// insertion, so only the failed read tells that something happened. The second card is read,
@@ -150,7 +214,9 @@ fn reads_trigger_reconciliation_and_an_unavailable_server_is_retried() {
 #[test]
 fn a_card_swapped_in_during_a_read_before_pcscd_notices_is_read_once() {
     let rig = Rig::get();
-    let _shared = rig.shared();
+    // Alone: an engine reads every reader, so another test's engine would read this card
+    // too, spending the APDUs that time the swap and holding the card in its transactions.
+    let _alone = rig.exclusive();
     let slot = rig.slot();
     common::wait_for_card(&slot.reader, false);
     let (tx, events) = channel();

@@ -69,8 +69,10 @@ fn an_idprime_840_reads_in_at_most_20_apdus() {
             "Signature certificate ksc02"
         ]
     );
+    // 20 for the read, and one more: the CPLC again at the end, which tells a card replaced
+    // during the read (see `card::end_of_read`).
     let apdus = json["apdu_count"].as_u64().unwrap_or(u64::MAX);
-    assert!(apdus <= 20, "{apdus} APDUs");
+    assert!(apdus <= 21, "{apdus} APDUs");
     assert_eq!(apdus, card.apdu_count());
 }
 
