@@ -43,9 +43,17 @@ impl Station {
         self.cards_changed();
     }
 
-    /// A card read (or failed to read) in its reader.
+    /// A card read (or failed to read) in its reader. A read that failed because its card was
+    /// pulled (or replaced) leaves the reader empty: its failure can arrive after pcscd's report
+    /// of the removal (both come within a millisecond, from two threads), and must not list a
+    /// card that is no longer there. A card put in meanwhile is read and listed on its own.
     pub fn card_read(&mut self, card: Card) {
-        self.readers.insert(card.reader.clone(), Some(card));
+        let pulled = card
+            .error
+            .as_ref()
+            .is_some_and(|e| e.kind == crate::card::ReadErrorKind::CardRemoved);
+        let entry = (!pulled).then_some(card.clone());
+        self.readers.insert(card.reader, entry);
         self.cards_changed();
     }
 
@@ -81,5 +89,43 @@ impl Station {
         self.cards_json = serde_json::to_vec(&cards)
             .map(Bytes::from)
             .unwrap_or_else(|_| Bytes::from_static(b"[]"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::card::{ReadError, TransportError};
+
+    fn failed(reader: &str, error: TransportError) -> Card {
+        Card::failed(
+            reader,
+            &[0x3B, 0x00],
+            &ReadError::Transport(error),
+            time::OffsetDateTime::UNIX_EPOCH,
+        )
+    }
+
+    /// The order the chaos run saw: inserted, removed, then the read's failure (1 ms apart).
+    #[test]
+    fn a_read_failed_by_its_cards_removal_lists_no_card_in_either_order() {
+        for removal_first in [true, false] {
+            let mut station = Station::default();
+            station.add_reader("r");
+            let pulled = failed("r", TransportError::CardRemoved);
+            if removal_first {
+                station.card_removed("r");
+                station.card_read(pulled);
+            } else {
+                station.card_read(pulled);
+                station.card_removed("r");
+            }
+            assert_eq!(station.counts(), (1, 0), "removal first: {removal_first}");
+            assert_eq!(&station.cards_json()[..], b"[]");
+        }
+        // Any other failure is a card in the reader that could not be read: it stays listed.
+        let mut station = Station::default();
+        station.card_read(failed("r", TransportError::Failed("reader error".into())));
+        assert_eq!(station.counts(), (1, 1));
     }
 }
