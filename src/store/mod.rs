@@ -7,6 +7,7 @@
 //! fails its integrity check, or comes from a newer cardbridge is a clear startup error rather
 //! than something to overwrite.
 
+mod retention;
 pub mod revocations;
 
 pub use revocations::{ActionUpdate, DueAction, Schedule};
@@ -65,7 +66,8 @@ const MIGRATIONS: &[&str] = &[
      );
      CREATE INDEX card_reads_serial ON card_reads (serial_number);",
     // `$filter` on revocations searches the whole trail: by card and by time through these.
-    "CREATE INDEX revocations_card ON revocations (card_id);
+    "CREATE INDEX cards_seen ON cards (seen_at);
+     CREATE INDEX revocations_card ON revocations (card_id);
      CREATE INDEX revocations_created ON revocations (substr(created_at, 1, 19));",
 ];
 
@@ -122,14 +124,6 @@ pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
-/// Sightings kept: one row per read, the rest of the state is one row per card or per
-/// revocation, so without a bound the sightings alone would grow the database for as long as
-/// the station reads cards (about 36 MB at this bound, 365 bytes a row with its index, measured
-/// in the soak run: years of a busy kiosk).
-const MAX_SIGHTINGS: i64 = 100_000;
-/// How often (in sightings) the oldest beyond [`MAX_SIGHTINGS`] are deleted.
-const PRUNE_SIGHTINGS_EVERY: i64 = 1000;
-
 impl Store {
     /// Opens (creating if needed) `cardbridge.db` in `state_dir` and brings its schema up to date.
     pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
@@ -165,7 +159,8 @@ impl Store {
             });
         }
         conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;
+             PRAGMA journal_size_limit = 4194304;",
         )
         .map_err(open_err)?;
         let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
@@ -183,7 +178,9 @@ impl Store {
             tx.pragma_update(None, "user_version", n as i64 + 1)?;
             tx.commit()?;
         }
-        Ok(Store { conn })
+        let store = Store { conn };
+        store.prune()?;
+        Ok(store)
     }
 
     /// Records that `card` was seen (a sighting), whatever its read outcome, and remembers the
@@ -210,17 +207,9 @@ impl Store {
             "INSERT INTO sightings (card_id, reader, atr, thumbprints, seen_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![card.card_id, card.reader, card.atr, thumbprints.join(","), card.read_at],
         )?;
-        let id = self.conn.last_insert_rowid();
-        if id % PRUNE_SIGHTINGS_EVERY == 0 {
-            self.prune_sightings(id, MAX_SIGHTINGS)?;
+        if self.conn.last_insert_rowid() % retention::PRUNE_EVERY == 0 {
+            self.prune()?;
         }
-        Ok(())
-    }
-
-    /// Deletes all but the newest `keep` sightings up to `last_id`.
-    fn prune_sightings(&self, last_id: i64, keep: i64) -> Result<(), StoreError> {
-        self.conn
-            .execute("DELETE FROM sightings WHERE id <= ?1", [last_id - keep])?;
         Ok(())
     }
 
@@ -341,6 +330,9 @@ impl Store {
             "INSERT INTO audit (at, client, origin, route, outcome) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![at, client, origin, route, outcome],
         )?;
+        if self.conn.last_insert_rowid() % retention::PRUNE_EVERY == 0 {
+            self.prune_newest("audit", retention::MAX_AUDIT)?;
+        }
         Ok(())
     }
 
@@ -409,7 +401,7 @@ mod tests {
         for _ in 0..10 {
             store.record_sighting(&card).unwrap();
         }
-        store.prune_sightings(10, 3).unwrap();
+        store.prune_newest("sightings", 3).unwrap();
         assert_eq!(
             store
                 .sighting_count("00112233445566778899AABBCCDDEEFF")

@@ -623,6 +623,7 @@ impl Store {
                 outcome.correlation_id
             ],
         )?;
+        self.prune_attempts(action_id)?;
         Ok(())
     }
 }
