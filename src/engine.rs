@@ -38,8 +38,29 @@ pub struct EngineConfig {
     pub retry_max: Duration,
 }
 
-/// Last reconciliation per card id, with the time it was checked inside.
+/// Last reconciliation per card id, with the time it was checked inside. At most
+/// [`MAX_CACHED_RECONCILIATIONS`]: the API's fallback for older ones is the store.
 pub type Cache = Arc<Mutex<HashMap<String, Reconciliation>>>;
+
+/// Reconciliations kept in memory: far more cards than a station has readers, far fewer than the
+/// distinct cards a year of a busy station brings.
+pub const MAX_CACHED_RECONCILIATIONS: usize = 1024;
+
+/// Keeps `r` as the last reconciliation of `card_id`; when the cache is full, the one checked
+/// longest ago goes.
+fn remember(cache: &Cache, card_id: &str, r: &Reconciliation) {
+    let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+    if cache.len() >= MAX_CACHED_RECONCILIATIONS && !cache.contains_key(card_id) {
+        let oldest = cache
+            .iter()
+            .min_by(|a, b| a.1.checked_at.cmp(&b.1.checked_at))
+            .map(|(id, _)| id.clone());
+        if let Some(oldest) = oldest {
+            cache.remove(&oldest);
+        }
+    }
+    cache.insert(card_id.to_string(), r.clone());
+}
 
 /// What the dispatcher acts on: the monitor's events, and reads asked for by the API.
 enum Input {
@@ -87,6 +108,7 @@ impl Engine {
                 retry_initial: config.retry_initial,
                 retry_max: config.retry_max,
                 generations: Arc::default(),
+                started: Arc::default(),
             };
             std::thread::Builder::new()
                 .name("reconcile".into())
@@ -473,8 +495,13 @@ struct ReconcileLoop {
     events: Sender<Event>,
     retry_initial: Duration,
     retry_max: Duration,
-    /// Read counter per card id: a retry stops when a newer read of the card exists.
+    /// The reconciliation in flight per card id (or reader, for a card without one), by the
+    /// number it was started with: a retry stops when a newer read of the card exists. Entries
+    /// leave when their reconciliation ends, so the map holds only what is in flight.
     generations: Arc<Mutex<HashMap<String, u64>>>,
+    /// Numbers reconciliations are started with; never reused, so an old one that outlived its
+    /// entry cannot pass for the current one.
+    started: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ReconcileLoop {
@@ -542,10 +569,7 @@ impl ReconcileLoop {
             }
             let unavailable = r.state == State::ServerUnavailable;
             if let Some(id) = &r.card_id {
-                self.cache
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(id.clone(), r.clone());
+                remember(&self.cache, id, &r);
             }
             let saved = r.clone();
             self.on_store(move |s| s.save_reconciliation(&saved)).await;
@@ -555,6 +579,7 @@ impl ReconcileLoop {
                     self.on_store(move |s| s.set_setting(CARD_ID_FORM, form.as_str()))
                         .await;
                 }
+                self.finished(&card, generation);
                 return;
             }
             tokio::time::sleep(delay).await;
@@ -567,10 +592,22 @@ impl ReconcileLoop {
 
     fn next_generation(&self, card: &Card) -> u64 {
         let key = card.card_id.clone().unwrap_or_else(|| card.reader.clone());
+        let g = self
+            .started
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
         let mut generations = self.generations.lock().unwrap_or_else(|p| p.into_inner());
-        let g = generations.entry(key).or_insert(0);
-        *g += 1;
-        *g
+        generations.insert(key, g);
+        g
+    }
+
+    /// A reconciliation ended: its entry goes, unless a newer one took its place.
+    fn finished(&self, card: &Card, generation: u64) {
+        let key = card.card_id.clone().unwrap_or_else(|| card.reader.clone());
+        let mut generations = self.generations.lock().unwrap_or_else(|p| p.into_inner());
+        if generations.get(&key) == Some(&generation) {
+            generations.remove(&key);
+        }
     }
 
     fn is_current(&self, card: &Card, generation: u64) -> bool {

@@ -93,13 +93,21 @@ pub(super) async fn reconciliation(
     State(l): State<Listener>,
     Path(card_id): Path<String>,
 ) -> Response {
-    let found = l
+    let card_id = card_id.to_ascii_uppercase();
+    let cached = l
         .shared
         .reconciliations
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .get(&card_id.to_ascii_uppercase())
+        .get(&card_id)
         .cloned();
+    // The engine keeps the recent ones in memory; older ones are in the store.
+    let found = cached.or_else(|| {
+        crate::store::blocking(|| {
+            let guard = l.shared.store.lock().unwrap_or_else(|p| p.into_inner());
+            guard.as_ref()?.last_reconciliation(&card_id).ok().flatten()
+        })
+    });
     match found {
         Some(r) => Json(r).into_response(),
         None => error(
