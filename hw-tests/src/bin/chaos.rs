@@ -6,8 +6,9 @@
 //!   slow enough to be pulled mid-read), pcscd and the daemon killed with SIGKILL and started
 //!   again, simulator faults (latency, 500s, garbage, dropped connections) and refused tokens,
 //!   stream clients coming and going, revocations submitted.
-//! - `chaos --soak --minutes N`: the same load at a steady rate with no kills, and every minute
-//!   the daemon's resident memory, descriptors, threads and database size.
+//! - `chaos --soak --minutes N [--every M]`: the same load at a steady rate with no kills, the
+//!   daemon's resident memory, descriptors, threads and database size every M minutes, and the
+//!   memory's slope after the first two minutes.
 //!
 //! It prints one line per check and exits 1 when one fails. It uses the rig alone: run nothing
 //! else against pcscd meanwhile.
@@ -43,6 +44,9 @@ struct Args {
     /// Soak: how long, in minutes.
     #[arg(long, default_value_t = 30)]
     minutes: u64,
+    /// Soak: print a sample every this many minutes (each minute is sampled for the slope).
+    #[arg(long, default_value_t = 1)]
+    every: u64,
     /// Seed of the random choices (printed, so a run can be repeated).
     #[arg(long)]
     seed: Option<u64>,
@@ -601,20 +605,41 @@ fn sample(pid: u32, state: &Path) -> (u64, usize, u64, u64) {
     (field("VmRSS:"), fds, field("Threads:"), db / 1024)
 }
 
-fn soak_sampler(run: &Run, minutes: u64) {
+/// Samples the daemon every minute, prints every `every` minutes (and the last minute), then
+/// the resident memory's slope after the first two minutes (warm-up), least squares.
+fn soak_sampler(run: &Run, minutes: u64, every: u64) {
     println!("minute  rss_kib  fds  threads  db_kib");
+    let mut rss = Vec::new();
     for minute in 0..=minutes {
         if minute > 0 {
             run.pause(60_000);
         }
         if run.stopped() {
-            return;
+            break;
         }
         let station = lock(&run.station);
-        let (rss, fds, threads, db) = sample(station.pid(), &station.dir.join("state"));
+        let (kib, fds, threads, db) = sample(station.pid(), &station.dir.join("state"));
         drop(station);
-        println!("{minute:>6}  {rss:>7}  {fds:>3}  {threads:>7}  {db:>6}");
+        rss.push((minute as f64, kib as f64));
+        if minute % every.max(1) == 0 || minute == minutes {
+            println!("{minute:>6}  {kib:>7}  {fds:>3}  {threads:>7}  {db:>6}");
+        }
     }
+    let after: Vec<(f64, f64)> = rss.into_iter().filter(|(m, _)| *m >= 2.0).collect();
+    match slope(&after) {
+        Some(s) => println!("RSS slope after minute 2: {s:.1} KiB/min ({} samples)", after.len()),
+        None => println!("RSS slope after minute 2: too few samples"),
+    }
+}
+
+/// The least-squares slope of `points`, if there are two distinct x.
+fn slope(points: &[(f64, f64)]) -> Option<f64> {
+    let n = points.len() as f64;
+    let mx = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let my = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    (sxx > 0.0).then(|| sxy / sxx)
 }
 
 fn main() -> Result<()> {
@@ -655,7 +680,7 @@ fn main() -> Result<()> {
         }
         scope.spawn(|| revoker(&run, &pools));
         if args.soak {
-            scope.spawn(|| soak_sampler(&run, args.minutes));
+            scope.spawn(|| soak_sampler(&run, args.minutes, args.every));
         }
         while started.elapsed() < Duration::from_secs(length)
             && !loops.iter().any(|l| l.is_finished())
