@@ -16,7 +16,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use serde::Serialize;
 use serde_json::json;
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
@@ -27,12 +26,14 @@ use super::{error, gate::query_value, security, serve, Listener, Refusals};
 /// Events kept for replay, and the live channel's capacity.
 pub const REPLAY: usize = 1024;
 
-/// One event as sent: its sequence number, name (`card.read`…) and JSON data.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// One event as sent: its sequence number, name (`card.read`…) and JSON data. The data is
+/// shared by the replay buffer, the live channel's slots and every stream that sends it: one
+/// copy per event, not one per holder.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Numbered {
     pub id: u64,
     pub name: String,
-    pub data: String,
+    pub data: std::sync::Arc<str>,
 }
 
 pub struct Bus {
@@ -72,7 +73,7 @@ impl Bus {
         let event = Numbered {
             id: inner.next,
             name: name.to_string(),
-            data,
+            data: data.into(),
         };
         inner.next += 1;
         if inner.buffer.len() == REPLAY {
@@ -113,7 +114,7 @@ fn sse(event: &Numbered) -> SseEvent {
     SseEvent::default()
         .id(event.id.to_string())
         .event(event.name.clone())
-        .data(event.data.clone())
+        .data(&*event.data)
 }
 
 /// `POST /v1/events/ticket`: a one-time ticket for `GET /v1/events?ticket=…`, for browser
