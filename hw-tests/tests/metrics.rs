@@ -330,3 +330,74 @@ fn wrong_tokens_on_the_metrics_listener_are_throttled_and_the_right_one_gets_thr
     let (status, body) = http(port, "GET", "/metrics", &[("Authorization", &good)], "");
     assert_eq!(status, 200, "{body}");
 }
+
+/// G4, per address: a client that connects and only then, a little later, starts its handshake
+/// keeps its place while another address opens 300 connections that never handshake. They hold
+/// 8 places and evict only their own; before, each new one ended the oldest handshake anywhere.
+#[test]
+fn a_flood_from_one_address_evicts_only_its_own_handshakes() {
+    let dir = common::TempDir::new("metrics-tls-peers");
+    let (_daemon, port, cert) = tls_daemon("metrics-tls-peers", &dir);
+    let slow = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let flood: Vec<socket2::Socket> = (0..300)
+        .map(|_| {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                .expect("socket");
+            let from: std::net::SocketAddr = "127.0.0.2:0".parse().expect("address");
+            s.bind(&from.into()).expect("bind 127.0.0.2");
+            let to: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+            s.connect(&to.into()).expect("connect");
+            s
+        })
+        .collect();
+    let answer = scrape_over(slow, port, &cert, SCRAPE_TOKEN);
+    assert!(
+        answer
+            .as_deref()
+            .is_ok_and(|a| a.starts_with("HTTP/1.1 200")),
+        "the slow client's scrape: {answer:?}"
+    );
+    drop(flood);
+}
+
+/// A scrape over an open TCP connection: the TLS handshake (rustls, trusting `ca`) starts now,
+/// and the answer must come within 10 s.
+fn scrape_over(
+    stream: std::net::TcpStream,
+    port: u16,
+    ca: &std::path::Path,
+    token: &str,
+) -> std::io::Result<String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    use std::io::{Read, Write};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).map_err(std::io::Error::other)? {
+        roots
+            .add(c.map_err(std::io::Error::other)?)
+            .map_err(std::io::Error::other)?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(std::io::Error::other)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = ServerName::try_from("127.0.0.1").map_err(std::io::Error::other)?;
+    let connection = rustls::ClientConnection::new(std::sync::Arc::new(config), name)
+        .map_err(std::io::Error::other)?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    let mut tls = rustls::StreamOwned::new(connection, stream);
+    write!(
+        tls,
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = Vec::new();
+    match tls.read_to_end(&mut answer) {
+        Ok(_) => {}
+        // The server may close without close_notify once the answer is out.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !answer.is_empty() => {}
+        Err(e) => return Err(e),
+    }
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}

@@ -3,11 +3,14 @@
 //!
 //! Handshakes run in tasks of their own, not in the accept loop, so a client that opens a
 //! connection and never finishes its handshake holds up nobody; each has a deadline, and only
-//! so many run at once. When all those places are taken, a new connection takes the place of
-//! the one that has been handshaking longest: connections opened to never handshake (which
-//! need no token) cannot keep Prometheus's scrape, whose handshake takes milliseconds, out.
+//! so many run at once, and only a few per peer address. A new connection from an address that
+//! has its few takes the place of that address's oldest handshake; when all places are taken,
+//! of the oldest overall. So connections opened to never handshake (which need no token) cannot
+//! keep Prometheus's scrape, whose handshake takes milliseconds, out: from one address they hold
+//! a few places and evict only their own.
 
 use std::collections::VecDeque;
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +32,8 @@ use crate::auth::secret::{SecretError, SecretPath};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in progress at once; a connection beyond ends the oldest one.
 const HANDSHAKES: usize = 64;
+/// Handshakes in progress from one peer address; a connection beyond ends that address's oldest.
+const HANDSHAKES_PER_PEER: usize = 8;
 
 #[derive(Debug, Error)]
 pub enum TlsError {
@@ -81,12 +86,12 @@ impl TlsListener {
         let acceptor = TlsAcceptor::from(config);
         tokio::spawn(async move {
             let mut handshakes = JoinSet::new();
-            // The handshakes in progress, oldest first.
-            let mut oldest_first: VecDeque<AbortHandle> = VecDeque::new();
+            // The handshakes in progress with their peer's address, oldest first.
+            let mut oldest_first: VecDeque<(IpAddr, AbortHandle)> = VecDeque::new();
             loop {
-                let stream = tokio::select! {
+                let (stream, peer) = tokio::select! {
                     accepted = listener.accept() => match accepted {
-                        Ok((stream, _)) => stream,
+                        Ok((stream, peer)) => (stream, peer.ip()),
                         Err(e) => {
                             tracing::warn!("metrics listener: accept failed: {e}");
                             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -96,28 +101,44 @@ impl TlsListener {
                     _ = tx.closed() => return,
                 };
                 while handshakes.try_join_next().is_some() {}
-                oldest_first.retain(|h| !h.is_finished());
-                if oldest_first.len() >= HANDSHAKES {
-                    if let Some(oldest) = oldest_first.pop_front() {
-                        oldest.abort();
-                        tracing::debug!("metrics listener: a stalled TLS handshake made room");
-                    }
-                }
+                make_room(&mut oldest_first, peer);
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
-                oldest_first.push_back(handshakes.spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = tx.send(tls).await;
+                oldest_first.push_back((
+                    peer,
+                    handshakes.spawn(async move {
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                        {
+                            Ok(Ok(tls)) => {
+                                let _ = tx.send(tls).await;
+                            }
+                            Ok(Err(e)) => {
+                                tracing::debug!("metrics listener: TLS handshake failed: {e}")
+                            }
+                            Err(_) => tracing::debug!("metrics listener: TLS handshake timed out"),
                         }
-                        Ok(Err(e)) => {
-                            tracing::debug!("metrics listener: TLS handshake failed: {e}")
-                        }
-                        Err(_) => tracing::debug!("metrics listener: TLS handshake timed out"),
-                    }
-                }));
+                    }),
+                ));
             }
         });
         TlsListener { done }
+    }
+}
+
+/// Ends a handshake to make room for one from `peer`: the peer's oldest when it has its
+/// [`HANDSHAKES_PER_PEER`], else the oldest overall when all [`HANDSHAKES`] places are taken.
+fn make_room(oldest_first: &mut VecDeque<(IpAddr, AbortHandle)>, peer: IpAddr) {
+    oldest_first.retain(|(_, h)| !h.is_finished());
+    let own = oldest_first.iter().filter(|(ip, _)| *ip == peer).count();
+    let victim = if own >= HANDSHAKES_PER_PEER {
+        oldest_first.iter().position(|(ip, _)| *ip == peer)
+    } else if oldest_first.len() >= HANDSHAKES {
+        Some(0)
+    } else {
+        None
+    };
+    if let Some((_, handle)) = victim.and_then(|i| oldest_first.remove(i)) {
+        handle.abort();
+        tracing::debug!("metrics listener: a stalled TLS handshake made room");
     }
 }
 

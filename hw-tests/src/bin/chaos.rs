@@ -627,7 +627,10 @@ fn soak_sampler(run: &Run, minutes: u64, every: u64) {
     }
     let after: Vec<(f64, f64)> = rss.into_iter().filter(|(m, _)| *m >= 2.0).collect();
     match slope(&after) {
-        Some(s) => println!("RSS slope after minute 2: {s:.1} KiB/min ({} samples)", after.len()),
+        Some(s) => println!(
+            "RSS slope after minute 2: {s:.1} KiB/min ({} samples)",
+            after.len()
+        ),
         None => println!("RSS slope after minute 2: too few samples"),
     }
 }
