@@ -158,9 +158,13 @@ impl Store {
                 detail: check,
             });
         }
+        // A page cache of 256 KiB per connection (SQLite's default is 2 MiB): the database is
+        // small and the kernel caches its file anyway, while each connection's cache fills with
+        // the new pages of the sightings it appends, so its size is memory the daemon grows
+        // into over hours (the soak run showed about 20 KiB a minute).
         conn.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;
-             PRAGMA journal_size_limit = 4194304;",
+             PRAGMA journal_size_limit = 4194304; PRAGMA cache_size = -256;",
         )
         .map_err(open_err)?;
         let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
