@@ -23,8 +23,14 @@ use tokio_stream::StreamExt;
 
 use super::{error, gate::query_value, security, serve, Listener, Refusals};
 
-/// Events kept for replay, and the live channel's capacity.
+/// Events kept for replay: at most this many, and at most [`REPLAY_BYTES`] of their data, so the
+/// buffer's memory has a bound whatever a card puts in its events (a card with two dozen
+/// certificates makes events of 10 KiB), and a station reaches it within minutes of starting.
 pub const REPLAY: usize = 1024;
+pub const REPLAY_BYTES: usize = 256 * 1024;
+/// How far a live stream may fall behind before it is cut (it reconnects with `Last-Event-ID`
+/// and gets the rest from the replay buffer). The channel's slots hold their events too.
+pub const LIVE_CAPACITY: usize = 256;
 
 /// One event as sent: its sequence number, name (`card.read`…) and JSON data. The data is
 /// shared by the replay buffer, the live channel's slots and every stream that sends it: one
@@ -44,6 +50,8 @@ pub struct Bus {
 struct Inner {
     next: u64,
     buffer: VecDeque<Numbered>,
+    /// The data bytes of the events in `buffer`.
+    bytes: usize,
 }
 
 /// What a (re)connecting client gets before the live events.
@@ -60,8 +68,9 @@ impl Default for Bus {
             inner: Mutex::new(Inner {
                 next: 1,
                 buffer: VecDeque::with_capacity(REPLAY),
+                bytes: 0,
             }),
-            live: broadcast::channel(REPLAY).0,
+            live: broadcast::channel(LIVE_CAPACITY).0,
         }
     }
 }
@@ -76,10 +85,14 @@ impl Bus {
             data: data.into(),
         };
         inner.next += 1;
-        if inner.buffer.len() == REPLAY {
-            inner.buffer.pop_front();
-        }
+        inner.bytes += event.data.len();
         inner.buffer.push_back(event.clone());
+        while inner.buffer.len() > REPLAY || inner.bytes > REPLAY_BYTES {
+            match inner.buffer.pop_front() {
+                Some(old) => inner.bytes -= old.data.len(),
+                None => break,
+            }
+        }
         // Sent under the lock, so live order equals buffer order. No receiver is not an error.
         let _ = self.live.send(event);
     }
@@ -252,5 +265,23 @@ mod tests {
         assert!(
             matches!(bus.subscribe(Some(20)).0, Backlog::Events(ref e) if e.len() == REPLAY + 10 - 20)
         );
+    }
+
+    #[test]
+    fn the_buffer_keeps_at_most_its_bytes_of_events() {
+        let bus = Bus::default();
+        let big = "x".repeat(10 * 1024);
+        for _ in 0..100 {
+            bus.publish("card.read", big.clone());
+        }
+        // 25 events of 10 KiB fit in 256 KiB: 76 to 100.
+        let Backlog::Events(kept) = bus.subscribe(Some(80)).0 else {
+            panic!("event 80 is within the last 256 KiB");
+        };
+        assert_eq!(kept.len(), 20);
+        assert!(matches!(bus.subscribe(Some(70)).0, Backlog::Resync));
+        let inner = bus.inner.lock().unwrap();
+        assert_eq!(inner.buffer.len(), REPLAY_BYTES / big.len());
+        assert_eq!(inner.bytes, inner.buffer.len() * big.len());
     }
 }
