@@ -40,7 +40,13 @@ try {
     throw new Error("the card id is not drawn left to right on its own");
   }
   // The holder's name is isolated: its direction ends with it.
-  const isolation = await card.locator("h4 bdi").first().evaluate((n) => getComputedStyle(n).unicodeBidi);
+  // Found and measured in one step in the page: the card is drawn again when its reconciliation
+  // arrives, and a node measured after that is detached (no computed style).
+  const isolation = await page.waitForFunction((id) => {
+    const name = document.querySelector(`article[data-card-id="${id}"] h4 bdi`);
+    const style = name && name.isConnected ? getComputedStyle(name).unicodeBidi : "";
+    return style || null;
+  }, cardId, wait).then((h) => h.jsonValue());
   if (isolation !== "isolate") throw new Error(`the holder's name is not isolated: ${isolation}`);
   const cells = await card.locator("tbody").innerText();
   if (controls.test(cells)) throw new Error(`a live bidi control in the certificates: ${JSON.stringify(cells)}`);
