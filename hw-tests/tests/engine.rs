@@ -144,6 +144,23 @@ fn reads_trigger_reconciliation_and_an_unavailable_server_is_retried() {
     );
 }
 
+/// An engine with no server and no store: reads only, and their events.
+fn engine_without_servers() -> (Engine, Receiver<Event>) {
+    let (tx, events) = channel();
+    let engine = Engine::start(
+        EngineConfig {
+            read: ReadOptions::default(),
+            reconciler: Reconciler::new(None, CardIdOrder::Auto),
+            store: None,
+            retry_initial: Duration::from_millis(300),
+            retry_max: Duration::from_secs(2),
+        },
+        tx,
+    )
+    .expect("engine");
+    (engine, events)
+}
+
 /// The same swap where pcscd also lets the rest of the read reach the second card (the fault
 /// puts it there after the CHUID, deterministically): the read fails as a removal, the second
 /// card is announced and read, and the first card's id is never reported as read.
@@ -155,18 +172,7 @@ fn a_read_whose_apdus_reach_a_second_card_is_not_reported_and_the_second_card_is
     let _alone = rig.exclusive();
     let slot = rig.slot();
     common::wait_for_card(&slot.reader, false);
-    let (tx, events) = channel();
-    let _engine = Engine::start(
-        EngineConfig {
-            read: ReadOptions::default(),
-            reconciler: Reconciler::new(None, CardIdOrder::Auto),
-            store: None,
-            retry_initial: Duration::from_millis(300),
-            retry_max: Duration::from_secs(2),
-        },
-        tx,
-    )
-    .expect("engine");
+    let (_engine, events) = engine_without_servers();
     let mut spec = CardSpec::piv_four_certs();
     spec.faults.replaced_after = Some(3);
     let vcard = VirtualCard::new(spec).expect("virtual card");
@@ -219,18 +225,7 @@ fn a_card_swapped_in_during_a_read_before_pcscd_notices_is_read_once() {
     let _alone = rig.exclusive();
     let slot = rig.slot();
     common::wait_for_card(&slot.reader, false);
-    let (tx, events) = channel();
-    let _engine = Engine::start(
-        EngineConfig {
-            read: ReadOptions::default(),
-            reconciler: Reconciler::new(None, CardIdOrder::Auto),
-            store: None,
-            retry_initial: Duration::from_millis(300),
-            retry_max: Duration::from_secs(2),
-        },
-        tx,
-    )
-    .expect("engine");
+    let (_engine, events) = engine_without_servers();
     let mut slow = CardSpec::piv_four_certs();
     slow.faults.slow_ms = 100;
     let first = insert(slow, &slot);

@@ -164,6 +164,28 @@ mod tests {
             .map_or(-1, |(_, n)| n)
     }
 
+    /// A revocation of card `00` with these actions (none: it is finished at once).
+    fn plan(actions: Vec<ActionKind>) -> Plan {
+        Plan {
+            card_id: "00".into(),
+            target: Target::Certificates,
+            reason: "superseded",
+            reason_code: 4,
+            operation: None,
+            revoker: None,
+            comment: None,
+            actions,
+        }
+    }
+
+    /// One SCEPman revocation, queued until delivered.
+    fn one_revoke() -> ActionKind {
+        ActionKind::ScepmanRevoke {
+            serial_number: "01".into(),
+            thumbprint: "AA".into(),
+        }
+    }
+
     #[test]
     fn the_oldest_cards_are_forgotten_in_every_per_card_table() {
         let (store, dir) = store("cards");
@@ -191,23 +213,9 @@ mod tests {
     #[test]
     fn finished_revocations_beyond_the_bound_go_and_unfinished_ones_stay() {
         let (store, dir) = store("revocations");
-        let plan = |actions| Plan {
-            card_id: "00".into(),
-            target: Target::Certificates,
-            reason: "superseded",
-            reason_code: 4,
-            operation: None,
-            revoker: None,
-            comment: None,
-            actions,
-        };
-        let queued = ActionKind::ScepmanRevoke {
-            serial_number: "01".into(),
-            thumbprint: "AA".into(),
-        };
         // The oldest is unfinished (its action is queued), the next three are finished.
         store
-            .insert_revocation("k", "0", "h", &plan(vec![queued]), &["m".into()])
+            .insert_revocation("k", "0", "h", &plan(vec![one_revoke()]), &["m".into()])
             .unwrap();
         for n in 1..4 {
             store
@@ -228,21 +236,8 @@ mod tests {
     #[test]
     fn an_action_keeps_its_first_and_newest_attempts() {
         let (store, dir) = store("attempts");
-        let plan = Plan {
-            card_id: "00".into(),
-            target: Target::Certificates,
-            reason: "superseded",
-            reason_code: 4,
-            operation: None,
-            revoker: None,
-            comment: None,
-            actions: vec![ActionKind::ScepmanRevoke {
-                serial_number: "01".into(),
-                thumbprint: "AA".into(),
-            }],
-        };
         store
-            .insert_revocation("k", "1", "h", &plan, &["m".into()])
+            .insert_revocation("k", "1", "h", &plan(vec![one_revoke()]), &["m".into()])
             .unwrap();
         let action: i64 = store
             .conn
