@@ -17,7 +17,7 @@ use crate::api::{self, Shared};
 use crate::card::ReadOptions;
 use crate::cm::CmClient;
 use crate::config::{ApiClient, Config, Scope};
-use crate::engine::{Engine, EngineConfig, Event};
+use crate::engine::{Engine, EngineConfig, Event, Source};
 use crate::http::ServerError;
 use crate::outbox::{Pacing, Worker};
 use crate::reconcile::Reconciler;
@@ -56,12 +56,23 @@ pub enum DaemonError {
 /// How long a stopping daemon lets requests in progress finish.
 const DRAIN: Duration = Duration::from_secs(5);
 
-/// Runs until a stop signal: open what the daemon needs, start its parts, serve, shut down.
+/// Runs on pcscd until a stop signal: open what the daemon needs, start its parts, serve, shut
+/// down.
 pub fn run(config: &Config) -> Result<(), DaemonError> {
     crate::logging::init(config.log_level.as_deref());
+    run_on(config, Source::Pcsc, stop_signal())
+}
+
+/// The daemon on any card source until `stop` completes; logging is the caller's. The simulated
+/// year (`hw-tests/soak --simulated`) runs the daemon in its own process this way.
+pub fn run_on(
+    config: &Config,
+    source: Source,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), DaemonError> {
     let opened = Opened::open(config)?;
-    let mut running = Running::start(config, opened)?;
-    running.serve();
+    let mut running = Running::start(config, opened, source)?;
+    running.serve(stop);
     running.shutdown(config);
     Ok(())
 }
@@ -165,10 +176,11 @@ struct Running {
 }
 
 impl Running {
-    fn start(config: &Config, opened: Opened) -> Result<Running, DaemonError> {
+    fn start(config: &Config, opened: Opened, source: Source) -> Result<Running, DaemonError> {
         let [engine_store, api_store, outbox_store] = opened.stores;
         let (tx, events) = std::sync::mpsc::channel();
-        let engine = Engine::start(
+        let engine = Engine::start_on(
+            source,
             EngineConfig {
                 read: ReadOptions::default(),
                 reconciler: opened.reconciler,
@@ -240,9 +252,9 @@ impl Running {
         })
     }
 
-    /// Serves the API until a stop signal (or a listener fails), with systemd supervision;
-    /// returns once every server, the supervisor and the outbox worker have ended.
-    fn serve(&mut self) {
+    /// Serves the API until `stop` (or a listener fails), with systemd supervision; returns
+    /// once every server, the supervisor and the outbox worker have ended.
+    fn serve(&mut self, stop: impl std::future::Future<Output = ()> + Send + 'static) {
         let listeners = std::mem::take(&mut self.listeners);
         let unix = self.unix.take();
         let scrape = self.scrape.take();
@@ -292,7 +304,7 @@ impl Running {
             }
             let stopper = shared.clone();
             tokio::spawn(async move {
-                stop_signal().await;
+                stop.await;
                 stopper.stopping.send_replace(true);
             });
             let api_alive = Arc::new(AtomicBool::new(true));

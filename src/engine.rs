@@ -8,8 +8,8 @@
 //!                                                                cache, store, retry with backoff
 //! ```
 //!
-//! Readers are read in parallel, one read at a time per reader, each worker with its own PC/SC
-//! context. Every successful read triggers a reconciliation on a separate thread, so a slow or
+//! Readers are read in parallel, one read at a time per reader, each worker with its own slot
+//! (on a station, its own PC/SC context; see [`Source`] for the scripted stand-in). Every successful read triggers a reconciliation on a separate thread, so a slow or
 //! absent server never delays card reading. A reconciliation that finds the server unavailable
 //! is retried with backoff until it succeeds or a newer read of the same card replaces it.
 
@@ -20,9 +20,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::card::{Card, ReadOptions, TransportError};
-use crate::pcsc::{self, Monitor, MonitorEvent};
+use crate::pcsc::{self, Monitor, MonitorEvent, PcscSlots};
 use crate::reconcile::history::History;
 use crate::reconcile::{Reconciler, Reconciliation, State};
+use crate::slots::{Slot, Slots};
 use crate::store::{Store, CARD_ID_FORM};
 
 /// What the engine reports: the station's events (see [`crate::event`]).
@@ -74,6 +75,18 @@ impl From<MonitorEvent> for Input {
     }
 }
 
+/// Where the engine's monitor events and cards come from.
+pub enum Source {
+    /// pcscd: its monitor thread, and a PC/SC context per reader.
+    Pcsc,
+    /// A script standing in for pcscd and its readers: monitor events arrive on `monitor`,
+    /// reads come from `slots`. The engine ends only once every sender of `monitor` is dropped.
+    Scripted {
+        monitor: Receiver<MonitorEvent>,
+        slots: Arc<dyn Slots>,
+    },
+}
+
 /// Asks the engine to read a reader again (and so to reconcile its card again).
 #[derive(Clone)]
 pub struct ReadRequester(Sender<Input>);
@@ -95,7 +108,16 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// The engine on pcscd.
     pub fn start(config: EngineConfig, events: Sender<Event>) -> std::io::Result<Engine> {
+        Engine::start_on(Source::Pcsc, config, events)
+    }
+
+    pub fn start_on(
+        source: Source,
+        config: EngineConfig,
+        events: Sender<Event>,
+    ) -> std::io::Result<Engine> {
         let cache: Cache = Arc::default();
         let (monitor_tx, monitor_rx) = channel();
         let (card_tx, card_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -114,19 +136,38 @@ impl Engine {
                 .name("reconcile".into())
                 .spawn(move || reconcile.run(card_rx))?
         };
+        let (monitor, script, slots): (_, _, Arc<dyn Slots>) = match source {
+            Source::Pcsc => (Some(Monitor::spawn(monitor_tx.clone())?), None, Arc::new(PcscSlots)),
+            Source::Scripted { monitor, slots } => {
+                let tx = monitor_tx.clone();
+                let forward = std::thread::Builder::new()
+                    .name("monitor-script".into())
+                    .spawn(move || {
+                        for event in monitor {
+                            if tx.send(Input::Monitor(event)).is_err() {
+                                return;
+                            }
+                        }
+                    })?;
+                (None, Some(forward), slots)
+            }
+        };
         let dispatcher = Dispatcher {
             events,
             cards: card_tx.clone(),
             read: config.read,
+            slots,
             workers: HashMap::new(),
         };
         let dispatch_thread = std::thread::Builder::new()
             .name("dispatch".into())
             .spawn(move || dispatcher.run(monitor_rx))?;
-        let monitor = Monitor::spawn(monitor_tx.clone())?;
         Ok(Engine {
-            monitor: Some(monitor),
-            threads: vec![dispatch_thread, reconcile_thread],
+            monitor,
+            threads: [Some(dispatch_thread), Some(reconcile_thread), script]
+                .into_iter()
+                .flatten()
+                .collect(),
             cache,
             requests: Some(monitor_tx),
             jobs: Some(card_tx),
@@ -218,6 +259,7 @@ struct Dispatcher {
     events: Sender<Event>,
     cards: JobSender,
     read: ReadOptions,
+    slots: Arc<dyn Slots>,
     /// One worker per reader; a message asks it to read the card now (`true`: for a sync).
     workers: HashMap<String, (Sender<Request>, JoinHandle<()>)>,
 }
@@ -283,9 +325,10 @@ impl Dispatcher {
             events: self.events.clone(),
             cards: self.cards.clone(),
         };
+        let slot = self.slots.open(reader);
         match std::thread::Builder::new()
             .name(format!("reader-{reader}"))
-            .spawn(move || worker.run(rx))
+            .spawn(move || worker.run(slot, rx))
         {
             Ok(thread) => {
                 let _ = tx.send(request);
@@ -313,11 +356,7 @@ struct ReaderWorker {
 }
 
 impl ReaderWorker {
-    fn run(self, requests: Receiver<Request>) {
-        let Ok(name) = std::ffi::CString::new(self.reader.clone()) else {
-            return;
-        };
-        let mut ctx = None;
+    fn run(self, mut slot: Box<dyn Slot>, requests: Receiver<Request>) {
         // What the last successful read found, to tell a card that changed from one that did not.
         let mut last: Option<Identity> = None;
         while let Ok(first) = requests.recv() {
@@ -328,7 +367,7 @@ impl ReaderWorker {
                 pending.add(more);
             }
             for attempt in 1..=READS_PER_REQUEST {
-                let card = self.read_once(&mut ctx, &name);
+                let card = slot.read(&self.read);
                 // A card pulled in the middle of the read, and a card in the reader that pcscd
                 // will not report: another card went in (or the same one back) before pcscd
                 // noticed the pull. Read what is there now; the requests that came meanwhile
@@ -337,11 +376,8 @@ impl ReaderWorker {
                     .error
                     .as_ref()
                     .is_some_and(|e| e.kind == crate::card::ReadErrorKind::CardRemoved);
-                let swapped = attempt < READS_PER_REQUEST
-                    && pulled
-                    && ctx
-                        .as_ref()
-                        .is_some_and(|c| pcsc::holds_unreported_card(c, &name, SWAP_SETTLE));
+                let swapped =
+                    attempt < READS_PER_REQUEST && pulled && slot.holds_unreported_card();
                 let identity = Identity::of(&card);
                 let changed = pending.changed.take();
                 if changed.is_some() && identity.is_some() && identity == last {
@@ -376,30 +412,6 @@ impl ReaderWorker {
             reader: reader.clone(),
         });
         let _ = self.events.send(Event::CardInserted { reader, atr });
-    }
-
-    /// One read of the reader, opening a PC/SC context first when there is none.
-    fn read_once(&self, ctx: &mut Option<::pcsc::Context>, name: &std::ffi::CStr) -> Card {
-        if ctx.is_none() {
-            *ctx = pcsc::connect().ok();
-        }
-        let card = match ctx {
-            Some(c) => pcsc::read_reader(c, name, &self.read),
-            None => pcsc::unreadable(
-                &self.reader,
-                &[],
-                TransportError::ServiceUnavailable("cannot open a PC/SC context".into()),
-            ),
-        };
-        if card
-            .error
-            .as_ref()
-            .is_some_and(|e| e.kind == crate::card::ReadErrorKind::PcscUnavailable)
-        {
-            // The context died with pcscd: open a fresh one next time.
-            *ctx = None;
-        }
-        card
     }
 
     fn publish(&self, card: Card, fresh: bool) {
@@ -483,10 +495,6 @@ impl Identity {
 /// Reads of one request at most: the first, and again while a card pulled mid-read has been
 /// replaced by another that pcscd does not report.
 const READS_PER_REQUEST: u32 = 3;
-
-/// How long pcscd is given to report a pulled card before a card still in the slot counts as
-/// unreported. pcscd polls readers whose driver cannot signal (vpcd among them) every 400 ms.
-const SWAP_SETTLE: Duration = Duration::from_millis(600);
 
 struct ReconcileLoop {
     reconciler: Arc<Reconciler>,

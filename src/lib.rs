@@ -18,6 +18,7 @@
 //! - [`state_dir`]: the state directory and its private files (modes, safe replacement).
 //! - [`config`]: the TOML configuration.
 //! - [`event`]: the station's events, typed, serialised once at the edge.
+//! - [`slots`]: where the engine's reader workers get their cards (pcscd, or a script).
 //! - [`engine`]: monitor, reader workers and reconciliation wired together, as the daemon runs them.
 //! - [`api`]: the local REST + Server-Sent Events API and its security checks.
 //! - [`daemon`]: `cardbridge run`, the engine behind the local API.
@@ -62,6 +63,7 @@ pub mod scan;
 pub mod scepman;
 pub mod serial;
 pub mod service;
+pub mod slots;
 pub mod state_dir;
 pub mod station;
 pub mod store;

@@ -203,9 +203,11 @@ pub struct Logged {
 #[derive(Default)]
 pub(crate) struct Inner {
     fixture: Fixture,
+    index: Index,
     requests: Vec<Value>,
     faults: HashMap<String, Fault>,
-    log: Vec<Logged>,
+    /// The newest [`MAX_LOGGED`] requests.
+    log: std::collections::VecDeque<Logged>,
     /// Serial numbers of the revocations carried out, in order (a refused or faulted PATCH is
     /// not one).
     carried_out: Vec<String>,
@@ -213,6 +215,34 @@ pub(crate) struct Inner {
 }
 
 type Shared = Arc<Mutex<Inner>>;
+
+/// Requests the log keeps: every test's whole conversation, and a bound for the simulated year's
+/// millions.
+const MAX_LOGGED: usize = 100_000;
+
+/// Where each card record is in the fixture, by normalised `SerialNumber` and `Uuid` (the first
+/// record of each, as a scan would find), so that a lookup among the simulated year's tens of
+/// thousands of records is not a scan.
+#[derive(Default)]
+struct Index {
+    by_serial: HashMap<String, usize>,
+    by_uuid: HashMap<String, usize>,
+}
+
+impl Index {
+    fn of(fixture: &Fixture) -> Index {
+        let mut index = Index::default();
+        for (i, card) in fixture.smartcards.iter().enumerate() {
+            if let Some(serial) = field(&card.smartcard, "SerialNumber") {
+                index.by_serial.entry(norm_guid(serial)).or_insert(i);
+            }
+            if let Some(uuid) = field(&card.smartcard, "Uuid") {
+                index.by_uuid.entry(norm_guid(uuid)).or_insert(i);
+            }
+        }
+        index
+    }
+}
 
 /// A running simulator; dropping it stops the server.
 pub struct Simulator {
@@ -267,6 +297,7 @@ impl Simulator {
         tls: Option<Arc<rustls::ServerConfig>>,
     ) -> Result<Simulator> {
         let inner: Shared = Arc::new(Mutex::new(Inner {
+            index: Index::of(&fixture),
             fixture,
             ..Inner::default()
         }));
@@ -333,7 +364,9 @@ impl Simulator {
 
     /// Swaps the server's data, as if an administrator changed the records.
     pub fn replace_fixture(&self, fixture: Fixture) {
-        lock(&self.inner).fixture = fixture;
+        let mut inner = lock(&self.inner);
+        inner.index = Index::of(&fixture);
+        inner.fixture = fixture;
     }
 
     /// The SCEPman Management API base URL to configure in cardbridge.
@@ -362,7 +395,7 @@ impl Simulator {
     }
 
     pub fn log(&self) -> Vec<Logged> {
-        lock(&self.inner).log.clone()
+        lock(&self.inner).log.iter().cloned().collect()
     }
 
     pub fn clear_log(&self) {
@@ -529,7 +562,10 @@ async fn dispatch(
     let route = route_of(&segments);
     let fault = {
         let mut state = lock(&inner);
-        state.log.push(Logged {
+        if state.log.len() >= MAX_LOGGED {
+            state.log.pop_front();
+        }
+        state.log.push_back(Logged {
             method: method.to_string(),
             path: uri.path().to_string(),
             query: uri.query().map(str::to_string),
@@ -624,14 +660,8 @@ fn handle(
     let no_content = || StatusCode::NO_CONTENT.into_response();
     let ok = |v: Value| (StatusCode::OK, axum::Json(v)).into_response();
     let find_uuid = |state: &Inner, uuid: &str| {
-        state
-            .fixture
-            .smartcards
-            .iter()
-            .find(|c| {
-                field(&c.smartcard, "Uuid").map(norm_guid).as_deref() == Some(&norm_guid(uuid))
-            })
-            .cloned()
+        let i = state.index.by_uuid.get(&norm_guid(uuid))?;
+        state.fixture.smartcards.get(*i).cloned()
     };
     match (method.as_str(), segments) {
         ("GET", ["certificatemanagement", "api", "v1.0", "smartcards"]) => {
@@ -645,12 +675,8 @@ fn handle(
                         .collect(),
                 ));
             };
-            match state.fixture.smartcards.iter().find(|c| {
-                field(&c.smartcard, "SerialNumber")
-                    .map(norm_guid)
-                    .as_deref()
-                    == Some(&norm_guid(card_id))
-            }) {
+            let found = state.index.by_serial.get(&norm_guid(card_id));
+            match found.and_then(|i| state.fixture.smartcards.get(*i)) {
                 // A single object, as the documentation's example shows.
                 Some(card) => ok(card.smartcard.clone()),
                 None => no_content(),

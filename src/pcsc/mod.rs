@@ -5,6 +5,7 @@
 
 pub mod monitor;
 pub mod reader;
+pub mod slot;
 pub mod transport;
 
 use std::ffi::CString;
@@ -15,6 +16,7 @@ use thiserror::Error;
 
 pub use monitor::{Monitor, MonitorEvent};
 pub use reader::{read_reader, unreadable};
+pub use slot::PcscSlots;
 
 /// Failures to talk to pcscd at all.
 #[derive(Debug, Error)]

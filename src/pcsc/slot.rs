@@ -1,0 +1,71 @@
+//! The reader workers' slots on pcscd: a PC/SC context per worker, opened again after pcscd
+//! went away.
+
+use std::ffi::CString;
+use std::time::Duration;
+
+use super::{connect, holds_unreported_card, read_reader, unreadable};
+use crate::card::{Card, ReadErrorKind, ReadOptions, TransportError};
+use crate::slots::{Slot, Slots};
+
+/// How long pcscd is given to report a pulled card before a card still in the slot counts as
+/// unreported. pcscd polls readers whose driver cannot signal (vpcd among them) every 400 ms.
+const SWAP_SETTLE: Duration = Duration::from_millis(600);
+
+/// Every reader pcscd knows.
+pub struct PcscSlots;
+
+impl Slots for PcscSlots {
+    fn open(&self, reader: &str) -> Box<dyn Slot> {
+        Box::new(PcscSlot {
+            reader: reader.to_string(),
+            name: CString::new(reader).ok(),
+            ctx: None,
+        })
+    }
+}
+
+struct PcscSlot {
+    reader: String,
+    /// `None` for a name PC/SC cannot carry (an inner NUL): every read of it fails.
+    name: Option<CString>,
+    ctx: Option<::pcsc::Context>,
+}
+
+impl Slot for PcscSlot {
+    /// Opens a PC/SC context first when there is none; a context that died with pcscd is
+    /// dropped, to open a fresh one next time.
+    fn read(&mut self, options: &ReadOptions) -> Card {
+        if self.ctx.is_none() {
+            self.ctx = connect().ok();
+        }
+        let card = match (&self.ctx, &self.name) {
+            (Some(ctx), Some(name)) => read_reader(ctx, name, options),
+            (None, _) => unreadable(
+                &self.reader,
+                &[],
+                TransportError::ServiceUnavailable("cannot open a PC/SC context".into()),
+            ),
+            (_, None) => unreadable(
+                &self.reader,
+                &[],
+                TransportError::Failed("the reader's name holds a NUL byte".into()),
+            ),
+        };
+        if card
+            .error
+            .as_ref()
+            .is_some_and(|e| e.kind == ReadErrorKind::PcscUnavailable)
+        {
+            self.ctx = None;
+        }
+        card
+    }
+
+    fn holds_unreported_card(&mut self) -> bool {
+        match (&self.ctx, &self.name) {
+            (Some(ctx), Some(name)) => holds_unreported_card(ctx, name, SWAP_SETTLE),
+            _ => false,
+        }
+    }
+}
