@@ -137,7 +137,11 @@ impl Engine {
                 .spawn(move || reconcile.run(card_rx))?
         };
         let (monitor, script, slots): (_, _, Arc<dyn Slots>) = match source {
-            Source::Pcsc => (Some(Monitor::spawn(monitor_tx.clone())?), None, Arc::new(PcscSlots)),
+            Source::Pcsc => (
+                Some(Monitor::spawn(monitor_tx.clone())?),
+                None,
+                Arc::new(PcscSlots),
+            ),
             Source::Scripted { monitor, slots } => {
                 let tx = monitor_tx.clone();
                 let forward = std::thread::Builder::new()
@@ -376,8 +380,7 @@ impl ReaderWorker {
                     .error
                     .as_ref()
                     .is_some_and(|e| e.kind == crate::card::ReadErrorKind::CardRemoved);
-                let swapped =
-                    attempt < READS_PER_REQUEST && pulled && slot.holds_unreported_card();
+                let swapped = attempt < READS_PER_REQUEST && pulled && slot.holds_unreported_card();
                 let identity = Identity::of(&card);
                 let changed = pending.changed.take();
                 if changed.is_some() && identity.is_some() && identity == last {

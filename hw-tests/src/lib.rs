@@ -8,6 +8,8 @@
 //! - [`sim_auth`]: its Negotiate acceptor and OAuth token endpoints;
 //! - [`kdc`]: a real MIT Kerberos KDC for the Negotiate tests;
 //! - [`chaos`]: the end checks of the chaos and soak runs;
+//! - [`station_client`]: requests, event streams and `/proc` samples of a running daemon, for
+//!   the load drivers;
 //! - [`report`]: the figures of `hw-tests/report`, recorded by the benchmarks, as one table;
 //! - [`qualify`]: the comparisons of `hw-tests/qualify` (cardbridge against OpenSC and ykman).
 //!
@@ -21,5 +23,6 @@ pub mod report;
 pub mod rig;
 pub mod sim;
 pub mod sim_auth;
+pub mod station_client;
 pub mod vcard;
 pub mod vpcd;

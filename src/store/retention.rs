@@ -24,6 +24,17 @@ pub(super) const MAX_ATTEMPTS_PER_ACTION: i64 = 100;
 /// How often (in rows of the table that triggers it) the cuts run.
 pub(super) const PRUNE_EVERY: i64 = 1000;
 
+/// The most rows each bounded table holds, as the simulated year checks them: the cuts run
+/// every [`PRUNE_EVERY`] sightings, so up to that many rows (cards: new cards) come on top of a
+/// bound between two cuts. The per-card tables hold a row per card remembered.
+pub const ROW_BOUNDS: [(&str, i64); 5] = [
+    ("sightings", MAX_SIGHTINGS + PRUNE_EVERY),
+    ("audit", MAX_AUDIT + PRUNE_EVERY),
+    ("cards", MAX_CARDS + PRUNE_EVERY),
+    ("card_reads", MAX_CARDS + PRUNE_EVERY),
+    ("reconciliations", MAX_CARDS + PRUNE_EVERY),
+];
+
 impl Store {
     /// Cuts every bounded table back to its bound. Run every [`PRUNE_EVERY`] sightings and at
     /// startup; each cut is one statement on an index, cheap when nothing is over.

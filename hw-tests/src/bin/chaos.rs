@@ -13,8 +13,6 @@
 //! It prints one line per check and exits 1 when one fails. It uses the rig alone: run nothing
 //! else against pcscd meanwhile.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
@@ -28,6 +26,7 @@ use hw_tests::chaos::{self, Insertion, Outage, Received, Submitted, Verdict};
 use hw_tests::rig::{self, Rig};
 use hw_tests::sim::{matching_record, scepman_certs, Fault, Fixture, Simulator};
 use hw_tests::sim_auth::{OAuthApp, SimAuth};
+use hw_tests::station_client::{http, open_stream, read_frames, sample, slope};
 use hw_tests::vcard::{CardSpec, VirtualCard};
 use hw_tests::vpcd::Inserted;
 use serde_json::{json, Value};
@@ -381,104 +380,6 @@ fn fault_injector(run: &Run) {
 }
 
 /// A raw HTTP/1.1 request as the chaos client, with a deadline on the answer.
-fn http(
-    port: u16,
-    method: &str,
-    path: &str,
-    extra: &[(&str, &str)],
-    body: &str,
-) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\
-         Authorization: Bearer {TOKEN}\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in extra {
-        request.push_str(&format!("{k}: {v}\r\n"));
-    }
-    request.push_str("\r\n");
-    request.push_str(body);
-    s.write_all(request.as_bytes())?;
-    let mut answer = String::new();
-    s.read_to_string(&mut answer)?;
-    let status = answer
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
-/// Opens `/v1/events`; `after` resumes after that event id.
-fn open_stream(port: u16, after: Option<u64>) -> Result<BufReader<TcpStream>> {
-    let s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_millis(500)))?;
-    let resume = after
-        .map(|id| format!("Last-Event-ID: {id}\r\n"))
-        .unwrap_or_default();
-    write!(
-        &s,
-        "GET /v1/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\n{resume}\r\n"
-    )?;
-    let mut reader = BufReader::new(s);
-    let mut status = String::new();
-    reader.read_line(&mut status)?;
-    if !status.contains(" 200 ") {
-        bail!("the event stream answered {}", status.trim());
-    }
-    Ok(reader)
-}
-
-/// Reads SSE frames until the stream ends, the run stops or `until` passes; hands each event to
-/// `each`. A read timeout is only a quiet moment.
-fn read_frames(
-    stream: &mut BufReader<TcpStream>,
-    run: &Run,
-    until: Option<Instant>,
-    mut each: impl FnMut(Received),
-) {
-    let (mut id, mut name, mut data) = (0, String::new(), String::new());
-    let mut line = String::new();
-    while !run.stopped() && until.is_none_or(|u| Instant::now() < u) {
-        match stream.read_line(&mut line) {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                continue
-            }
-            Err(_) => return,
-        }
-        let l = line.trim_end();
-        if let Some(v) = l.strip_prefix("id:") {
-            id = v.trim().parse().unwrap_or(0);
-        } else if let Some(v) = l.strip_prefix("event:") {
-            name = v.trim().to_string();
-        } else if let Some(v) = l.strip_prefix("data:") {
-            data.push_str(v.trim());
-        } else if l.is_empty() && !name.is_empty() {
-            let data_value = serde_json::from_str(&data).unwrap_or(Value::Null);
-            each(Received {
-                id,
-                name: std::mem::take(&mut name),
-                data: data_value,
-            });
-            data.clear();
-        }
-        line.clear();
-    }
-}
-
 /// One stream per daemon start, from its first event (`Last-Event-ID: 0`) until it dies.
 fn observer(run: &Run) {
     let mut current = u64::MAX;
@@ -492,7 +393,7 @@ fn observer(run: &Run) {
         } else {
             Some(0)
         };
-        let Ok(mut stream) = open_stream(run.port(), after) else {
+        let Ok(mut stream) = open_stream(run.port(), TOKEN, after) else {
             run.pause(50);
             continue;
         };
@@ -500,7 +401,7 @@ fn observer(run: &Run) {
             current = generation;
             lock(&run.observed).push(Vec::new());
         }
-        read_frames(&mut stream, run, None, |event| {
+        read_frames(&mut stream, &|| !run.stopped(), None, |event| {
             if event.name == "card.read" {
                 if let Some(id) = event.data["card_id"].as_str() {
                     let mut read = lock(&run.read_once);
@@ -519,10 +420,12 @@ fn observer(run: &Run) {
 /// Stream clients that connect, listen for 0.2 to 3 s and leave.
 fn churner(run: &Run) {
     while !run.stopped() {
-        if let Ok(mut stream) = open_stream(run.port(), None) {
+        if let Ok(mut stream) = open_stream(run.port(), TOKEN, None) {
             let until = Instant::now() + Duration::from_millis(fastrand::u64(200..=3000));
             let mut ids = Vec::new();
-            read_frames(&mut stream, run, Some(until), |e| ids.push(e.id));
+            read_frames(&mut stream, &|| !run.stopped(), Some(until), |e| {
+                ids.push(e.id)
+            });
             lock(&run.churned).push(ids);
         }
         run.pause(fastrand::u64(100..=1000));
@@ -564,7 +467,14 @@ fn revoker(run: &Run, pools: &[Vec<PoolCard>]) {
         ];
         let until = Instant::now() + Duration::from_secs(60);
         while Instant::now() < until {
-            match http(run.port(), "POST", "/v1/revocations", &headers, &body) {
+            match http(
+                run.port(),
+                TOKEN,
+                "POST",
+                "/v1/revocations",
+                &headers,
+                &body,
+            ) {
                 Ok((202, answer)) => {
                     let id = serde_json::from_str::<Value>(&answer)
                         .ok()
@@ -584,27 +494,6 @@ fn revoker(run: &Run, pools: &[Vec<PoolCard>]) {
     }
 }
 
-/// Soak: the daemon's resident memory (KiB), descriptors, threads and database size (KiB).
-fn sample(pid: u32, state: &Path) -> (u64, usize, u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
-    let db: u64 = std::fs::read_dir(state)
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0);
-    (field("VmRSS:"), fds, field("Threads:"), db / 1024)
-}
-
 /// Samples the daemon every minute, prints every `every` minutes (and the last minute), then
 /// the resident memory's slope after the first two minutes (warm-up), least squares.
 fn soak_sampler(run: &Run, minutes: u64, every: u64) {
@@ -618,8 +507,9 @@ fn soak_sampler(run: &Run, minutes: u64, every: u64) {
             break;
         }
         let station = lock(&run.station);
-        let (kib, fds, threads, db) = sample(station.pid(), &station.dir.join("state"));
+        let now = sample(station.pid(), &station.dir.join("state"));
         drop(station);
+        let (kib, fds, threads, db) = (now.rss_kib, now.fds, now.threads, now.state_kib);
         rss.push((minute as f64, kib as f64));
         if minute % every.max(1) == 0 || minute == minutes {
             println!("{minute:>6}  {kib:>7}  {fds:>3}  {threads:>7}  {db:>6}");
@@ -633,16 +523,6 @@ fn soak_sampler(run: &Run, minutes: u64, every: u64) {
         ),
         None => println!("RSS slope after minute 2: too few samples"),
     }
-}
-
-/// The least-squares slope of `points`, if there are two distinct x.
-fn slope(points: &[(f64, f64)]) -> Option<f64> {
-    let n = points.len() as f64;
-    let mx = points.iter().map(|p| p.0).sum::<f64>() / n;
-    let my = points.iter().map(|p| p.1).sum::<f64>() / n;
-    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
-    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
-    (sxx > 0.0).then(|| sxy / sxx)
 }
 
 fn main() -> Result<()> {
@@ -846,7 +726,7 @@ fn eventually<T>(limit: Duration, mut f: impl FnMut() -> Result<T, T>) -> T {
 
 /// (reader, card id) of every card `GET /v1/cards` lists.
 fn listed_cards(port: u16) -> Vec<(String, String)> {
-    let Ok((200, body)) = http(port, "GET", "/v1/cards", &[], "") else {
+    let Ok((200, body)) = http(port, TOKEN, "GET", "/v1/cards", &[], "") else {
         return Vec::new();
     };
     serde_json::from_str::<Vec<Value>>(&body)
@@ -866,11 +746,18 @@ fn revocation_statuses(run: &Run) -> Vec<Submitted> {
     submitted
         .into_iter()
         .map(|(id, serial_number)| {
-            let status = http(run.port(), "GET", &format!("/v1/revocations/{id}"), &[], "")
-                .ok()
-                .and_then(|(_, body)| serde_json::from_str::<Value>(&body).ok())
-                .and_then(|v| v["status"].as_str().map(str::to_string))
-                .unwrap_or_else(|| "unknown".into());
+            let status = http(
+                run.port(),
+                TOKEN,
+                "GET",
+                &format!("/v1/revocations/{id}"),
+                &[],
+                "",
+            )
+            .ok()
+            .and_then(|(_, body)| serde_json::from_str::<Value>(&body).ok())
+            .and_then(|v| v["status"].as_str().map(str::to_string))
+            .unwrap_or_else(|| "unknown".into());
             Submitted {
                 serial_number,
                 status,

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use cardbridge::card::tlv;
 use flate2::write::{GzEncoder, ZlibEncoder};
 use flate2::Compression;
@@ -290,6 +290,39 @@ impl VirtualCard {
         })
     }
 
+    /// The same PIV card under another card id, fresh as if just made: the simulated year's
+    /// tens of thousands of cards from a few, without a key pair each. Its certificates are
+    /// the template's with the card id written into their serial numbers, so that each card
+    /// has its own thumbprints and serials, as real cards do; their signatures no longer
+    /// verify, which the card layer (it reports, it does not validate) never sees.
+    pub fn with_card_id(&self, card_id: [u8; 16]) -> Result<VirtualCard> {
+        if self.spec.applet != Applet::Piv || self.replacement.is_some() {
+            anyhow::bail!("only a PIV card without a replacement takes another card id");
+        }
+        let mut card = self.clone();
+        card.objects
+            .insert(Key::Piv(0x5FC102), piv_chuid(&card.spec, &card_id)?);
+        for cert in &mut card.truth.certificates {
+            if cert.compressed {
+                anyhow::bail!("a compressed certificate cannot be renumbered");
+            }
+            let der = hex::decode(&cert.der)?;
+            let mut renumbered = der.clone();
+            write_serial(&mut renumbered, &card_id)?;
+            for object in card.objects.values_mut() {
+                if let Some(at) = object.windows(der.len()).position(|w| w == der) {
+                    object[at..at + der.len()].copy_from_slice(&renumbered);
+                }
+            }
+            *cert = truth_cert(cert.slot.clone(), &renumbered, false);
+        }
+        card.truth.card_id = Some(hex::encode_upper(card_id));
+        card.spec.card_id = Some(card_id);
+        card.reset();
+        card.apdus = 0;
+        Ok(card)
+    }
+
     /// What the card that replaces this one mid-read holds ([`Faults::replaced_after`]).
     pub fn replacement_truth(&self) -> Option<&Truth> {
         self.replacement.as_ref().map(|r| &r.truth)
@@ -560,14 +593,8 @@ fn atr_for(spec: &CardSpec) -> Vec<u8> {
     atr
 }
 
-fn build_piv(
-    spec: &CardSpec,
-    issuer: &Issuer,
-    card_id: &[u8; 16],
-    objects: &mut HashMap<Key, Vec<u8>>,
-    truth: &mut Vec<TruthCert>,
-) -> Result<()> {
-    // CHUID: FASC-N of a non-federal issuer (as yubico-piv-tool writes it), GUID, expiry.
+/// The CHUID: FASC-N of a non-federal issuer (as yubico-piv-tool writes it), GUID, expiry.
+fn piv_chuid(spec: &CardSpec, card_id: &[u8; 16]) -> Result<Vec<u8>> {
     let mut chuid = tlv::encode(
         0x30,
         &hex::decode("D4E739DA739CED39CE739D836858210842108421C84210C3EB")?,
@@ -583,7 +610,17 @@ fn build_piv(
         chuid_object = vec![0x53, 0x82, (declared >> 8) as u8, declared as u8];
         chuid_object.extend(&chuid);
     }
-    objects.insert(Key::Piv(0x5FC102), chuid_object);
+    Ok(chuid_object)
+}
+
+fn build_piv(
+    spec: &CardSpec,
+    issuer: &Issuer,
+    card_id: &[u8; 16],
+    objects: &mut HashMap<Key, Vec<u8>>,
+    truth: &mut Vec<TruthCert>,
+) -> Result<()> {
+    objects.insert(Key::Piv(0x5FC102), piv_chuid(spec, card_id)?);
 
     let slot_tag = |slot: u8| -> u32 {
         match slot {
@@ -709,6 +746,39 @@ fn build_gids(
     Ok(())
 }
 
+/// Writes `bytes` over a certificate's serial number, after its first byte (which keeps the
+/// number positive and its length unchanged).
+fn write_serial(der: &mut [u8], bytes: &[u8]) -> Result<()> {
+    // Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL, serial INTEGER
+    let (_, certificate) = der_header(der, 0)?;
+    let (_, mut at) = der_header(der, certificate)?;
+    if der.get(at) == Some(&0xA0) {
+        let (len, content) = der_header(der, at)?;
+        at = content + len;
+    }
+    if der.get(at) != Some(&0x02) {
+        anyhow::bail!("no serial number where a certificate has it");
+    }
+    let (len, content) = der_header(der, at)?;
+    let n = bytes.len().min(len.saturating_sub(1));
+    der.get_mut(content + 1..content + 1 + n)
+        .context("truncated DER")?
+        .copy_from_slice(&bytes[..n]);
+    Ok(())
+}
+
+/// The content length and content offset of the DER element at `at`.
+fn der_header(der: &[u8], at: usize) -> Result<(usize, usize)> {
+    let first = *der.get(at + 1).context("truncated DER")?;
+    if first < 0x80 {
+        return Ok((usize::from(first), at + 2));
+    }
+    let count = usize::from(first & 0x7F);
+    let bytes = der.get(at + 2..at + 2 + count).context("truncated DER")?;
+    let len = bytes.iter().fold(0usize, |n, b| (n << 8) | usize::from(*b));
+    Ok((len, at + 2 + count))
+}
+
 /// Breaks the checksum at the end of a gzip or zlib stream, so it no longer inflates.
 fn corrupt_checksum(stored: &mut [u8]) {
     let start = stored.len().saturating_sub(4);
@@ -759,23 +829,23 @@ fn random_bytes(n: usize) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Lets cardbridge's card reader talk to the virtual card directly, without pcscd: to check the
+/// card model itself, and for the simulated year's scripted readers.
+pub struct Direct<'a>(pub &'a mut VirtualCard);
+
+impl cardbridge::card::Transport for Direct<'_> {
+    fn transmit(&mut self, command: &[u8]) -> Result<Vec<u8>, cardbridge::card::TransportError> {
+        match self.0.process(command) {
+            Answer::Reply(r) => Ok(r),
+            Answer::Drop => Err(cardbridge::card::TransportError::CardRemoved),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cardbridge::card::{read_card, CardKind, ReadOptions, Transport, TransportError};
-
-    /// Lets cardbridge's card reader talk to the virtual card directly, without pcscd, to check
-    /// the card model itself.
-    struct Direct<'a>(&'a mut VirtualCard);
-
-    impl Transport for Direct<'_> {
-        fn transmit(&mut self, command: &[u8]) -> Result<Vec<u8>, TransportError> {
-            match self.0.process(command) {
-                Answer::Reply(r) => Ok(r),
-                Answer::Drop => Err(TransportError::CardRemoved),
-            }
-        }
-    }
+    use cardbridge::card::{read_card, CardKind, ReadOptions};
 
     fn read(spec: CardSpec) -> (cardbridge::card::Card, Truth) {
         let mut card = VirtualCard::new(spec).unwrap();
