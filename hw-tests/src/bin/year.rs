@@ -376,6 +376,8 @@ fn spawn_station(
         .arg("--state")
         .arg(state)
         .args(["--cm", &sim.cm_base_url()])
+        // As the service unit runs the daemon (service/cardbridge.service).
+        .env("MALLOC_ARENA_MAX", "2")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log)?)

@@ -292,9 +292,11 @@ impl VirtualCard {
 
     /// The same PIV card under another card id, fresh as if just made: the simulated year's
     /// tens of thousands of cards from a few, without a key pair each. Its certificates are
-    /// the template's with the card id written into their serial numbers, so that each card
-    /// has its own thumbprints and serials, as real cards do; their signatures no longer
-    /// verify, which the card layer (it reports, it does not validate) never sees.
+    /// the template's with the card id written into their serial numbers, and a YubiKey gets
+    /// a serial number from the card id too, so that each card shares nothing with another,
+    /// as real cards do (a shared one would make it another card's earlier self); the
+    /// certificates' signatures no longer verify, which the card layer (it reports, it does
+    /// not validate) never sees.
     pub fn with_card_id(&self, card_id: [u8; 16]) -> Result<VirtualCard> {
         if self.spec.applet != Applet::Piv || self.replacement.is_some() {
             anyhow::bail!("only a PIV card without a replacement takes another card id");
@@ -318,6 +320,11 @@ impl VirtualCard {
         }
         card.truth.card_id = Some(hex::encode_upper(card_id));
         card.spec.card_id = Some(card_id);
+        if card.spec.yubikey_serial.is_some() {
+            let serial = u32::from_be_bytes([card_id[0], card_id[1], card_id[2], card_id[3]]);
+            card.spec.yubikey_serial = Some(serial);
+            card.truth.serial_number = Some(serial.to_string());
+        }
         card.reset();
         card.apdus = 0;
         Ok(card)
@@ -848,7 +855,10 @@ mod tests {
     use cardbridge::card::{read_card, CardKind, ReadOptions};
 
     fn read(spec: CardSpec) -> (cardbridge::card::Card, Truth) {
-        let mut card = VirtualCard::new(spec).unwrap();
+        read_virtual(VirtualCard::new(spec).unwrap())
+    }
+
+    fn read_virtual(mut card: VirtualCard) -> (cardbridge::card::Card, Truth) {
         let atr = card.atr.clone();
         let options = ReadOptions {
             smartcard_list: None,
@@ -884,6 +894,48 @@ mod tests {
             .collect();
         assert_eq!(got, want);
         assert!(card.apdu_count <= 12, "{} APDUs", card.apdu_count);
+    }
+
+    #[test]
+    fn a_renumbered_card_reads_back_with_its_own_id_and_certificates() {
+        let mut spec = CardSpec::piv_four_certs();
+        spec.slots = vec![(0x9A, Compress::None), (0x9C, Compress::None)];
+        let template = VirtualCard::new(spec).unwrap();
+        let thumbprints = |card: &cardbridge::card::Card| -> Vec<String> {
+            card.certificates
+                .iter()
+                .map(|c| c.thumbprint.clone())
+                .collect()
+        };
+        let mut seen = Vec::new();
+        for id in [[0x11; 16], [0x22; 16]] {
+            let (card, truth) = read_virtual(template.with_card_id(id).unwrap());
+            assert_eq!(card.error, None);
+            assert_eq!(card.card_id, Some(hex::encode_upper(id)));
+            let want: Vec<String> = truth
+                .certificates
+                .iter()
+                .map(|c| c.thumbprint.clone())
+                .collect();
+            assert_eq!(thumbprints(&card), want);
+            assert_eq!(card.serial_number, truth.serial_number);
+            let serials: Vec<_> = card
+                .certificates
+                .iter()
+                .map(|c| c.serial_number.clone())
+                .collect();
+            seen.push((thumbprints(&card), serials, card.serial_number));
+        }
+        let template_thumbprints: Vec<String> = template
+            .truth
+            .certificates
+            .iter()
+            .map(|c| c.thumbprint.clone())
+            .collect();
+        assert_ne!(seen[0].0, template_thumbprints);
+        assert_ne!(seen[0].0, seen[1].0);
+        assert_ne!(seen[0].1, seen[1].1);
+        assert_ne!(seen[0].2, seen[1].2);
     }
 
     #[test]
