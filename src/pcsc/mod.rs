@@ -82,17 +82,36 @@ pub fn readers(ctx: &Context) -> Result<Vec<ReaderPresence>, PcscError> {
         .collect())
 }
 
+/// pcscd's insert/remove counter for `reader` when it holds a card, without waiting.
+pub fn card_counter(ctx: &Context, reader: &std::ffi::CStr) -> Option<u32> {
+    let mut states = [ReaderState::new(reader.to_owned(), State::UNAWARE)];
+    match ctx.get_status_change(Duration::ZERO, &mut states) {
+        Ok(()) | Err(::pcsc::Error::Timeout) => {}
+        Err(_) => return None,
+    }
+    let present = states[0].event_state().contains(State::PRESENT);
+    present.then(|| states[0].event_count())
+}
+
 /// Whether `reader` holds a card pcscd will not report: after a read failed because its card was
 /// pulled, pcscd shows the slot as it was until it next polls the reader. If the slot still
-/// holds a card with the same event counter once `settle` has passed, another card (or the same
-/// one) went in before pcscd noticed the pull, and no insertion will ever be reported for it.
-/// Any change pcscd does report is the monitor's to announce.
-pub fn holds_unreported_card(ctx: &Context, reader: &std::ffi::CStr, settle: Duration) -> bool {
+/// holds a card with the counter it had before the read (`before`) once `settle` has passed,
+/// another card (or the same one) went in before pcscd noticed the pull, and no insertion will
+/// ever be reported for it. A counter that moved, even before this is asked, is a change pcscd
+/// saw and the monitor announces (perhaps later than this asks): reading it here as well would
+/// read that card twice.
+pub fn holds_unreported_card(
+    ctx: &Context,
+    reader: &std::ffi::CStr,
+    before: Option<u32>,
+    settle: Duration,
+) -> bool {
     let mut states = [ReaderState::new(reader.to_owned(), State::UNAWARE)];
     if !matches!(
         ctx.get_status_change(Duration::ZERO, &mut states),
         Ok(()) | Err(::pcsc::Error::Timeout)
     ) || !states[0].event_state().contains(State::PRESENT)
+        || Some(states[0].event_count()) != before
     {
         return false;
     }

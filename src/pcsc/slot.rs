@@ -4,7 +4,7 @@
 use std::ffi::CString;
 use std::time::Duration;
 
-use super::{connect, holds_unreported_card, read_reader, unreadable};
+use super::{card_counter, connect, holds_unreported_card, read_reader, unreadable};
 use crate::card::{Card, ReadErrorKind, ReadOptions, TransportError};
 use crate::slots::{Slot, Slots};
 
@@ -21,6 +21,7 @@ impl Slots for PcscSlots {
             reader: reader.to_string(),
             name: CString::new(reader).ok(),
             ctx: None,
+            counter_before_read: None,
         })
     }
 }
@@ -30,6 +31,8 @@ struct PcscSlot {
     /// `None` for a name PC/SC cannot carry (an inner NUL): every read of it fails.
     name: Option<CString>,
     ctx: Option<::pcsc::Context>,
+    /// pcscd's insert/remove counter when the last read began: the card it was meant for.
+    counter_before_read: Option<u32>,
 }
 
 impl Slot for PcscSlot {
@@ -40,7 +43,10 @@ impl Slot for PcscSlot {
             self.ctx = connect().ok();
         }
         let card = match (&self.ctx, &self.name) {
-            (Some(ctx), Some(name)) => read_reader(ctx, name, options),
+            (Some(ctx), Some(name)) => {
+                self.counter_before_read = card_counter(ctx, name);
+                read_reader(ctx, name, options)
+            }
             (None, _) => unreadable(
                 &self.reader,
                 &[],
@@ -64,7 +70,9 @@ impl Slot for PcscSlot {
 
     fn holds_unreported_card(&mut self) -> bool {
         match (&self.ctx, &self.name) {
-            (Some(ctx), Some(name)) => holds_unreported_card(ctx, name, SWAP_SETTLE),
+            (Some(ctx), Some(name)) => {
+                holds_unreported_card(ctx, name, self.counter_before_read, SWAP_SETTLE)
+            }
             _ => false,
         }
     }
