@@ -117,8 +117,11 @@ impl Opened {
         let reconciler = Reconciler::configured(config, store.setting(CARD_ID_FORM)?)?;
         let stores = [store, Store::open(&state_dir)?, Store::open(&state_dir)?];
         let (cm, scepman) = reconciler.clients();
+        // Blocking calls (the API's and the outbox's store calls, the Unix peer's lookup) on
+        // at most 8 threads more: a bound, as for the engine's.
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
+            .max_blocking_threads(8)
             .enable_all()
             .build()
             .map_err(DaemonError::Start)?;

@@ -499,6 +499,12 @@ impl Identity {
 /// replaced by another that pcscd does not report.
 const READS_PER_REQUEST: u32 = 3;
 
+/// Threads the reconcile runtime runs blocking calls on (store calls, Kerberos tokens). Store
+/// calls wait for one connection in turn, so more threads would only wait; without a bound the
+/// pool grew by a thread whenever more calls than ever before came at once (the simulated
+/// year: 37 threads after 100,000 insertions, 45 after 500,000).
+const BLOCKING_THREADS: usize = 4;
+
 struct ReconcileLoop {
     reconciler: Arc<Reconciler>,
     store: Arc<Mutex<Option<Store>>>,
@@ -519,6 +525,7 @@ impl ReconcileLoop {
     fn run(self, mut jobs: tokio::sync::mpsc::UnboundedReceiver<Job>) {
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            .max_blocking_threads(BLOCKING_THREADS)
             .build()
         {
             Ok(rt) => rt,

@@ -193,6 +193,17 @@ impl Store {
         Ok(store)
     }
 
+    /// A transaction that takes the write lock at its start, waiting for it under the busy
+    /// timeout. A deferred one that reads before it writes fails at once ("database is
+    /// locked", no waiting) when another connection wrote in between: the simulated year saw
+    /// two cuts of the tables fail so.
+    fn write_transaction(&self) -> Result<rusqlite::Transaction<'_>, StoreError> {
+        Ok(rusqlite::Transaction::new_unchecked(
+            &self.conn,
+            rusqlite::TransactionBehavior::Immediate,
+        )?)
+    }
+
     /// Records that `card` was seen (a sighting), whatever its read outcome, and remembers the
     /// certificates of a successful read.
     pub fn record_sighting(&self, card: &Card) -> Result<(), StoreError> {

@@ -57,7 +57,7 @@ impl Store {
 
     /// Forgets the cards seen longest ago beyond the newest `keep`, in every per-card table.
     fn prune_cards(&self, keep: i64) -> Result<(), StoreError> {
-        let tx = self.conn.unchecked_transaction()?;
+        let tx = self.write_transaction()?;
         tx.execute_batch(
             "CREATE TEMP TABLE IF NOT EXISTS forgotten (card_id TEXT PRIMARY KEY);
              DELETE FROM forgotten;",
@@ -85,7 +85,7 @@ impl Store {
     /// Deletes finished revocations (no action queued or sending) older than the newest `keep`,
     /// with their actions and attempts.
     fn prune_revocations(&self, keep: i64) -> Result<(), StoreError> {
-        let tx = self.conn.unchecked_transaction()?;
+        let tx = self.write_transaction()?;
         let cut: Option<i64> = tx
             .query_row(
                 "SELECT id FROM revocations ORDER BY id DESC LIMIT 1 OFFSET ?1",

@@ -248,7 +248,7 @@ impl Store {
         certificates: &[KnownCertificate],
         seen_at: &str,
     ) -> Result<(), StoreError> {
-        let tx = self.conn.unchecked_transaction()?;
+        let tx = self.write_transaction()?;
         tx.execute(
             "DELETE FROM card_certificates WHERE card_id = ?1",
             [card_id],
@@ -326,7 +326,7 @@ impl Store {
     ) -> Result<i64, StoreError> {
         let at = now();
         let due = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
-        let tx = self.conn.unchecked_transaction()?;
+        let tx = self.write_transaction()?;
         tx.execute(
             "INSERT INTO revocations (client, idempotency_key, request_hash, card_id, target, reason,
                  reason_code, operation, revoker, comment, created_at)
