@@ -253,7 +253,10 @@ pub fn parse_token_response(status: u16, body: &[u8]) -> Result<(String, Duratio
     let answer: TokenAnswer =
         serde_json::from_slice(body).map_err(|e| AuthError::TokenEndpoint {
             detail: format!(
-                "the answer ({status}) is not a token response ({e}): {}",
+                "the answer ({status}) is not a token response ({} at line {} column {}): {}",
+                json_problem(&e),
+                e.line(),
+                e.column(),
                 excerpt(body)
             ),
         })?;
@@ -300,6 +303,18 @@ pub fn parse_token_response(status: u16, body: &[u8]) -> Result<(String, Duratio
     .filter(|s| *s > 0)
     .ok_or_else(|| bad("has no positive expires_in"))?;
     Ok((token, Duration::from_secs(seconds)))
+}
+
+/// What is wrong with an answer that is not a token response, without serde_json's own words:
+/// they quote the value they stumbled on, which may be the token (fuzzing found an answer whose
+/// token was spelled like a number the message quoted).
+fn json_problem(e: &serde_json::Error) -> &'static str {
+    match e.classify() {
+        serde_json::error::Category::Syntax => "not JSON",
+        serde_json::error::Category::Data => "JSON of another shape",
+        serde_json::error::Category::Eof => "JSON cut short",
+        serde_json::error::Category::Io => "unreadable",
+    }
 }
 
 fn aadsts(text: &str) -> Option<String> {
