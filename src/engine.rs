@@ -9,9 +9,10 @@
 //! ```
 //!
 //! Readers are read in parallel, one read at a time per reader, each worker with its own slot
-//! (on a station, its own PC/SC context; see [`Source`] for the scripted stand-in). Every successful read triggers a reconciliation on a separate thread, so a slow or
-//! absent server never delays card reading. A reconciliation that finds the server unavailable
-//! is retried with backoff until it succeeds or a newer read of the same card replaces it.
+//! (on a station, its own PC/SC context; see [`Source`] for the scripted stand-in). Every
+//! successful read triggers a reconciliation on a separate thread, so a slow or absent server
+//! never delays card reading. A reconciliation that finds the server unavailable is retried
+//! with backoff until it succeeds or a newer read of the same card replaces it.
 
 use std::collections::HashMap;
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -113,6 +114,7 @@ impl Engine {
         Engine::start_on(Source::Pcsc, config, events)
     }
 
+    /// The engine on any card source: a station's pcscd, or the simulated year's script.
     pub fn start_on(
         source: Source,
         config: EngineConfig,
