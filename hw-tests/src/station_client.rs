@@ -49,6 +49,14 @@ pub fn http(
     Ok((status, body))
 }
 
+/// A revocation's status as `GET /v1/revocations/{id}` gives it; `None` without an answer.
+pub fn revocation_status(port: u16, token: &str, id: u64) -> Option<String> {
+    let path = format!("/v1/revocations/{id}");
+    let (_, body) = http(port, token, "GET", &path, &[], "").ok()?;
+    let answer = serde_json::from_str::<Value>(&body).ok()?;
+    answer["status"].as_str().map(str::to_string)
+}
+
 /// Opens `/v1/events`; `after` resumes after that event id.
 pub fn open_stream(port: u16, token: &str, after: Option<u64>) -> Result<BufReader<TcpStream>> {
     let s = TcpStream::connect(("127.0.0.1", port))?;

@@ -9,7 +9,7 @@
 
 mod retention;
 
-pub use retention::ROW_BOUNDS;
+pub use retention::{row_counts, ROW_BOUNDS};
 pub mod revocations;
 
 pub use revocations::{ActionUpdate, DueAction, Schedule};

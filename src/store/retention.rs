@@ -133,23 +133,26 @@ impl Store {
         Ok(())
     }
 
-    /// Rows in every table, for the soak runs' reports.
+    /// Rows in every table.
     pub fn row_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        let tables: Vec<String> = self
-            .conn
-            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")?
-            .query_map([], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
-        tables
-            .into_iter()
-            .map(|t| {
-                let n = self
-                    .conn
-                    .query_row(&format!("SELECT count(*) FROM \"{t}\""), [], |r| r.get(0))?;
-                Ok((t, n))
-            })
-            .collect()
+        Ok(row_counts(&self.conn)?)
     }
+}
+
+/// Rows in every table of the database behind `conn`: also for a read-only connection beside a
+/// running daemon (the simulated year's reports).
+pub fn row_counts(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<(String, i64)>> {
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    tables
+        .into_iter()
+        .map(|t| {
+            let n = conn.query_row(&format!("SELECT count(*) FROM \"{t}\""), [], |r| r.get(0))?;
+            Ok((t, n))
+        })
+        .collect()
 }
 
 #[cfg(test)]

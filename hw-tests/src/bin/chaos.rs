@@ -26,7 +26,7 @@ use hw_tests::chaos::{self, Insertion, Outage, Received, Submitted, Verdict};
 use hw_tests::rig::{self, Rig};
 use hw_tests::sim::{matching_record, scepman_certs, Fault, Fixture, Simulator};
 use hw_tests::sim_auth::{OAuthApp, SimAuth};
-use hw_tests::station_client::{http, open_stream, read_frames, sample, slope};
+use hw_tests::station_client::{http, open_stream, read_frames, revocation_status, sample, slope};
 use hw_tests::vcard::{CardSpec, VirtualCard};
 use hw_tests::vpcd::Inserted;
 use serde_json::{json, Value};
@@ -746,18 +746,8 @@ fn revocation_statuses(run: &Run) -> Vec<Submitted> {
     submitted
         .into_iter()
         .map(|(id, serial_number)| {
-            let status = http(
-                run.port(),
-                TOKEN,
-                "GET",
-                &format!("/v1/revocations/{id}"),
-                &[],
-                "",
-            )
-            .ok()
-            .and_then(|(_, body)| serde_json::from_str::<Value>(&body).ok())
-            .and_then(|v| v["status"].as_str().map(str::to_string))
-            .unwrap_or_else(|| "unknown".into());
+            let status =
+                revocation_status(run.port(), TOKEN, id).unwrap_or_else(|| "unknown".into());
             Submitted {
                 serial_number,
                 status,

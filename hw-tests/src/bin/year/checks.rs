@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use hw_tests::chaos::Verdict;
 use hw_tests::sim::{smartcard_uuid, Simulator};
-use hw_tests::station_client::{http, Sample};
+use hw_tests::station_client::{http, revocation_status, Sample};
 use hw_tests::vcard::Truth;
 use serde_json::Value;
 
@@ -17,17 +17,7 @@ pub fn row_counts(db: &Path) -> Result<Vec<(String, i64)>> {
     let conn =
         rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     conn.busy_timeout(Duration::from_secs(10))?;
-    let tables: Vec<String> = conn
-        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")?
-        .query_map([], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    tables
-        .into_iter()
-        .map(|t| {
-            let n = conn.query_row(&format!("SELECT count(*) FROM \"{t}\""), [], |r| r.get(0))?;
-            Ok((t, n))
-        })
-        .collect()
+    Ok(cardbridge::store::row_counts(&conn)?)
 }
 
 /// Resident memory and state size over the reports of the last half: the largest at most 10 %
@@ -102,7 +92,7 @@ pub fn revocations_at_end(port: u16, state: &Path) -> Result<Vec<(String, String
     let db = state.join("state").join("cardbridge.db");
     let conn =
         rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    let ids: Vec<(i64, String)> = conn
+    let ids: Vec<(u64, String)> = conn
         .prepare("SELECT id, card_id FROM revocations ORDER BY id")?
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
@@ -110,18 +100,7 @@ pub fn revocations_at_end(port: u16, state: &Path) -> Result<Vec<(String, String
     let mut out = Vec::new();
     for (id, card) in ids {
         let status = loop {
-            let status = http(
-                port,
-                TOKEN,
-                "GET",
-                &format!("/v1/revocations/{id}"),
-                &[],
-                "",
-            )
-            .ok()
-            .and_then(|(_, body)| serde_json::from_str::<Value>(&body).ok())
-            .and_then(|v| v["status"].as_str().map(str::to_string))
-            .unwrap_or_default();
+            let status = revocation_status(port, TOKEN, id).unwrap_or_default();
             if status == "succeeded" || status == "failed" || Instant::now() > until {
                 break status;
             }
