@@ -212,23 +212,24 @@ impl Store {
             .iter()
             .map(|c| c.thumbprint.as_str())
             .collect();
+        let thumbprints = thumbprints.join(",");
+        let tx = self.write_transaction()?;
         if let (None, Some(card_id)) = (&card.error, &card.card_id) {
-            self.save_card_certificates(
-                card_id,
-                &crate::revoke::KnownCertificate::of(card),
-                &card.read_at,
-            )?;
-            self.conn.execute(
+            let certificates = crate::revoke::KnownCertificate::of(card);
+            revocations::replace_card_certificates(&tx, card_id, &certificates, &card.read_at)?;
+            tx.prepare_cached(
                 "INSERT INTO card_reads (card_id, serial_number, thumbprints, read_at, json) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (card_id) DO UPDATE SET serial_number = ?2, thumbprints = ?3, read_at = ?4, json = ?5",
-                params![card_id, card.serial_number, thumbprints.join(","), card.read_at, serde_json::to_string(card)?],
-            )?;
+            )?
+            .execute(params![card_id, card.serial_number, thumbprints, card.read_at, serde_json::to_string(card)?])?;
         }
-        self.conn.execute(
+        tx.prepare_cached(
             "INSERT INTO sightings (card_id, reader, atr, thumbprints, seen_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![card.card_id, card.reader, card.atr, thumbprints.join(","), card.read_at],
-        )?;
-        if self.conn.last_insert_rowid() % retention::PRUNE_EVERY == 0 {
+        )?
+        .execute(params![card.card_id, card.reader, card.atr, thumbprints, card.read_at])?;
+        let id = tx.last_insert_rowid();
+        tx.commit()?;
+        if id % retention::PRUNE_EVERY == 0 {
             self.prune()?;
         }
         Ok(())
@@ -240,17 +241,17 @@ impl Store {
             return Ok(());
         };
         let json = serde_json::to_string(r)?;
-        self.conn.execute(
+        self.conn.prepare_cached(
             "INSERT INTO reconciliations (card_id, verdict, state, checked_at, json) VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT (card_id) DO UPDATE SET verdict = ?2, state = ?3, checked_at = ?4, json = ?5",
-            params![
-                card_id,
-                r.verdict.as_str(),
-                r.state.as_str(),
-                r.checked_at,
-                json
-            ],
-        )?;
+        )?
+        .execute(params![
+            card_id,
+            r.verdict.as_str(),
+            r.state.as_str(),
+            r.checked_at,
+            json
+        ])?;
         Ok(())
     }
 
@@ -286,7 +287,7 @@ impl Store {
         // Candidates come through the serial number's and the thumbprint's indexes; a
         // reconciliation's JSON (kilobytes, on overflow pages) is read for a resembling card
         // alone.
-        let mut statement = self.conn.prepare(
+        let mut statement = self.conn.prepare_cached(
             "WITH candidates (card_id) AS (
                  SELECT card_id FROM card_reads WHERE serial_number = ?2
                  UNION
@@ -339,11 +340,8 @@ impl Store {
     pub fn last_reconciliation(&self, card_id: &str) -> Result<Option<Reconciliation>, StoreError> {
         let json: Option<String> = self
             .conn
-            .query_row(
-                "SELECT json FROM reconciliations WHERE card_id = ?1",
-                [card_id],
-                |row| row.get(0),
-            )
+            .prepare_cached("SELECT json FROM reconciliations WHERE card_id = ?1")?
+            .query_row([card_id], |row| row.get(0))
             .optional()?;
         Ok(json.map(|j| serde_json::from_str(&j)).transpose()?)
     }

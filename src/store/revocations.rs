@@ -7,7 +7,7 @@
 //! power cut. Statuses change one statement at a time, each committed on its own, which is what
 //! lets the worker record its intent to send before it sends.
 
-use rusqlite::{params, OptionalExtension, Row};
+use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{Store, StoreError};
 use crate::revoke::{
@@ -249,22 +249,7 @@ impl Store {
         seen_at: &str,
     ) -> Result<(), StoreError> {
         let tx = self.write_transaction()?;
-        tx.execute(
-            "DELETE FROM card_certificates WHERE card_id = ?1",
-            [card_id],
-        )?;
-        for c in certificates {
-            tx.execute(
-                "INSERT OR REPLACE INTO card_certificates (card_id, thumbprint, serial_number, seen_at)
-                 VALUES (?1, ?2, ?3, ?4)",
-                params![card_id, c.thumbprint, c.serial_number, seen_at],
-            )?;
-        }
-        tx.execute(
-            "INSERT INTO cards (card_id, seen_at) VALUES (?1, ?2)
-             ON CONFLICT (card_id) DO UPDATE SET seen_at = ?2",
-            params![card_id, seen_at],
-        )?;
+        replace_card_certificates(&tx, card_id, certificates, seen_at)?;
         tx.commit()?;
         Ok(())
     }
@@ -626,6 +611,31 @@ impl Store {
         self.prune_attempts(action_id)?;
         Ok(())
     }
+}
+
+/// Replaces a card's remembered certificates and marks it seen, inside the caller's write
+/// transaction (a sighting records its card's certificates in the same one).
+pub(super) fn replace_card_certificates(
+    conn: &Connection,
+    card_id: &str,
+    certificates: &[KnownCertificate],
+    seen_at: &str,
+) -> Result<(), StoreError> {
+    conn.prepare_cached("DELETE FROM card_certificates WHERE card_id = ?1")?
+        .execute([card_id])?;
+    let mut insert = conn.prepare_cached(
+        "INSERT OR REPLACE INTO card_certificates (card_id, thumbprint, serial_number, seen_at)
+         VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    for c in certificates {
+        insert.execute(params![card_id, c.thumbprint, c.serial_number, seen_at])?;
+    }
+    conn.prepare_cached(
+        "INSERT INTO cards (card_id, seen_at) VALUES (?1, ?2)
+         ON CONFLICT (card_id) DO UPDATE SET seen_at = ?2",
+    )?
+    .execute(params![card_id, seen_at])?;
+    Ok(())
 }
 
 #[cfg(test)]
