@@ -23,6 +23,7 @@ use std::time::Duration;
 use crate::card::{Card, ReadOptions, TransportError};
 use crate::pcsc::{self, Monitor, MonitorEvent, PcscSlots};
 use crate::reconcile::history::History;
+use crate::reconcile::recent::Recent;
 use crate::reconcile::{Reconciler, Reconciliation, State};
 use crate::slots::{Slot, Slots};
 use crate::store::{Store, CARD_ID_FORM};
@@ -40,29 +41,9 @@ pub struct EngineConfig {
     pub retry_max: Duration,
 }
 
-/// Last reconciliation per card id, with the time it was checked inside. At most
-/// [`MAX_CACHED_RECONCILIATIONS`]: the API's fallback for older ones is the store.
-pub type Cache = Arc<Mutex<HashMap<String, Reconciliation>>>;
-
-/// Reconciliations kept in memory: far more cards than a station has readers, far fewer than the
-/// distinct cards a year of a busy station brings.
-pub const MAX_CACHED_RECONCILIATIONS: usize = 1024;
-
-/// Keeps `r` as the last reconciliation of `card_id`; when the cache is full, the one checked
-/// longest ago goes.
-fn remember(cache: &Cache, card_id: &str, r: &Reconciliation) {
-    let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
-    if cache.len() >= MAX_CACHED_RECONCILIATIONS && !cache.contains_key(card_id) {
-        let oldest = cache
-            .iter()
-            .min_by(|a, b| a.1.checked_at.cmp(&b.1.checked_at))
-            .map(|(id, _)| id.clone());
-        if let Some(oldest) = oldest {
-            cache.remove(&oldest);
-        }
-    }
-    cache.insert(card_id.to_string(), r.clone());
-}
+/// The last reconciliations of the cards reconciled most recently, shared with the local API
+/// (which falls back to the store for older ones).
+pub type Cache = Arc<Mutex<Recent>>;
 
 /// What the dispatcher acts on: the monitor's events, and reads asked for by the API.
 enum Input {
@@ -589,7 +570,10 @@ impl ReconcileLoop {
             }
             let unavailable = r.state == State::ServerUnavailable;
             if let Some(id) = &r.card_id {
-                remember(&self.cache, id, &r);
+                self.cache
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remember(id, r.clone());
             }
             let saved = r.clone();
             self.on_store(move |s| s.save_reconciliation(&saved)).await;

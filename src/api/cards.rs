@@ -1,6 +1,8 @@
 //! The cards in the readers: `GET /v1/cards` (with `$filter`), one card, its last
 //! reconciliation, and `POST …/sync` to read it again.
 
+use std::collections::HashMap;
+
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
@@ -11,6 +13,7 @@ use serde_json::json;
 
 use super::{error, parse_filter, station, Listener, Refusals, Station};
 use crate::card::Card;
+use crate::reconcile::Reconciliation;
 
 /// `$filter` over the cards' scalar fields and their reconciliation's verdict and state.
 pub(crate) const CARD_FILTER_FIELDS: &[&str] = &[
@@ -54,17 +57,27 @@ pub(super) async fn cards(
         Err(refusal) => return refusal.into_response(),
     };
     let cards: Vec<Card> = station(&l, |s| s.readers().filter_map(|(_, c)| c.clone()).collect());
-    let reconciliations = l
-        .shared
-        .reconciliations
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    // The reconciliations of these cards alone, taken under the lock the engine writes under.
+    let reconciliations: HashMap<&str, Reconciliation> = {
+        let recent = l
+            .shared
+            .reconciliations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        cards
+            .iter()
+            .filter_map(|card| card.card_id.as_deref())
+            .filter_map(|id| Some((id, recent.get(id)?.clone())))
+            .collect()
+    };
     let matching: Vec<&Card> = cards
         .iter()
         .filter(|card| {
             let mut item = serde_json::to_value(card).unwrap_or_default();
-            let r = card.card_id.as_ref().and_then(|id| reconciliations.get(id));
+            let r = card
+                .card_id
+                .as_deref()
+                .and_then(|id| reconciliations.get(id));
             item["reconciliation"] = serde_json::to_value(r).unwrap_or_default();
             filter.matches(&item)
         })

@@ -7,6 +7,7 @@
 
 pub mod history;
 pub mod lookup;
+pub mod recent;
 pub mod scepman;
 
 pub use history::{EarlierCard, LastKnown};
