@@ -9,21 +9,14 @@ use axum::body::Bytes;
 use crate::card::Card;
 
 /// Readers by name, with the card in each (a failed read keeps its error), and `GET /v1/cards`
-/// as sent: the cards change a few times a minute and are asked for far more often, so they
-/// are serialised once per change, by the methods that change them.
-#[derive(Debug)]
+/// as last sent: serialised at most once per change, when it is first asked for after it (a
+/// kiosk that polls asks far more often than a station's cards change; a busy station's cards
+/// change far more often than anyone asks).
+#[derive(Debug, Default)]
 pub struct Station {
     readers: BTreeMap<String, Option<Card>>,
-    cards_json: Bytes,
-}
-
-impl Default for Station {
-    fn default() -> Self {
-        Station {
-            readers: BTreeMap::new(),
-            cards_json: Bytes::from_static(b"[]"),
-        }
-    }
+    /// `None` when the cards changed since it was last made.
+    cards_json: Option<Bytes>,
 }
 
 impl Station {
@@ -67,8 +60,16 @@ impl Station {
     }
 
     /// The card list as `GET /v1/cards` sends it.
-    pub fn cards_json(&self) -> Bytes {
-        self.cards_json.clone()
+    pub fn cards_json(&mut self) -> Bytes {
+        let readers = &self.readers;
+        self.cards_json
+            .get_or_insert_with(|| {
+                let cards: Vec<&Card> = readers.values().flatten().collect();
+                serde_json::to_vec(&cards)
+                    .map(Bytes::from)
+                    .unwrap_or_else(|_| Bytes::from_static(b"[]"))
+            })
+            .clone()
     }
 
     /// The card with this id (hex, any case) in a reader.
@@ -85,10 +86,7 @@ impl Station {
     }
 
     fn cards_changed(&mut self) {
-        let cards: Vec<&Card> = self.readers.values().flatten().collect();
-        self.cards_json = serde_json::to_vec(&cards)
-            .map(Bytes::from)
-            .unwrap_or_else(|_| Bytes::from_static(b"[]"));
+        self.cards_json = None;
     }
 }
 

@@ -49,7 +49,12 @@ pub(super) async fn cards(
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_filter", &e.body_text()),
     };
     let Some(text) = text else {
-        let body = station(&l, Station::cards_json);
+        let body = l
+            .shared
+            .station
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .cards_json();
         return ([(header::CONTENT_TYPE, "application/json")], body).into_response();
     };
     let filter = match parse_filter(Some(&text), CARD_FILTER_FIELDS) {
