@@ -216,6 +216,14 @@ impl Drop for Engine {
     }
 }
 
+/// A card to reconcile: `fresh` when SCEPman is to be asked again; its history when the store
+/// call that recorded its read brought it along (a retry reads it again).
+struct Work {
+    card: Card,
+    fresh: bool,
+    history: Option<History>,
+}
+
 /// What the reconcile thread is asked to do.
 enum Job {
     /// A card was read (a sighting). `fresh` when a sync asked for the read: SCEPman is asked
@@ -523,30 +531,45 @@ impl ReconcileLoop {
         let this = Arc::new(self);
         runtime.block_on(async {
             while let Some(job) = jobs.recv().await {
-                let Some((card, fresh)) = this.card_of(job).await else {
+                let Some(work) = this.work_of(job).await else {
                     continue;
                 };
-                let generation = this.next_generation(&card);
-                tokio::spawn(
-                    this.clone()
-                        .reconcile_until_answered(card, fresh, generation),
-                );
+                let generation = this.next_generation(&work.card);
+                tokio::spawn(this.clone().reconcile_until_answered(work, generation));
             }
         });
     }
 
-    /// The card a job reconciles: a read is recorded as a sighting first (a failed read stops
-    /// there); a card reconciled again comes from its reader or from the store.
-    async fn card_of(&self, job: Job) -> Option<(Card, bool)> {
+    /// What a job reconciles: a read is recorded as a sighting first (a failed read stops
+    /// there), in the same store call that reads the card's history; a card reconciled again
+    /// comes from its reader or from the store.
+    async fn work_of(&self, job: Job) -> Option<Work> {
         match job {
             Job::Read { card, fresh } => {
                 let sighting = card.clone();
-                self.on_store(move |s| s.record_sighting(&sighting)).await;
-                card.error.is_none().then_some((card, fresh))
+                let history = self
+                    .on_store(move |s| {
+                        s.record_sighting(&sighting)?;
+                        match sighting.error {
+                            None => s.history(&sighting).map(Some),
+                            Some(_) => Ok(None),
+                        }
+                    })
+                    .await
+                    .flatten();
+                card.error.is_none().then_some(Work {
+                    card,
+                    fresh,
+                    history,
+                })
             }
             Job::Again {
                 card: Some(card), ..
-            } => Some((card, true)),
+            } => Some(Work {
+                card,
+                fresh: true,
+                history: None,
+            }),
             Job::Again {
                 card_id,
                 card: None,
@@ -554,16 +577,27 @@ impl ReconcileLoop {
                 .on_store(move |s| s.last_card(&card_id))
                 .await
                 .flatten()
-                .map(|c| (c, true)),
+                .map(|card| Work {
+                    card,
+                    fresh: true,
+                    history: None,
+                }),
         }
     }
 
-    async fn reconcile_until_answered(self: Arc<Self>, card: Card, fresh: bool, generation: u64) {
+    async fn reconcile_until_answered(self: Arc<Self>, work: Work, generation: u64) {
+        let Work {
+            card,
+            mut fresh,
+            mut history,
+        } = work;
         let mut delay = self.retry_initial;
-        let mut fresh = fresh;
         loop {
-            let history = self.history(&card).await;
-            let r = self.reconciler.reconcile(&card, fresh, &history).await;
+            let known = match history.take() {
+                Some(known) => known,
+                None => self.history(&card).await,
+            };
+            let r = self.reconciler.reconcile(&card, fresh, &known).await;
             fresh = false;
             if !self.is_current(&card, generation) {
                 return;
@@ -576,13 +610,18 @@ impl ReconcileLoop {
                     .remember(id, r.clone());
             }
             let saved = r.clone();
-            self.on_store(move |s| s.save_reconciliation(&saved)).await;
+            // The id form the server answered to is kept for the next start.
+            let form = self.reconciler.preferred_form().filter(|_| !unavailable);
+            self.on_store(move |s| {
+                s.save_reconciliation(&saved)?;
+                match form {
+                    Some(form) => s.set_setting(CARD_ID_FORM, form.as_str()),
+                    None => Ok(()),
+                }
+            })
+            .await;
             let _ = self.events.send(Event::CardReconciled(Box::new(r)));
             if !unavailable {
-                if let Some(form) = self.reconciler.preferred_form() {
-                    self.on_store(move |s| s.set_setting(CARD_ID_FORM, form.as_str()))
-                        .await;
-                }
                 self.finished(&card, generation);
                 return;
             }
