@@ -381,17 +381,24 @@ fn hidden_character_notes(card: &Card) -> Vec<String> {
     }
     fields
         .into_iter()
-        .filter_map(|(field, text)| {
-            let found = hidden_characters(text);
-            (!found.is_empty()).then(|| {
-                let codes: Vec<String> = found.iter().map(|c| format!("U+{:04X}", *c as u32)).collect();
-                format!(
-                    "{field} holds characters that reverse or hide text ({}): show it isolated, with them visible",
-                    codes.join(", ")
-                )
-            })
-        })
+        .filter_map(|(field, text)| hidden_characters_note(&field, text))
         .collect()
+}
+
+/// What a person reading `field` should know when it holds [`hidden_characters`] (a card's
+/// note, a reconciliation's finding about a server's text); `None` when it holds none.
+pub fn hidden_characters_note(field: &str, text: &str) -> Option<String> {
+    let found = hidden_characters(text);
+    (!found.is_empty()).then(|| {
+        let codes: Vec<String> = found
+            .iter()
+            .map(|c| format!("U+{:04X}", *c as u32))
+            .collect();
+        format!(
+            "{field} holds characters that reverse or hide text ({}): show it isolated, with them visible",
+            codes.join(", ")
+        )
+    })
 }
 
 /// The order the applets are tried in: the family the ATR points to (GIDS AID in the

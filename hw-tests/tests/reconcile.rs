@@ -218,6 +218,42 @@ fn every_finding_is_reported() {
 }
 
 #[test]
+fn a_server_text_that_reverses_or_hides_characters_gets_a_finding() {
+    let rig = Rig::get();
+    let _shared = rig.shared();
+    let slot = rig.slot();
+    let card = insert(CardSpec::piv_four_certs(), &slot);
+    let mut record = matching_record(&card.truth, false);
+    // Reads "ContosoUser" turned around on a screen that honours U+202E.
+    record.certificates[0]["TemplateCommonName"] = json!("Contoso\u{202E}resU");
+    let thumbprint = record.certificates[0]["Thumbprint"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let sim = Simulator::start(
+        Fixture {
+            smartcards: vec![record],
+            ..Fixture::default()
+        },
+        0,
+    )
+    .expect("simulator");
+    let station = Station::for_sim("server-text", &sim, "");
+    let json = station.scan(&slot);
+    assert_eq!(codes(&json), ["server_text_hides_characters"]);
+    let finding = &json["reconciliation"]["findings"][0];
+    assert_eq!(finding["severity"], "warning");
+    assert_eq!(
+        finding["message"],
+        format!(
+            "the template of certificate {thumbprint} on MIM CM holds characters that reverse or \
+             hide text (U+202E): show it isolated, with them visible"
+        )
+    );
+    assert_eq!(json["reconciliation"]["verdict"], "attention");
+}
+
+#[test]
 fn unknown_card_server_errors_and_timeouts() {
     let rig = Rig::get();
     let _shared = rig.shared();

@@ -228,6 +228,7 @@ fn compare(card: &Card, data: &ServerData, r: &mut Reconciliation) {
     let union = certificate_union(card, &data.certificates);
     certificate_rules(&union, &mut r.findings);
     key_history_rule(&union, &mut r.findings);
+    server_text_rule(data, &mut r.findings);
     r.certificates = union.into_values().collect();
 }
 
@@ -317,6 +318,41 @@ fn certificate_union(
         }
     }
     union
+}
+
+/// The server's texts a person reads in a reconciliation (the card's serial number, user and
+/// profile template, a certificate's template) get the warning a card's own text gets when they
+/// hold characters that reverse or hide text: a record edited to read as another's must not
+/// pass for it on a kiosk's screen.
+fn server_text_rule(data: &ServerData, findings: &mut Vec<Finding>) {
+    let sc = &data.smartcard;
+    let mut fields: Vec<(String, &str)> = [
+        ("serial number", &sc.serial_number),
+        ("assigned user", &sc.assigned_user_uuid),
+        ("profile template", &sc.profile_template_uuid),
+    ]
+    .into_iter()
+    .filter_map(|(what, value)| Some((format!("the card's {what} on MIM CM"), value.as_deref()?)))
+    .collect();
+    for c in &data.certificates {
+        if let Some(template) = &c.template_common_name {
+            let thumbprint = normalize_hex(&c.thumbprint);
+            fields.push((
+                format!("the template of certificate {thumbprint} on MIM CM"),
+                template,
+            ));
+        }
+    }
+    for (field, text) in fields {
+        if let Some(message) = crate::card::hidden_characters_note(&field, text) {
+            push(
+                findings,
+                "server_text_hides_characters",
+                Severity::Warning,
+                message,
+            );
+        }
+    }
 }
 
 /// A certificate on one side only; key-history certificates are expected to be missing from a
@@ -667,6 +703,21 @@ mod tests {
                 Verdict::Attention,
             ),
             (
+                "a server text turned around",
+                card(good()),
+                {
+                    let mut lookup = server(2, "3B8B", &[("AA", false), ("BB", false)]);
+                    if let Lookup::Found(data) = &mut lookup {
+                        data.certificates[1].template_common_name =
+                            Some("Contoso\u{202E}resU".into());
+                    }
+                    lookup
+                },
+                State::Matched,
+                vec!["server_text_hides_characters"],
+                Verdict::Attention,
+            ),
+            (
                 "server down",
                 card(good()),
                 unavailable,
@@ -697,6 +748,28 @@ mod tests {
             assert_eq!(codes(&r), expected, "{name}");
             assert_eq!(r.verdict, verdict, "{name}");
         }
+    }
+
+    #[test]
+    fn a_server_text_finding_names_the_field_and_the_characters() {
+        let mut lookup = server(2, "3B8B", &[("AA", false)]);
+        if let Lookup::Found(data) = &mut lookup {
+            data.smartcard.assigned_user_uuid = Some("\u{200B}Mallory\u{202E}".into());
+        }
+        let r = reconcile(
+            &card(vec![cert("9A", "AA", VALID.0, VALID.1)]),
+            &lookup,
+            &scepman::Answers::new(),
+            now(),
+        );
+        let messages: Vec<&str> = r.findings.iter().map(|f| f.message.as_str()).collect();
+        assert_eq!(
+            messages,
+            [
+                "the card's assigned user on MIM CM holds characters that reverse or hide text \
+              (U+200B, U+202E): show it isolated, with them visible"
+            ]
+        );
     }
 
     #[test]
