@@ -205,7 +205,7 @@ impl Store {
     }
 
     /// Records that `card` was seen (a sighting), whatever its read outcome, and remembers the
-    /// certificates of a successful read.
+    /// certificates and the JSON of a successful read, all in one transaction.
     pub fn record_sighting(&self, card: &Card) -> Result<(), StoreError> {
         let thumbprints: Vec<&str> = card
             .certificates

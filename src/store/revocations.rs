@@ -241,8 +241,10 @@ fn action_from(row: &Row, at: usize) -> rusqlite::Result<Action> {
 }
 
 impl Store {
-    /// Remembers the certificates of a card's successful read, replacing the previous ones.
-    pub fn save_card_certificates(
+    /// Remembers the certificates of a card, replacing the previous ones, without a sighting
+    /// (tests set cards up so; the daemon records them with the sighting of a read).
+    #[cfg(test)]
+    pub(super) fn save_card_certificates(
         &self,
         card_id: &str,
         certificates: &[KnownCertificate],
