@@ -1,8 +1,11 @@
 //! What the MIM CM and SCEPman clients share: one `reqwest` client per server (rustls with the
 //! system trust store plus an optional CA bundle, optional client certificate, HTTP/1.1
-//! keep-alive, a cookie store, connect and total timeouts, answers bounded to 1 MiB), the
-//! authentication exchange (bearer, basic, Negotiate, OAuth; see [`crate::auth`]), error
-//! classes an administrator can act on, and the backoff used for retries.
+//! keep-alive, a bounded cookie jar ([`cookies`]), connect and total timeouts, answers bounded
+//! to 1 MiB), the authentication exchange (bearer, basic, Negotiate, OAuth; see
+//! [`crate::auth`]), error classes an administrator can act on, and the backoff used for
+//! retries.
+
+pub mod cookies;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -138,7 +141,7 @@ impl Server {
             base.set_path(&format!("{}/", base.path()));
         }
         let http = client_builder(config, section)?
-            .cookie_store(true)
+            .cookie_provider(Arc::new(cookies::CookieJar::default()))
             .http1_only()
             .build()
             .map_err(|e| ServerError::Config(e.to_string()))?;
