@@ -31,6 +31,7 @@
 //! - [`metrics`]: the station's Prometheus metrics (prometheus-client).
 //! - [`random`]: random tokens and keys from the system's source.
 //! - [`logging`]: `tracing` output for a terminal or the journal.
+//! - [`malloc`]: how many heaps glibc's allocator keeps for the daemon.
 //! - [`scan`]: the `cardbridge scan` command.
 //! - [`check`]: `cardbridge check-config --online`, an authenticated call to every server.
 //! - [`client`]: `cardbridge cards`, `events`, `revoke` and `revocations`, clients of a running
@@ -53,6 +54,7 @@ pub mod event;
 pub mod fuzz;
 pub mod http;
 pub mod logging;
+pub mod malloc;
 pub mod metrics;
 pub mod outbox;
 pub mod pcsc;

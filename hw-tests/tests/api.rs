@@ -561,3 +561,91 @@ fn the_unix_socket_maps_the_callers_uid_to_scopes() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no_scopes"));
 }
+
+/// Four clients asking for the cards at once, so that every thread of the daemon's runtime
+/// allocates while another does.
+fn load_from_four_clients(daemon: &Daemon) {
+    let port = daemon.port;
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                for _ in 0..100 {
+                    let auth = format!("Bearer {TOKEN}");
+                    let (status, body) = common::daemon::http(
+                        port,
+                        "GET",
+                        "/v1/cards",
+                        &[("Authorization", &auth)],
+                        "",
+                    );
+                    assert_eq!(status, 200, "{body}");
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().expect("a client");
+    }
+}
+
+/// The heaps glibc's allocator made for the daemon's threads besides the main one. Each is a
+/// reservation of 64 MiB (`HEAP_MAX_SIZE` on 64-bit) at an address aligned to its size, mapped
+/// anonymously: its used part read-write, the rest without access.
+fn thread_heaps(pid: u32) -> usize {
+    const HEAP: u64 = 64 << 20;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let anonymous: Vec<(u64, u64)> = maps
+        .lines()
+        .filter(|line| line.split_whitespace().nth(5).is_none())
+        .filter_map(|line| {
+            let (start, end) = line.split_whitespace().next()?.split_once('-')?;
+            Some((
+                u64::from_str_radix(start, 16).ok()?,
+                u64::from_str_radix(end, 16).ok()?,
+            ))
+        })
+        .collect();
+    anonymous
+        .iter()
+        .enumerate()
+        .filter(|(_, (start, _))| start % HEAP == 0)
+        .filter(|(i, (start, end))| {
+            let mut reach = *end;
+            for (next_start, next_end) in &anonymous[i + 1..] {
+                if *next_start != reach || reach - start >= HEAP {
+                    break;
+                }
+                reach = *next_end;
+            }
+            reach - start == HEAP
+        })
+        .count()
+}
+
+#[test]
+fn the_daemon_keeps_two_heaps_however_many_threads_allocate() {
+    let daemon = Daemon::start("heaps", "");
+    load_from_four_clients(&daemon);
+    let heaps = thread_heaps(daemon.pid());
+    assert_eq!(
+        heaps + 1,
+        cardbridge::malloc::ARENAS as usize,
+        "the main heap and {heaps} for threads"
+    );
+}
+
+#[test]
+fn an_administrators_own_heap_limit_is_kept() {
+    let daemon = Daemon::start_env(
+        "heaps-set",
+        "",
+        "",
+        vec![("MALLOC_ARENA_MAX".into(), "8".into())],
+    );
+    load_from_four_clients(&daemon);
+    let heaps = thread_heaps(daemon.pid());
+    assert!(
+        (cardbridge::malloc::ARENAS as usize..8).contains(&heaps),
+        "MALLOC_ARENA_MAX=8: the main heap and {heaps} for threads"
+    );
+}
