@@ -590,34 +590,42 @@ fn load_from_four_clients(daemon: &Daemon) {
 
 /// The heaps glibc's allocator made for the daemon's threads besides the main one. Each is a
 /// reservation of 64 MiB (`HEAP_MAX_SIZE` on 64-bit) at an address aligned to its size, mapped
-/// anonymously: its used part read-write, the rest without access.
+/// anonymously: its used part read-write, the rest without access up to its end. The kernel may
+/// merge a heap's mappings with anonymous neighbours, so a heap is counted by what cannot
+/// merge away: a no-access mapping ending at a 64 MiB boundary, with anonymous memory all the
+/// way back to the boundary before.
 fn thread_heaps(pid: u32) -> usize {
     const HEAP: u64 = 64 << 20;
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
-    let anonymous: Vec<(u64, u64)> = maps
-        .lines()
-        .filter(|line| line.split_whitespace().nth(5).is_none())
-        .filter_map(|line| {
-            let (start, end) = line.split_whitespace().next()?.split_once('-')?;
-            Some((
-                u64::from_str_radix(start, 16).ok()?,
-                u64::from_str_radix(end, 16).ok()?,
-            ))
-        })
-        .collect();
-    anonymous
+    let mut spans: Vec<(u64, u64)> = Vec::new();
+    let mut no_access_ends = Vec::new();
+    for line in maps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(range), Some(perms), None) = (fields.first(), fields.get(1), fields.get(5))
+        else {
+            continue;
+        };
+        let Some((start, end)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+        else {
+            continue;
+        };
+        match spans.last_mut() {
+            Some(span) if span.1 == start => span.1 = end,
+            _ => spans.push((start, end)),
+        }
+        if *perms == "---p" && end % HEAP == 0 {
+            no_access_ends.push(end);
+        }
+    }
+    no_access_ends
         .iter()
-        .enumerate()
-        .filter(|(_, (start, _))| start % HEAP == 0)
-        .filter(|(i, (start, end))| {
-            let mut reach = *end;
-            for (next_start, next_end) in &anonymous[i + 1..] {
-                if *next_start != reach || reach - start >= HEAP {
-                    break;
-                }
-                reach = *next_end;
-            }
-            reach - start == HEAP
+        .filter(|&&end| {
+            spans
+                .iter()
+                .any(|&(from, to)| from <= end - HEAP && end <= to)
         })
         .count()
 }
