@@ -275,6 +275,7 @@ impl Running {
                 limits.idle
             );
             tokio::spawn(connections.clone().reap(shared.stopping.subscribe()));
+            tokio::spawn(crate::malloc::release_periodically(shared.stopping.subscribe()));
             let mut servers = tokio::task::JoinSet::new();
             for (listener, addr) in listeners {
                 tracing::info!("API listening on http://{addr}/v1/");
