@@ -31,7 +31,7 @@
 //! - [`metrics`]: the station's Prometheus metrics (prometheus-client).
 //! - [`random`]: random tokens and keys from the system's source.
 //! - [`logging`]: `tracing` output for a terminal or the journal.
-//! - [`malloc`]: how many heaps glibc's allocator keeps for the daemon.
+//! - [`malloc`]: glibc's allocator for a long run: two arenas, free pages given back every minute.
 //! - [`scan`]: the `cardbridge scan` command.
 //! - [`check`]: `cardbridge check-config --online`, an authenticated call to every server.
 //! - [`client`]: `cardbridge cards`, `events`, `revoke` and `revocations`, clients of a running

@@ -1,4 +1,4 @@
-//! How the daemon's memory is kept by glibc's allocator.
+//! glibc's allocator for a daemon that runs for months: two arenas, free pages given back.
 //!
 //! glibc gives a thread that allocates while another holds the heap an arena of its own, up to
 //! eight per core, and an arena keeps what its threads free for their next allocations. The
@@ -7,8 +7,9 @@
 //! first hour or so, to the largest working set any of its threads ever had. Under the soak's
 //! load that was 14 arenas holding 6.1 MB for 3.0 MB in use, and resident memory still rising
 //! by 20 to 30 KiB a minute ten minutes in; with two arenas, 4.3 MB for 3.1 MB in use. The
-//! daemon allocates little and rarely at the same instant on two threads, so two heaps cost it
-//! no measurable speed (the simulated year runs as fast).
+//! daemon allocates little and rarely at the same instant on two threads: the simulated year
+//! ran its million insertions in 746 s with two arenas and 706 s without, each beside other
+//! runs on two cores.
 //!
 //! Even then the heaps' pages stay resident once touched: malloc gives back only the free
 //! space at a heap's top, while a heap profile of the soak showed the live heap flat at about
@@ -37,8 +38,9 @@ pub fn limit_arenas() {
 /// How often the daemon gives its heaps' free pages back.
 pub const RELEASE_EVERY: Duration = Duration::from_secs(60);
 
-/// Gives the free pages back every [`RELEASE_EVERY`] until the daemon stops. A release walks
-/// heaps of a few MB, well under a millisecond, so it runs on the runtime's thread.
+/// Gives the free pages back every [`RELEASE_EVERY`] until the daemon stops. Giving back 40 MiB
+/// took 1.6 ms (the test below), and a minute of the daemon frees far less, so it runs on the
+/// runtime's thread.
 pub async fn release_periodically(mut stopping: tokio::sync::watch::Receiver<bool>) {
     let mut every = tokio::time::interval(RELEASE_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
