@@ -43,12 +43,23 @@ struct Args {
     /// Soak: how long, in minutes.
     #[arg(long, default_value_t = 30)]
     minutes: u64,
-    /// Soak: print a sample every this many minutes (each minute is sampled for the slope).
+    /// Soak: print a sample every this many minutes (the slope uses six samples a minute).
     #[arg(long, default_value_t = 1)]
     every: u64,
     /// Seed of the random choices (printed, so a run can be repeated).
     #[arg(long)]
     seed: Option<u64>,
+}
+
+impl Args {
+    /// How long the load runs.
+    fn length(&self) -> Duration {
+        Duration::from_secs(if self.soak {
+            self.minutes * 60
+        } else {
+            self.seconds
+        })
+    }
 }
 
 const TOKEN: &str = "chaos-admin-token-0123456789";
@@ -234,6 +245,8 @@ fn spawn(dir: &Path) -> Result<Child> {
 /// Everything the threads share and the checks read.
 struct Run {
     soak: bool,
+    /// How long the load runs.
+    length: Duration,
     stop: AtomicBool,
     /// Held for reading while a card goes in or out, for writing while pcscd restarts.
     pcscd: RwLock<()>,
@@ -432,9 +445,11 @@ fn churner(run: &Run) {
     }
 }
 
-/// Every 5 to 12 s, revokes one more certificate of a card the daemon has read, through
-/// SCEPman. A request that got no answer (the daemon was killed) is sent again with the same
-/// Idempotency-Key until it has one, so every stored revocation is known here.
+/// Every 5 to 12 s (chaos), or at even intervals over the whole soak (so that the soak's load is
+/// the same in its first minutes as in its last), revokes one more certificate of a card the
+/// daemon has read, through SCEPman. A request that got no answer (the daemon was killed) is
+/// sent again with the same Idempotency-Key until it has one, so every stored revocation is
+/// known here.
 fn revoker(run: &Run, pools: &[Vec<PoolCard>]) {
     let mut todo: Vec<(String, String, String)> = pools
         .iter()
@@ -446,9 +461,10 @@ fn revoker(run: &Run, pools: &[Vec<PoolCard>]) {
         })
         .collect();
     fastrand::shuffle(&mut todo);
+    let steady = run.length.as_millis() as u64 / (todo.len() as u64 + 1);
     while !run.stopped() {
         run.pause(if run.soak {
-            8000
+            steady
         } else {
             fastrand::u64(5000..=12_000)
         });
@@ -494,25 +510,38 @@ fn revoker(run: &Run, pools: &[Vec<PoolCard>]) {
     }
 }
 
-/// Samples the daemon every minute, prints every `every` minutes (and the last minute), then
-/// the resident memory's slope after the first two minutes (warm-up), least squares.
+/// How many times a minute the soak samples the daemon for the slope. With one sample a
+/// minute, ten minutes gave eleven points, and where a momentary peak of a few dozen KiB
+/// happened to fall moved the fitted slope by several KiB/min; six a minute let the fit follow
+/// the trend.
+const SAMPLES_PER_MINUTE: u64 = 6;
+
+/// Samples the daemon `SAMPLES_PER_MINUTE` times a minute, prints a row every `every` minutes
+/// (and at the last minute), then the resident memory's least-squares slope over the samples
+/// after the first two minutes (warm-up).
 fn soak_sampler(run: &Run, minutes: u64, every: u64) {
     println!("minute  rss_kib  fds  threads  db_kib");
     let mut rss = Vec::new();
-    for minute in 0..=minutes {
-        if minute > 0 {
-            run.pause(60_000);
-        }
+    let ticks = minutes * SAMPLES_PER_MINUTE;
+    let print_every = every.max(1) * SAMPLES_PER_MINUTE;
+    let started = Instant::now();
+    for tick in 0..=ticks {
+        let due = started + Duration::from_millis(tick * 60_000 / SAMPLES_PER_MINUTE);
+        run.pause(due.saturating_duration_since(Instant::now()).as_millis() as u64);
         if run.stopped() {
             break;
         }
         let station = lock(&run.station);
         let now = sample(station.pid(), &station.dir.join("state"));
         drop(station);
-        let (kib, fds, threads, db) = (now.rss_kib, now.fds, now.threads, now.state_kib);
-        rss.push((minute as f64, kib as f64));
-        if minute % every.max(1) == 0 || minute == minutes {
-            println!("{minute:>6}  {kib:>7}  {fds:>3}  {threads:>7}  {db:>6}");
+        let minute = tick as f64 / SAMPLES_PER_MINUTE as f64;
+        rss.push((minute, now.rss_kib as f64));
+        if tick % print_every == 0 || tick == ticks {
+            let (kib, fds, threads, db) = (now.rss_kib, now.fds, now.threads, now.state_kib);
+            println!(
+                "{:>6}  {kib:>7}  {fds:>3}  {threads:>7}  {db:>6}",
+                tick / SAMPLES_PER_MINUTE
+            );
         }
     }
     let after: Vec<(f64, f64)> = rss.into_iter().filter(|(m, _)| *m >= 2.0).collect();
@@ -529,14 +558,10 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let seed = args.seed.unwrap_or_else(|| fastrand::u64(..));
     fastrand::seed(seed);
-    let length = if args.soak {
-        args.minutes * 60
-    } else {
-        args.seconds
-    };
     println!(
-        "{} for {length} s, seed {seed}",
-        if args.soak { "soak" } else { "chaos" }
+        "{} for {} s, seed {seed}",
+        if args.soak { "soak" } else { "chaos" },
+        args.length().as_secs()
     );
     let rig = Rig::get();
     let _alone = rig.exclusive();
@@ -562,12 +587,15 @@ fn main() -> Result<()> {
             scope.spawn(|| churner(&run));
         }
         scope.spawn(|| revoker(&run, &pools));
-        if args.soak {
-            scope.spawn(|| soak_sampler(&run, args.minutes, args.every));
-        }
-        while started.elapsed() < Duration::from_secs(length)
-            && !loops.iter().any(|l| l.is_finished())
-        {
+        // A soak ends when its sampler has taken the last minute's sample.
+        let sampler = args
+            .soak
+            .then(|| scope.spawn(|| soak_sampler(&run, args.minutes, args.every)));
+        let over = || match &sampler {
+            Some(sampler) => sampler.is_finished(),
+            None => started.elapsed() >= run.length,
+        };
+        while !over() && !loops.iter().any(|l| l.is_finished()) {
             std::thread::sleep(Duration::from_millis(100));
         }
         run.stop.store(true, Ordering::Relaxed);
@@ -629,6 +657,7 @@ fn start(args: &Args, pools: &[Vec<PoolCard>]) -> Result<Run> {
     let (station, port) = Station::start(&dir, &sim)?;
     Ok(Run {
         soak: args.soak,
+        length: args.length(),
         stop: AtomicBool::new(false),
         pcscd: RwLock::new(()),
         station: Mutex::new(station),
