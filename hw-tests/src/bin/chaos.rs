@@ -37,7 +37,7 @@ struct Args {
     /// Chaos: how long the load runs.
     #[arg(long, default_value_t = 60)]
     seconds: u64,
-    /// Soak instead of chaos: a steady load, no kills, the daemon sampled every minute.
+    /// Soak instead of chaos: a steady load, no kills, the daemon sampled six times a minute.
     #[arg(long)]
     soak: bool,
     /// Soak: how long, in minutes.
@@ -511,9 +511,9 @@ fn revoker(run: &Run, pools: &[Vec<PoolCard>]) {
 }
 
 /// How many times a minute the soak samples the daemon for the slope. With one sample a
-/// minute, ten minutes gave eleven points, and where a momentary peak of a few dozen KiB
-/// happened to fall moved the fitted slope by several KiB/min; six a minute let the fit follow
-/// the trend.
+/// minute, ten minutes gave eleven points, and one momentary peak (up to 500 KiB: a read or a
+/// server answer in flight) moved the fitted slope by up to 20 KiB/min; six a minute let the
+/// fit follow the trend.
 const SAMPLES_PER_MINUTE: u64 = 6;
 
 /// Samples the daemon `SAMPLES_PER_MINUTE` times a minute, prints a row every `every` minutes
