@@ -22,7 +22,7 @@ use crate::http::ServerError;
 use crate::outbox::{Pacing, Worker};
 use crate::reconcile::Reconciler;
 use crate::scepman::ScepmanClient;
-use crate::store::{Store, StoreError, CARD_ID_FORM};
+use crate::store::{PageCache, Store, StoreError, CARD_ID_FORM};
 
 #[derive(Debug, Error)]
 pub enum DaemonError {
@@ -60,6 +60,7 @@ const DRAIN: Duration = Duration::from_secs(5);
 /// down.
 pub fn run(config: &Config) -> Result<(), DaemonError> {
     crate::malloc::limit_arenas();
+    crate::code_pages::map_in();
     crate::logging::init(config.log_level.as_deref());
     run_on(config, Source::Pcsc, stop_signal())
 }
@@ -116,7 +117,11 @@ impl Opened {
             config.api.clients.clone()
         };
         let reconciler = Reconciler::configured(config, store.setting(CARD_ID_FORM)?)?;
+        // The engine's, the API's and the outbox's connections (`Running::start`).
         let stores = [store, Store::open(&state_dir)?, Store::open(&state_dir)?];
+        for reading in &stores[1..] {
+            reading.set_page_cache(PageCache::Reading)?;
+        }
         let (cm, scepman) = reconciler.clients();
         // Blocking calls (the API's and the outbox's store calls, the Unix peer's lookup) on
         // at most 8 threads more: a bound, as for the engine's.

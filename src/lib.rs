@@ -45,6 +45,7 @@ pub mod check;
 pub mod client;
 pub mod clock;
 pub mod cm;
+pub mod code_pages;
 pub mod config;
 pub mod crl_reason;
 pub mod daemon;

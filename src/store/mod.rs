@@ -119,6 +119,31 @@ pub struct Store {
     conn: Connection,
 }
 
+/// How much of the database a connection keeps in memory (SQLite's page cache, one per
+/// connection). The kernel caches the file anyway; what a connection's cache costs is memory
+/// the daemon grows into as the connection touches new pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageCache {
+    /// 256 KiB (SQLite's default is 2 MiB): for the connection that appends a sighting at every
+    /// read and rewrites a card's rows (the engine's).
+    Appending,
+    /// 20 pages: for connections that read and write a few rows per call (the API's and the
+    /// outbox's). SQLite takes a cache's first 20 pages in one allocation at its first read
+    /// (`SQLITE_DEFAULT_PCACHE_INITSZ`), so a cache this size is whole from the first call on.
+    /// At 256 KiB these two caches filled for a quarter of an hour under the soak's revocations.
+    Reading,
+}
+
+impl PageCache {
+    /// The value of `PRAGMA cache_size`: negative in KiB, positive in pages.
+    fn pragma_value(self) -> i64 {
+        match self {
+            PageCache::Appending => -256,
+            PageCache::Reading => 20,
+        }
+    }
+}
+
 /// Runs a store call from async code without stalling the other tasks of its thread: on a
 /// multi-threaded runtime (the daemon's), tokio first hands this thread's other tasks to
 /// another worker (`block_in_place`), so an fsync under `synchronous = FULL` holds up nothing
@@ -164,15 +189,13 @@ impl Store {
                 detail: check,
             });
         }
-        // A page cache of 256 KiB per connection (SQLite's default is 2 MiB): the database is
-        // small and the kernel caches its file anyway, while each connection's cache fills with
-        // the new pages of the sightings it appends, so its size is memory the daemon grows
-        // into over hours (the soak run showed about 20 KiB a minute).
         conn.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;
-             PRAGMA journal_size_limit = 4194304; PRAGMA cache_size = -256;",
+             PRAGMA journal_size_limit = 4194304;",
         )
         .map_err(open_err)?;
+        conn.pragma_update(None, "cache_size", PageCache::Appending.pragma_value())
+            .map_err(open_err)?;
         let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
         let known = MIGRATIONS.len() as i64;
         if version > known {
@@ -391,6 +414,13 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Sets this connection's page cache (a new connection has [`PageCache::Appending`]).
+    pub fn set_page_cache(&self, cache: PageCache) -> Result<(), StoreError> {
+        self.conn
+            .pragma_update(None, "cache_size", cache.pragma_value())?;
+        Ok(())
+    }
+
     pub fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
         Ok(self
             .conn
@@ -428,6 +458,20 @@ mod tests {
             &crate::card::ReadError::Deadline,
             time::OffsetDateTime::now_utc(),
         )
+    }
+
+    #[test]
+    fn a_connection_set_to_read_asks_for_twenty_pages() {
+        let dir = temp_dir("page-cache");
+        let store = Store::open(&dir).unwrap();
+        let cache_size = |s: &Store| -> i64 {
+            s.conn
+                .query_row("PRAGMA cache_size", [], |row| row.get(0))
+                .unwrap()
+        };
+        assert_eq!(cache_size(&store), -256);
+        store.set_page_cache(PageCache::Reading).unwrap();
+        assert_eq!(cache_size(&store), 20);
     }
 
     #[test]
