@@ -13,6 +13,15 @@ use serde_json::Value;
 
 use crate::chaos::Received;
 
+/// The environment the service unit gives the daemon (its `Environment=` lines, one
+/// `NAME=value` each), so that the load drivers measure the daemon as a station runs it.
+pub fn unit_environment() -> Vec<(&'static str, &'static str)> {
+    const UNIT: &str = include_str!("../../service/cardbridge.service");
+    UNIT.lines()
+        .filter_map(|line| line.strip_prefix("Environment=")?.split_once('='))
+        .collect()
+}
+
 /// One request (`Connection: close`) with `token`; returns the status and the body.
 pub fn http(
     port: u16,

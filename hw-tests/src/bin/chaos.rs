@@ -26,7 +26,9 @@ use hw_tests::chaos::{self, Insertion, Outage, Received, Submitted, Verdict};
 use hw_tests::rig::{self, Rig};
 use hw_tests::sim::{matching_record, scepman_certs, Fault, Fixture, Simulator};
 use hw_tests::sim_auth::{OAuthApp, SimAuth};
-use hw_tests::station_client::{http, open_stream, read_frames, revocation_status, sample, slope};
+use hw_tests::station_client::{
+    http, open_stream, read_frames, revocation_status, sample, slope, unit_environment,
+};
 use hw_tests::vcard::{CardSpec, VirtualCard};
 use hw_tests::vpcd::Inserted;
 use serde_json::{json, Value};
@@ -236,6 +238,7 @@ fn spawn(dir: &Path) -> Result<Child> {
     Command::new(rig::cardbridge_bin())
         .args(["run", "--config"])
         .arg(dir.join("config.toml"))
+        .envs(unit_environment())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use hw_tests::chaos::{self, Verdict};
 use hw_tests::sim::{matching_record, Fixture, Simulator};
-use hw_tests::station_client::{http, open_stream, read_frames};
+use hw_tests::station_client::{http, open_stream, read_frames, unit_environment};
 use hw_tests::vcard::Truth;
 
 use crate::checks::{cards_equal_readers, revocations_at_end, revocations_reached_cm_once};
@@ -151,8 +151,7 @@ fn spawn_station(
         .arg("--state")
         .arg(state)
         .args(["--cm", &sim.cm_base_url()])
-        // As the service unit runs the daemon (service/cardbridge.service).
-        .env("MALLOC_ARENA_MAX", "2")
+        .envs(unit_environment())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log)?)
