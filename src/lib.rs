@@ -31,7 +31,8 @@
 //! - [`metrics`]: the station's Prometheus metrics (prometheus-client).
 //! - [`random`]: random tokens and keys from the system's source.
 //! - [`logging`]: `tracing` output for a terminal or the journal.
-//! - [`malloc`]: glibc's allocator for a long run: two arenas, free pages given back every minute.
+//! - [`malloc`]: glibc's allocator for a long run: two arenas, free pages given back every 10 s.
+//! - [`code_pages`]: the daemon's executable mapped in whole at start.
 //! - [`scan`]: the `cardbridge scan` command.
 //! - [`check`]: `cardbridge check-config --online`, an authenticated call to every server.
 //! - [`client`]: `cardbridge cards`, `events`, `revoke` and `revocations`, clients of a running
