@@ -119,9 +119,11 @@ pub struct Store {
     conn: Connection,
 }
 
-/// How much of the database a connection keeps in memory (SQLite's page cache, one per
-/// connection). The kernel caches the file anyway; what a connection's cache costs is memory
-/// the daemon grows into as the connection touches new pages.
+/// How much of the database a connection keeps in memory (SQLite's page cache). The kernel
+/// caches the file anyway; what a cache costs is memory the daemon grows into as its connection
+/// touches new pages. The bundled SQLite pools the caches of a process
+/// (`SQLITE_ENABLE_MEMORY_MANAGEMENT`: a page may be recycled from any connection), so the sum of
+/// the connections' sizes bounds the pool (ARCHITECTURE.md, "Bounds").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PageCache {
     /// 256 KiB (SQLite's default is 2 MiB): for the connection that appends a sighting at every
@@ -129,8 +131,8 @@ pub enum PageCache {
     Appending,
     /// 20 pages: for connections that read and write a few rows per call (the API's and the
     /// outbox's). SQLite takes a cache's first 20 pages in one allocation at its first read
-    /// (`SQLITE_DEFAULT_PCACHE_INITSZ`), so a cache this size is whole from the first call on.
-    /// At 256 KiB these two caches filled for a quarter of an hour under the soak's revocations.
+    /// (`SQLITE_DEFAULT_PCACHE_INITSZ`), so a cache this size takes its memory at once. At
+    /// 256 KiB these two were still filling ten minutes into the soak, under its revocations.
     Reading,
 }
 
