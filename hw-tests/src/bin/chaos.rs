@@ -39,7 +39,7 @@ struct Args {
     /// Chaos: how long the load runs.
     #[arg(long, default_value_t = 60)]
     seconds: u64,
-    /// Soak instead of chaos: a steady load, no kills, the daemon sampled six times a minute.
+    /// Soak instead of chaos: a steady load, no kills, the daemon sampled every second.
     #[arg(long)]
     soak: bool,
     /// Soak: how long, in minutes.
@@ -513,11 +513,13 @@ fn revoker(run: &Run, pools: &[Vec<PoolCard>]) {
     }
 }
 
-/// How many times a minute the soak samples the daemon for the slope. With one sample a
-/// minute, ten minutes gave eleven points, and one momentary peak (up to 500 KiB: a read or a
-/// server answer in flight) moved the fitted slope by up to 20 KiB/min; six a minute let the
-/// fit follow the trend.
-const SAMPLES_PER_MINUTE: u64 = 6;
+/// How many times a minute the soak samples the daemon for the slope: every second. With one
+/// sample a minute, one momentary peak (up to 500 KiB: a read or a server answer in flight)
+/// moved a ten-minute fit by up to 20 KiB/min. With six, every sample fell at the same point of
+/// the load's 2.5-s insertion cycle and of the daemon's 10-s release of free pages, and a run's
+/// fit differed from one over whole smaps taken beside it every 10 s (drifting through both
+/// cycles) by up to 26 KiB/min. Sampled every second, each cycle is seen whole.
+const SAMPLES_PER_MINUTE: u64 = 60;
 
 /// Samples the daemon `SAMPLES_PER_MINUTE` times a minute, prints a row every `every` minutes
 /// (and at the last minute), then the resident memory's least-squares slope over the samples
