@@ -59,7 +59,7 @@ const DRAIN: Duration = Duration::from_secs(5);
 /// Runs on pcscd until a stop signal: open what the daemon needs, start its parts, serve, shut
 /// down.
 pub fn run(config: &Config) -> Result<(), DaemonError> {
-    crate::malloc::limit_arenas();
+    crate::malloc::configure();
     crate::code_pages::map_in();
     crate::logging::init(config.log_level.as_deref());
     run_on(config, Source::Pcsc, stop_signal())

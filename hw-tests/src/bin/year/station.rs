@@ -69,7 +69,7 @@ fn templates() -> Result<Vec<VirtualCard>> {
 
 pub fn run(args: &Args, seed: u64, state: &Path) -> Result<()> {
     // As `cardbridge run` does, before the daemon's thread starts.
-    cardbridge::malloc::limit_arenas();
+    cardbridge::malloc::configure();
     cardbridge::logging::init(Some("warn"));
     let templates = templates()?;
     let truths: Vec<&Truth> = templates.iter().map(|t| &t.truth).collect();
