@@ -10,21 +10,39 @@
 //! without allocating. The others are compiled as regular expressions only once their literal
 //! start matched the ATR, which keeps a lookup near a millisecond instead of compiling
 //! thousands of expressions.
+//!
+//! The list is read line by line at each lookup, never whole: it is half a megabyte, and a
+//! station that read it whole for every card read held a block of that size each time
+//! (README, "Robustness"). A lookup holds one line at a time, and reads at most
+//! [`MAX_LIST_BYTES`] of a list that has grown or been damaged.
+
+use std::io::{BufRead, Read};
 
 use regex::Regex;
 
 /// Where Debian, Ubuntu and Fedora install the list.
 pub const SYSTEM_LIST: &str = "/usr/share/pcsc/smartcard_list.txt";
 
-/// Looks `atr` up in the bytes of a list. The list is mostly ASCII with a few Latin-1 or UTF-8
-/// descriptions, so it is scanned as bytes and only the description found is decoded.
-pub fn lookup_in(list: &[u8], atr: &[u8]) -> Option<String> {
+/// The most of a list a lookup reads: sixteen times the size of Debian 12's (483,831 bytes).
+pub const MAX_LIST_BYTES: u64 = 8 << 20;
+
+/// The longest line a lookup keeps; a longer one is skipped. The list's longest is a few
+/// hundred bytes.
+pub const MAX_LINE: usize = 4096;
+
+/// Looks `atr` up in a list. The list is mostly ASCII with a few Latin-1 or UTF-8
+/// descriptions, so it is scanned as bytes and only the description found is decoded. A read
+/// error ends the lookup as the end of the list does.
+pub fn lookup_in(list: impl BufRead, atr: &[u8]) -> Option<String> {
     let spaced = atr
         .iter()
         .map(|b| format!("{b:02X}"))
         .collect::<Vec<_>>()
         .join(" ");
-    let mut lines = Lines { rest: list };
+    let mut lines = Lines {
+        input: list.take(MAX_LIST_BYTES),
+        line: Vec::new(),
+    };
     while let Some(line) = lines.next() {
         if !matches!(line.first(), Some(b'0'..=b'9' | b'A'..=b'F' | b'a'..=b'f')) {
             continue;
@@ -34,31 +52,46 @@ pub fn lookup_in(list: &[u8], atr: &[u8]) -> Option<String> {
         };
         if pattern_matches(pattern.trim_end(), atr, &spaced) {
             // The first description line after the pattern (possibly after further patterns).
-            return lines
-                .find(|l| l.first() == Some(&b'\t'))
-                .map(|l| String::from_utf8_lossy(l).trim().to_string());
+            while let Some(line) = lines.next() {
+                if line.first() == Some(&b'\t') {
+                    return Some(String::from_utf8_lossy(line).trim().to_string());
+                }
+            }
+            return None;
         }
     }
     None
 }
 
-/// Lines of a byte buffer, found with memchr: the list is half a megabyte, and a byte-by-byte
-/// split was most of a lookup's cost.
-struct Lines<'a> {
-    rest: &'a [u8],
+/// The lines of a list, one at a time in a buffer of at most [`MAX_LINE`] bytes.
+struct Lines<R> {
+    input: R,
+    line: Vec<u8>,
 }
 
-impl<'a> Iterator for Lines<'a> {
-    type Item = &'a [u8];
-
-    fn next(&mut self) -> Option<&'a [u8]> {
-        if self.rest.is_empty() {
-            return None;
+impl<R: BufRead> Lines<R> {
+    /// The next line without its newline; `None` at the end of the input or on a read error.
+    fn next(&mut self) -> Option<&[u8]> {
+        loop {
+            self.line.clear();
+            let limit = MAX_LINE as u64 + 1;
+            let read = Read::take(&mut self.input, limit)
+                .read_until(b'\n', &mut self.line)
+                .ok()?;
+            if read == 0 {
+                return None;
+            }
+            if self.line.last() == Some(&b'\n') {
+                self.line.pop();
+                return Some(&self.line);
+            }
+            if self.line.len() <= MAX_LINE {
+                // The last line, without a newline.
+                return Some(&self.line);
+            }
+            // Too long: skip the rest of it.
+            self.input.skip_until(b'\n').ok()?;
         }
-        let end = memchr::memchr(b'\n', self.rest).unwrap_or(self.rest.len());
-        let line = &self.rest[..end];
-        self.rest = self.rest.get(end + 1..).unwrap_or_default();
-        Some(line)
     }
 }
 
@@ -135,5 +168,25 @@ mod tests {
             Some("Contactless pseudo ATR")
         );
         assert_eq!(lookup_in(LIST, &atr("3B 02 14 50")), None);
+    }
+
+    #[test]
+    fn a_line_longer_than_the_bound_is_skipped() {
+        // Kept, even cut at the bound, this line would match: trailing blanks are trimmed.
+        let mut list = b"3B 80 80 01 7F".to_vec();
+        list.extend(std::iter::repeat_n(b' ', MAX_LINE));
+        list.extend(b"\n\tOverlong\n\n");
+        list.extend(LIST);
+        assert_eq!(
+            lookup_in(list.as_slice(), &atr("3B 80 80 01 7F")).as_deref(),
+            Some("Virtual card with any check byte")
+        );
+    }
+
+    #[test]
+    fn nothing_past_the_bound_is_read() {
+        let mut list = vec![b'#'; MAX_LIST_BYTES as usize - 1];
+        list.extend(b"\n3B 80 80 01 7F\n\tPast the bound\n");
+        assert_eq!(lookup_in(list.as_slice(), &atr("3B 80 80 01 7F")), None);
     }
 }

@@ -52,8 +52,6 @@ pub fn read_reader(ctx: &Context, reader: &CStr, options: &ReadOptions) -> Card 
     snapshot
 }
 
-/// The card's name from the system's list; an absent list (pcsc-tools not installed) just
-/// leaves it out. The file is read here, on the PC/SC side: `card` only matches bytes.
 /// The entry for a reader whose card could not be connected to or read at all, timed now.
 pub fn unreadable(name: &str, atr: &[u8], error: TransportError) -> Card {
     Card::failed(
@@ -64,8 +62,11 @@ pub fn unreadable(name: &str, atr: &[u8], error: TransportError) -> Card {
     )
 }
 
+/// The card's name from the system's list; an absent list (pcsc-tools not installed) just
+/// leaves it out. The file is opened here, on the PC/SC side: `card` only matches lines.
 fn card_name(list: &std::path::Path, atr: &[u8]) -> Option<String> {
-    names::lookup_in(&std::fs::read(list).ok()?, atr)
+    let file = std::fs::File::open(list).ok()?;
+    names::lookup_in(std::io::BufReader::new(file), atr)
 }
 
 fn was_reset(result: &Result<Card, ::pcsc::Error>) -> bool {
