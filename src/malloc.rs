@@ -19,13 +19,13 @@
 //! between two releases it holds what the last few seconds freed (a card read, the answers of a
 //! burst of requests), which once a minute made its samples swing by up to 600 KiB.
 //!
-//! Large blocks (a long answer, a big event, SQLite's first cache allocation) get pages of
-//! their own from 128 KiB up, which go back to the system when freed. glibc's default moves
-//! that line up to the size of every such block freed, so that later blocks of that size land
-//! inside the heaps; a freed one is then split for small blocks and the next large block needs
-//! new space. In a soak that line had risen to 476 KiB by minute six, and with it fixed the
-//! heaps held about 1 MB less (seed 25: main heap 2,300 against 2,636 KiB and second heap
-//! 1,092 against 1,544 at minute 10).
+//! Large blocks get pages of their own from 128 KiB up, which go back to the system when
+//! freed. glibc's default moves that line up to the size of every such block freed, so that
+//! later blocks of that size land inside the heaps; a freed one is then split for small blocks
+//! and the next large block needs new space. In a soak that line had risen to 476 KiB by minute
+//! four (each card read then read the 483,831-byte card-name list whole), and with it fixed the
+//! heaps held about 1 MB less (seed 25: main heap 2,300 against 2,636 KiB and second heap 1,092
+//! against 1,544 at minute 10).
 //!
 //! glibc also keeps, per thread, a cache of freed blocks (up to 7 of each of 64 sizes) that no
 //! other thread and no release can reach, and fills it for as long as the daemon runs into
