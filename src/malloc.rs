@@ -51,10 +51,10 @@ pub const ARENAS: i32 = 2;
 /// documentation).
 pub const OWN_PAGES_FROM: i32 = 128 * 1024;
 
-/// Sets the allocator up for a daemon: [`ARENAS`] arenas and large blocks on pages of their
-/// own from [`OWN_PAGES_FROM`] whatever was freed before, each unless the environment already sets it. glibc fixes the
-/// arena limit when a second thread first allocates, so this must run before the daemon starts
-/// a thread.
+/// Sets the allocator up for a daemon: [`ARENAS`] arenas, and large blocks on pages of their
+/// own from [`OWN_PAGES_FROM`] whatever was freed before; each unless the environment already
+/// sets it. glibc fixes the arena limit when a second thread first allocates, so this must run
+/// before the daemon starts a thread.
 pub fn configure() {
     let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
     let set_by_environment = |variable: &str, tunable: &str| {
