@@ -426,8 +426,9 @@ enum Request {
     Insertion,
     /// An API client asked for a sync: SCEPman is asked again too.
     Sync,
-    /// pcscd's counter moved under the same ATR (its hex): the card is announced again only if
-    /// the read finds another card (or none that reads).
+    /// pcscd's counter moved under the same ATR, or the ATR (its hex) changed under the same
+    /// counter: the card is announced again only if the read finds another card (or none that
+    /// reads).
     Changed(String),
 }
 

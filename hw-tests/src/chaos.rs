@@ -167,20 +167,58 @@ pub fn held_cards_read_once(
         held += usize::from(judged);
         let twice = read_twice_between_outages(i.inserted, &times, outages);
         if twice || (judged && times.len() != 1) {
-            problems.push(format!(
-                "{} in {} from {:.3} for {:.2} s read {} times",
-                i.card_id,
-                i.reader,
-                i.inserted,
-                removed - i.inserted,
-                times.len()
-            ));
+            problems.push(describe(i, removed, &times, insertions, outages));
         }
     }
     verdict(
         "every card held long enough was read exactly once",
         &problems,
         format!("{held} held insertions, each read once; no insertion read twice"),
+    )
+}
+
+/// One insertion that failed [`held_cards_read_once`], with what a reader of the CI log needs to
+/// tell why: when each read came and when the previous card left, counted from the insertion,
+/// and the outages around it.
+fn describe(
+    i: &Insertion,
+    removed: f64,
+    times: &[f64],
+    insertions: &[Insertion],
+    outages: &[Outage],
+) -> String {
+    let after = |t: f64| format!("{:+.2}", t - i.inserted);
+    let reads: Vec<String> = times.iter().map(|&t| after(t)).collect();
+    let previous = insertions
+        .iter()
+        .filter(|p| p.reader == i.reader && p.inserted < i.inserted)
+        .filter_map(|p| p.removed)
+        .reduce(f64::max)
+        .map_or("none".to_string(), after);
+    let seen = i.seen.map_or("never".to_string(), after);
+    let near: Vec<String> = outages
+        .iter()
+        .filter(|o| o.from < removed + SETTLE && i.inserted - SETTLE < o.to)
+        .map(|o| format!("{}..{}", after(o.from), after(o.to)))
+        .collect();
+    format!(
+        "{} in {} from {:.3} for {:.2} s read {} times (reads at {} s; seen at {seen}; previous \
+         card out at {previous}; outages near: {})",
+        i.card_id,
+        i.reader,
+        i.inserted,
+        removed - i.inserted,
+        times.len(),
+        if reads.is_empty() {
+            "none".to_string()
+        } else {
+            reads.join(", ")
+        },
+        if near.is_empty() {
+            "none".to_string()
+        } else {
+            near.join(", ")
+        },
     )
 }
 
@@ -355,6 +393,28 @@ mod tests {
         let short = [ins("R0", "AA", T0, T0 + 0.4)];
         assert!(held_cards_read_once(&short, &[], &[], T0 + 9.0).passed);
         assert!(!held_cards_read_once(&short, &[], &twice, T0 + 9.0).passed);
+    }
+
+    #[test]
+    fn a_card_read_twice_is_reported_with_when_each_read_came() {
+        let insertions = [
+            ins("R0", "BB", T0 - 1.0, T0 - 0.2),
+            ins("R0", "AA", T0, T0 + 1.5),
+        ];
+        let twice = [
+            read(1, "R0", "AA", "2026-12-06T06:00:00.300Z"),
+            read(2, "R0", "AA", "2026-12-06T06:00:01.250Z"),
+        ];
+        let outage = Outage {
+            from: T0 + 4.0,
+            to: T0 + 4.5,
+        };
+        let verdict = held_cards_read_once(&insertions, &[outage], &twice, T0 + 9.0);
+        assert_eq!(
+            verdict.detail,
+            "1 problems: AA in R0 from 1796536800.000 for 1.50 s read 2 times (reads at +0.30, \
+             +1.25 s; seen at +0.10; previous card out at -0.20; outages near: +4.00..+4.50)"
+        );
     }
 
     #[test]

@@ -120,9 +120,10 @@ pub enum MonitorEvent {
     CardRemoved {
         reader: String,
     },
-    /// pcscd's event counter moved while a card with the same ATR stayed in the reader: another
+    /// pcscd's event counter moved while a card with the same ATR stayed in the reader (another
     /// card of the same model went in between two waits, the same card was pulled and put
-    /// back, or pcscd counted one insertion twice. Only a read can tell which.
+    /// back, or pcscd counted one insertion twice), or the ATR changed under an unmoved counter
+    /// (a card pcscd never saw go in, powered by a read of it). Only a read can tell which.
     CardChanged {
         reader: String,
         atr: Vec<u8>,
@@ -173,15 +174,21 @@ pub fn diff(old: &Snapshot, new: &Snapshot, same_service: bool) -> Vec<MonitorEv
             });
         }
         let had = before.and_then(|b| b.card.as_ref());
-        // Another card when the ATR differs. The same ATR with the counter moved may be another
-        // card, or the same one: that is for a read to say.
-        let (swapped, changed) = match (had, &view.card) {
-            (Some(old_atr), Some(new_atr)) => (
-                old_atr != new_atr,
-                old_atr == new_atr
-                    && same_service
-                    && before.is_some_and(|b| b.event_count != view.event_count),
-            ),
+        let (swapped, changed) = match (before, had, &view.card) {
+            (Some(before), Some(old_atr), Some(new_atr)) => {
+                let counted = same_service && before.event_count != view.event_count;
+                let other_atr = old_atr != new_atr;
+                // pcscd saw a card go out and another in. After a pcscd restart the counters
+                // say nothing, and another ATR is another card.
+                let swapped = other_atr && (counted || !same_service);
+                // The same ATR with the counter moved may be another card of the model or the
+                // same one re-seated. Another ATR under an unmoved counter is a card pcscd never
+                // saw go in, whose ATR it took when an application powered it: most often the
+                // reader worker reading a swap pcscd missed, which it has announced already.
+                // Both are for a read to judge.
+                let changed = (counted && !other_atr) || (same_service && other_atr && !counted);
+                (swapped, changed)
+            }
             _ => (false, false),
         };
         if changed {
@@ -495,6 +502,22 @@ mod tests {
             true,
         );
         assert_eq!(events, [removed("A"), inserted("A", &[2])]);
+    }
+
+    #[test]
+    fn another_atr_under_an_unmoved_counter_is_a_change_for_a_read_to_judge() {
+        let events = diff(
+            &snap(&[("A", Some(&[1]), 1)]),
+            &snap(&[("A", Some(&[2]), 1)]),
+            true,
+        );
+        assert_eq!(
+            events,
+            [MonitorEvent::CardChanged {
+                reader: "A".into(),
+                atr: vec![2]
+            }]
+        );
     }
 
     #[test]
