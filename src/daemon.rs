@@ -202,7 +202,7 @@ impl Running {
         .map_err(DaemonError::Start)?;
         let shared = Arc::new(Shared {
             clients: Clients::new(&opened.clients),
-            bus: Bus::default(),
+            bus: Bus::starting_at(crate::api::events::first_id(std::time::SystemTime::now())),
             station: Default::default(),
             reconciliations: engine.cache(),
             stopping: tokio::sync::watch::channel(false).0,

@@ -229,6 +229,20 @@ fn a_client_that_reconnects_gets_what_it_missed_in_order() {
     assert_eq!(last, reconciled);
 }
 
+/// Event ids grow across restarts: a client that resumes with an id from before the daemon
+/// restarted (a browser's EventSource does) is told to resync, not handed the new daemon's events
+/// as all it missed (a card pulled meanwhile would stay on its screen).
+#[test]
+fn a_client_that_resumes_after_a_restart_is_told_to_resync() {
+    let _rig = Rig::get().shared();
+    let mut daemon = Daemon::start("events-restart", "");
+    let (last, ..) = next_event(&mut daemon.events(Some(0)), |_, _| true);
+    daemon.kill9();
+    daemon.restart();
+    let (_, name, _) = next_event(&mut daemon.events(Some(last)), |_, _| true);
+    assert_eq!(name, "resync");
+}
+
 #[test]
 fn the_cards_command_prints_the_card() {
     let t = Reconciled::start("events-cards-cli");

@@ -48,6 +48,8 @@ pub struct Bus {
 }
 
 struct Inner {
+    /// This daemon's first event id: ids grow across restarts (see [`first_id`]).
+    first: u64,
     next: u64,
     buffer: VecDeque<Numbered>,
     /// The data bytes of the events in `buffer`.
@@ -62,20 +64,33 @@ pub enum Backlog {
     Resync,
 }
 
-impl Default for Bus {
-    fn default() -> Self {
+/// The first event id of a daemon started at `now`: microseconds since the Unix epoch. A
+/// daemon that restarts numbers on from above every id it gave before (unless it gave more than
+/// one event a microsecond), so a client that resumes with an id from before the restart is
+/// told to resync instead of taking the new events for all it missed. Below 2^53 until the
+/// year 2255, so the ids stay exact as JavaScript numbers.
+pub fn first_id(now: std::time::SystemTime) -> u64 {
+    let micros = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    u64::try_from(micros).unwrap_or(u64::MAX).max(1)
+}
+
+impl Bus {
+    /// A bus whose first event is numbered `first` (at least 1: 0 means "from the first").
+    pub fn starting_at(first: u64) -> Bus {
+        let first = first.max(1);
         Bus {
             inner: Mutex::new(Inner {
-                next: 1,
+                first,
+                next: first,
                 buffer: VecDeque::with_capacity(REPLAY),
                 bytes: 0,
             }),
             live: broadcast::channel(LIVE_CAPACITY).0,
         }
     }
-}
 
-impl Bus {
     /// Numbers and publishes an event.
     pub fn publish(&self, name: &str, data: String) {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -97,15 +112,19 @@ impl Bus {
         let _ = self.live.send(event);
     }
 
-    /// Subscribes, and says what the client missed since `last_id` (none given: nothing).
+    /// Subscribes, and says what the client missed since `last_id` (none given: nothing; 0:
+    /// every event since the daemon started, while the buffer holds them all). An id older than
+    /// the buffer, or one this daemon never gave (from before a restart whose clock was set
+    /// back), asks for a resync.
     pub fn subscribe(&self, last_id: Option<u64>) -> (Backlog, broadcast::Receiver<Numbered>) {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let receiver = self.live.subscribe();
         let backlog = match last_id {
             None => Backlog::Events(Vec::new()),
             Some(last) => {
+                let last = if last == 0 { inner.first - 1 } else { last };
                 let oldest = inner.buffer.front().map_or(inner.next, |e| e.id);
-                if last + 1 < oldest {
+                if last + 1 < oldest || last >= inner.next {
                     Backlog::Resync
                 } else {
                     Backlog::Events(
@@ -242,7 +261,7 @@ mod tests {
 
     #[test]
     fn replays_what_a_client_missed_then_goes_live() {
-        let bus = Bus::default();
+        let bus = Bus::starting_at(1);
         for n in 0..5 {
             bus.publish("card.read", n.to_string());
         }
@@ -257,7 +276,7 @@ mod tests {
 
     #[test]
     fn a_client_older_than_the_buffer_must_resync() {
-        let bus = Bus::default();
+        let bus = Bus::starting_at(1);
         for _ in 0..REPLAY + 10 {
             bus.publish("e", String::new());
         }
@@ -268,8 +287,37 @@ mod tests {
     }
 
     #[test]
+    fn a_client_from_before_a_restart_must_resync() {
+        let before = Bus::starting_at(first_id(std::time::UNIX_EPOCH + Duration::from_secs(100)));
+        before.publish("card.read", String::new());
+        let last = before.inner.lock().unwrap().next - 1;
+        let after = Bus::starting_at(first_id(std::time::UNIX_EPOCH + Duration::from_secs(160)));
+        after.publish("reader.added", String::new());
+        assert!(matches!(after.subscribe(Some(last)).0, Backlog::Resync));
+        // A clock set back between the two: the id is one this daemon never gave.
+        let set_back = Bus::starting_at(first_id(std::time::UNIX_EPOCH + Duration::from_secs(40)));
+        set_back.publish("reader.added", String::new());
+        assert!(matches!(set_back.subscribe(Some(last)).0, Backlog::Resync));
+    }
+
+    #[test]
+    fn zero_asks_for_every_event_since_the_start_while_they_are_kept() {
+        let bus = Bus::starting_at(1_000);
+        bus.publish("reader.added", String::new());
+        bus.publish("card.inserted", String::new());
+        let Backlog::Events(all) = bus.subscribe(Some(0)).0 else {
+            panic!("resync")
+        };
+        assert_eq!(all.iter().map(|e| e.id).collect::<Vec<_>>(), [1_000, 1_001]);
+        for _ in 0..REPLAY {
+            bus.publish("e", String::new());
+        }
+        assert!(matches!(bus.subscribe(Some(0)).0, Backlog::Resync));
+    }
+
+    #[test]
     fn the_buffer_keeps_at_most_its_bytes_of_events() {
-        let bus = Bus::default();
+        let bus = Bus::starting_at(1);
         let big = "x".repeat(10 * 1024);
         for _ in 0..100 {
             bus.publish("card.read", big.clone());

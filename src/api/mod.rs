@@ -498,7 +498,7 @@ mod tests {
                 scopes: vec![Scope::Read, Scope::Sync],
                 origins: Vec::new(),
             }]),
-            bus: Bus::default(),
+            bus: Bus::starting_at(1),
             station: Default::default(),
             reconciliations: Default::default(),
             stopping: tokio::sync::watch::channel(true).0,
