@@ -15,7 +15,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -254,9 +254,10 @@ struct Run {
     /// Held for reading while a card goes in or out, for writing while pcscd restarts.
     pcscd: RwLock<()>,
     station: Mutex<Station>,
-    port: AtomicU16,
-    /// Bumped at every daemon start; an observer stream belongs to one.
-    generation: AtomicU64,
+    /// The running daemon's API port, and its start's number (an observer stream belongs to
+    /// one start). One lock for both: a stream opened on a new daemon's port is never taken for
+    /// the previous daemon's.
+    daemon: Mutex<(u16, u64)>,
     sim: Simulator,
     insertions: Mutex<Vec<Insertion>>,
     outages: Mutex<Vec<Outage>>,
@@ -284,7 +285,7 @@ impl Run {
     }
 
     fn port(&self) -> u16 {
-        self.port.load(Ordering::Relaxed)
+        lock(&self.daemon).0
     }
 }
 
@@ -346,8 +347,8 @@ fn disruptor(run: &Run) -> Result<()> {
             station.kill9();
             std::thread::sleep(Duration::from_millis(fastrand::u64(100..=800)));
             let port = station.restart()?;
-            run.port.store(port, Ordering::Relaxed);
-            run.generation.fetch_add(1, Ordering::Relaxed);
+            let mut daemon = lock(&run.daemon);
+            *daemon = (port, daemon.1 + 1);
         }
         lock(&run.outages).push(Outage { from, to: now() });
         pcscd_next = !pcscd_next;
@@ -400,7 +401,7 @@ fn fault_injector(run: &Run) {
 fn observer(run: &Run) {
     let mut current = u64::MAX;
     while !run.stopped() {
-        let generation = run.generation.load(Ordering::Relaxed);
+        let (port, generation) = *lock(&run.daemon);
         let after = if generation == current {
             lock(&run.observed)
                 .last()
@@ -409,7 +410,7 @@ fn observer(run: &Run) {
         } else {
             Some(0)
         };
-        let Ok(mut stream) = open_stream(run.port(), TOKEN, after) else {
+        let Ok(mut stream) = open_stream(port, TOKEN, after) else {
             run.pause(50);
             continue;
         };
@@ -666,8 +667,7 @@ fn start(args: &Args, pools: &[Vec<PoolCard>]) -> Result<Run> {
         stop: AtomicBool::new(false),
         pcscd: RwLock::new(()),
         station: Mutex::new(station),
-        port: AtomicU16::new(port),
-        generation: AtomicU64::new(0),
+        daemon: Mutex::new((port, 0)),
         sim,
         insertions: Mutex::new(Vec::new()),
         outages: Mutex::new(Vec::new()),
