@@ -297,6 +297,42 @@ fn swapped_in_during_a_read_is_read_once(second: CardSpec) {
     );
 }
 
+/// A reader worker's PC/SC context dies with pcscd. The first card put in after pcscd is back is
+/// read, not failed as `pcsc_unavailable` (the chaos run saw such a card stay unread, and
+/// unlisted, for as long as it was held).
+#[test]
+fn the_first_card_after_a_pcscd_restart_is_read() {
+    let rig = Rig::get();
+    let _alone = rig.exclusive();
+    let slot = rig.slot();
+    common::wait_for_card(&slot.reader, false);
+    let (_engine, events) = engine_without_servers();
+    let in_slot = |reader: &String| *reader == slot.reader;
+    let read_in_slot = |e: &Event| match e {
+        Event::CardRead(c) | Event::CardReadFailed(c) => in_slot(&c.reader),
+        _ => false,
+    };
+    // A read gives the slot's worker its context.
+    let first = insert(CardSpec::piv_four_certs(), &slot);
+    next(&events, "the first card's read", read_in_slot);
+    first.remove();
+    common::wait_for_card(&slot.reader, false);
+    rig.kill_pcscd().expect("kill pcscd");
+    next(&events, "pcsc.unavailable", |e| {
+        matches!(e, Event::PcscUnavailable { .. })
+    });
+    rig.start_pcscd().expect("start pcscd");
+    next(&events, "pcsc.restored", |e| {
+        matches!(e, Event::PcscRestored)
+    });
+    let second = insert(CardSpec::gids_two_containers(), &slot);
+    let (read, _) = next(&events, "the second card's read", read_in_slot);
+    assert!(
+        matches!(&read, Event::CardRead(c) if c.card_id == second.truth.card_id),
+        "{read:?}"
+    );
+}
+
 /// Waits until pcscd shows `atr` for the card in `reader`.
 fn wait_for_atr(reader: &str, atr: &[u8]) {
     let ctx = pcsc::Context::establish(pcsc::Scope::User).expect("pcscd");

@@ -35,10 +35,10 @@ struct PcscSlot {
     counter_before_read: Option<u32>,
 }
 
-impl Slot for PcscSlot {
-    /// Opens a PC/SC context first when there is none; a context that died with pcscd is
-    /// dropped, to open a fresh one next time.
-    fn read(&mut self, options: &ReadOptions) -> Card {
+impl PcscSlot {
+    /// One read with the current context (opened first when there is none); a context pcscd
+    /// no longer serves is dropped.
+    fn read_once(&mut self, options: &ReadOptions) -> Card {
         if self.ctx.is_none() {
             self.ctx = connect().ok();
         }
@@ -64,6 +64,21 @@ impl Slot for PcscSlot {
             .is_some_and(|e| e.kind == ReadErrorKind::PcscUnavailable)
         {
             self.ctx = None;
+        }
+        card
+    }
+}
+
+impl Slot for PcscSlot {
+    /// Opens a PC/SC context first when there is none. A context that died with pcscd (a
+    /// restart answers an old context `NoService` forever) is replaced at once and the read made
+    /// again, once: else the first card put in after every pcscd restart failed as
+    /// `pcsc_unavailable` and stayed unread until pulled.
+    fn read(&mut self, options: &ReadOptions) -> Card {
+        let had_context = self.ctx.is_some();
+        let card = self.read_once(options);
+        if had_context && self.ctx.is_none() {
+            return self.read_once(options);
         }
         card
     }
