@@ -45,7 +45,7 @@ struct Args {
     /// Soak: how long, in minutes.
     #[arg(long, default_value_t = 30)]
     minutes: u64,
-    /// Soak: print a sample every this many minutes (the slope uses six samples a minute).
+    /// Soak: print a sample every this many minutes (the slope uses one sample a second).
     #[arg(long, default_value_t = 1)]
     every: u64,
     /// Seed of the random choices (printed, so a run can be repeated).
