@@ -124,7 +124,7 @@ impl Bus {
             Some(last) => {
                 let last = if last == 0 { inner.first - 1 } else { last };
                 let oldest = inner.buffer.front().map_or(inner.next, |e| e.id);
-                if last + 1 < oldest || last >= inner.next {
+                if last.saturating_add(1) < oldest || last >= inner.next {
                     Backlog::Resync
                 } else {
                     Backlog::Events(
