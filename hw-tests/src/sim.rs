@@ -201,7 +201,7 @@ pub struct Logged {
 }
 
 #[derive(Default)]
-pub(crate) struct Inner {
+struct Inner {
     fixture: Fixture,
     index: Index,
     requests: Vec<Value>,
@@ -211,7 +211,7 @@ pub(crate) struct Inner {
     /// Serial numbers of the revocations carried out, in order (a refused or faulted PATCH is
     /// not one).
     carried_out: Vec<String>,
-    pub(crate) auth: AuthState,
+    auth: AuthState,
 }
 
 type Shared = Arc<Mutex<Inner>>;
@@ -518,8 +518,24 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
-pub(crate) fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
+fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The simulator's lock seen as its authentication state: all `sim_auth` may touch.
+struct AuthGuard<'a>(std::sync::MutexGuard<'a, Inner>);
+
+impl std::ops::Deref for AuthGuard<'_> {
+    type Target = AuthState;
+    fn deref(&self) -> &AuthState {
+        &self.0.auth
+    }
+}
+
+impl std::ops::DerefMut for AuthGuard<'_> {
+    fn deref_mut(&mut self) -> &mut AuthState {
+        &mut self.0.auth
+    }
 }
 
 fn norm_guid(text: &str) -> String {
@@ -596,7 +612,7 @@ async fn dispatch(
         let entra = segments.get(2) == Some(&"v2.0");
         return crate::sim_auth::token_endpoint(&mut lock(&inner).auth, &url, entra, &body);
     }
-    let added = match crate::sim_auth::check(&inner, client, &headers) {
+    let added = match crate::sim_auth::check(|| AuthGuard(lock(&inner)), client, &headers) {
         Verdict::Pass(added) => added,
         Verdict::Refuse(response) => return response,
     };

@@ -116,40 +116,41 @@ pub(crate) enum Verdict {
     Refuse(Response),
 }
 
-/// The per-request check, before the route runs. Negotiate's acceptor step runs outside the
-/// state lock (it is cryptography over a keytab).
-pub(crate) fn check(
-    state: &std::sync::Mutex<crate::sim::Inner>,
+/// The per-request check, before the route runs. `auth` locks the simulator's state, seen as
+/// its authentication part. Negotiate's acceptor step runs outside the lock (it is cryptography
+/// over a keytab).
+pub(crate) fn check<G: std::ops::DerefMut<Target = AuthState>>(
+    auth: impl Fn() -> G,
     client: SocketAddr,
     headers: &HeaderMap,
 ) -> Verdict {
     let (mode, acceptor, known) = {
-        let s = crate::sim::lock(state);
+        let s = auth();
         let session = headers
             .get_all(header::COOKIE)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(';'))
             .filter_map(|c| c.trim().strip_prefix(&format!("{SESSION_COOKIE}=")))
-            .any(|id| s.auth.sessions.contains(id));
+            .any(|id| s.sessions.contains(id));
         (
-            s.auth.mode.clone(),
-            s.auth.acceptor.clone(),
-            s.auth.authenticated.contains(&client) || session,
+            s.mode.clone(),
+            s.acceptor.clone(),
+            s.authenticated.contains(&client) || session,
         )
     };
     let mut verdict = match mode {
         SimAuth::None => Verdict::Pass(Vec::new()),
         SimAuth::Negotiate(style) => negotiate(style, acceptor, known, headers),
-        SimAuth::OAuth(_) => bearer(&crate::sim::lock(state).auth, headers),
+        SimAuth::OAuth(_) => bearer(&auth(), headers),
     };
-    let mut s = crate::sim::lock(state);
+    let mut s = auth();
     match (&mut verdict, &mode) {
-        (Verdict::Refuse(_), SimAuth::OAuth(_)) => s.auth.stats.refused_calls += 1,
+        (Verdict::Refuse(_), SimAuth::OAuth(_)) => s.stats.refused_calls += 1,
         (Verdict::Pass(added), SimAuth::Negotiate(style)) if !added.is_empty() => {
-            s.auth.stats.kerberos_exchanges += 1;
+            s.stats.kerberos_exchanges += 1;
             if style.per_connection {
-                s.auth.authenticated.insert(client);
+                s.authenticated.insert(client);
             }
             if style.session_cookie {
                 let id = format!("{:032x}", fastrand::u128(..));
@@ -158,7 +159,7 @@ pub(crate) fn check(
                 {
                     added.push((header::SET_COOKIE, v));
                 }
-                s.auth.sessions.insert(id);
+                s.sessions.insert(id);
             }
         }
         _ => {}
