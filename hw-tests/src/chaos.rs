@@ -209,17 +209,17 @@ fn describe(
         i.inserted,
         removed - i.inserted,
         times.len(),
-        if reads.is_empty() {
-            "none".to_string()
-        } else {
-            reads.join(", ")
-        },
-        if near.is_empty() {
-            "none".to_string()
-        } else {
-            near.join(", ")
-        },
+        or_none(&reads),
+        or_none(&near),
     )
+}
+
+fn or_none(items: &[String]) -> String {
+    if items.is_empty() {
+        "none".to_string()
+    } else {
+        items.join(", ")
+    }
 }
 
 /// Whether two of `times` fall between the same two outages (the insertion counting as the first
