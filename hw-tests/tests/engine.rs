@@ -5,6 +5,7 @@
 mod common;
 
 use std::sync::mpsc::{channel, Receiver};
+use std::sync::RwLockWriteGuard;
 use std::time::{Duration, Instant};
 
 use cardbridge::card::ReadOptions;
@@ -12,7 +13,7 @@ use cardbridge::config::{CardIdOrder, Config};
 use cardbridge::engine::{Engine, EngineConfig, Event};
 use cardbridge::reconcile::{Reconciler, State};
 use common::insert;
-use hw_tests::rig::Rig;
+use hw_tests::rig::{Rig, Slot};
 use hw_tests::sim::{matching_record, Fault, Fixture, Simulator};
 use hw_tests::vcard::{CardSpec, VirtualCard};
 use hw_tests::vpcd::Inserted;
@@ -144,8 +145,15 @@ fn reads_trigger_reconciliation_and_an_unavailable_server_is_retried() {
     );
 }
 
-/// An engine with no server and no store: reads only, and their events.
-fn engine_without_servers() -> (Engine, Receiver<Event>) {
+/// The rig to this test alone, an empty slot of it, and an engine with no server and no store:
+/// reads only, and their events. Alone: an engine reads every reader, so another test's engine
+/// would read this test's cards too, spending the APDUs that time a swap and holding the card in
+/// its transactions. Bind the lease first, so it outlives the engine.
+fn alone_with_an_engine() -> (RwLockWriteGuard<'static, ()>, Slot, Engine, Receiver<Event>) {
+    let rig = Rig::get();
+    let alone = rig.exclusive();
+    let slot = rig.slot();
+    common::wait_for_card(&slot.reader, false);
     let (tx, events) = channel();
     let engine = Engine::start(
         EngineConfig {
@@ -158,7 +166,7 @@ fn engine_without_servers() -> (Engine, Receiver<Event>) {
         tx,
     )
     .expect("engine");
-    (engine, events)
+    (alone, slot, engine, events)
 }
 
 /// The same swap where pcscd also lets the rest of the read reach the second card (the fault
@@ -166,13 +174,7 @@ fn engine_without_servers() -> (Engine, Receiver<Event>) {
 /// card is announced and read, and the first card's id is never reported as read.
 #[test]
 fn a_read_whose_apdus_reach_a_second_card_is_not_reported_and_the_second_card_is_read() {
-    let rig = Rig::get();
-    // Alone: an engine reads every reader, so another test's engine would read this card
-    // too, spending the APDUs that time the swap and holding the card in its transactions.
-    let _alone = rig.exclusive();
-    let slot = rig.slot();
-    common::wait_for_card(&slot.reader, false);
-    let (_engine, events) = engine_without_servers();
+    let (_alone, slot, _engine, events) = alone_with_an_engine();
     let mut spec = CardSpec::piv_four_certs();
     spec.faults.replaced_after = Some(3);
     let vcard = VirtualCard::new(spec).expect("virtual card");
@@ -231,13 +233,7 @@ fn a_card_of_another_model_swapped_in_during_a_read_is_read_once() {
 }
 
 fn swapped_in_during_a_read_is_read_once(second: CardSpec) {
-    let rig = Rig::get();
-    // Alone: an engine reads every reader, so another test's engine would read this card
-    // too, spending the APDUs that time the swap and holding the card in its transactions.
-    let _alone = rig.exclusive();
-    let slot = rig.slot();
-    common::wait_for_card(&slot.reader, false);
-    let (engine, events) = engine_without_servers();
+    let (_alone, slot, engine, events) = alone_with_an_engine();
     let mut slow = CardSpec::piv_four_certs();
     slow.faults.slow_ms = 100;
     let first = insert(slow, &slot);
@@ -302,11 +298,7 @@ fn swapped_in_during_a_read_is_read_once(second: CardSpec) {
 /// unlisted, for as long as it was held).
 #[test]
 fn the_first_card_after_a_pcscd_restart_is_read() {
-    let rig = Rig::get();
-    let _alone = rig.exclusive();
-    let slot = rig.slot();
-    common::wait_for_card(&slot.reader, false);
-    let (_engine, events) = engine_without_servers();
+    let (_alone, slot, _engine, events) = alone_with_an_engine();
     let in_slot = |reader: &String| *reader == slot.reader;
     let read_in_slot = |e: &Event| match e {
         Event::CardRead(c) | Event::CardReadFailed(c) => in_slot(&c.reader),
@@ -317,11 +309,11 @@ fn the_first_card_after_a_pcscd_restart_is_read() {
     next(&events, "the first card's read", read_in_slot);
     first.remove();
     common::wait_for_card(&slot.reader, false);
-    rig.kill_pcscd().expect("kill pcscd");
+    Rig::get().kill_pcscd().expect("kill pcscd");
     next(&events, "pcsc.unavailable", |e| {
         matches!(e, Event::PcscUnavailable { .. })
     });
-    rig.start_pcscd().expect("start pcscd");
+    Rig::get().start_pcscd().expect("start pcscd");
     next(&events, "pcsc.restored", |e| {
         matches!(e, Event::PcscRestored)
     });
