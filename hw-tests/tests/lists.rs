@@ -170,15 +170,16 @@ fn a_request_whose_body_does_not_come_in_time_is_408() {
 fn a_request_over_the_concurrency_limit_is_503_with_retry_after() {
     let daemon = Daemon::start_with(
         "limits-503",
-        "max_concurrent_requests = 2\nrequest_timeout_ms = 5000\n",
+        "max_concurrent_requests = 2\nrequest_timeout_ms = 60000\n",
         "",
     );
-    // Two requests hold both places while their bodies do not come.
+    // Two requests hold both places while their bodies do not come, for longer than the wait
+    // below may last: on a loaded machine the two could otherwise time out before it sees 503.
     let _first = stalled_post(&daemon);
     let _second = stalled_post(&daemon);
     let auth = format!("Bearer {TOKEN}");
     let (status, answer) =
-        common::eventually("the limit to be reached", Duration::from_secs(5), || {
+        common::eventually("the limit to be reached", Duration::from_secs(30), || {
             let raw = raw_get(&daemon, "/v1/health", &auth);
             raw.starts_with("HTTP/1.1 503").then_some(raw)
         })
