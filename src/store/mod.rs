@@ -130,9 +130,10 @@ pub enum PageCache {
     /// read and rewrites a card's rows (the engine's).
     Appending,
     /// 20 pages: for connections that read and write a few rows per call (the API's and the
-    /// outbox's). SQLite takes a cache's first 20 pages in one allocation at its first read
-    /// (`SQLITE_DEFAULT_PCACHE_INITSZ`), so a cache this size takes its memory at once. At
-    /// 256 KiB these two were still filling ten minutes into the soak, under its revocations.
+    /// outbox's). With the caches pooled, SQLite allocates each page on its own when a cache
+    /// first needs it (no first allocation of 20 pages at once, which it makes only for caches
+    /// of their own), so a cache grows to its size over the first minutes. At 256 KiB these two
+    /// were still filling ten minutes into the soak, under its revocations.
     Reading,
 }
 
